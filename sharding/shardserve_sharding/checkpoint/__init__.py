@@ -1,0 +1,1 @@
+"""The shardserve checkpoint format: manifest.json plus per-rank safetensors files."""

@@ -1,0 +1,286 @@
+"""Write and read shardserve checkpoints.
+
+Writing goes through CheckpointBuilder: an atomic temporary directory, one streaming
+safetensors writer per rank file, sha256 and size recorded per file, manifest written last,
+then the rename. Reading checks every file's presence and size (and sha256 on request) before
+any tensor is touched, so a damaged checkpoint fails early with the file's name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..split_table import split_kind
+from .atomic import atomic_directory
+from .manifest import (
+    CheckpointError,
+    FileEntry,
+    Layout,
+    Manifest,
+    TensorEntry,
+    rank_file_name,
+    read_manifest,
+)
+from .safetensors_stream import SafetensorsStreamWriter, TensorSpec, sha256_file
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for k, v in DTYPES.items():
+        if v == dtype:
+            return k
+    raise ValueError(f"unsupported checkpoint dtype {dtype}")
+
+
+class CheckpointBuilder:
+    """Build a checkpoint directory atomically; use as a context manager.
+
+    with CheckpointBuilder(dst, family=..., config=..., layout=..., dtype=...) as b:
+        w = b.open_rank_file(tp_rank, pp_rank, specs)   # SafetensorsStreamWriter
+        ... w.write(name, tensor) for each spec ...
+        b.close_rank_file(w, tp_rank, pp_rank)
+        b.add_tensor_entry(name, global_shape, pp_rank)
+        b.save_tokenizer(bundle)
+    """
+
+    def __init__(
+        self,
+        dst: str | os.PathLike[str],
+        *,
+        family: str,
+        config: Mapping[str, Any],
+        layout: Layout,
+        dtype: torch.dtype,
+        source: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        self.dst = Path(dst)
+        self.family, self.config, self.layout, self.dtype = family, dict(config), layout, dtype
+        self.source = dict(source or {})
+        self.overwrite = overwrite
+        self.tensors: dict[str, TensorEntry] = {}
+        self.files: dict[str, FileEntry] = {}
+        self.tokenizer_dir: str | None = None
+        self._stack = ExitStack()
+        self._open: list[SafetensorsStreamWriter] = []
+
+    def __enter__(self) -> CheckpointBuilder:
+        self.root = self._stack.enter_context(atomic_directory(self.dst, overwrite=self.overwrite))
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool | None:
+        try:
+            if exc_type is None:
+                self._finish()
+        except BaseException:
+            for w in self._open:
+                w.abort()
+            self._stack.__exit__(*__import__("sys").exc_info())
+            raise
+        if exc_type is not None:
+            for w in self._open:
+                w.abort()
+        return self._stack.__exit__(exc_type, exc, tb)
+
+    def open_rank_file(
+        self, tp_rank: int, pp_rank: int, specs: list[TensorSpec]
+    ) -> SafetensorsStreamWriter:
+        name = rank_file_name(tp_rank, pp_rank)
+        w = SafetensorsStreamWriter(
+            self.root / name,
+            specs,
+            metadata={"format": "pt", "tp_rank": str(tp_rank), "pp_rank": str(pp_rank)},
+        )
+        self._open.append(w)
+        return w
+
+    def close_rank_file(self, w: SafetensorsStreamWriter, tp_rank: int, pp_rank: int) -> None:
+        digest = w.close()
+        self._open.remove(w)
+        self.files[w.path.name] = FileEntry(w.size, digest, tp_rank, pp_rank)
+
+    def add_tensor_entry(self, name: str, shape: tuple[int, ...], pp_rank: int = 0) -> None:
+        self.tensors[name] = TensorEntry(
+            tuple(shape), dtype_name(self.dtype), split_kind(self.family, name).value, pp_rank
+        )
+
+    def save_tokenizer(self, bundle: Any) -> None:
+        """Store a TokenizerBundle under tokenizer/ (its files are hashed like the weights)."""
+        tdir = self.root / "tokenizer"
+        tdir.mkdir(exist_ok=True)
+        bundle.save(tdir)
+        self.tokenizer_dir = "tokenizer"
+
+    def _finish(self) -> None:
+        if self._open:
+            raise CheckpointError(
+                f"{self.dst}: rank files left open: {[w.path.name for w in self._open]}"
+            )
+        if self.tokenizer_dir:
+            for p in sorted((self.root / self.tokenizer_dir).iterdir()):
+                rel = f"{self.tokenizer_dir}/{p.name}"
+                self.files[rel] = FileEntry(p.stat().st_size, sha256_file(p))
+        Manifest(
+            family=self.family,
+            config=self.config,
+            dtype=dtype_name(self.dtype),
+            layout=self.layout,
+            tensors=self.tensors,
+            files=self.files,
+            tokenizer=self.tokenizer_dir,
+            source=self.source,
+        ).write(self.root)
+
+
+def write_checkpoint(
+    dst: str | os.PathLike[str],
+    *,
+    family: str,
+    config: Mapping[str, Any],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    specs: list[TensorSpec],
+    tokenizer: Any | None = None,
+    source: Mapping[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+) -> Path:
+    """Write a TP=1, PP=1 checkpoint, streaming `tensors` (in `specs` order) to one file."""
+    with CheckpointBuilder(
+        dst,
+        family=family,
+        config=config,
+        layout=Layout(1, 1),
+        dtype=dtype,
+        source=source,
+        overwrite=overwrite,
+    ) as b:
+        w = b.open_rank_file(0, 0, specs)
+        for name, t in tensors:
+            w.write(name, t.to(dtype))
+            b.add_tensor_entry(name, tuple(t.shape))
+        b.close_rank_file(w, 0, 0)
+        if tokenizer is not None:
+            b.save_tokenizer(tokenizer)
+    return Path(dst)
+
+
+def verify_checkpoint(
+    directory: str | os.PathLike[str], manifest: Manifest, *, hashes: bool = False
+) -> None:
+    """Every file listed exists with its recorded size (and sha256 when hashes=True)."""
+    root = Path(directory)
+    for name, entry in manifest.files.items():
+        path = root / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (listed in manifest.json)")
+        size = path.stat().st_size
+        if size != entry.size:
+            raise CheckpointError(
+                f"{path}: size {size} bytes, manifest says {entry.size} (truncated or altered)"
+            )
+        if hashes and sha256_file(path) != entry.sha256:
+            raise CheckpointError(f"{path}: sha256 does not match manifest.json (corrupt)")
+
+
+def read_rank_file(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one safetensors rank file (no pickle involved)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from e
+
+
+def load_full_state_dict(
+    directory: str | os.PathLike[str],
+    manifest: Manifest | None = None,
+    *,
+    verify_hashes: bool = False,
+) -> tuple[Manifest, dict[str, torch.Tensor]]:
+    """Read a TP=1 checkpoint (any PP) into one state dict, checking names and shapes."""
+    root = Path(directory)
+    manifest = manifest or read_manifest(root)
+    verify_checkpoint(root, manifest, hashes=verify_hashes)
+    if manifest.layout.tp != 1:
+        raise CheckpointError(
+            f"{root}: layout tp={manifest.layout.tp}; merge it with `shardserve reshard --tp 1`"
+            " or load it through the sharded loader"
+        )
+    state: dict[str, torch.Tensor] = {}
+    for _, fname in sorted(manifest.rank_files().items()):
+        for name, t in read_rank_file(root / fname).items():
+            entry = manifest.tensors.get(name)
+            if entry is None:
+                raise CheckpointError(f"{root / fname}: tensor {name} not in manifest.json")
+            if tuple(t.shape) != entry.shape:
+                raise CheckpointError(
+                    f"{root / fname}: {name} has shape {list(t.shape)}, "
+                    f"manifest says {list(entry.shape)}"
+                )
+            state[name] = t
+    missing = sorted(set(manifest.tensors) - set(state))
+    if missing:
+        raise CheckpointError(f"{root}: tensors missing from rank files: {missing[:5]}")
+    return manifest, state
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: Any
+    manifest: Manifest
+
+
+def load_tokenizer(directory: str | os.PathLike[str], manifest: Manifest) -> Any:
+    from ..tokenizer import TokenizerBundle
+
+    if manifest.tokenizer is None:
+        return None
+    return TokenizerBundle.load(Path(directory) / manifest.tokenizer)
+
+
+def load_model(
+    directory: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype = torch.float32,
+    verify_hashes: bool = False,
+    device: str = "cpu",
+) -> LoadedModel:
+    """Build the model described by the manifest and load its weights (TP=1 checkpoints)."""
+    from ..models import build_model, checkpoint_names, config_from_dict
+
+    root = Path(directory)
+    manifest, state = load_full_state_dict(root, verify_hashes=verify_hashes)
+    config = config_from_dict(manifest.family, manifest.config)
+    with torch.device("meta"):
+        model = build_model(manifest.family, config)
+    expected = set(checkpoint_names(model))
+    missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or extra:
+        raise CheckpointError(
+            f"{root}: weights do not match the {manifest.family} config "
+            f"(missing {missing[:5]}, unexpected {extra[:5]})"
+        )
+    model = model.to_empty(device=device)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    model.to(dtype)
+    if getattr(config, "tie_embeddings", False):
+        model.output.weight = model.tok_embeddings.weight
+    if hasattr(model, "reset_buffers"):
+        model.reset_buffers()
+    model.eval()
+    return LoadedModel(model, load_tokenizer(root, manifest), manifest)

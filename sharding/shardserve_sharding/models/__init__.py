@@ -1,0 +1,70 @@
+"""Model families: plain torch modules and their frozen configs, looked up by family name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .convlm import CONVLM_CONFIGS, ConvLM, ConvLMConfig
+from .llama import LLAMA_CONFIGS, LlamaConfig, Transformer
+
+FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
+    "llama": (LlamaConfig, Transformer),
+    "convlm": (ConvLMConfig, ConvLM),
+}
+
+NAMED_CONFIGS: dict[str, tuple[str, Any]] = {
+    **{name: ("llama", cfg) for name, cfg in LLAMA_CONFIGS.items()},
+    **{f"convlm-{name}": ("convlm", cfg) for name, cfg in CONVLM_CONFIGS.items()},
+}
+
+
+def config_from_dict(family: str, d: dict[str, Any]) -> Any:
+    """Build the frozen config of `family` from a manifest's config dict."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; known: {sorted(FAMILIES)}")
+    return FAMILIES[family][0].from_dict(d)
+
+
+def build_model(family: str, config: Any) -> nn.Module:
+    """Instantiate (randomly initialised) the model of `family` for `config`."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; known: {sorted(FAMILIES)}")
+    return FAMILIES[family][1](config)
+
+
+def checkpoint_names(model: nn.Module) -> list[str]:
+    """Parameter names a checkpoint stores: a tied output weight is stored once (the embedding)."""
+    names = []
+    seen: set[int] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        names.append(name)
+    return names
+
+
+def expected_tensors(family: str, config: Any) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor a checkpoint of this model stores, in checkpoint order."""
+    import torch
+
+    with torch.device("meta"):
+        model = build_model(family, config)
+    params = dict(model.named_parameters())
+    return [(n, tuple(params[n].shape)) for n in checkpoint_names(model)]
+
+
+__all__ = [
+    "FAMILIES",
+    "NAMED_CONFIGS",
+    "ConvLM",
+    "ConvLMConfig",
+    "LlamaConfig",
+    "Transformer",
+    "build_model",
+    "checkpoint_names",
+    "config_from_dict",
+    "expected_tensors",
+]

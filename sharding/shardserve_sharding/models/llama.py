@@ -1,0 +1,291 @@
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral-style GQA) in plain torch.
+
+RMSNorm, rotary embeddings (Hugging Face "rotate half" layout, theta from the config),
+grouped-query attention with a fused QKV projection, SwiGLU MLP with a fused gate/up projection,
+tied or untied output. No torch.distributed here: tensor parallelism is applied from outside by
+shardserve_sharding.tp, which reads the split table; local head counts are derived from the
+weight shapes, so the same code runs a full model or one TP shard of it.
+
+Quick check:  python -m shardserve_sharding.models.llama   (runs the tiny config once)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kv_cache import DenseKVCache
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """Shape of a Llama-family model."""
+
+    vocab_size: int
+    """Rows of the embedding (true vocabulary size, before any TP padding)."""
+    dim: int
+    """Width of the residual stream."""
+    n_layers: int
+    """Number of transformer blocks."""
+    n_heads: int
+    """Query heads."""
+    n_kv_heads: int
+    """Key/value heads (grouped-query attention); divides n_heads."""
+    intermediate_size: int
+    """Hidden width of the SwiGLU MLP."""
+    rope_theta: float = 10000.0
+    """Rotary base frequency."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = True
+    """Output projection shares the embedding matrix."""
+    max_seq_len: int = 2048
+    """Longest sequence (prompt + generation) the rotary table covers."""
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LlamaConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown llama config keys: {unknown}")
+        return cls(**d)
+
+
+LLAMA_CONFIGS: dict[str, LlamaConfig] = {
+    "smollm2-135m": LlamaConfig(
+        vocab_size=49152,
+        dim=576,
+        n_layers=30,
+        n_heads=9,
+        n_kv_heads=3,
+        intermediate_size=1536,
+        rope_theta=100000.0,
+        norm_eps=1e-5,
+        tie_embeddings=True,
+        max_seq_len=8192,
+    ),
+    "tiny": LlamaConfig(
+        vocab_size=512,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        intermediate_size=128,
+        rope_theta=10000.0,
+        tie_embeddings=True,
+        max_seq_len=512,
+    ),
+    "tiny-untied": LlamaConfig(
+        vocab_size=509,
+        dim=48,
+        n_layers=3,
+        n_heads=6,
+        n_kv_heads=3,
+        intermediate_size=96,
+        rope_theta=500000.0,
+        tie_embeddings=False,
+        max_seq_len=512,
+    ),
+}
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32, returned in x's dtype (as Hugging Face Llama does)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables [max_len, head_dim] in fp32 for the rotate-half layout."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    t = torch.arange(max_len, dtype=torch.float64)
+    freqs = torch.outer(t, inv)  # [S, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [S, D]
+    return emb.cos().float(), emb.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]; cos/sin [B, 1, T, D] in x's dtype."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # [B, H, T, D]
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.head_dim = cfg.head_dim
+        qkv_out = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+        self.wqkv = nn.Linear(cfg.dim, qkv_out, bias=False)  # rows: [q heads; k heads; v heads]
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads
+
+    def set_local_heads(self, n_heads: int, n_kv_heads: int) -> None:
+        """Called by the TP code after cutting wqkv: this rank's head counts."""
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, dim]
+        cos: torch.Tensor,  # [B, 1, T, D]
+        sin: torch.Tensor,  # [B, 1, T, D]
+        cache: DenseKVCache | None,
+    ) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        h, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.wqkv(x)  # [B, T, (H + 2 Hkv) D]
+        q, k, v = qkv.split([h * d, hkv * d, hkv * d], dim=-1)
+        q = q.view(bsz, seqlen, h, d).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(bsz, seqlen, hkv, d).transpose(1, 2)  # [B, Hkv, T, D]
+        v = v.view(bsz, seqlen, hkv, d).transpose(1, 2)  # [B, Hkv, T, D]
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=h != hkv)
+        else:
+            k_all, v_all, mask = cache.update(self.layer_id, k, v)  # [B, Hkv, S, D], [B,1,T,S]
+            out = F.scaled_dot_product_attention(
+                q, k_all, v_all, attn_mask=mask, enable_gqa=h != hkv
+            )  # [B, H, T, D]
+        out = out.transpose(1, 2).reshape(bsz, seqlen, h * d)  # [B, T, H D]
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.w13 = nn.Linear(cfg.dim, 2 * cfg.intermediate_size, bias=False)  # [gate; up]
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)  # [B, T, I] each
+        return self.w2(F.silu(gate) * up)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer_id: int) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg, layer_id)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, cos, sin, cache):
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    """The Llama-family causal LM. See models/base.py for the forward contract."""
+
+    family = "llama"
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # [S, D]
+        self.register_buffer("rope_sin", sin, persistent=False)  # [S, D]
+        self.init_weights()
+
+    def reset_buffers(self) -> None:
+        """Recompute the rotary tables in fp32 (after building on the meta device)."""
+        cfg = self.config
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.rope_cos = cos.to(self.tok_embeddings.weight.device)
+        self.rope_sin = sin.to(self.tok_embeddings.weight.device)
+
+    def init_weights(self, std: float = 0.02) -> None:
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, std=std / math.sqrt(2 * self.config.n_layers))
+            else:
+                nn.init.normal_(p, std=std)
+
+    def new_cache(
+        self, batch_size: int, max_len: int, *, dtype: torch.dtype, device: torch.device | str
+    ) -> DenseKVCache:
+        attn = self.layers[0].attention
+        return DenseKVCache(
+            n_layers=len(self.layers),
+            batch_size=batch_size,
+            n_kv_heads=attn.n_kv_heads,
+            head_dim=attn.head_dim,
+            max_len=max_len,
+            dtype=dtype,
+            device=device,
+        )
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # [B, T]
+        positions: torch.Tensor,  # [B, T]
+        cache: DenseKVCache | None = None,
+        logits_index: torch.Tensor | None = None,  # [B]
+    ) -> torch.Tensor:
+        x = self.embed(tokens)  # [B, T, dim]
+        cos = self.rope_cos[positions].unsqueeze(1).to(x.dtype)  # [B, 1, T, D]
+        sin = self.rope_sin[positions].unsqueeze(1).to(x.dtype)  # [B, 1, T, D]
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache)
+        if logits_index is not None:
+            rows = torch.arange(x.shape[0], device=x.device)
+            x = x[rows, logits_index]  # [B, dim]
+        return self.lm_head(self.norm(x))  # [B, V] or [B, T, V]
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token embedding lookup; the TP code replaces tok_embeddings, not this method."""
+        return self.tok_embeddings(tokens)
+
+    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(x)
+
+
+if __name__ == "__main__":
+    cfg = LLAMA_CONFIGS["tiny"]
+    model = Transformer(cfg)
+    toks = torch.randint(0, cfg.vocab_size, (2, 7))
+    pos = torch.arange(7).expand(2, 7)
+    print("logits", tuple(model(toks, pos).shape))

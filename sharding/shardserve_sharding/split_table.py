@@ -1,0 +1,59 @@
+"""The one table that says how every parameter of every model family splits across TP ranks.
+
+Kinds (the words of gpt-fast's tp.py and vLLM's parallel layers):
+- colwise: split the output features (dim 0 of a [out, in] weight).
+- rowwise: split the input features (dim 1); the layer's output is all-reduced.
+- vocab: split dim 0 (vocabulary rows) after padding the vocabulary to a multiple of TP.
+- replicated: every rank holds the whole tensor (norms).
+- fused_qkv: [q heads; k heads; v heads] on dim 0, each part split by KV-head group, with KV
+  heads replicated when TP exceeds their number.
+- fused_halves: [gate; up] (or GLU [value; gate]) on dim 0, each half split colwise.
+
+The trainer, the resharder and the serving workers all ask this module; nothing else encodes
+a split rule.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+
+
+class SplitKind(str, Enum):
+    COLWISE = "colwise"
+    ROWWISE = "rowwise"
+    VOCAB = "vocab"
+    REPLICATED = "replicated"
+    FUSED_QKV = "fused_qkv"
+    FUSED_HALVES = "fused_halves"
+
+
+_TABLE: dict[str, list[tuple[str, SplitKind]]] = {
+    "llama": [
+        (r"tok_embeddings\.weight", SplitKind.VOCAB),
+        (r"output\.weight", SplitKind.VOCAB),
+        (r"layers\.\d+\.attention\.wqkv\.weight", SplitKind.FUSED_QKV),
+        (r"layers\.\d+\.attention\.wo\.weight", SplitKind.ROWWISE),
+        (r"layers\.\d+\.feed_forward\.w13\.weight", SplitKind.FUSED_HALVES),
+        (r"layers\.\d+\.feed_forward\.w2\.weight", SplitKind.ROWWISE),
+        (r"(layers\.\d+\.(attention_norm|ffn_norm)|norm)\.weight", SplitKind.REPLICATED),
+    ],
+    "convlm": [
+        (r"tok_embeddings\.weight", SplitKind.VOCAB),
+        (r"output\.weight", SplitKind.VOCAB),
+        (r"layers\.\d+\.conv\.(weight|bias)", SplitKind.FUSED_HALVES),
+        (r"layers\.\d+\.proj\.weight", SplitKind.ROWWISE),
+        (r"(layers\.\d+\.norm|norm)\.weight", SplitKind.REPLICATED),
+    ],
+}
+
+
+def split_kind(family: str, name: str) -> SplitKind:
+    """The split kind of parameter `name` in `family`; unknown names are an error."""
+    rules = _TABLE.get(family)
+    if rules is None:
+        raise ValueError(f"unknown model family {family!r}; known: {sorted(_TABLE)}")
+    for pattern, kind in rules:
+        if re.fullmatch(pattern, name):
+            return kind
+    raise ValueError(f"parameter {name!r} of family {family!r} has no entry in the split table")
