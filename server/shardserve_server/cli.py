@@ -52,6 +52,22 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reshard(args: argparse.Namespace) -> int:
+    from shardserve_sharding.reshard import reshard
+
+    rep = reshard(
+        args.src, args.dst, tp=args.tp, pp=args.pp, source_format=args.source_format,
+        tokenizer=args.tokenizer, dtype=args.dtype, verify=args.verify,
+        progress=not args.quiet, overwrite=args.overwrite,
+    )
+    mb = rep.bytes_written / 1e6
+    print(f"resharded {args.src} -> {rep.dst} (tp={args.tp}, pp={args.pp}): {mb:.1f} MB "
+          f"in {rep.seconds:.1f} s")
+    if rep.verify_error is not None:
+        print(f"verified: logits agree within {rep.verify_error:.2e} (relative, fp32)")
+    return 0
+
+
 def _requests(args: argparse.Namespace, engine) -> list:
     from shardserve_server.engine.sampling import SamplingParams
     from shardserve_server.engine.sequence import GenerationRequest
@@ -170,6 +186,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("reshard", help="rewrite a checkpoint at another TP x PP layout")
+    p.add_argument("src", help="shardserve checkpoint (any layout), HF directory or .gguf file")
+    p.add_argument("dst", help="output directory (must not exist)")
+    p.add_argument("--tp", type=int, required=True, help="target tensor-parallel degree")
+    p.add_argument("--pp", type=int, default=1, help="target pipeline stages")
+    p.add_argument(
+        "--source-format", choices=("auto", "shardserve", "hf", "gguf"), default="auto"
+    )
+    p.add_argument("--tokenizer", help="tokenizer: .gguf, tokenizer.json or a directory")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: the source's")
+    p.add_argument("--verify", action="store_true", help="compare logits with the source")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_reshard)
 
     p = sub.add_parser("generate", help="generate text from a prompt")
     p.add_argument("--model", required=True, help="shardserve checkpoint directory")

@@ -266,6 +266,30 @@ def test_same_seed_same_tokens_whatever_the_batch() -> None:
     assert len(set(alone)) > 5  # it really sampled
 
 
+def test_ties_do_not_make_a_seeded_row_depend_on_the_batch() -> None:
+    # bf16 logits are full of ties; top-k/top-p must keep the same set for a row whatever
+    # the other rows ask for (here they change how many values are ranked).
+    vocab = 300
+    g = torch.Generator().manual_seed(8)
+    target = (torch.randint(0, 6, (vocab,), generator=g).float() * 0.5).to(torch.bfloat16)
+    params = SamplingParams(top_k=20, top_p=0.7, seed=5)
+    results = []
+    for other_k in (0, 3, 50, 299):
+        logits = torch.stack([target, target.flip(0)])  # [2, V]
+        batch = [params, SamplingParams(top_k=other_k)]
+        gens: list[torch.Generator | None] = [make_generator(5), None]
+        sampler = Sampler(seed=0)
+        tokens = [
+            int(sampler.sample(logits, batch, gens, [[]] * 2, [[]] * 2)[0][0]) for _ in range(30)
+        ]
+        results.append(tokens)
+    assert all(r == results[0] for r in results)
+    _, _, full = _sample(Sampler(seed=0), target[None].float(), [SamplingParams(top_k=20)])
+    kept = int(torch.isfinite(full).sum())
+    assert kept >= 20  # ties with the 20th value are kept too
+    assert kept == int((target.float() >= target.float().topk(20).values[-1]).sum())
+
+
 def test_unseeded_rows_do_not_disturb_seeded_rows() -> None:
     logits = _random_logits(3, 100, seed=7) * 0.2
     params = [SamplingParams(seed=9), SamplingParams(), SamplingParams()]

@@ -34,11 +34,11 @@ class SamplingParams:
     """Divides the (penalised) logits; 0 means greedy: exactly the argmax, no randomness."""
 
     top_k: int = 0
-    """Keep only the k most likely tokens; 0 turns the filter off."""
+    """Keep only the k most likely tokens (and any tied with the k-th); 0 turns it off."""
 
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of most likely tokens whose mass reaches top_p
-    (the most likely token is always kept); 1 turns the filter off."""
+    (the most likely token, and any tied with the last kept, is kept); 1 turns it off."""
 
     min_p: float = 0.0
     """Drop tokens whose probability is below min_p times that of the most likely token;
@@ -46,7 +46,7 @@ class SamplingParams:
 
     repetition_penalty: float = 1.0
     """HF/CTRL penalty on every token seen in the prompt or the output: a positive logit is
-    divided by it, a negative one multiplied; 1 turns it off."""
+    divided by it, a negative one multiplied; 1 turns it off. Must be > 0."""
 
     frequency_penalty: float = 0.0
     """OpenAI penalty: subtract frequency_penalty * (times the token occurs in the output so
@@ -285,10 +285,10 @@ def _apply_penalties(
 
     rep_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
     if rep_rows:
-        seen_seqs = [list(prompt_token_ids[i]) + list(output_token_ids[i]) for i in range(batch)]
-        row_ids, token_ids = _token_mask_indices(rep_rows, seen_seqs, vocab, device)  # [N], [N]
         seen = torch.zeros((batch, vocab), dtype=torch.bool, device=device)  # [B, V]
-        seen[row_ids, token_ids] = True
+        for seqs in (prompt_token_ids, output_token_ids):
+            row_ids, token_ids = _token_mask_indices(rep_rows, seqs, vocab, device)  # [N], [N]
+            seen[row_ids, token_ids] = True
         penalty = torch.tensor(
             [p.repetition_penalty for p in params], dtype=torch.float32, device=device
         )[:, None]  # [B, 1]

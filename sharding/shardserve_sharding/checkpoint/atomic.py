@@ -15,11 +15,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write data to path via a temporary file in the same directory, fsync, then rename."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; use the usual file mode
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -46,6 +53,7 @@ def atomic_directory(dst: str | os.PathLike[str], *, overwrite: bool = False) ->
         raise FileExistsError(f"output {dst} already exists (pass overwrite to replace it)")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; use the usual directory mode
     try:
         yield tmp
         if dst.exists():

@@ -153,7 +153,7 @@ class GatedConvBlock(nn.Module):
             u = F.pad(u, (self.kernel_size - 1, 0))  # [B, dim, K-1+T] zero left padding
         else:
             u = cache.update(self.layer_id, u)  # [B, dim, K-1+T]
-        h = F.conv1d(u, self.conv.weight, self.conv.bias)  # [B, 2H, T]
+        h = self.conv(u)  # [B, 2H, T] (no padding inside: the causal left context is in u)
         a, g = h.transpose(1, 2).chunk(2, dim=-1)  # [B, T, H] each
         return x + self.proj(a * torch.sigmoid(g))  # [B, T, dim]
 

@@ -1,0 +1,209 @@
+"""Reshard any supported checkpoint to the shardserve format at a target TP x PP layout.
+
+Streaming: each source tensor is read once (merged from the source ranks if needed), cut into
+the target ranks' slices, each slice is written straight to its rank file (the files are
+written side by side, header first, see safetensors_stream.py) and freed. Peak memory is one
+full tensor plus one output slice. The output directory appears only when complete.
+
+    shardserve reshard SRC DST --tp 3 [--pp 2] [--source-format auto] [--dtype fp32] [--verify]
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint.io import DTYPES, CheckpointBuilder
+from .checkpoint.manifest import CheckpointError, Layout
+from .checkpoint.safetensors_stream import TensorSpec
+from .partition import (
+    TPGeometry,
+    check_tp,
+    local_shape,
+    shard_spec,
+    shard_tensor,
+    stage_layers,
+    tensor_stage,
+)
+from .split_table import split_kind
+
+SOURCE_FORMATS = ("auto", "shardserve", "hf", "gguf")
+
+
+def open_any_source(src: str | os.PathLike[str], source_format: str = "auto") -> Any:
+    """A reader for src: our own format at any layout, a HF directory or a GGUF file."""
+    from .importers import detect_format, open_source
+
+    fmt = detect_format(src) if source_format == "auto" else source_format
+    if fmt == "shardserve":
+        from .checkpoint.source import ShardserveSource
+
+        return ShardserveSource(src)
+    source = open_source(src, fmt)
+    source.family = "llama"
+    return source
+
+
+def load_tokenizer_from(path: str | os.PathLike[str]) -> Any:
+    """--tokenizer: a .gguf file, a tokenizer.json, a HF directory or a shardserve tokenizer dir."""
+    from .tokenizer import TokenizerBundle, load_gguf_tokenizer
+
+    p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        return load_gguf_tokenizer(p)
+    if p.is_file() and p.name == "tokenizer.json":
+        p = p.parent
+    if p.is_dir() and (p / "manifest.json").is_file():
+        p = p / "tokenizer"
+    if not p.is_dir():
+        raise CheckpointError(f"{path}: not a tokenizer (a .gguf, tokenizer.json or directory)")
+    if (p / "tokenizer_config.json").is_file():
+        try:
+            return TokenizerBundle.load(p)
+        except (ValueError, KeyError):
+            pass
+    return TokenizerBundle.from_hf_dir(p)
+
+
+@dataclass(frozen=True)
+class ReshardReport:
+    dst: Path
+    seconds: float
+    bytes_written: int
+    verify_error: float | None = None
+
+
+def reshard(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    tp: int,
+    pp: int = 1,
+    source_format: str = "auto",
+    tokenizer: str | os.PathLike[str] | None = None,
+    dtype: str | None = None,
+    verify: bool = False,
+    progress: bool = False,
+    overwrite: bool = False,
+) -> ReshardReport:
+    """Write src at layout (tp, pp) into dst; see the module docstring."""
+    t0 = time.perf_counter()
+    source = open_any_source(src, source_format)
+    family, config = source.family, source.config
+    check_tp(family, config, tp)
+    n_layers = config.n_layers
+    stage_layers(n_layers, pp)  # validates pp
+    out_dtype = (
+        DTYPES[{"fp32": "float32", "bf16": "bfloat16"}.get(dtype, dtype)]
+        if dtype
+        else (getattr(source, "dtype", torch.float32))
+    )
+    tok = load_tokenizer_from(tokenizer) if tokenizer else source.tokenizer()
+    if tok is not None and tok.vocab_size > config.vocab_size:
+        raise CheckpointError(
+            f"{tokenizer or src}: tokenizer has {tok.vocab_size} tokens but the model's "
+            f"vocabulary has {config.vocab_size} rows"
+        )
+    geo = TPGeometry.of(family, config)
+    names = source.names_and_shapes()
+    plan = []  # (name, global shape, stage, [spec per tp rank])
+    for name, shape in names:
+        kind = split_kind(family, name)
+        specs = [shard_spec(kind, shape, geo, tp, r) for r in range(tp)]
+        plan.append((name, tuple(shape), tensor_stage(name, n_layers, pp), specs))
+    file_specs: dict[tuple[int, int], list[TensorSpec]] = {
+        (t, s): [] for t in range(tp) for s in range(pp)
+    }
+    for name, shape, stage, specs in plan:
+        for t in range(tp):
+            file_specs[(t, stage)].append(TensorSpec(name, out_dtype, local_shape(shape, specs[t])))
+    info = {**source.source_info(), "resharded_by": "shardserve reshard"}
+    with CheckpointBuilder(
+        dst,
+        family=family,
+        config=config.to_dict(),
+        layout=Layout(tp, pp),
+        dtype=out_dtype,
+        source=info,
+        overwrite=overwrite,
+    ) as b:
+        writers = {k: b.open_rank_file(k[0], k[1], v) for k, v in file_specs.items()}
+        it = plan
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(plan, desc=f"reshard -> tp{tp} pp{pp}", unit="tensor")
+        for name, shape, stage, specs in it:
+            full = source.tensor(name)
+            if tuple(full.shape) != shape:
+                raise CheckpointError(
+                    f"{src}: {name} is {list(full.shape)}, expected {list(shape)}"
+                )
+            full = full.to(out_dtype)
+            for t in range(tp):
+                writers[(t, stage)].write(name, shard_tensor(full, specs[t]))
+            b.add_tensor_entry(name, shape, stage)
+            del full
+        for (t, s), w in writers.items():
+            b.close_rank_file(w, t, s)
+        if tok is not None:
+            b.save_tokenizer(tok)
+    written = sum(p.stat().st_size for p in Path(dst).rglob("*") if p.is_file())
+    err = verify_reshard(src, dst, source_format=source_format) if verify else None
+    return ReshardReport(Path(dst), time.perf_counter() - t0, written, err)
+
+
+def verify_reshard(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    source_format: str = "auto",
+    tolerance: float = 1e-5,
+    seed: int = 0,
+) -> float:
+    """Logits of src (merged, one process) and dst (its own TP, simulated with threads) on the
+    same random tokens; raises CheckpointError unless max|a-b| <= tolerance * max|ref|."""
+    from .models import build_model
+    from .sharded_load import load_sharded_model
+    from .tp.comm import run_ranks
+
+    source = open_any_source(src, source_format)
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        ref_model = build_model(source.family, source.config)
+    state = {n: source.tensor(n).float() for n, _ in source.names_and_shapes()}
+    ref_model = ref_model.to_empty(device="cpu")
+    ref_model.load_state_dict(state, strict=False, assign=True)
+    if getattr(source.config, "tie_embeddings", False):
+        ref_model.output.weight = ref_model.tok_embeddings.weight
+    if hasattr(ref_model, "reset_buffers"):
+        ref_model.reset_buffers()
+    del state
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, source.config.vocab_size, (2, 16), generator=gen)
+    positions = torch.arange(16).expand(2, 16)
+    with torch.no_grad():
+        ref = ref_model.eval()(tokens, positions)
+    del ref_model
+    from .checkpoint.manifest import read_manifest
+
+    tp = read_manifest(dst).layout.tp
+
+    def run(comm, rank):
+        model = load_sharded_model(dst, comm, dtype=torch.float32)
+        with torch.no_grad():
+            return model(tokens, positions)
+
+    out = run_ranks(tp, run)[0]
+    err = float((out - ref).abs().max() / ref.abs().max())
+    if not err <= tolerance:
+        raise CheckpointError(
+            f"{dst}: verification failed, logits differ from {src} by {err:.3g} (relative), "
+            f"tolerance {tolerance:g}"
+        )
+    return err

@@ -1,0 +1,61 @@
+"""Load one TP rank of a model from a shardserve checkpoint at any layout.
+
+Fast path: the checkpoint is already cut at this TP with PP=1, and the rank reads only its own
+file. Otherwise each tensor's slice for this rank is read from the files that hold it (slice
+reads), so any checkpoint serves at any valid TP with no offline step.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoint.io import read_rank_file
+from .checkpoint.source import ShardserveSource
+from .partition import TPGeometry, check_tp, shard_spec
+from .split_table import split_kind
+from .tp.apply import apply_tensor_parallel, load_tp_state
+from .tp.comm import Comm
+
+
+def read_rank_state(source: ShardserveSource, tp: int, rank: int) -> dict[str, torch.Tensor]:
+    """This rank's local tensors, from its own file or by slice reads of another layout."""
+    layout = source.manifest.layout
+    if layout.tp == tp and layout.pp == 1:
+        path = source.root / source.files[(rank, 0)]
+        state = read_rank_file(path)
+        expected = set(source.manifest.tensors)
+        if set(state) != expected:
+            missing = sorted(expected - set(state))[:5]
+            raise ValueError(f"{path}: tensors missing {missing} or unexpected ones present")
+        return state
+    geo = TPGeometry.of(source.family, source.config)
+    state = {}
+    for name, shape in source.names_and_shapes():
+        spec = shard_spec(split_kind(source.family, name), shape, geo, tp, rank)
+        state[name] = source.read_local(name, spec)
+    return state
+
+
+def load_sharded_model(
+    directory: str | os.PathLike[str],
+    comm: Comm,
+    *,
+    dtype: torch.dtype = torch.float32,
+    verify_hashes: bool = False,
+) -> torch.nn.Module:
+    """The model for rank comm.rank of comm.world_size, with only its slices in memory."""
+    from .models import build_model
+
+    source = ShardserveSource(Path(directory), verify_hashes=verify_hashes)
+    check_tp(source.family, source.config, comm.world_size)
+    with torch.device("meta"):
+        model = build_model(source.family, source.config)
+    apply_tensor_parallel(model, comm)
+    state = read_rank_state(source, comm.world_size, comm.rank)
+    load_tp_state(model, {k: v.to(dtype) for k, v in state.items()})
+    if hasattr(model, "reset_buffers"):
+        model.reset_buffers()
+    return model.eval()

@@ -1,0 +1,128 @@
+"""Cut a plain model for one TP rank, following the split table (the model code never changes).
+
+    model = build_model(family, config)                       # full model, or on "meta"
+    apply_tensor_parallel(model, comm)                         # this rank's layers and slices
+
+Each parameter's kind (split_table) picks the parallel layer that replaces its module; its
+ShardSpec (partition) says which rows or columns this rank keeps. With a full model the slices
+are cut from its weights; with a meta model the local parameters are left empty for
+load_tp_state to fill from a rank file (or from slice reads of any other layout).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..partition import (
+    TPGeometry,
+    kv_heads_per_rank,
+    local_shape,
+    shard_spec,
+    shard_tensor,
+)
+from ..split_table import SplitKind, split_kind
+from .comm import Comm
+from .layers import (
+    ColumnParallelConv1d,
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+
+_COLUMN_KINDS = (SplitKind.COLWISE, SplitKind.FUSED_QKV, SplitKind.FUSED_HALVES)
+
+
+def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, attr = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), attr
+
+
+def apply_tensor_parallel(model: nn.Module, comm: Comm) -> nn.Module:
+    """Replace model's split modules in place by parallel layers holding rank comm.rank's slice."""
+    family, config = model.family, model.config
+    tp, rank = comm.world_size, comm.rank
+    geo = TPGeometry.of(family, config)
+    real = not any(p.is_meta for p in model.parameters())
+    embedding: VocabParallelEmbedding | None = None
+    tied = bool(getattr(config, "tie_embeddings", False))
+    for name, param in list(model.named_parameters(remove_duplicate=False)):
+        kind = split_kind(family, name)
+        if kind is SplitKind.REPLICATED or name.endswith(".bias"):
+            continue  # biases move with their weight's module
+        mod_path = name.rsplit(".", 1)[0]
+        parent, attr = _parent(model, mod_path)
+        old = getattr(parent, attr)
+        spec = shard_spec(kind, tuple(param.shape), geo, tp, rank)
+        lshape = local_shape(tuple(param.shape), spec)
+        n_local = lshape[1] if kind is SplitKind.ROWWISE else lshape[0]
+        kw = {"dtype": param.dtype, "device": "meta" if param.is_meta else param.device}
+        if kind is SplitKind.VOCAB and isinstance(old, nn.Embedding):
+            new: nn.Module = VocabParallelEmbedding(
+                n_local, param.shape[1], comm, vocab_start=rank * n_local, **kw
+            )
+            embedding = new
+        elif kind is SplitKind.VOCAB:
+            new = ColumnParallelLinear(
+                param.shape[1],
+                n_local,
+                comm,
+                gather_output=True,
+                output_size=param.shape[0],
+                **kw,
+            )
+            if tied and embedding is not None:
+                new.weight = embedding.weight  # the local vocab rows are the same rows
+                setattr(parent, attr, new)
+                continue
+        elif kind in _COLUMN_KINDS and isinstance(old, nn.Conv1d):
+            new = ColumnParallelConv1d(
+                old.in_channels, n_local, old.kernel_size[0], comm, bias=old.bias is not None, **kw
+            )
+        elif kind in _COLUMN_KINDS:
+            new = ColumnParallelLinear(
+                param.shape[1], n_local, comm, bias=old.bias is not None, **kw
+            )
+        elif kind is SplitKind.ROWWISE:
+            new = RowParallelLinear(n_local, param.shape[0], comm, bias=old.bias is not None, **kw)
+        else:
+            raise ValueError(f"{name}: no parallel layer for kind {kind.value}")
+        if real:
+            with torch.no_grad():
+                new.weight.copy_(shard_tensor(param.data, spec))
+                if getattr(old, "bias", None) is not None:
+                    bias_kind = split_kind(family, name[: -len("weight")] + "bias")
+                    bspec = shard_spec(bias_kind, tuple(old.bias.shape), geo, tp, rank)
+                    new.bias.copy_(shard_tensor(old.bias.data, bspec))
+        setattr(parent, attr, new)
+    for mod in model.modules():
+        if hasattr(mod, "set_local_heads"):
+            mod.set_local_heads(geo.n_heads // tp, kv_heads_per_rank(geo.n_kv_heads, tp))
+    model.tp_comm = comm
+    return model
+
+
+def load_tp_state(model: nn.Module, state: dict[str, torch.Tensor], *, dtype: Any = None) -> None:
+    """Assign this rank's local tensors (names as in the checkpoint) to a TP-applied model."""
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(state))
+    tied = bool(getattr(model.config, "tie_embeddings", False))
+    if tied:
+        missing = [m for m in missing if m != "output.weight"]
+    extra = sorted(set(state) - set(params))
+    if missing or extra:
+        raise ValueError(
+            f"rank state does not fit the model: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
+    for name, t in state.items():
+        parent, attr = _parent(model, name)
+        old = getattr(parent, attr)
+        if tuple(old.shape) != tuple(t.shape):
+            raise ValueError(
+                f"{name}: local shape {list(t.shape)}, model expects {list(old.shape)}"
+            )
+        setattr(parent, attr, nn.Parameter(t.to(dtype or t.dtype), requires_grad=False))
+    if tied:
+        model.output.weight = model.tok_embeddings.weight

@@ -1,0 +1,191 @@
+"""Tensor-parallel layers (vLLM's names), with forward and backward collectives.
+
+For a linear layer Y = X A + b with A of shape [in, out] (torch stores A^T as weight [out, in]):
+
+- ColumnParallelLinear splits A by columns, A = [A_1 ... A_p]: rank i computes Y_i = X A_i
+  (+ b_i). X is replicated, so no forward communication; the backward all-reduces dL/dX,
+  because every rank's slice contributed to X's gradient. With gather_output the Y_i are
+  all-gathered (the vocabulary-parallel output head) and the padding columns dropped.
+- RowParallelLinear splits A by rows, A = [A_1; ...; A_p], and X by columns (X_i is exactly
+  the output of a preceding column-parallel layer): Y = sum_i X_i A_i, an all-reduce in the
+  forward; b is added once, after it. The backward needs no communication.
+- VocabParallelEmbedding holds rows [start, end) of the (padded) vocabulary; ids outside give
+  zeros and the all-reduce assembles every row.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .comm import Comm
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: Comm) -> torch.Tensor:
+        ctx.comm = comm
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return ctx.comm.all_reduce(grad.clone()), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: Comm) -> torch.Tensor:
+        return comm.all_reduce(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: Comm) -> torch.Tensor:
+        ctx.comm, ctx.width = comm, x.shape[-1]
+        return comm.all_gather(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        r, w = ctx.comm.rank, ctx.width
+        return grad[..., r * w : (r + 1) * w].contiguous(), None
+
+
+def copy_to_tp(x: torch.Tensor, comm: Comm) -> torch.Tensor:
+    if comm.world_size == 1 or not (torch.is_grad_enabled() and x.requires_grad):
+        return x
+    return _CopyToTP.apply(x, comm)
+
+
+def reduce_from_tp(x: torch.Tensor, comm: Comm) -> torch.Tensor:
+    if comm.world_size == 1:
+        return x
+    if not torch.is_grad_enabled():
+        return comm.all_reduce(x)
+    return _ReduceFromTP.apply(x, comm)
+
+
+def gather_from_tp(x: torch.Tensor, comm: Comm) -> torch.Tensor:
+    if comm.world_size == 1:
+        return x
+    if not torch.is_grad_enabled():
+        return comm.all_gather(x)
+    return _GatherFromTP.apply(x, comm)
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y_i = X A_i (+ b_i); weight [output_size_per_partition, input_size]."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size_per_partition: int,
+        comm: Comm,
+        *,
+        bias: bool = False,
+        gather_output: bool = False,
+        output_size: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.comm = comm
+        self.gather_output = gather_output
+        self.output_size = output_size  # unpadded width after gathering (vocab head)
+        kw = {"dtype": dtype, "device": device}
+        self.weight = nn.Parameter(torch.empty(output_size_per_partition, input_size, **kw))
+        self.bias = nn.Parameter(torch.empty(output_size_per_partition, **kw)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(copy_to_tp(x, self.comm), self.weight, self.bias)  # [..., out/p]
+        if self.gather_output:
+            y = gather_from_tp(y, self.comm)  # [..., out_padded]
+            if self.output_size is not None and y.shape[-1] != self.output_size:
+                y = y[..., : self.output_size]
+        return y
+
+
+class RowParallelLinear(nn.Module):
+    """Y = all_reduce(X_i A_i) + b; weight [output_size, input_size_per_partition]."""
+
+    def __init__(
+        self,
+        input_size_per_partition: int,
+        output_size: int,
+        comm: Comm,
+        *,
+        bias: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.comm = comm
+        kw = {"dtype": dtype, "device": device}
+        self.weight = nn.Parameter(torch.empty(output_size, input_size_per_partition, **kw))
+        self.bias = nn.Parameter(torch.empty(output_size, **kw)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = reduce_from_tp(F.linear(x, self.weight), self.comm)  # [..., out]
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [vocab_start, vocab_start + num_embeddings_per_partition) of the padded vocab."""
+
+    def __init__(
+        self,
+        num_embeddings_per_partition: int,
+        embedding_dim: int,
+        comm: Comm,
+        *,
+        vocab_start: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.comm = comm
+        self.vocab_start = vocab_start
+        self.vocab_end = vocab_start + num_embeddings_per_partition
+        self.weight = nn.Parameter(
+            torch.empty(num_embeddings_per_partition, embedding_dim, dtype=dtype, device=device)
+        )
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.comm.world_size == 1:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)  # [B, T]
+        local = (ids - self.vocab_start).masked_fill(outside, 0)
+        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tp(out, self.comm)  # [B, T, dim]
+
+
+class ColumnParallelConv1d(nn.Conv1d):
+    """A Conv1d whose output channels are split across ranks (input channels replicated)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels_per_partition: int,
+        kernel_size: int,
+        comm: Comm,
+        *,
+        bias: bool = True,
+        dtype=None,
+        device=None,
+    ) -> None:
+        super().__init__(
+            in_channels,
+            out_channels_per_partition,
+            kernel_size,
+            bias=bias,
+            dtype=dtype,
+            device=device,
+        )
+        self.comm = comm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(copy_to_tp(x, self.comm))
