@@ -105,6 +105,13 @@ class ConvState:
         )  # [L, B, dim, K-1]
         self._idx: torch.Tensor | None = None  # [B, dim, K-1] gather index into concat
 
+    @classmethod
+    def from_tensor(cls, state: torch.Tensor) -> ConvState:
+        """Wrap an existing state [L, B, dim, K-1] (a slot pool gathers rows into one)."""
+        obj = cls.__new__(cls)
+        obj.state, obj._idx = state, None
+        return obj
+
     @property
     def batch_size(self) -> int:
         return self.state.shape[1]

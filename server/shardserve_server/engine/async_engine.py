@@ -1,0 +1,326 @@
+"""The engine the front end talks to: admission, the waiting queue, streams, group supervision.
+
+    engine = AsyncEngine(WorkerConfig(model_dir, tp=2), EngineLimits())
+    await engine.start()
+    async for ev in engine.submit(request):      # StreamEvent per token, last one has .result
+        ...
+    engine.cancel(request_id); engine.stats(); await engine.shutdown()
+
+The waiting queue lives here, in the front-end process, bounded by requests and by queued
+prompt tokens (QueueFull at once when over). Requests are handed to the worker group only as
+it has room (running + handed-over < max_batch_size + lookahead), so queued work can still be
+moved elsewhere; the group's leader does the step-level batching. When the group dies (a rank
+crashed, was killed, or stopped making progress), its in-flight requests fail with
+EngineError, the group is restarted (counted in `restarts`) and the queue continues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..workers.group import GroupDied, WorkerGroup
+from ..workers.worker import WorkerConfig
+from .sequence import GenerationRequest, GenerationResult
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its request or token limit."""
+
+
+class EngineError(RuntimeError):
+    """A request failed inside the engine (e.g. its worker group died)."""
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """Front-end admission limits."""
+
+    max_queued_requests: int = 256
+    """Requests waiting for a group (not yet running) before QueueFull."""
+    max_queued_tokens: int = 1 << 20
+    """Prompt tokens waiting before QueueFull."""
+    lookahead: int = 4
+    """Requests handed to a group beyond its batch size, so it never waits for the front end."""
+    hang_timeout_s: float = 20.0
+    """No step progress for this long while work is pending: the group is declared hung."""
+    restart: bool = True
+    """Restart a dead group automatically."""
+
+
+@dataclass
+class StreamEvent:
+    token_id: int | None
+    text: str
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    result: GenerationResult | None = None
+
+
+@dataclass
+class _Request:
+    req: GenerationRequest
+    priority: int
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    submitted: float = field(default_factory=time.monotonic)
+    dispatched: float | None = None
+    first_token: float | None = None
+    started_streaming: bool = False
+    done: bool = False
+
+
+class RequestStream:
+    """Async iterator over one request's StreamEvents; raises EngineError on failure."""
+
+    def __init__(self, engine: AsyncEngine, r: _Request) -> None:
+        self._engine, self._r = engine, r
+        self.request_id = r.req.request_id
+
+    def __aiter__(self) -> AsyncIterator[StreamEvent]:
+        return self._iter()
+
+    async def _iter(self) -> AsyncIterator[StreamEvent]:
+        try:
+            while True:
+                item = await self._r.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.result is not None:
+                    return
+        finally:
+            if not self._r.done:  # consumer went away: cancel in the group
+                self._engine.cancel(self.request_id)
+
+    async def result(self) -> GenerationResult:
+        async for ev in self:
+            if ev.result is not None:
+                return ev.result
+        raise EngineError(f"{self.request_id}: stream ended without a result")
+
+
+class AsyncEngine:
+    def __init__(self, worker: WorkerConfig, limits: EngineLimits | None = None) -> None:
+        self.worker_cfg = worker
+        self.limits = limits or EngineLimits()
+        self.waiting: deque[_Request] = deque()
+        self.queued_tokens = 0
+        self.inflight: dict[str, _Request] = {}
+        self.group: WorkerGroup | None = None
+        self.group_stats: dict[str, Any] = {}
+        self.ready_info: dict[str, Any] = {}
+        self.restarts = 0
+        self.group_up = False
+        self.last_progress = time.monotonic()
+        self._last_steps = -1
+        self._ids = itertools.count()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+        self._watchdog: asyncio.Task | None = None
+        self._restarting = False
+
+    # ---- lifecycle
+    async def start(self) -> dict:
+        self._loop = asyncio.get_running_loop()
+        await self._start_group()
+        self._watchdog = asyncio.create_task(self._watch())
+        return self.ready_info
+
+    async def _start_group(self) -> None:
+        group = WorkerGroup(self.worker_cfg, self._on_message_threadsafe)
+        self.group = group
+        self.ready_info = await asyncio.get_running_loop().run_in_executor(None, group.start)
+        self.group_up = True
+        self.last_progress = time.monotonic()
+        self._dispatch()
+
+    async def shutdown(self) -> None:
+        self._closing = True
+        if self._watchdog:
+            self._watchdog.cancel()
+        if self.group:
+            await asyncio.get_running_loop().run_in_executor(None, self.group.stop)
+        self.group_up = False
+        for r in list(self.inflight.values()) + list(self.waiting):
+            self._fail(r, EngineError("engine shut down"))
+        self.waiting.clear()
+        self.inflight.clear()
+
+    # ---- requests
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    def submit(self, req: GenerationRequest, priority: int = 0) -> RequestStream:
+        """Queue a request (validated here); QueueFull when the queue is at its limits."""
+        req.sampling.validate()
+        req.stopping.validate()
+        if not req.prompt_ids:
+            raise ValueError("prompt must not be empty")
+        if req.request_id in self.inflight or any(
+            w.req.request_id == req.request_id for w in self.waiting
+        ):
+            raise ValueError(f"duplicate request id {req.request_id!r}")
+        if self._closing:
+            raise EngineError("engine is shutting down")
+        n = len(req.prompt_ids)
+        if len(self.waiting) >= self.limits.max_queued_requests:
+            raise QueueFull(f"queue full: {len(self.waiting)} requests waiting "
+                            f"(max_queued_requests={self.limits.max_queued_requests})")
+        if self.queued_tokens + n > self.limits.max_queued_tokens:
+            raise QueueFull(f"queue full: {self.queued_tokens} prompt tokens waiting "
+                            f"(max_queued_tokens={self.limits.max_queued_tokens})")
+        r = _Request(req, priority)
+        self.waiting.append(r)
+        self.queued_tokens += n
+        self._dispatch()
+        return RequestStream(self, r)
+
+    def cancel(self, request_id: str) -> bool:
+        for r in self.waiting:
+            if r.req.request_id == request_id:
+                self.waiting.remove(r)
+                self.queued_tokens -= len(r.req.prompt_ids)
+                self._finish_cancelled(r)
+                return True
+        r = self.inflight.get(request_id)
+        if r is None or self.group is None:
+            return False
+        try:
+            self.group.send(("cancel", request_id))
+        except GroupDied:
+            pass
+        return True
+
+    def _finish_cancelled(self, r: _Request) -> None:
+        from .stopping import FinishReason
+
+        res = GenerationResult(r.req.request_id, "", [], FinishReason.CANCELLED,
+                               len(r.req.prompt_ids))
+        r.done = True
+        r.queue.put_nowait(StreamEvent(None, "", result=res))
+
+    def _dispatch(self) -> None:
+        if not self.group_up or self.group is None:
+            return
+        room = self.worker_cfg.max_batch_size + self.limits.lookahead - len(self.inflight)
+        order = sorted(self.waiting, key=lambda r: -r.priority) if room > 0 else []
+        for r in order[: max(0, room)]:
+            try:
+                self.group.send(("add", r.req, r.priority))
+            except GroupDied:
+                return
+            self.waiting.remove(r)
+            self.queued_tokens -= len(r.req.prompt_ids)
+            r.dispatched = time.monotonic()
+            self.inflight[r.req.request_id] = r
+
+    # ---- messages from the group (reader thread -> loop thread)
+    def _on_message_threadsafe(self, msg: tuple) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._on_message, msg)
+
+    def _on_message(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "events":
+            _, events, stats = msg
+            self.group_stats = stats
+            if stats.get("steps", 0) != self._last_steps or not self.inflight:
+                self._last_steps = stats.get("steps", 0)
+                self.last_progress = time.monotonic()
+            for ev in events:
+                self._deliver(ev)
+            self._dispatch()
+        elif kind == "dead":
+            self._on_dead(msg[1])
+        elif kind == "fatal":
+            self.group_stats["fatal"] = msg[1]
+
+    def _deliver(self, ev: dict) -> None:
+        r = self.inflight.get(ev["id"])
+        if r is None:
+            return
+        if "error" in ev:
+            del self.inflight[ev["id"]]
+            self._fail(r, ValueError(ev["error"]))
+            return
+        now = time.monotonic()
+        if "token" in ev:
+            if r.first_token is None:
+                r.first_token = now
+            r.started_streaming = True
+        result = ev.get("result")
+        if result is not None:
+            del self.inflight[ev["id"]]
+            r.done = True
+        if "token" in ev or result is not None:
+            r.queue.put_nowait(StreamEvent(ev.get("token"), ev.get("text", ""), ev.get("logprob"),
+                                           ev.get("top"), result))
+
+    def _fail(self, r: _Request, exc: BaseException) -> None:
+        if not r.done:
+            r.done = True
+            r.queue.put_nowait(exc)
+
+    def _on_dead(self, reason: str) -> None:
+        was_up, self.group_up = self.group_up, False
+        for r in list(self.inflight.values()):
+            self._fail(r, EngineError(f"worker group failed: {reason}"))
+        self.inflight.clear()
+        if self._closing or not self.limits.restart or self._restarting or not was_up:
+            return
+        self.restarts += 1
+        self._restarting = True
+        asyncio.ensure_future(self._restart())
+
+    async def _restart(self) -> None:
+        try:
+            while not self._closing:
+                try:
+                    await self._start_group()
+                    return
+                except GroupDied as e:
+                    self.group_stats["last_start_error"] = str(e)
+                    await asyncio.sleep(1.0)
+        finally:
+            self._restarting = False
+
+    async def _watch(self) -> None:
+        """Declare the group hung when it makes no step progress while work is pending."""
+        while not self._closing:
+            await asyncio.sleep(0.5)
+            if not self.group_up or not self.inflight:
+                self.last_progress = time.monotonic()
+                continue
+            if time.monotonic() - self.last_progress > self.limits.hang_timeout_s:
+                group = self.group
+                if group is not None and not group.dead:
+                    await asyncio.get_running_loop().run_in_executor(
+                        None, group._die,
+                        f"no step progress for {self.limits.hang_timeout_s:.0f} s (hung rank)")
+
+    # ---- introspection
+    @property
+    def ready(self) -> bool:
+        """Serving: group up and (no pending work or recent step progress)."""
+        if not self.group_up:
+            return False
+        if self.inflight and time.monotonic() - self.last_progress > self.limits.hang_timeout_s / 2:
+            return False
+        return True
+
+    def stats(self) -> dict[str, Any]:
+        g = self.group_stats
+        return {
+            "queue_depth": len(self.waiting), "queued_tokens": self.queued_tokens,
+            "inflight": len(self.inflight), "running": g.get("running", 0),
+            "kv_usage": g.get("kv_usage", 0.0), "kv_used_blocks": g.get("kv_used_blocks", 0),
+            "steps": g.get("steps", 0), "last_step": g.get("last_step", {}),
+            "phase_s": g.get("phase_s", {}), "comm_s": g.get("comm_s", 0.0),
+            "group_up": self.group_up, "restarts": self.restarts,
+            "pids": self.group.pids if self.group else [],
+        }

@@ -1,0 +1,129 @@
+"""One forward pass of a step, as every TP rank runs it: the plan, its wire form, the runner.
+
+A ForwardPlan says which tokens to run for which sequences (rows): tokens and positions
+[B, T] (right-padded), real tokens per row, the column whose logits are wanted, and where each
+row's decoding state lives (KV block table for Llama, state slot for the conv LM). The leader
+builds plans; with TP > 1 it broadcasts each one as a single int64 tensor so that every rank
+runs the identical forward in lockstep.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .paged_cache import ConvStatePool, PagedKVCache
+
+_HEADER = 6  # kind, B, T, nb, step id, reserved
+
+
+@dataclass
+class ForwardPlan:
+    tokens: torch.Tensor  # [B, T] long
+    positions: torch.Tensor  # [B, T] long
+    num_new: torch.Tensor  # [B] long
+    logits_index: torch.Tensor  # [B] long
+    tables: torch.Tensor  # [B, nb] long: KV block tables (-1 padded), or [B, 1] state slots
+    kind: int = 1  # 1 = forward, 0 = stop
+
+    def pack(self) -> torch.Tensor:
+        b, t = self.tokens.shape
+        nb = self.tables.shape[1]
+        head = torch.tensor([self.kind, b, t, nb, 0, 0], dtype=torch.long)
+        return torch.cat([head, self.tokens.reshape(-1), self.positions.reshape(-1),
+                          self.num_new, self.logits_index, self.tables.reshape(-1)])
+
+    @staticmethod
+    def unpack(buf: torch.Tensor) -> ForwardPlan:
+        kind, b, t, nb = (int(x) for x in buf[:4])
+        o = _HEADER
+        tokens = buf[o : o + b * t].view(b, t)
+        o += b * t
+        positions = buf[o : o + b * t].view(b, t)
+        o += b * t
+        num_new = buf[o : o + b]
+        o += b
+        logits_index = buf[o : o + b]
+        o += b
+        tables = buf[o : o + b * nb].view(b, nb)
+        return ForwardPlan(tokens, positions, num_new, logits_index, tables, kind)
+
+    @staticmethod
+    def stop() -> ForwardPlan:
+        z = torch.zeros(0, 0, dtype=torch.long)
+        return ForwardPlan(z, z, z[0], z[0], z, kind=0)
+
+
+def broadcast_plan(plan: ForwardPlan | None, group=None) -> ForwardPlan:
+    """Leader (plan given) sends, followers (None) receive; two broadcasts: size, then data."""
+    if plan is not None:
+        buf = plan.pack()
+        size = torch.tensor([buf.numel()], dtype=torch.long)
+        dist.broadcast(size, src=0, group=group)
+        dist.broadcast(buf, src=0, group=group)
+        return plan
+    size = torch.zeros(1, dtype=torch.long)
+    dist.broadcast(size, src=0, group=group)
+    buf = torch.empty(int(size), dtype=torch.long)
+    dist.broadcast(buf, src=0, group=group)
+    return ForwardPlan.unpack(buf)
+
+
+@dataclass(frozen=True)
+class CacheGeometry:
+    """Size of a worker's decoding-state pool."""
+
+    kv_cache_tokens: int
+    """Tokens of KV cache (all sequences together); rounded down to whole blocks."""
+    block_size: int = 16
+    """Tokens per KV block."""
+    max_slots: int = 256
+    """Conv LM: most sequences with a state at once."""
+
+    @property
+    def num_blocks(self) -> int:
+        return max(1, self.kv_cache_tokens // self.block_size)
+
+
+class ModelRunner:
+    """Holds one rank's model and decoding-state pool and runs ForwardPlans."""
+
+    def __init__(self, model: torch.nn.Module, geometry: CacheGeometry, dtype: torch.dtype):
+        self.model, self.geometry, self.dtype = model, geometry, dtype
+        self.family = model.family
+        if self.family == "llama":
+            attn = model.layers[0].attention
+            self.cache = PagedKVCache(
+                n_layers=len(model.layers), num_blocks=geometry.num_blocks,
+                block_size=geometry.block_size, n_kv_heads=attn.n_kv_heads,
+                head_dim=attn.head_dim, dtype=dtype,
+            )
+        else:
+            cfg = model.config
+            self.cache = ConvStatePool(
+                n_layers=cfg.n_layers, max_slots=geometry.max_slots, dim=cfg.dim,
+                kernel_size=cfg.kernel_size, dtype=dtype,
+            )
+        self.forward_seconds = 0.0
+
+    @property
+    def comm_seconds(self) -> float:
+        comm = getattr(self.model, "tp_comm", None)
+        return float(getattr(comm, "comm_seconds", 0.0))
+
+    @torch.inference_mode()
+    def forward(self, plan: ForwardPlan) -> torch.Tensor:
+        """Logits [B, V] (float32) at each row's logits_index."""
+        t0 = time.perf_counter()
+        if self.family == "llama":
+            self.cache.set_step(plan.tables, plan.positions, plan.num_new)
+            logits = self.model(plan.tokens, plan.positions, self.cache, plan.logits_index)
+        else:
+            state = self.cache.set_step(plan.tables[:, 0], plan.positions, plan.num_new)
+            logits = self.model(plan.tokens, plan.positions, state, plan.logits_index)
+            self.cache.end_step()
+        self.forward_seconds += time.perf_counter() - t0
+        return logits.float()

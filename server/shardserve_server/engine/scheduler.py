@@ -1,0 +1,296 @@
+"""Continuous (iteration-level) batching for one worker group, run by the group's leader.
+
+Each step: drop finished and cancelled sequences (their KV blocks are freed at once), admit
+pending requests (priority, then arrival) while the batch has room and the KV budget covers
+their prompt plus max_new_tokens, then build at most two forwards: one decode row per running
+sequence (T = 1), and prefill chunks for sequences still reading their prompt, capped at
+max_prefill_tokens per step so a long prompt never stalls the running decodes. Blocks are
+allocated as tokens arrive (waste < one block per sequence); admission reserves the worst case,
+so a running sequence never runs out of cache and nothing needs preempting.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .paged_cache import BlockAllocator
+from .runner import ForwardPlan
+from .sampling import Sampler
+from .sequence import GenerationRequest, Sequence
+from .stopping import FinishReason
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Batching limits of one worker group."""
+
+    max_batch_size: int = 32
+    """Most sequences in the running batch."""
+    kv_cache_tokens: int = 65536
+    """KV-cache budget in tokens (all running sequences together)."""
+    block_size: int = 16
+    """Tokens per KV block."""
+    max_prefill_tokens: int = 512
+    """Prompt tokens processed per step (chunked prefill)."""
+
+    def validate(self) -> None:
+        for name in ("max_batch_size", "kv_cache_tokens", "block_size", "max_prefill_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+class SlotAllocator:
+    """Free list of conv-state slots (the conv LM's per-sequence state)."""
+
+    def __init__(self, n: int) -> None:
+        self.num_blocks = n
+        self.block_size = 1 << 30
+        self._free = list(range(n - 1, -1, -1))
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def blocks_for(self, tokens: int) -> int:
+        return 1
+
+    def grow(self, table: list[int], tokens: int) -> None:
+        if not table:
+            table.append(self._free.pop())
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(blocks)
+
+
+class Scheduled:
+    """A sequence plus its place in the group: cache blocks, prefill progress, priority."""
+
+    _arrival = itertools.count()
+
+    def __init__(self, seq: Sequence, priority: int) -> None:
+        self.seq = seq
+        self.id = seq.req.request_id
+        self.priority = priority
+        self.arrival = next(self._arrival)
+        self.table: list[int] = []
+        self.prefilled = 0
+        self.reserved = 0
+        self.cancelled = False
+        self.enqueued = time.monotonic()
+        self.first_token_at: float | None = None
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.prefilled < len(self.seq.prompt_ids)
+
+
+class GroupScheduler:
+    def __init__(self, cfg: SchedulerConfig, *, family: str, tokenizer: Any,
+                 eos_token_ids: tuple[int, ...], max_seq_len: int) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.family = family
+        self.tokenizer, self.eos = tokenizer, eos_token_ids
+        self.max_seq_len = max_seq_len
+        if family == "llama":
+            self.alloc: Any = BlockAllocator(max(1, cfg.kv_cache_tokens // cfg.block_size),
+                                             cfg.block_size)
+            self.budget = self.alloc.num_blocks * cfg.block_size
+        else:
+            self.alloc = SlotAllocator(cfg.max_batch_size)
+            self.budget = 1 << 62
+        self.pending: deque[Scheduled] = deque()
+        self.running: list[Scheduled] = []
+        self.by_id: dict[str, Scheduled] = {}
+        self.reserved = 0
+        self.sampler = Sampler()
+        self.step_count = 0
+
+    # ---- requests in and out
+    def add(self, req: GenerationRequest, priority: int = 0) -> None:
+        need = len(req.prompt_ids) + req.stopping.max_new_tokens
+        if need > self.max_seq_len:
+            raise ValueError(f"prompt + max_new_tokens = {need} exceeds max_seq_len "
+                             f"{self.max_seq_len}")
+        if self.family == "llama" and self._reserve_for(need) > self.budget:
+            raise ValueError(f"request needs {need} tokens of KV cache; the budget is "
+                             f"{self.budget}")
+        if req.request_id in self.by_id:
+            raise ValueError(f"duplicate request id {req.request_id!r}")
+        s = Scheduled(Sequence(req, self.tokenizer, self.eos), priority)
+        self.by_id[s.id] = s
+        self.pending.append(s)
+
+    def cancel(self, req_id: str) -> bool:
+        s = self.by_id.get(req_id)
+        if s is None:
+            return False
+        s.cancelled = True
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.pending or self.running)
+
+    def _reserve_for(self, tokens: int) -> int:
+        return self.alloc.blocks_for(tokens) * self.cfg.block_size
+
+    # ---- one step
+    def reap(self) -> list[dict]:
+        """Remove finished/cancelled sequences, free their cache; events for cancellations."""
+        events = []
+        keep = []
+        for s in self.running:
+            if s.cancelled and not s.seq.finished:
+                s.seq.finish(FinishReason.CANCELLED)
+                events.append(self._final(s))
+            if s.seq.finished:
+                self._release(s)
+            else:
+                keep.append(s)
+        self.running = keep
+        still = deque()
+        for s in self.pending:
+            if s.cancelled:
+                s.seq.finish(FinishReason.CANCELLED)
+                events.append(self._final(s))
+                self.by_id.pop(s.id, None)
+            else:
+                still.append(s)
+        self.pending = still
+        return events
+
+    def _release(self, s: Scheduled) -> None:
+        self.alloc.free(s.table)
+        s.table = []
+        self.reserved -= s.reserved
+        s.reserved = 0
+        self.by_id.pop(s.id, None)
+
+    def admit(self) -> None:
+        if not self.pending:
+            return
+        order = sorted(self.pending, key=lambda s: (-s.priority, s.arrival))
+        admitted = set()
+        for s in order:
+            if len(self.running) >= self.cfg.max_batch_size:
+                break
+            need = len(s.seq.prompt_ids) + s.seq.req.stopping.max_new_tokens
+            reserve = self._reserve_for(need) if self.family == "llama" else 0
+            if self.family != "llama" and self.alloc.free_blocks == 0:
+                break
+            if self.reserved + reserve > self.budget:
+                break  # FCFS within priority: do not let later small requests starve this one
+            s.reserved = reserve
+            self.reserved += reserve
+            self.running.append(s)
+            admitted.add(id(s))
+        if admitted:
+            self.pending = deque(s for s in self.pending if id(s) not in admitted)
+
+    def schedule(self) -> list[tuple[ForwardPlan, list[Scheduled], list[bool]]]:
+        """The forwards of this step: (plan, rows, whether each row samples a token)."""
+        self.admit()
+        plans = []
+        decode = [s for s in self.running if not s.in_prefill]
+        if decode:
+            rows = []
+            for s in decode:
+                self.alloc.grow(s.table, s.seq.num_tokens)
+                rows.append(([s.seq.output_ids[-1]], s.seq.num_tokens - 1))
+            plans.append((self._plan(rows, decode), decode, [True] * len(decode)))
+        budget = self.cfg.max_prefill_tokens
+        chunk_rows, chunk_seqs, samples = [], [], []
+        for s in sorted((s for s in self.running if s.in_prefill),
+                        key=lambda s: (-s.priority, s.arrival)):
+            if budget <= 0:
+                break
+            n = min(budget, len(s.seq.prompt_ids) - s.prefilled)
+            budget -= n
+            self.alloc.grow(s.table, s.prefilled + n)
+            chunk_rows.append((s.seq.prompt_ids[s.prefilled : s.prefilled + n], s.prefilled))
+            chunk_seqs.append(s)
+            samples.append(s.prefilled + n == len(s.seq.prompt_ids))
+            s.prefilled += n
+        if chunk_rows:
+            plans.append((self._plan(chunk_rows, chunk_seqs), chunk_seqs, samples))
+        self.step_count += 1
+        return plans
+
+    def _plan(self, rows: list[tuple[list[int], int]], seqs: list[Scheduled]) -> ForwardPlan:
+        b = len(rows)
+        t = max(len(toks) for toks, _ in rows)
+        nb = max(1, max(len(s.table) for s in seqs))
+        tokens = torch.zeros(b, t, dtype=torch.long)
+        positions = torch.empty(b, t, dtype=torch.long)
+        num_new = torch.empty(b, dtype=torch.long)
+        tables = torch.full((b, nb), -1, dtype=torch.long)
+        for i, ((toks, start), s) in enumerate(zip(rows, seqs, strict=True)):
+            tokens[i, : len(toks)] = torch.tensor(toks)
+            positions[i] = torch.arange(start, start + t)
+            num_new[i] = len(toks)
+            tables[i, : len(s.table)] = torch.tensor(s.table)
+        return ForwardPlan(tokens, positions, num_new, num_new - 1, tables)
+
+    def process(self, logits: torch.Tensor, rows: list[Scheduled], samples: list[bool]
+                ) -> list[dict]:
+        """Sample the rows that finished their prompt or are decoding; token events out."""
+        idx = [i for i, flag in enumerate(samples) if flag]
+        if not idx:
+            return []
+        seqs = [rows[i] for i in idx]
+        lg = logits[idx] if len(idx) != len(rows) else logits  # [B', V]
+        for j, s in enumerate(seqs):
+            banned = s.seq.stop.suppressed_token_ids(len(s.seq.output_ids))
+            if banned:
+                lg[j, list(banned)] = float("-inf")
+        want_top = any(s.seq.req.logprobs for s in seqs)
+        params = [s.seq.req.sampling for s in seqs]
+        gens = [s.seq.generator for s in seqs]
+        prompts = [s.seq.prompt_ids for s in seqs]
+        outs = [s.seq.output_ids for s in seqs]
+        if want_top:
+            tokens, lps, full = self.sampler.sample_with_full_logprobs(lg, params, gens, prompts,
+                                                                        outs)
+        else:
+            tokens, lps = self.sampler.sample(lg, params, gens, prompts, outs)
+            full = None
+        events = []
+        now = time.monotonic()
+        for j, (s, tok, lp) in enumerate(zip(seqs, tokens.tolist(), lps.tolist(), strict=True)):
+            n_top = s.seq.req.logprobs or 0
+            top = None
+            if n_top and full is not None:
+                vals, ids = full[j].topk(n_top)
+                top = list(zip(ids.tolist(), vals.tolist(), strict=True))
+            if s.first_token_at is None:
+                s.first_token_at = now
+            ev = s.seq.append(tok, lp if s.seq.req.logprobs is not None else None, top)
+            d = {"id": s.id, "token": tok, "text": ev.text, "logprob": ev.logprob, "top": top}
+            if s.seq.finished:
+                d.update(self._final(s))
+            events.append(d)
+        return events
+
+    def _final(self, s: Scheduled) -> dict:
+        r = s.seq.result()
+        return {"id": s.id, "finish": r.finish_reason.value, "result": r,
+                "queue_s": None, "prompt_tokens": r.prompt_tokens}
+
+    def stats(self) -> dict:
+        used = self.alloc.used_blocks
+        return {
+            "pending": len(self.pending), "running": len(self.running),
+            "kv_used_blocks": used, "kv_total_blocks": self.alloc.num_blocks,
+            "kv_usage": used / max(1, self.alloc.num_blocks),
+            "reserved_tokens": self.reserved, "steps": self.step_count,
+        }

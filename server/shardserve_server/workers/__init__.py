@@ -1,0 +1,1 @@
+"""Shard workers: one process per TP rank, a leader that batches, and their supervisor."""

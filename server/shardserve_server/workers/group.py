@@ -1,0 +1,140 @@
+"""Front-end side of one worker group: spawn its TP ranks, talk to the leader, notice death.
+
+A reader thread forwards every leader message to `on_message`; a monitor thread polls the
+processes and reports ("dead", reason) as soon as any rank exits, after killing the others (a
+group with a missing rank cannot step). Restarting is the caller's decision (AsyncEngine).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .worker import WorkerConfig, worker_main
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class GroupDied(RuntimeError):
+    """The worker group lost a rank (crash, kill, or a collective timeout)."""
+
+
+class WorkerGroup:
+    def __init__(self, cfg: WorkerConfig, on_message: Callable[[tuple], None],
+                 name: str = "group0") -> None:
+        self.cfg, self.on_message, self.name = cfg, on_message, name
+        self.procs: list[Any] = []
+        self.conn: Any = None
+        self.ready_info: dict | None = None
+        self._dead = threading.Event()
+        self._ready = threading.Event()
+        self._lock = threading.Lock()
+        self._closing = False
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def start(self, timeout: float = 300.0) -> dict:
+        """Spawn the ranks and wait for the leader's ready message (blocking)."""
+        ctx = mp.get_context("spawn")
+        cfg = self.cfg
+        if cfg.tp > 1 and not cfg.master_port:
+            from dataclasses import replace
+
+            cfg = replace(cfg, master_port=free_port())
+        parent, child = ctx.Pipe(duplex=True)
+        self.conn = parent
+        for rank in range(cfg.tp):
+            p = ctx.Process(target=worker_main, args=(cfg, rank, child if rank == 0 else None),
+                            name=f"shardserve-{self.name}-rank{rank}", daemon=True)
+            p.start()
+            self.procs.append(p)
+        child.close()
+        threading.Thread(target=self._read, name=f"{self.name}-reader", daemon=True).start()
+        threading.Thread(target=self._monitor, name=f"{self.name}-monitor", daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.1):
+            if self._dead.is_set():
+                raise GroupDied(f"{self.name}: failed to start: {self.death_reason}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise GroupDied(f"{self.name}: not ready after {timeout:.0f} s")
+        return self.ready_info or {}
+
+    death_reason = ""
+
+    def _die(self, reason: str) -> None:
+        with self._lock:
+            if self._dead.is_set():
+                return
+            self.death_reason = reason
+            self._dead.set()
+        self.kill()
+        if not self._closing:
+            self.on_message(("dead", reason))
+
+    def _read(self) -> None:
+        fatal = None
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):
+                break
+            if msg[0] == "ready":
+                self.ready_info = msg[1]
+                self._ready.set()
+            elif msg[0] == "fatal":
+                fatal = msg[1]
+            self.on_message(msg) if msg[0] != "ready" else None
+        self._die(fatal or "leader connection closed")
+
+    def _monitor(self) -> None:
+        while not self._dead.is_set():
+            for rank, p in enumerate(self.procs):
+                if not p.is_alive():
+                    self._die(f"rank {rank} (pid {p.pid}) exited with code {p.exitcode}")
+                    return
+            time.sleep(0.1)
+
+    def send(self, msg: tuple) -> None:
+        if self._dead.is_set():
+            raise GroupDied(f"{self.name}: {self.death_reason}")
+        try:
+            self.conn.send(msg)
+        except (OSError, BrokenPipeError) as e:
+            self._die(f"pipe to leader broken: {e}")
+            raise GroupDied(f"{self.name}: {self.death_reason}") from e
+
+    @property
+    def dead(self) -> bool:
+        return self._dead.is_set()
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+        for p in self.procs:
+            p.join(timeout=5)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the leader to stop (followers stop with it), then make sure all are gone."""
+        self._closing = True
+        try:
+            if not self._dead.is_set():
+                self.conn.send(("stop",))
+        except (OSError, BrokenPipeError):
+            pass
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            p.join(timeout=max(0.1, deadline - time.monotonic()))
+        self._dead.set()
+        self.kill()

@@ -1,0 +1,108 @@
+"""Entry point of one shard-worker process (one TP rank of a worker group).
+
+Every rank joins the group's torch.distributed process group (gloo on CPU, NCCL where CUDA is
+available), loads only its own slice of the checkpoint (its rank file, or slice reads of any
+other layout), and builds its KV-cache pool. Rank 0, the leader, also runs the group's
+scheduler: it takes requests from the front end over a pipe, plans each step, broadcasts the
+plan, samples from the gathered logits and streams token events back. Followers loop on
+broadcast plans. A collective that waits longer than the process-group timeout raises, so a
+dead or hung rank ends the whole group within seconds; the front end then restarts it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a worker process needs (sent to it at spawn)."""
+
+    model_dir: str
+    """shardserve checkpoint (any layout)."""
+    tp: int = 1
+    """Ranks in the group."""
+    dtype: str = "float32"
+    """float32 or bfloat16."""
+    threads: int = 1
+    """torch intra-op threads per rank."""
+    master_port: int = 0
+    """TCP port of the group's rendezvous on 127.0.0.1 (TP > 1)."""
+    pg_timeout_s: float = 10.0
+    """A collective waiting longer than this fails the group."""
+    kv_cache_tokens: int = 65536
+    block_size: int = 16
+    max_batch_size: int = 32
+    max_prefill_tokens: int = 512
+    warmup: bool = True
+    """Run one small step before reporting ready."""
+
+
+def _init_group(cfg: WorkerConfig, rank: int) -> Any:
+    from shardserve_sharding.tp.comm import ProcessGroupComm, ThreadGroup
+
+    if cfg.tp == 1:
+        return ThreadGroup(1).comm(0)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(
+        backend, init_method=f"tcp://127.0.0.1:{cfg.master_port}", rank=rank,
+        world_size=cfg.tp, timeout=timedelta(seconds=cfg.pg_timeout_s),
+    )
+    return ProcessGroupComm()
+
+
+def worker_main(cfg: WorkerConfig, rank: int, conn: Any | None) -> None:
+    """Process body; conn is the leader's pipe to the front end (None on followers)."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
+    torch.set_num_threads(cfg.threads)
+    try:
+        t0 = time.perf_counter()
+        comm = _init_group(cfg, rank)
+        from shardserve_sharding.checkpoint.io import DTYPES
+        from shardserve_sharding.sharded_load import load_sharded_model
+
+        from ..engine.runner import CacheGeometry, ModelRunner
+
+        dtype = DTYPES[cfg.dtype]
+        model = load_sharded_model(cfg.model_dir, comm, dtype=dtype)
+        geometry = CacheGeometry(cfg.kv_cache_tokens, cfg.block_size, cfg.max_batch_size)
+        runner = ModelRunner(model, geometry, dtype)
+        load_s = time.perf_counter() - t0
+        if rank == 0:
+            from .leader import Leader
+
+            Leader(cfg, runner, comm, conn, load_s).run()
+        else:
+            follower_loop(runner, cfg)
+    except BaseException as e:  # report to the front end, then die: the group is restarted
+        if conn is not None:
+            try:
+                conn.send(("fatal", f"rank {rank}: {type(e).__name__}: {e}",
+                           traceback.format_exc()))
+            except Exception:
+                pass
+        raise SystemExit(1) from None
+    finally:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass
+
+
+def follower_loop(runner: Any, cfg: WorkerConfig) -> None:
+    from ..engine.runner import broadcast_plan
+
+    while True:
+        plan = broadcast_plan(None)
+        if plan.kind == 0:
+            return
+        runner.forward(plan)
