@@ -68,6 +68,31 @@ def cmd_reshard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from shardserve_server.api.app import ServerConfig, run
+    from shardserve_server.engine.async_engine import EngineLimits
+    from shardserve_server.workers.worker import WorkerConfig
+
+    threads = args.threads or max(1, (os.cpu_count() or 2) // args.tp)
+    worker = WorkerConfig(
+        args.model, tp=args.tp, dtype={"fp32": "float32", "bf16": "bfloat16"}[args.dtype],
+        threads=threads, kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size,
+        max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
+        pg_timeout_s=args.pg_timeout,
+    )
+    limits = EngineLimits(max_queued_requests=args.max_queued_requests,
+                          max_queued_tokens=args.max_queued_tokens)
+    cfg = ServerConfig(
+        host=args.host, port=args.port,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token_file=args.auth_token_file,
+        drain_timeout_s=args.drain_timeout, max_new_tokens=args.max_new_tokens_limit,
+    )
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    return run(cfg, worker, limits)
+
+
 def _requests(args: argparse.Namespace, engine) -> list:
     from shardserve_server.engine.sampling import SamplingParams
     from shardserve_server.engine.sequence import GenerationRequest
@@ -88,9 +113,54 @@ def _requests(args: argparse.Namespace, engine) -> list:
     return [GenerationRequest(tuple(engine.encode(prompt)), sampling, stopping, "cli")]
 
 
+def _generate_workers(args: argparse.Namespace):
+    """Run the request through a worker group of --tp ranks; returns (result, load_s)."""
+    import asyncio
+
+    from shardserve_server.engine.async_engine import AsyncEngine
+    from shardserve_server.workers.worker import WorkerConfig
+    from shardserve_sharding.checkpoint.io import load_tokenizer
+    from shardserve_sharding.checkpoint.manifest import read_manifest
+
+    class _Tok:  # what _requests needs: encode + tokenizer
+        tokenizer = load_tokenizer(args.model, read_manifest(args.model))
+
+        def encode(self, text):
+            return self.tokenizer.encode(text)
+
+    req = _requests(args, _Tok())[0]
+    threads = args.threads or max(1, (os.cpu_count() or 2) // args.tp)
+    cfg = WorkerConfig(args.model, tp=args.tp, dtype={"fp32": "float32", "bf16": "bfloat16"}[
+        args.dtype], threads=threads, kv_cache_tokens=max(4096, len(req.prompt_ids) + 4096))
+
+    async def run():
+        engine = AsyncEngine(cfg)
+        t0 = time.perf_counter()
+        await engine.start()
+        load_s = time.perf_counter() - t0
+        try:
+            result = None
+            async for ev in engine.submit(req):
+                if not args.json and ev.text:
+                    print(ev.text, end="", flush=True)
+                result = ev.result or result
+            return result, load_s
+        finally:
+            await engine.shutdown()
+
+    return asyncio.run(run())
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from shardserve_server.engine.local import EngineConfig, LocalEngine
 
+    if args.tp is not None:
+        t0 = time.perf_counter()
+        res, load_s = _generate_workers(args)
+        gen_s = time.perf_counter() - t0 - load_s
+        if not args.json:
+            print()
+        return _report(args, res, load_s, gen_s)
     t0 = time.perf_counter()
     engine = LocalEngine.from_checkpoint(
         args.model, EngineConfig(dtype=torch_dtype(args.dtype), threads=args.threads)
@@ -104,6 +174,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         res = engine.generate(reqs, on_token=lambda _, e: print(e.text, end="", flush=True))[0]
         print()
     gen_s = time.perf_counter() - t0
+    return _report(args, res, load_s, gen_s)
+
+
+def _report(args: argparse.Namespace, res, load_s: float, gen_s: float) -> int:
     if args.json:
         print(
             json.dumps(
@@ -208,9 +282,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     _add_sampling_args(p)
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (per rank)")
+    p.add_argument("--tp", type=int, default=None,
+                   help="run through a group of TP shard-worker processes")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="serve a checkpoint over gRPC (shardserve.v1)")
+    p.add_argument("--model", required=True, help="shardserve checkpoint directory (any layout)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (processes)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--metrics-port", type=int, default=9400, help="-1 disables /metrics")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-queued-requests", type=int, default=256)
+    p.add_argument("--max-queued-tokens", type=int, default=1 << 20)
+    p.add_argument("--kv-cache-tokens", type=int, default=16384)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-prefill-tokens", type=int, default=512)
+    p.add_argument("--max-new-tokens-limit", type=int, default=2048)
+    p.add_argument("--threads", type=int, default=None, help="torch threads per rank")
+    p.add_argument("--drain-timeout", type=float, default=30.0)
+    p.add_argument("--pg-timeout", type=float, default=10.0, help="collective timeout (s)")
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
+    p.add_argument("--auth-token-file")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("quickstart", help="import the bundled SmolLM2 and generate")
     p.add_argument("--workdir", default=os.environ.get("SHARDSERVE_HOME", "models"))

@@ -70,6 +70,8 @@ class _Request:
     submitted: float = field(default_factory=time.monotonic)
     dispatched: float | None = None
     first_token: float | None = None
+    admitted: float | None = None
+    finished: float | None = None
     started_streaming: bool = False
     done: bool = False
 
@@ -97,6 +99,17 @@ class RequestStream:
             if not self._r.done:  # consumer went away: cancel in the group
                 self._engine.cancel(self.request_id)
 
+    @property
+    def timing(self) -> dict[str, float | None]:
+        """Seconds from submission: queue (to admission), first token, total."""
+        r = self._r
+
+        def since(t: float | None) -> float | None:
+            return None if t is None else max(0.0, t - r.submitted)
+
+        return {"queue_s": since(r.admitted), "ttft_s": since(r.first_token),
+                "total_s": since(r.finished)}
+
     async def result(self) -> GenerationResult:
         async for ev in self:
             if ev.result is not None:
@@ -105,8 +118,10 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, worker: WorkerConfig, limits: EngineLimits | None = None) -> None:
+    def __init__(self, worker: WorkerConfig, limits: EngineLimits | None = None,
+                 on_stats: Any = None) -> None:
         self.worker_cfg = worker
+        self.on_stats = on_stats  # called with each leader stats dict (metrics)
         self.limits = limits or EngineLimits()
         self.waiting: deque[_Request] = deque()
         self.queued_tokens = 0
@@ -229,6 +244,8 @@ class AsyncEngine:
         if kind == "events":
             _, events, stats = msg
             self.group_stats = stats
+            if self.on_stats is not None:
+                self.on_stats(stats)
             if stats.get("steps", 0) != self._last_steps or not self.inflight:
                 self._last_steps = stats.get("steps", 0)
                 self.last_progress = time.monotonic()
@@ -254,8 +271,11 @@ class AsyncEngine:
                 r.first_token = now
             r.started_streaming = True
         result = ev.get("result")
+        if ev.get("admitted_at") is not None:
+            r.admitted = ev["admitted_at"]
         if result is not None:
             del self.inflight[ev["id"]]
+            r.finished = now
             r.done = True
         if "token" in ev or result is not None:
             r.queue.put_nowait(StreamEvent(ev.get("token"), ev.get("text", ""), ev.get("logprob"),

@@ -87,6 +87,7 @@ class Scheduled:
         self.reserved = 0
         self.cancelled = False
         self.enqueued = time.monotonic()
+        self.admitted_at: float | None = None
         self.first_token_at: float | None = None
 
     @property
@@ -149,9 +150,14 @@ class GroupScheduler:
         """Remove finished/cancelled sequences, free their cache; events for cancellations."""
         events = []
         keep = []
+        now = time.monotonic()
         for s in self.running:
             if s.cancelled and not s.seq.finished:
                 s.seq.finish(FinishReason.CANCELLED)
+                events.append(self._final(s))
+            limit = s.seq.req.stopping.time_limit_s
+            if limit and not s.seq.finished and now - (s.admitted_at or now) > limit:
+                s.seq.finish(FinishReason.TIME_LIMIT)
                 events.append(self._final(s))
             if s.seq.finished:
                 self._release(s)
@@ -191,6 +197,7 @@ class GroupScheduler:
             if self.reserved + reserve > self.budget:
                 break  # FCFS within priority: do not let later small requests starve this one
             s.reserved = reserve
+            s.admitted_at = time.monotonic()
             self.reserved += reserve
             self.running.append(s)
             admitted.add(id(s))
@@ -284,7 +291,7 @@ class GroupScheduler:
     def _final(self, s: Scheduled) -> dict:
         r = s.seq.result()
         return {"id": s.id, "finish": r.finish_reason.value, "result": r,
-                "queue_s": None, "prompt_tokens": r.prompt_tokens}
+                "admitted_at": s.admitted_at, "prompt_tokens": r.prompt_tokens}
 
     def stats(self) -> dict:
         used = self.alloc.used_blocks

@@ -53,6 +53,9 @@ class StoppingParams:
     include_stop_str_in_output: bool = False
     """Emit the matched stop string at the end of the output instead of dropping it."""
 
+    time_limit_s: float | None = None
+    """Stop with TIME_LIMIT once this many seconds passed since the request was admitted."""
+
     def validate(self) -> None:
         """Raise ValueError naming the first field with a bad value."""
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
@@ -76,6 +79,8 @@ class StoppingParams:
         for t in self.stop_token_ids:
             if not _is_int(t) or t < 0:
                 raise ValueError(f"stop_token_ids must hold integers >= 0, got {t!r}")
+        if self.time_limit_s is not None and not self.time_limit_s > 0:
+            raise ValueError(f"time_limit_s must be > 0 (or unset), got {self.time_limit_s!r}")
 
 
 def _is_int(value: object) -> bool:

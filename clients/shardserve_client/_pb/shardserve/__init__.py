@@ -1,0 +1,1 @@
+"""Generated gRPC stubs (see proto/generate_stubs.py)."""

@@ -1,0 +1,148 @@
+"""Validate protobuf requests and convert them to engine requests, and results back to protobuf.
+
+Every check raises InvalidArgument(field, message) naming the field and its allowed range; the
+servicer answers INVALID_ARGUMENT with that text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from shardserve_client._pb.shardserve.v1 import generate_pb2 as pb
+
+from ..engine.sampling import SamplingParams
+from ..engine.sequence import GenerationRequest
+from ..engine.stopping import FinishReason, StoppingParams
+
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_LEN = 256
+MAX_TOP_LOGPROBS = 20
+MAX_REQUEST_ID = 128
+
+FINISH_TO_PB = {
+    FinishReason.MAX_TOKENS: pb.FINISH_REASON_MAX_TOKENS,
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
+    FinishReason.TIME_LIMIT: pb.FINISH_REASON_TIME_LIMIT,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+    FinishReason.ERROR: pb.FINISH_REASON_ERROR,
+}
+
+
+class InvalidArgument(ValueError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Server-side bounds a request is validated against."""
+
+    max_seq_len: int
+    """Prompt + generated tokens."""
+    max_new_tokens: int
+    """Upper bound for stopping.max_new_tokens."""
+    default_max_new_tokens: int = 64
+    """Used when stopping.max_new_tokens is unset."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    request: GenerationRequest
+    priority: int
+    return_prompt_tokens: bool
+    logprobs: bool
+
+
+def _sampling(msg: pb.SamplingParameters) -> SamplingParams:
+    p = SamplingParams(
+        temperature=msg.temperature if msg.HasField("temperature") else 1.0,
+        top_k=msg.top_k,
+        top_p=msg.top_p if msg.HasField("top_p") else 1.0,
+        min_p=msg.min_p,
+        repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0,
+        frequency_penalty=msg.frequency_penalty,
+        presence_penalty=msg.presence_penalty,
+        seed=msg.seed if msg.HasField("seed") else None,
+    )
+    try:
+        p.validate()
+    except ValueError as e:
+        raise InvalidArgument("sampling", str(e)) from e
+    return p
+
+
+def _stopping(msg: pb.StoppingCriteria, limits: RequestLimits) -> StoppingParams:
+    n = msg.max_new_tokens if msg.HasField("max_new_tokens") else limits.default_max_new_tokens
+    if not 1 <= n <= limits.max_new_tokens:
+        raise InvalidArgument("stopping.max_new_tokens",
+                              f"must be in [1, {limits.max_new_tokens}], got {n}")
+    if len(msg.stop_sequences) > MAX_STOP_SEQUENCES:
+        raise InvalidArgument("stopping.stop_sequences",
+                              f"at most {MAX_STOP_SEQUENCES}, got {len(msg.stop_sequences)}")
+    for s in msg.stop_sequences:
+        if not 1 <= len(s) <= MAX_STOP_LEN:
+            raise InvalidArgument("stopping.stop_sequences",
+                                  f"each must have 1 to {MAX_STOP_LEN} characters")
+    limit = msg.time_limit_s if msg.HasField("time_limit_s") else 0.0
+    if limit < 0:
+        raise InvalidArgument("stopping.time_limit_s", f"must be >= 0, got {limit}")
+    p = StoppingParams(
+        max_new_tokens=n, min_new_tokens=msg.min_new_tokens, stop=tuple(msg.stop_sequences),
+        stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
+        include_stop_str_in_output=msg.include_stop_sequence, time_limit_s=limit or None,
+    )
+    try:
+        p.validate()
+    except ValueError as e:
+        raise InvalidArgument("stopping", str(e)) from e
+    return p
+
+
+def prepare(msg: Any, prompt_ids: list[int], limits: RequestLimits, request_id: str,
+            vocab_size: int) -> Prepared:
+    """Common checks of GenerateRequest / ChatRequest once the prompt is tokenized."""
+    if len(msg.request_id) > MAX_REQUEST_ID:
+        raise InvalidArgument("request_id", f"at most {MAX_REQUEST_ID} characters")
+    sampling = _sampling(msg.sampling)
+    stopping = _stopping(msg.stopping, limits)
+    for t in stopping.stop_token_ids:
+        if t >= vocab_size:
+            raise InvalidArgument("stopping.stop_token_ids", f"must be < vocab size {vocab_size}")
+    opts = msg.options
+    if opts.top_logprobs > MAX_TOP_LOGPROBS:
+        raise InvalidArgument("options.top_logprobs",
+                              f"must be in [0, {MAX_TOP_LOGPROBS}], got {opts.top_logprobs}")
+    if not prompt_ids:
+        raise InvalidArgument("prompt", "must not be empty")
+    room = limits.max_seq_len - stopping.max_new_tokens
+    if msg.truncate_prompt_tokens:
+        keep = min(msg.truncate_prompt_tokens, room)
+        prompt_ids = prompt_ids[-keep:] if keep > 0 else []
+        if not prompt_ids:
+            raise InvalidArgument("stopping.max_new_tokens",
+                                  f"leaves no room for the prompt in {limits.max_seq_len} tokens")
+    elif len(prompt_ids) > room:
+        raise InvalidArgument(
+            "prompt", f"{len(prompt_ids)} tokens + max_new_tokens {stopping.max_new_tokens} "
+            f"exceeds the model's {limits.max_seq_len}; set truncate_prompt_tokens to truncate")
+    logprobs = None
+    if opts.logprobs:
+        logprobs = opts.top_logprobs
+    req = GenerationRequest(tuple(prompt_ids), sampling, stopping, request_id, logprobs)
+    return Prepared(req, msg.priority, opts.return_prompt_tokens, opts.logprobs)
+
+
+def token_msgs(tokenizer: Any, ids: list[int]) -> list[pb.Token]:
+    return [pb.Token(id=i, text=tokenizer.decode([i])) for i in ids]
+
+
+def timing_msg(t: dict[str, float | None]) -> pb.Timing:
+    return pb.Timing(queue_s=t.get("queue_s") or 0.0,
+                     time_to_first_token_s=t.get("ttft_s") or 0.0, total_s=t.get("total_s") or 0.0)
+
+
+def top_msgs(tokenizer: Any, top: list[tuple[int, float]] | None) -> list[pb.TopLogprob]:
+    return [pb.TopLogprob(id=i, text=tokenizer.decode([i]), logprob=lp) for i, lp in top or []]

@@ -1,0 +1,219 @@
+"""shardserve.v1.TextGeneration over the AsyncEngine: validate, submit, stream, account.
+
+The servicer is thin: convert.py validates and converts, the engine queues and batches, and
+this module maps outcomes to gRPC status codes, metrics and one structured log line each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+import grpc
+
+from shardserve_client._pb.shardserve.v1 import generate_pb2 as pb
+from shardserve_client._pb.shardserve.v1 import generate_pb2_grpc as pb_grpc
+
+from .. import __version__
+from ..engine.async_engine import EngineError, QueueFull, RequestStream
+from ..engine.stopping import FinishReason
+from .convert import (
+    FINISH_TO_PB,
+    InvalidArgument,
+    Prepared,
+    RequestLimits,
+    prepare,
+    timing_msg,
+    token_msgs,
+    top_msgs,
+)
+from .metrics import Metrics
+
+log = logging.getLogger("shardserve.requests")
+
+
+class Draining(RuntimeError):
+    pass
+
+
+class TextGenerationServicer(pb_grpc.TextGenerationServicer):
+    def __init__(self, engine: Any, tokenizer: Any, manifest: Any, limits: RequestLimits,
+                 metrics: Metrics, info: dict[str, Any]) -> None:
+        self.engine, self.tokenizer, self.manifest = engine, tokenizer, manifest
+        self.limits, self.metrics, self.info = limits, metrics, info
+        self.draining = False
+        self.active = 0
+
+    # ---- helpers
+    def _prepare(self, msg: Any, prompt: str) -> Prepared:
+        rid = msg.request_id or uuid.uuid4().hex[:16]
+        ids = self.tokenizer.encode(prompt) if prompt else []
+        return prepare(msg, ids, self.limits, rid, self.tokenizer.vocab_size)
+
+    def _chat_prompt(self, msg: pb.ChatRequest) -> str:
+        if not msg.messages:
+            raise InvalidArgument("messages", "at least one message is required")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidArgument("messages", "the served model has no chat template")
+        msgs = [{"role": m.role, "content": m.content} for m in msg.messages]
+        for i, m in enumerate(msgs):
+            if not m["role"]:
+                raise InvalidArgument(f"messages[{i}].role", "must not be empty")
+        try:
+            return self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
+        except Exception as e:  # template errors (raise_exception) are the caller's fault
+            raise InvalidArgument("messages", f"chat template rejected them: {e}") from e
+
+    async def _abort(self, context, method: str, outcome: str, code, message: str):
+        self.metrics.on_request_done(method, outcome)
+        self._log(method, None, outcome, message=message)
+        await context.abort(code, message)
+
+    def _log(self, method: str, p: Prepared | None, outcome: str, **kw: Any) -> None:
+        rec = {"event": "request", "method": method, "outcome": outcome,
+               "request_id": p.request.request_id if p else None,
+               "prompt_tokens": len(p.request.prompt_ids) if p else None, **kw}
+        log.info(json.dumps(rec, default=str))
+
+    def _submit(self, p: Prepared) -> RequestStream:
+        if self.draining:
+            raise Draining("server is draining")
+        return self.engine.submit(p.request, p.priority)
+
+    async def _run(self, method: str, msg: Any, prompt: str | None, context, streaming: bool):
+        try:
+            if prompt is None:
+                prompt = self._chat_prompt(msg)
+            p = self._prepare(msg, prompt)
+            stream = self._submit(p)
+        except InvalidArgument as e:
+            await self._abort(context, method, "invalid", grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except ValueError as e:
+            await self._abort(context, method, "invalid", grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except QueueFull as e:
+            await self._abort(context, method, "overloaded", grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              str(e))
+        except (Draining, EngineError) as e:
+            await self._abort(context, method, "error", grpc.StatusCode.UNAVAILABLE, str(e))
+        self.active += 1
+        outcome, result = "error", None
+        holder: dict[str, Any] = {}
+        try:
+            if streaming:
+                async for out in self._stream(p, stream, holder):
+                    if "result" in holder:
+                        result = holder["result"]
+                        outcome = self._outcome(result)
+                    yield out
+            else:
+                result = await stream.result()
+                outcome = self._outcome(result)
+                yield self._response(p, stream, result)
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            outcome = "deadline" if remaining is not None and remaining <= 0 else "cancelled"
+            self.engine.cancel(p.request.request_id)
+            raise
+        except EngineError as e:
+            outcome = "error"
+            self.metrics.on_request_done(method, outcome)
+            self._log(method, p, outcome, message=str(e))
+            self.active -= 1
+            await context.abort(grpc.StatusCode.INTERNAL, str(e))
+        finally:
+            if outcome != "error" or result is not None:
+                n = len(result.token_ids) if result else 0
+                self.metrics.on_request_done(method, outcome, prompt_tokens=len(
+                    p.request.prompt_ids), generated=n, timing=stream.timing)
+                self._log(method, p, outcome, generated_tokens=n,
+                          finish_reason=result.finish_reason.value if result else None,
+                          **{k: round(v, 4) for k, v in stream.timing.items() if v is not None})
+                self.active -= 1
+
+    @staticmethod
+    def _outcome(result: Any) -> str:
+        return "cancelled" if result.finish_reason is FinishReason.CANCELLED else "ok"
+
+    def _response(self, p: Prepared, stream: RequestStream, r: Any) -> pb.GenerateResponse:
+        out = pb.GenerateResponse(
+            request_id=p.request.request_id, text=r.text, token_ids=r.token_ids,
+            finish_reason=FINISH_TO_PB[r.finish_reason], prompt_token_count=r.prompt_tokens,
+            generated_token_count=len(r.token_ids), timing=timing_msg(stream.timing),
+        )
+        if p.logprobs and r.logprobs is not None:
+            tops = r.top_logprobs or [None] * len(r.token_ids)
+            for i, (tid, lp) in enumerate(zip(r.token_ids, r.logprobs, strict=False)):
+                out.tokens.append(pb.Token(id=tid, text=self.tokenizer.decode([tid]), logprob=lp,
+                                           top_logprobs=top_msgs(self.tokenizer, tops[i])))
+        if p.return_prompt_tokens:
+            out.prompt_tokens.extend(token_msgs(self.tokenizer, list(p.request.prompt_ids)))
+        return out
+
+    async def _stream(self, p: Prepared, stream: RequestStream, holder: dict[str, Any]):
+        async for ev in stream:
+            msg = pb.GenerateStreamResponse(request_id=p.request.request_id, text=ev.text)
+            if ev.token_id is not None:
+                tok = pb.Token(id=ev.token_id, text=ev.text)
+                if p.logprobs and ev.logprob is not None:
+                    tok.logprob = ev.logprob
+                    tok.top_logprobs.extend(top_msgs(self.tokenizer, ev.top_logprobs))
+                msg.tokens.append(tok)
+            if ev.result is not None:
+                r = ev.result
+                holder["result"] = r
+                d = pb.StreamDetails(
+                    finish_reason=FINISH_TO_PB[r.finish_reason], prompt_token_count=r.prompt_tokens,
+                    generated_token_count=len(r.token_ids), timing=timing_msg(stream.timing))
+                if p.return_prompt_tokens:
+                    d.prompt_tokens.extend(token_msgs(self.tokenizer, list(p.request.prompt_ids)))
+                msg.details.CopyFrom(d)
+            yield msg
+
+    # ---- RPCs
+    async def _unary(self, agen):
+        try:
+            return await agen.__anext__()
+        finally:
+            await agen.aclose()
+
+    async def Generate(self, request, context):
+        return await self._unary(self._run("Generate", request, request.prompt, context, False))
+
+    async def GenerateStream(self, request, context):
+        async for out in self._run("GenerateStream", request, request.prompt, context, True):
+            yield out
+
+    async def Chat(self, request, context):
+        return await self._unary(self._run("Chat", request, None, context, False))
+
+    async def ChatStream(self, request, context):
+        async for out in self._run("ChatStream", request, None, context, True):
+            yield out
+
+    async def Tokenize(self, request, context):
+        ids = self.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens)
+        return pb.TokenizeResponse(token_ids=ids, tokens=[self.tokenizer.decode([i]) for i in ids])
+
+    async def ModelInfo(self, request, context):
+        m = self.manifest
+        return pb.ModelInfoResponse(
+            family=m.family, config_json=json.dumps(m.config), dtype=self.info["dtype"],
+            backend=self.info.get("backend", "torch"), tensor_parallel=self.info["tp"],
+            replicas=self.info.get("replicas", 1), max_sequence_length=self.limits.max_seq_len,
+            max_new_tokens=self.limits.max_new_tokens,
+            max_batch_size=self.info["max_batch_size"],
+            max_queued_requests=self.info["max_queued_requests"],
+            vocab_size=self.tokenizer.vocab_size,
+            eos_token_ids=list(getattr(self.tokenizer, "eos_token_ids", ()) or ()),
+            version=__version__, has_chat_template=bool(self.tokenizer.chat_template),
+        )
+
+    async def wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.active > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.active == 0
