@@ -22,6 +22,10 @@ def detect_format(src: str | os.PathLike[str]) -> str:
         return "shardserve"
     if p.is_dir() and (p / "config.json").is_file():
         return "hf"
+    if p.is_dir() and (p / "latest_checkpointed_iteration.txt").is_file():
+        return "megatron"
+    if p.is_dir() and (p / ".metadata").is_file():
+        return "dcp"
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or directory")
     raise CheckpointError(
@@ -29,9 +33,27 @@ def detect_format(src: str | os.PathLike[str]) -> str:
     )
 
 
-def open_source(src: str | os.PathLike[str], source_format: str = "auto") -> Any:
-    """A reader with names_and_shapes(), tensor(name), tokenizer(), source_info() and config."""
+def open_source(
+    src: str | os.PathLike[str], source_format: str = "auto", *, tokenizer: Any = None,
+    config: str | os.PathLike[str] | None = None,
+) -> Any:
+    """A reader with names_and_shapes(), tensor(name), tokenizer(), source_info() and config.
+
+    tokenizer (a loaded TokenizerBundle) and config (a params.json path) serve the formats
+    that store neither: Megatron-LM (tokenizer) and DCP (both).
+    """
     fmt = detect_format(src) if source_format == "auto" else source_format
+    if fmt == "megatron":
+        from .megatron import MegatronSource
+
+        return MegatronSource(src, tokenizer=tokenizer)
+    if fmt == "dcp":
+        from .dcp import DCPSource
+
+        if config is None:
+            raise CheckpointError(f"{src}: a DCP checkpoint needs --config (params.json with "
+                                  "n_heads, n_kv_heads, n_layers, rope_theta, norm_eps)")
+        return DCPSource(src, config=config, tokenizer=tokenizer)
     if fmt == "gguf":
         from .gguf_reader import GGUFLlamaSource
 
