@@ -93,6 +93,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run(cfg, worker, limits)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from shardserve_sharding.train.launch import TrainingFailed, train
+    from shardserve_sharding.train.trainer import TrainConfig
+
+    cfg = TrainConfig(
+        out=args.out, family=args.family, model=args.config, dp=args.dp, tp=args.tp, pp=args.pp,
+        steps=args.steps, batch_size=args.batch_size, micro_batches=args.micro_batches,
+        seq_len=args.seq_len, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        dtype={"fp32": "float32", "bf16": "bfloat16"}[args.dtype], seed=args.seed,
+        data=args.data, tokenizer=args.tokenizer, eval_interval=args.eval_interval,
+        ckpt_interval=args.ckpt_interval, resume=args.resume,
+    )
+    t0 = time.perf_counter()
+    try:
+        train(cfg, progress=not args.quiet)
+    except TrainingFailed as e:
+        print(f"shardserve train: error: {e}", file=sys.stderr)
+        return 1
+    from shardserve_sharding.train.checkpoint import latest_checkpoint
+
+    print(f"trained {cfg.steps} steps in {time.perf_counter() - t0:.1f} s; checkpoint: "
+          f"{latest_checkpoint(cfg.out)}")
+    return 0
+
+
 def _requests(args: argparse.Namespace, engine) -> list:
     from shardserve_server.engine.sampling import SamplingParams
     from shardserve_server.engine.sequence import GenerationRequest
@@ -309,6 +335,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key")
     p.add_argument("--auth-token-file")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("train", help="hybrid-parallel (DP x TP x PP) training on CPU/gloo")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl)")
+    p.add_argument("--family", choices=("llama", "convlm"), default="llama")
+    p.add_argument("--config", default="tiny", help="named model config (vocab from tokenizer)")
+    p.add_argument("--dp", type=int, default=1)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=16, help="global batch (sequences)")
+    p.add_argument("--micro-batches", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--min-lr", type=float, default=3e-4)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default="synthetic", help="'synthetic' or a text file")
+    p.add_argument("--tokenizer", help="for a text file: .gguf, tokenizer.json or directory")
+    p.add_argument("--eval-interval", type=int, default=50)
+    p.add_argument("--ckpt-interval", type=int, default=100)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/latest")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("quickstart", help="import the bundled SmolLM2 and generate")
     p.add_argument("--workdir", default=os.environ.get("SHARDSERVE_HOME", "models"))

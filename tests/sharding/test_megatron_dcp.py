@@ -17,8 +17,11 @@ from shardserve_sharding.models import build_model, checkpoint_names
 from shardserve_sharding.models.llama import LlamaConfig, Transformer
 from shardserve_sharding.tokenizer import train_bpe
 
-CORPUS = ["the quick brown fox jumps over the lazy dog " * 4, "def f(x):\n    return x * 2\n",
-          "naïve café 東京 🙂 12345"] * 10
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog " * 4,
+    "def f(x):\n    return x * 2\n",
+    "naïve café 東京 🙂 12345",
+] * 10
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +31,18 @@ def tokenizer():
 
 def make_model(tok, *, tied: bool, n_heads=4, n_kv=2, layers=4) -> Transformer:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, dim=32, n_layers=layers, n_heads=n_heads,
-                      n_kv_heads=n_kv, intermediate_size=48, rope_theta=500000.0,
-                      norm_eps=1e-5, tie_embeddings=tied, max_seq_len=128)
+    cfg = LlamaConfig(
+        vocab_size=tok.vocab_size,
+        dim=32,
+        n_layers=layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        intermediate_size=48,
+        rope_theta=500000.0,
+        norm_eps=1e-5,
+        tie_embeddings=tied,
+        max_seq_len=128,
+    )
     m = Transformer(cfg).eval()
     with torch.no_grad():  # non-trivial norms so a swapped norm shows up
         for n, p in m.named_parameters():
@@ -52,8 +64,9 @@ def model_from_source(src) -> Transformer:
 
 
 def assert_same_logits(ref_model, src):
-    toks = torch.randint(0, ref_model.config.vocab_size, (2, 12), generator=torch.Generator()
-                         .manual_seed(1))
+    toks = torch.randint(
+        0, ref_model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1)
+    )
     ref = logits_of(ref_model, toks)
     out = logits_of(model_from_source(src), toks)
     assert float((out - ref).abs().max() / ref.abs().max()) <= 1e-5
@@ -64,18 +77,28 @@ def state_of(model):
     return {n: sd[n].detach().clone() for n in checkpoint_names(model)}
 
 
-@pytest.mark.parametrize("style,tp,pp,tied,spelling", [
-    ("legacy", 2, 1, True, "layernorm"),
-    ("legacy", 1, 2, True, "norm"),
-    ("core", 2, 2, False, "layernorm"),
-    ("core", 1, 1, True, "layernorm"),
-    ("te", 2, 2, True, "layernorm"),
-])
+@pytest.mark.parametrize(
+    "style,tp,pp,tied,spelling",
+    [
+        ("legacy", 2, 1, True, "layernorm"),
+        ("legacy", 1, 2, True, "norm"),
+        ("core", 2, 2, False, "layernorm"),
+        ("core", 1, 1, True, "layernorm"),
+        ("te", 2, 2, True, "layernorm"),
+    ],
+)
 def test_megatron_reads_back_the_model(tmp_path, tokenizer, style, tp, pp, tied, spelling):
     model = make_model(tokenizer, tied=tied)
-    root = write_megatron(tmp_path / "mg", state_of(model), model.config, tp=tp, pp=pp,
-                          style=style, norm_spelling=spelling,
-                          iteration=None if style == "legacy" else 1200)
+    root = write_megatron(
+        tmp_path / "mg",
+        state_of(model),
+        model.config,
+        tp=tp,
+        pp=pp,
+        style=style,
+        norm_spelling=spelling,
+        iteration=None if style == "legacy" else 1200,
+    )
     assert detect_format(root) == "megatron"
     src = open_source(root, tokenizer=tokenizer)
     assert src.config == model.config
@@ -84,8 +107,9 @@ def test_megatron_reads_back_the_model(tmp_path, tokenizer, style, tp, pp, tied,
 
 def test_megatron_padded_vocab_is_stripped(tmp_path, tokenizer):
     model = make_model(tokenizer, tied=False)
-    root = write_megatron(tmp_path / "mg", state_of(model), model.config, tp=2, pp=1,
-                          style="core", divisible=128)
+    root = write_megatron(
+        tmp_path / "mg", state_of(model), model.config, tp=2, pp=1, style="core", divisible=128
+    )
     src = open_source(root, tokenizer=tokenizer)
     assert src.padded_vocab == 256 * ((tokenizer.vocab_size + 255) // 256)
     assert src.tensor("tok_embeddings.weight").shape[0] == tokenizer.vocab_size
@@ -130,14 +154,17 @@ def interleave_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def torchtitan_state(model: Transformer, fused: bool, prefix: str) -> dict[str, torch.Tensor]:
     c = model.config
     d = c.head_dim
-    out = {prefix + "tok_embeddings.weight": model.tok_embeddings.weight.detach().clone(),
-           prefix + "norm.weight": model.norm.weight.detach().clone()}
+    out = {
+        prefix + "tok_embeddings.weight": model.tok_embeddings.weight.detach().clone(),
+        prefix + "norm.weight": model.norm.weight.detach().clone(),
+    }
     if not c.tie_embeddings:
         out[prefix + "output.weight"] = model.output.weight.detach().clone()
     for i, layer in enumerate(model.layers):
         p = f"{prefix}layers.{i}."
         q, k, v = layer.attention.wqkv.weight.detach().split(
-            [c.n_heads * d, c.n_kv_heads * d, c.n_kv_heads * d])
+            [c.n_heads * d, c.n_kv_heads * d, c.n_kv_heads * d]
+        )
         mid = "attention.qkv_linear." if fused else "attention."
         out[p + mid + "wq.weight"] = interleave_rope(q, c.n_heads).clone()
         out[p + mid + "wk.weight"] = interleave_rope(k, c.n_kv_heads).clone()
@@ -156,12 +183,23 @@ def torchtitan_state(model: Transformer, fused: bool, prefix: str) -> dict[str, 
 def test_dcp_torchtitan_reads_back_the_model(tmp_path, tokenizer, fused, prefix, tied):
     model = make_model(tokenizer, tied=tied)
     c = model.config
-    dcp.save(torchtitan_state(model, fused, prefix), checkpoint_id=str(tmp_path / "dcp"),
-             no_dist=True)
+    dcp.save(
+        torchtitan_state(model, fused, prefix), checkpoint_id=str(tmp_path / "dcp"), no_dist=True
+    )
     params = tmp_path / "params.json"
-    params.write_text(json.dumps({"dim": c.dim, "n_layers": c.n_layers, "n_heads": c.n_heads,
-                                  "n_kv_heads": c.n_kv_heads, "rope_theta": c.rope_theta,
-                                  "norm_eps": c.norm_eps, "max_seq_len": c.max_seq_len}))
+    params.write_text(
+        json.dumps(
+            {
+                "dim": c.dim,
+                "n_layers": c.n_layers,
+                "n_heads": c.n_heads,
+                "n_kv_heads": c.n_kv_heads,
+                "rope_theta": c.rope_theta,
+                "norm_eps": c.norm_eps,
+                "max_seq_len": c.max_seq_len,
+            }
+        )
+    )
     assert detect_format(tmp_path / "dcp") == "dcp"
     src = open_source(tmp_path / "dcp", config=params, tokenizer=tokenizer)
     assert src.config == c

@@ -50,8 +50,13 @@ class DCPSource:
 
     family = "llama"
 
-    def __init__(self, directory: str | os.PathLike[str], *, config: str | os.PathLike[str],
-                 tokenizer: Any = None) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        config: str | os.PathLike[str],
+        tokenizer: Any = None,
+    ) -> None:
         self.root = Path(directory)
         self.meta = load_dcp_metadata(self.root / ".metadata")
         self._tokenizer = tokenizer
@@ -63,20 +68,26 @@ class DCPSource:
         w1 = self._shape("layers.0.feed_forward.w1.weight")
         n_heads = int(params["n_heads"])
         self.config = LlamaConfig(
-            vocab_size=int(emb[0]), dim=int(params.get("dim", emb[1])),
-            n_layers=int(params["n_layers"]), n_heads=n_heads,
-            n_kv_heads=int(params.get("n_kv_heads") or n_heads), intermediate_size=int(w1[0]),
+            vocab_size=int(emb[0]),
+            dim=int(params.get("dim", emb[1])),
+            n_layers=int(params["n_layers"]),
+            n_heads=n_heads,
+            n_kv_heads=int(params.get("n_kv_heads") or n_heads),
+            intermediate_size=int(w1[0]),
             rope_theta=float(params.get("rope_theta", 10000.0)),
             norm_eps=float(params.get("norm_eps", 1e-5)),
             tie_embeddings=self._key("output.weight") not in self.meta.state_dict_metadata,
             max_seq_len=int(params.get("max_seq_len", 2048)),
         )
         if emb[1] != self.config.dim:
-            raise CheckpointError(f"{config}: dim {self.config.dim} but the checkpoint's "
-                                  f"embedding is {list(emb)}")
+            raise CheckpointError(
+                f"{config}: dim {self.config.dim} but the checkpoint's embedding is {list(emb)}"
+            )
         if tokenizer is not None and tokenizer.vocab_size > self.config.vocab_size:
-            raise CheckpointError(f"--tokenizer has {tokenizer.vocab_size} tokens, the "
-                                  f"checkpoint's vocabulary {self.config.vocab_size}")
+            raise CheckpointError(
+                f"--tokenizer has {tokenizer.vocab_size} tokens, the "
+                f"checkpoint's vocabulary {self.config.vocab_size}"
+            )
 
     def _key(self, name: str) -> str:
         return self.prefix + name
@@ -120,8 +131,9 @@ class DCPSource:
             view.copy_(chunk)
             filled += chunk.numel()
         if filled != out.numel():
-            raise CheckpointError(f"{self.root}: chunks of {fqn} cover {filled} of "
-                                  f"{out.numel()} elements")
+            raise CheckpointError(
+                f"{self.root}: chunks of {fqn} cover {filled} of {out.numel()} elements"
+            )
         return out.float()
 
     def names_and_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
@@ -141,8 +153,12 @@ class DCPSource:
             v = self._read(self._attn_key(layer, "wv"))
             return torch.cat([q, k, v])
         if rest == "feed_forward.w13.weight":
-            return torch.cat([self._read(f"layers.{layer}.feed_forward.w1.weight"),
-                              self._read(f"layers.{layer}.feed_forward.w3.weight")])
+            return torch.cat(
+                [
+                    self._read(f"layers.{layer}.feed_forward.w1.weight"),
+                    self._read(f"layers.{layer}.feed_forward.w3.weight"),
+                ]
+            )
         raise KeyError(name)
 
     def tokenizer(self) -> Any:

@@ -30,22 +30,31 @@ from .safe_pickle import torch_load_safe
 
 _LAYER = re.compile(r"^(?:language_model\.encoder|decoder)\.layers\.(\d+)\.(.+)$")
 _ALIASES = {  # per-layer suffix (legacy or core) -> role
-    "input_layernorm.weight": "attn_norm", "input_norm.weight": "attn_norm",
+    "input_layernorm.weight": "attn_norm",
+    "input_norm.weight": "attn_norm",
     "self_attention.linear_qkv.layer_norm_weight": "attn_norm",
-    "self_attention.query_key_value.weight": "qkv", "self_attention.linear_qkv.weight": "qkv",
-    "self_attention.dense.weight": "proj", "self_attention.linear_proj.weight": "proj",
-    "post_attention_layernorm.weight": "mlp_norm", "post_attention_norm.weight": "mlp_norm",
-    "pre_mlp_layernorm.weight": "mlp_norm", "mlp.linear_fc1.layer_norm_weight": "mlp_norm",
-    "mlp.dense_h_to_4h.weight": "fc1", "mlp.linear_fc1.weight": "fc1",
-    "mlp.dense_4h_to_h.weight": "fc2", "mlp.linear_fc2.weight": "fc2",
+    "self_attention.query_key_value.weight": "qkv",
+    "self_attention.linear_qkv.weight": "qkv",
+    "self_attention.dense.weight": "proj",
+    "self_attention.linear_proj.weight": "proj",
+    "post_attention_layernorm.weight": "mlp_norm",
+    "post_attention_norm.weight": "mlp_norm",
+    "pre_mlp_layernorm.weight": "mlp_norm",
+    "mlp.linear_fc1.layer_norm_weight": "mlp_norm",
+    "mlp.dense_h_to_4h.weight": "fc1",
+    "mlp.linear_fc1.weight": "fc1",
+    "mlp.dense_4h_to_h.weight": "fc2",
+    "mlp.linear_fc2.weight": "fc2",
 }
 _GLOBAL = {
     "language_model.embedding.word_embeddings.weight": "embed",
     "embedding.word_embeddings.weight": "embed",
     "language_model.encoder.final_layernorm.weight": "final_norm",
     "language_model.encoder.final_norm.weight": "final_norm",
-    "decoder.final_layernorm.weight": "final_norm", "decoder.final_norm.weight": "final_norm",
-    "language_model.output_layer.weight": "output", "output_layer.weight": "output",
+    "decoder.final_layernorm.weight": "final_norm",
+    "decoder.final_norm.weight": "final_norm",
+    "language_model.output_layer.weight": "output",
+    "output_layer.weight": "output",
     "word_embeddings_for_head.weight": "head_copy",
 }
 
@@ -95,32 +104,44 @@ class MegatronSource:
             for p in range(self.pp):
                 path = self._rank_path(t, p)
                 if not path.is_file():
-                    raise CheckpointError(f"{path}: missing rank file (tp {t}, pp {p} of "
-                                          f"{self.tp} x {self.pp})")
+                    raise CheckpointError(
+                        f"{path}: missing rank file (tp {t}, pp {p} of {self.tp} x {self.pp})"
+                    )
         self.padded_vocab = int(self.args.get("padded_vocab_size") or 0)
         vocab = tokenizer.vocab_size if tokenizer is not None else self.padded_vocab
         a = self.args
         heads = int(a["num_attention_heads"])
-        groups = int(a.get("num_query_groups") or heads) if a.get("group_query_attention") else heads
+        groups = (
+            int(a.get("num_query_groups") or heads) if a.get("group_query_attention") else heads
+        )
         self.config = LlamaConfig(
-            vocab_size=int(vocab), dim=int(a["hidden_size"]), n_layers=int(a["num_layers"]),
-            n_heads=heads, n_kv_heads=groups, intermediate_size=int(a["ffn_hidden_size"]),
+            vocab_size=int(vocab),
+            dim=int(a["hidden_size"]),
+            n_layers=int(a["num_layers"]),
+            n_heads=heads,
+            n_kv_heads=groups,
+            intermediate_size=int(a["ffn_hidden_size"]),
             rope_theta=float(a.get("rotary_base", 10000)),
             norm_eps=float(a.get("norm_epsilon", a.get("layernorm_epsilon", 1e-5))),
             tie_embeddings=not a.get("untie_embeddings_and_output_weights", False),
             max_seq_len=int(a.get("max_position_embeddings") or a.get("seq_length") or 2048),
         )
         div = int(self.args.get("make_vocab_size_divisible_by") or 1) * self.tp
-        if tokenizer is not None and self.padded_vocab and (
-            vocab > self.padded_vocab or -(-vocab // div) * div != self.padded_vocab
+        if (
+            tokenizer is not None
+            and self.padded_vocab
+            and (vocab > self.padded_vocab or -(-vocab // div) * div != self.padded_vocab)
         ):
             raise CheckpointError(
                 f"--tokenizer has {vocab} tokens, but this checkpoint's vocabulary was padded to "
                 f"{self.padded_vocab} rows (multiple of {div}), which fits a tokenizer of "
-                f"{self.padded_vocab - div + 1} to {self.padded_vocab} tokens: wrong tokenizer?")
+                f"{self.padded_vocab - div + 1} to {self.padded_vocab} tokens: wrong tokenizer?"
+            )
         if self.config.n_layers % self.pp:
-            raise CheckpointError(f"{self.iter_dir}: {self.config.n_layers} layers do not split "
-                                  f"evenly over {self.pp} pipeline stages")
+            raise CheckpointError(
+                f"{self.iter_dir}: {self.config.n_layers} layers do not split "
+                f"evenly over {self.pp} pipeline stages"
+            )
         self._stage: int | None = None
         self._ranks: list[dict[str, torch.Tensor]] = []
 
@@ -131,8 +152,9 @@ class MegatronSource:
         if a.get("normalization", "RMSNorm") != "RMSNorm":
             raise CheckpointError(f"{path}: normalization {a.get('normalization')!r} unsupported")
         if a.get("position_embedding_type", "rope") != "rope":
-            raise CheckpointError(f"{path}: position embedding "
-                                  f"{a.get('position_embedding_type')!r} unsupported")
+            raise CheckpointError(
+                f"{path}: position embedding {a.get('position_embedding_type')!r} unsupported"
+            )
         if not a.get("swiglu", True):
             raise CheckpointError(f"{path}: only SwiGLU MLPs are supported")
         if a.get("rotary_interleaved", False):
@@ -159,10 +181,15 @@ class MegatronSource:
                 ck = torch_load_safe(path)
                 model = ck.get("model")
                 if model is None:
-                    raise CheckpointError(f"{path}: no 'model' state (virtual pipeline "
-                                          "checkpoints with model0/model1 are not supported)")
-                flat = {k: v for k, v in _flatten(model).items()
-                        if not k.endswith("_extra_state") and isinstance(v, torch.Tensor)}
+                    raise CheckpointError(
+                        f"{path}: no 'model' state (virtual pipeline "
+                        "checkpoints with model0/model1 are not supported)"
+                    )
+                flat = {
+                    k: v
+                    for k, v in _flatten(model).items()
+                    if not k.endswith("_extra_state") and isinstance(v, torch.Tensor)
+                }
                 ranks.append(self._index(flat, path))
             self._ranks, self._stage = ranks, stage
         return self._ranks
@@ -186,7 +213,8 @@ class MegatronSource:
             return [r[key] for r in ranks]
         except KeyError:
             raise CheckpointError(
-                f"{self._rank_path(0, stage)}: tensor for {key!r} not found") from None
+                f"{self._rank_path(0, stage)}: tensor for {key!r} not found"
+            ) from None
 
     # ---- the reader interface
     def names_and_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
@@ -196,11 +224,15 @@ class MegatronSource:
         c = self.config
         per_stage = c.n_layers // self.pp
         if name in ("tok_embeddings.weight", "output.weight"):
-            stage, key = (0, "embed") if name == "tok_embeddings.weight" else (self.pp - 1, "output")
+            stage, key = (
+                (0, "embed") if name == "tok_embeddings.weight" else (self.pp - 1, "output")
+            )
             full = torch.cat(self._get(stage, key), dim=0)  # [padded vocab, dim]
             if self.padded_vocab and full.shape[0] != self.padded_vocab:
-                raise CheckpointError(f"{self.iter_dir}: {key} has {full.shape[0]} rows, "
-                                      f"args say padded_vocab_size {self.padded_vocab}")
+                raise CheckpointError(
+                    f"{self.iter_dir}: {key} has {full.shape[0]} rows, "
+                    f"args say padded_vocab_size {self.padded_vocab}"
+                )
             return full[: c.vocab_size].float()
         if name == "norm.weight":
             return self._get(self.pp - 1, "final_norm")[0].float()
@@ -240,5 +272,10 @@ class MegatronSource:
         return self._tokenizer
 
     def source_info(self) -> dict[str, Any]:
-        return {"format": "megatron", "path": self.root.name, "tp": self.tp, "pp": self.pp,
-                "iteration": self.iter_dir.name}
+        return {
+            "format": "megatron",
+            "path": self.root.name,
+            "tp": self.tp,
+            "pp": self.pp,
+            "iteration": self.iter_dir.name,
+        }

@@ -24,8 +24,9 @@ from ..checkpoint.manifest import CheckpointError
 MEGATRON_SAFE_GLOBALS: list[Any] = [argparse.Namespace, io.BytesIO]
 
 
-def torch_load_safe(path: str | Path, extra_globals: list[Any] | None = None,
-                    mmap: bool = True) -> Any:
+def torch_load_safe(
+    path: str | Path, extra_globals: list[Any] | None = None, mmap: bool = True
+) -> Any:
     """torch.load with weights_only=True and an explicit allow-list; clear refusal otherwise."""
     path = Path(path)
     if not path.is_file():
@@ -49,8 +50,16 @@ def torch_load_safe(path: str | Path, extra_globals: list[Any] | None = None,
 
 _DCP_ALLOWED = {
     ("torch.distributed.checkpoint.metadata", n)
-    for n in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties",
-              "ChunkStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+    for n in (
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "TensorProperties",
+        "ChunkStorageMetadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    )
 } | {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch.serialization", "_get_layout"),
