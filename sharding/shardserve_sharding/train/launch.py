@@ -42,7 +42,23 @@ def _torchrun_main(cfg: TrainConfig, progress: bool) -> None:
         dist.destroy_process_group()
 
 
+def validate(cfg: TrainConfig) -> None:
+    """Refuse a layout that cannot work before any process starts."""
+    from ..partition import check_tp, stage_layers
+    from .parallel_dims import ParallelDims
+    from .trainer import model_config
+
+    ParallelDims(cfg.dp, cfg.tp, cfg.pp)
+    if cfg.batch_size % (cfg.dp * cfg.micro_batches):
+        raise ValueError(f"batch_size {cfg.batch_size} must divide into dp {cfg.dp} x "
+                         f"micro_batches {cfg.micro_batches}")
+    mcfg = model_config(cfg, 512)  # the vocabulary never limits TP (it is padded)
+    check_tp(cfg.family, mcfg, cfg.tp)
+    stage_layers(mcfg.n_layers, cfg.pp)
+
+
 def train(cfg: TrainConfig, progress: bool = True) -> None:
+    validate(cfg)
     world = cfg.dp * cfg.tp * cfg.pp
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return _torchrun_main(cfg, progress)

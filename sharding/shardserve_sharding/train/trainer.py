@@ -44,15 +44,15 @@ class TrainConfig:
     dp: int = 1
     tp: int = 1
     pp: int = 1
-    steps: int = 200
+    steps: int = 800
     """Optimizer steps."""
-    batch_size: int = 16
+    batch_size: int = 32
     """Global batch in sequences."""
     micro_batches: int = 1
     """Pipeline micro-batches per DP replica and step."""
-    seq_len: int = 64
-    lr: float = 3e-3
-    min_lr: float = 3e-4
+    seq_len: int = 48
+    lr: float = 1e-2
+    min_lr: float = 1e-3
     warmup: int = 20
     """Linear warm-up steps, then cosine decay to min_lr."""
     weight_decay: float = 0.0
@@ -64,9 +64,9 @@ class TrainConfig:
     """'synthetic' (the copy task) or a path to a text file."""
     tokenizer: str | None = None
     """Tokenizer for a text file (.gguf, tokenizer.json or dir); default: train a BPE on it."""
-    eval_interval: int = 50
+    eval_interval: int = 100
     eval_batches: int = 4
-    ckpt_interval: int = 100
+    ckpt_interval: int = 200
     resume: bool = False
     """Continue from the latest checkpoint in `out` (same layout)."""
     pg_timeout_s: float = 60.0
