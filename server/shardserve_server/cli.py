@@ -73,7 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from shardserve_server.engine.async_engine import EngineLimits
     from shardserve_server.workers.worker import WorkerConfig
 
-    threads = args.threads or max(1, (os.cpu_count() or 2) // args.tp)
+    threads = args.threads or max(1, (os.cpu_count() or 2) // (args.tp * args.replicas))
     worker = WorkerConfig(
         args.model, tp=args.tp, dtype={"fp32": "float32", "bf16": "bfloat16"}[args.dtype],
         threads=threads, kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size,
@@ -90,7 +90,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
-    return run(cfg, worker, limits)
+    return run(cfg, worker, limits, replicas=args.replicas)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -317,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve a checkpoint over gRPC (shardserve.v1)")
     p.add_argument("--model", required=True, help="shardserve checkpoint directory (any layout)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (processes)")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="data-parallel replicas (worker groups) behind one queue")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=50051)

@@ -96,17 +96,19 @@ def read_token(path: str) -> str:
 class Server:
     """Engine + gRPC server + metrics; start() then wait(); stop() drains."""
 
-    def __init__(self, cfg: ServerConfig, worker: WorkerConfig, limits: EngineLimits) -> None:
+    def __init__(self, cfg: ServerConfig, worker: WorkerConfig, limits: EngineLimits,
+                 replicas: int = 1) -> None:
         self.cfg, self.worker, self.limits = cfg, worker, limits
+        self.replicas = replicas
         self.metrics = Metrics()
-        self.engine = AsyncEngine(worker, limits, on_stats=self._on_stats)
+        self.engine = AsyncEngine(worker, limits, on_stats=self._on_stats, replicas=replicas)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else \
             health.HealthServicer()
         self.port: int | None = None
         self._stopping = asyncio.Event()
 
-    def _on_stats(self, stats: dict) -> None:
-        self.metrics.on_step_stats(stats, self.worker.tp)
+    def _on_stats(self, stats: dict, replica: int = 0) -> None:
+        self.metrics.on_step_stats(stats, self.worker.tp, replica)
 
     async def start(self) -> None:
         from shardserve_sharding.checkpoint.io import load_tokenizer
@@ -123,7 +125,8 @@ class Server:
                                max_new_tokens=min(self.cfg.max_new_tokens, max_seq - 1))
         self.servicer = TextGenerationServicer(
             self.engine, tokenizer, manifest, limits, self.metrics,
-            {"dtype": self.worker.dtype, "tp": self.worker.tp,
+            {"dtype": self.worker.dtype, "tp": self.worker.tp, "replicas": self.replicas,
+             "backend": getattr(self.worker, "backend", "torch"),
              "max_batch_size": self.worker.max_batch_size,
              "max_queued_requests": self.limits.max_queued_requests},
         )
@@ -156,10 +159,12 @@ class Server:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self._ready_task = asyncio.create_task(self._readiness_loop())
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        log.info("serving %s on %s:%d (%s, tp=%d, %s) metrics :%s; start %.1f s; workers: load "
+        log.info("serving %s on %s:%d (%s, tp=%d x %d replicas, %s) metrics :%s; start %.1f s; "
+                 "workers: load "
                  "%.1f s, warm-up %.2f s, leader peak RSS %.0f MB; front end RSS %.0f MB",
                  manifest.family, self.cfg.host, self.port,
-                 "TLS" if self.cfg.tls_cert else "plaintext", self.worker.tp, self.worker.dtype,
+                 "TLS" if self.cfg.tls_cert else "plaintext", self.worker.tp, self.replicas,
+                 self.worker.dtype,
                  self.cfg.metrics_port, time.perf_counter() - t0, info.get("load_s", 0),
                  info.get("warmup_s", 0), info.get("rss_mb", 0), rss)
 
@@ -190,8 +195,9 @@ class Server:
         await self._stopping.wait()
 
 
-async def serve_forever(cfg: ServerConfig, worker: WorkerConfig, limits: EngineLimits) -> int:
-    server = Server(cfg, worker, limits)
+async def serve_forever(cfg: ServerConfig, worker: WorkerConfig, limits: EngineLimits,
+                        replicas: int = 1) -> int:
+    server = Server(cfg, worker, limits, replicas)
     await server.start()
     print(f"shardserve: listening on {cfg.host}:{server.port}", flush=True)
     loop = asyncio.get_running_loop()
@@ -208,7 +214,7 @@ async def serve_forever(cfg: ServerConfig, worker: WorkerConfig, limits: EngineL
     return 0
 
 
-def run(cfg: ServerConfig, worker: WorkerConfig, limits: EngineLimits) -> int:
+def run(cfg: ServerConfig, worker: WorkerConfig, limits: EngineLimits, replicas: int = 1) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    return asyncio.run(serve_forever(cfg, worker, limits))
+    return asyncio.run(serve_forever(cfg, worker, limits, replicas))

@@ -64,19 +64,24 @@ class Metrics:
                               ["group"], registry=r)
         self.restarts = Counter("shardserve_worker_group_restarts", "Worker group restarts",
                                 ["group"], registry=r)
-        self._last_steps = -1
-        self._restarts_seen = 0
+        self._last_steps: dict[int, int] = {}
+        self._restarts_seen: dict[int, int] = {}
+        self.replica_tokens = Counter("shardserve_replica_generated_tokens",
+                                      "Tokens generated per replica", ["replica"], registry=r)
+        self.replica_inflight = Gauge("shardserve_replica_inflight_requests",
+                                      "Requests handed to each replica", ["replica"], registry=r)
+        self._tokens_seen: dict[int, int] = {}
         for o in OUTCOMES:  # export zeros so every outcome series exists from the start
             self.requests.labels("Generate", o)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)
 
-    def on_step_stats(self, stats: dict[str, Any], tp: int) -> None:
+    def on_step_stats(self, stats: dict[str, Any], tp: int, replica: int = 0) -> None:
         steps = stats.get("steps", 0)
-        if steps == self._last_steps:
+        if steps == self._last_steps.get(replica):
             return
-        self._last_steps = steps
+        self._last_steps[replica] = steps
         last = stats.get("last_step") or {}
         if "batch" not in last:
             return
@@ -89,14 +94,24 @@ class Metrics:
         if tp > 1:
             self.allreduce.observe(last.get("comm_s", 0.0))
 
-    def on_engine_stats(self, s: dict[str, Any], group: str = "0") -> None:
+    def on_engine_stats(self, s: dict[str, Any]) -> None:
         self.queue_depth.set(s["queue_depth"])
         self.running.set(s["running"])
         self.kv_usage.set(s["kv_usage"])
-        self.group_up.labels(group).set(1 if s["group_up"] else 0)
-        if s["restarts"] > self._restarts_seen:
-            self.restarts.labels(group).inc(s["restarts"] - self._restarts_seen)
-            self._restarts_seen = s["restarts"]
+        for rep in s["replicas"]:
+            i = rep["replica"]
+            label = str(i)
+            self.group_up.labels(label).set(1 if rep["up"] else 0)
+            self.replica_inflight.labels(label).set(rep["inflight"])
+            seen = self._restarts_seen.get(i, 0)
+            if rep["restarts"] > seen:
+                self.restarts.labels(label).inc(rep["restarts"] - seen)
+                self._restarts_seen[i] = rep["restarts"]
+            tok = rep["tokens_out"]
+            prev = self._tokens_seen.get(i, 0)
+            if tok > prev:
+                self.replica_tokens.labels(label).inc(tok - prev)
+            self._tokens_seen[i] = tok
 
     def on_request_done(self, method: str, outcome: str, *, prompt_tokens: int = 0,
                         generated: int = 0, timing: dict | None = None) -> None:

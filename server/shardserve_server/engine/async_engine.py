@@ -70,6 +70,9 @@ class _Request:
     submitted: float = field(default_factory=time.monotonic)
     dispatched: float | None = None
     first_token: float | None = None
+    generated: int = 0
+    replica: int | None = None
+    requeues: int = 0
     admitted: float | None = None
     finished: float | None = None
     started_streaming: bool = False
@@ -117,54 +120,99 @@ class RequestStream:
         raise EngineError(f"{self.request_id}: stream ended without a result")
 
 
+class _Replica:
+    """One worker group behind the shared queue, and what the front end knows of it."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.group: WorkerGroup | None = None
+        self.up = False
+        self.stats: dict[str, Any] = {}
+        self.inflight: dict[str, _Request] = {}
+        self.restarts = 0
+        self.restarting = False
+        self.last_progress = time.monotonic()
+        self.last_steps = -1
+        self.ready_info: dict[str, Any] = {}
+
+    def load(self) -> int:
+        """Outstanding tokens: what the group still has to compute for its requests."""
+        return sum(len(r.req.prompt_ids) * (not r.started_streaming) + r.req.stopping
+                   .max_new_tokens - r.generated for r in self.inflight.values())
+
+
 class AsyncEngine:
     def __init__(self, worker: WorkerConfig, limits: EngineLimits | None = None,
-                 on_stats: Any = None) -> None:
+                 on_stats: Any = None, replicas: int = 1) -> None:
+        if replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {replicas}")
         self.worker_cfg = worker
-        self.on_stats = on_stats  # called with each leader stats dict (metrics)
+        self.on_stats = on_stats  # called with (stats, replica index) per leader message
         self.limits = limits or EngineLimits()
         self.waiting: deque[_Request] = deque()
         self.queued_tokens = 0
-        self.inflight: dict[str, _Request] = {}
-        self.group: WorkerGroup | None = None
-        self.group_stats: dict[str, Any] = {}
-        self.ready_info: dict[str, Any] = {}
-        self.restarts = 0
-        self.group_up = False
-        self.last_progress = time.monotonic()
-        self._last_steps = -1
+        self.replicas = [_Replica(i) for i in range(replicas)]
+        self.requeued = 0
         self._ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._watchdog: asyncio.Task | None = None
-        self._restarting = False
+
+    # ---- compatibility views (one replica)
+    @property
+    def group(self) -> WorkerGroup | None:
+        return self.replicas[0].group
+
+    @property
+    def group_up(self) -> bool:
+        return all(r.up for r in self.replicas)
+
+    @property
+    def restarts(self) -> int:
+        return sum(r.restarts for r in self.replicas)
+
+    @property
+    def inflight(self) -> dict[str, _Request]:
+        out: dict[str, _Request] = {}
+        for rep in self.replicas:
+            out.update(rep.inflight)
+        return out
+
+    @property
+    def ready_info(self) -> dict[str, Any]:
+        return self.replicas[0].ready_info
 
     # ---- lifecycle
     async def start(self) -> dict:
         self._loop = asyncio.get_running_loop()
-        await self._start_group()
+        await asyncio.gather(*(self._start_group(rep) for rep in self.replicas))
         self._watchdog = asyncio.create_task(self._watch())
         return self.ready_info
 
-    async def _start_group(self) -> None:
-        group = WorkerGroup(self.worker_cfg, self._on_message_threadsafe)
-        self.group = group
-        self.ready_info = await asyncio.get_running_loop().run_in_executor(None, group.start)
-        self.group_up = True
-        self.last_progress = time.monotonic()
+    async def _start_group(self, rep: _Replica) -> None:
+        group = WorkerGroup(self.worker_cfg, lambda msg, rep=rep: self._threadsafe(rep, msg),
+                            name=f"replica{rep.index}")
+        rep.group = group
+        rep.ready_info = await asyncio.get_running_loop().run_in_executor(None, group.start)
+        rep.up = True
+        rep.last_progress = time.monotonic()
         self._dispatch()
 
     async def shutdown(self) -> None:
         self._closing = True
         if self._watchdog:
             self._watchdog.cancel()
-        if self.group:
-            await asyncio.get_running_loop().run_in_executor(None, self.group.stop)
-        self.group_up = False
-        for r in list(self.inflight.values()) + list(self.waiting):
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(None, rep.group.stop)
+                               for rep in self.replicas if rep.group))
+        for rep in self.replicas:
+            rep.up = False
+            for r in list(rep.inflight.values()):
+                self._fail(r, EngineError("engine shut down"))
+            rep.inflight.clear()
+        for r in list(self.waiting):
             self._fail(r, EngineError("engine shut down"))
         self.waiting.clear()
-        self.inflight.clear()
 
     # ---- requests
     def new_request_id(self) -> str:
@@ -202,14 +250,14 @@ class AsyncEngine:
                 self.queued_tokens -= len(r.req.prompt_ids)
                 self._finish_cancelled(r)
                 return True
-        r = self.inflight.get(request_id)
-        if r is None or self.group is None:
-            return False
-        try:
-            self.group.send(("cancel", request_id))
-        except GroupDied:
-            pass
-        return True
+        for rep in self.replicas:
+            if request_id in rep.inflight and rep.group is not None:
+                try:
+                    rep.group.send(("cancel", request_id))
+                except GroupDied:
+                    pass
+                return True
+        return False
 
     def _finish_cancelled(self, r: _Request) -> None:
         from .stopping import FinishReason
@@ -220,49 +268,56 @@ class AsyncEngine:
         r.queue.put_nowait(StreamEvent(None, "", result=res))
 
     def _dispatch(self) -> None:
-        if not self.group_up or self.group is None:
+        """Hand waiting requests (priority first) to the least-loaded replica with room."""
+        if not self.waiting:
             return
-        room = self.worker_cfg.max_batch_size + self.limits.lookahead - len(self.inflight)
-        order = sorted(self.waiting, key=lambda r: -r.priority) if room > 0 else []
-        for r in order[: max(0, room)]:
-            try:
-                self.group.send(("add", r.req, r.priority))
-            except GroupDied:
+        cap = self.worker_cfg.max_batch_size + self.limits.lookahead
+        order = sorted(self.waiting, key=lambda r: -r.priority)
+        for r in order:
+            live = [rep for rep in self.replicas
+                    if rep.up and rep.group is not None and len(rep.inflight) < cap]
+            if not live:
                 return
+            rep = min(live, key=lambda x: (x.load(), len(x.inflight), x.index))
+            try:
+                rep.group.send(("add", r.req, r.priority))
+            except GroupDied:
+                continue
             self.waiting.remove(r)
             self.queued_tokens -= len(r.req.prompt_ids)
             r.dispatched = time.monotonic()
-            self.inflight[r.req.request_id] = r
+            r.replica = rep.index
+            rep.inflight[r.req.request_id] = r
 
-    # ---- messages from the group (reader thread -> loop thread)
-    def _on_message_threadsafe(self, msg: tuple) -> None:
+    # ---- messages from the groups (reader threads -> loop thread)
+    def _threadsafe(self, rep: _Replica, msg: tuple) -> None:
         if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._on_message, msg)
+            self._loop.call_soon_threadsafe(self._on_message, rep, msg)
 
-    def _on_message(self, msg: tuple) -> None:
+    def _on_message(self, rep: _Replica, msg: tuple) -> None:
         kind = msg[0]
         if kind == "events":
             _, events, stats = msg
-            self.group_stats = stats
+            rep.stats = stats
             if self.on_stats is not None:
-                self.on_stats(stats)
-            if stats.get("steps", 0) != self._last_steps or not self.inflight:
-                self._last_steps = stats.get("steps", 0)
-                self.last_progress = time.monotonic()
+                self.on_stats(stats, rep.index)
+            if stats.get("steps", 0) != rep.last_steps or not rep.inflight:
+                rep.last_steps = stats.get("steps", 0)
+                rep.last_progress = time.monotonic()
             for ev in events:
-                self._deliver(ev)
+                self._deliver(rep, ev)
             self._dispatch()
         elif kind == "dead":
-            self._on_dead(msg[1])
+            self._on_dead(rep, msg[1])
         elif kind == "fatal":
-            self.group_stats["fatal"] = msg[1]
+            rep.stats["fatal"] = msg[1]
 
-    def _deliver(self, ev: dict) -> None:
-        r = self.inflight.get(ev["id"])
+    def _deliver(self, rep: _Replica, ev: dict) -> None:
+        r = rep.inflight.get(ev["id"])
         if r is None:
             return
         if "error" in ev:
-            del self.inflight[ev["id"]]
+            del rep.inflight[ev["id"]]
             self._fail(r, ValueError(ev["error"]))
             return
         now = time.monotonic()
@@ -270,11 +325,12 @@ class AsyncEngine:
             if r.first_token is None:
                 r.first_token = now
             r.started_streaming = True
+            r.generated += 1
         result = ev.get("result")
         if ev.get("admitted_at") is not None:
             r.admitted = ev["admitted_at"]
         if result is not None:
-            del self.inflight[ev["id"]]
+            del rep.inflight[ev["id"]]
             r.finished = now
             r.done = True
         if "token" in ev or result is not None:
@@ -286,61 +342,92 @@ class AsyncEngine:
             r.done = True
             r.queue.put_nowait(exc)
 
-    def _on_dead(self, reason: str) -> None:
-        was_up, self.group_up = self.group_up, False
-        for r in list(self.inflight.values()):
-            self._fail(r, EngineError(f"worker group failed: {reason}"))
-        self.inflight.clear()
-        if self._closing or not self.limits.restart or self._restarting or not was_up:
+    def _on_dead(self, rep: _Replica, reason: str) -> None:
+        was_up, rep.up = rep.up, False
+        # Work that had not streamed anything yet goes back to the front of the queue (another
+        # replica, or this one once restarted, runs it from scratch); streaming work fails.
+        back = []
+        can_retry = self.limits.restart or len(self.replicas) > 1
+        for r in list(rep.inflight.values()):
+            if not r.started_streaming and can_retry and r.requeues < 1:
+                r.requeues += 1
+                back.append(r)
+            else:
+                self._fail(r, EngineError(f"worker group {rep.index} failed: {reason}"))
+        rep.inflight.clear()
+        for r in reversed(back):
+            r.dispatched = None
+            self.waiting.appendleft(r)
+            self.queued_tokens += len(r.req.prompt_ids)
+            self.requeued += 1
+        self._dispatch()
+        if self._closing or not self.limits.restart or rep.restarting or not was_up:
             return
-        self.restarts += 1
-        self._restarting = True
-        asyncio.ensure_future(self._restart())
+        rep.restarts += 1
+        rep.restarting = True
+        asyncio.ensure_future(self._restart(rep))
 
-    async def _restart(self) -> None:
+    async def _restart(self, rep: _Replica) -> None:
         try:
             while not self._closing:
                 try:
-                    await self._start_group()
+                    await self._start_group(rep)
                     return
                 except GroupDied as e:
-                    self.group_stats["last_start_error"] = str(e)
+                    rep.stats["last_start_error"] = str(e)
                     await asyncio.sleep(1.0)
         finally:
-            self._restarting = False
+            rep.restarting = False
 
     async def _watch(self) -> None:
-        """Declare the group hung when it makes no step progress while work is pending."""
+        """Declare a group hung when it makes no step progress while work is pending."""
         while not self._closing:
             await asyncio.sleep(0.5)
-            if not self.group_up or not self.inflight:
-                self.last_progress = time.monotonic()
-                continue
-            if time.monotonic() - self.last_progress > self.limits.hang_timeout_s:
-                group = self.group
-                if group is not None and not group.dead:
-                    await asyncio.get_running_loop().run_in_executor(
-                        None, group._die,
-                        f"no step progress for {self.limits.hang_timeout_s:.0f} s (hung rank)")
+            for rep in self.replicas:
+                if not rep.up or not rep.inflight:
+                    rep.last_progress = time.monotonic()
+                    continue
+                if time.monotonic() - rep.last_progress > self.limits.hang_timeout_s:
+                    group = rep.group
+                    if group is not None and not group.dead:
+                        await asyncio.get_running_loop().run_in_executor(
+                            None, group._die,
+                            f"no step progress for {self.limits.hang_timeout_s:.0f} s (hung rank)")
 
     # ---- introspection
     @property
     def ready(self) -> bool:
-        """Serving: group up and (no pending work or recent step progress)."""
-        if not self.group_up:
-            return False
-        if self.inflight and time.monotonic() - self.last_progress > self.limits.hang_timeout_s / 2:
-            return False
+        """Serving: every replica up and (no pending work or recent step progress)."""
+        now = time.monotonic()
+        for rep in self.replicas:
+            if not rep.up:
+                return False
+            if rep.inflight and now - rep.last_progress > self.limits.hang_timeout_s / 2:
+                return False
         return True
 
+    def replica_stats(self) -> list[dict[str, Any]]:
+        return [{
+            "replica": rep.index, "up": rep.up, "restarts": rep.restarts,
+            "inflight": len(rep.inflight), "running": rep.stats.get("running", 0),
+            "kv_usage": rep.stats.get("kv_usage", 0.0),
+            "kv_used_blocks": rep.stats.get("kv_used_blocks", 0),
+            "tokens_out": rep.stats.get("tokens_out", 0), "steps": rep.stats.get("steps", 0),
+            "pids": rep.group.pids if rep.group else [],
+        } for rep in self.replicas]
+
     def stats(self) -> dict[str, Any]:
-        g = self.group_stats
+        reps = self.replica_stats()
+        first = self.replicas[0].stats
+        n = len(reps)
         return {
             "queue_depth": len(self.waiting), "queued_tokens": self.queued_tokens,
-            "inflight": len(self.inflight), "running": g.get("running", 0),
-            "kv_usage": g.get("kv_usage", 0.0), "kv_used_blocks": g.get("kv_used_blocks", 0),
-            "steps": g.get("steps", 0), "last_step": g.get("last_step", {}),
-            "phase_s": g.get("phase_s", {}), "comm_s": g.get("comm_s", 0.0),
-            "group_up": self.group_up, "restarts": self.restarts,
-            "pids": self.group.pids if self.group else [],
+            "inflight": sum(r["inflight"] for r in reps),
+            "running": sum(r["running"] for r in reps),
+            "kv_usage": sum(r["kv_usage"] for r in reps) / n,
+            "kv_used_blocks": sum(r["kv_used_blocks"] for r in reps),
+            "steps": sum(r["steps"] for r in reps), "last_step": first.get("last_step", {}),
+            "phase_s": first.get("phase_s", {}), "comm_s": first.get("comm_s", 0.0),
+            "group_up": self.group_up, "restarts": self.restarts, "requeued": self.requeued,
+            "pids": [p for r in reps for p in r["pids"]], "replicas": reps,
         }
