@@ -71,14 +71,17 @@ def cmd_reshard(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from shardserve_server.api.app import ServerConfig, run
     from shardserve_server.engine.async_engine import EngineLimits
+    from shardserve_server.workers.model_dir import describe
     from shardserve_server.workers.worker import WorkerConfig
 
+    backend = describe(args.model).backend if args.backend == "auto" else args.backend
     threads = args.threads or max(1, (os.cpu_count() or 2) // (args.tp * args.replicas))
+    dtype = "float32" if backend == "onnx" else {"fp32": "float32", "bf16": "bfloat16"}[args.dtype]
     worker = WorkerConfig(
-        args.model, tp=args.tp, dtype={"fp32": "float32", "bf16": "bfloat16"}[args.dtype],
+        args.model, tp=args.tp, dtype=dtype,
         threads=threads, kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size,
         max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
-        pg_timeout_s=args.pg_timeout,
+        pg_timeout_s=args.pg_timeout, backend=backend,
     )
     limits = EngineLimits(max_queued_requests=args.max_queued_requests,
                           max_queued_tokens=args.max_queued_tokens)
@@ -116,6 +119,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     print(f"trained {cfg.steps} steps in {time.perf_counter() - t0:.1f} s; checkpoint: "
           f"{latest_checkpoint(cfg.out)}")
+    return 0
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    from shardserve_sharding.onnx_export.export import export_onnx
+
+    rep = export_onnx(args.model_dir, args.out_dir, dtype=args.dtype, opset=args.opset,
+                      overwrite=args.overwrite)
+    print(f"exported {args.model_dir} -> {rep.out} in {rep.seconds:.1f} s; ONNX Runtime vs torch "
+          f"logits within {rep.max_rel_err:.2e} (relative, fp32)")
+    if rep.int8:
+        q = rep.int8
+        print(f"int8: perplexity {q['perplexity_int8']:.3f} vs fp32 {q['perplexity_fp32']:.3f} "
+              f"(x{q['perplexity_ratio']:.3f}) on a held text; {q['size_mb']:.1f} MB")
     return 0
 
 
@@ -319,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (processes)")
     p.add_argument("--replicas", type=int, default=1,
                    help="data-parallel replicas (worker groups) behind one queue")
+    p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
+                   help="auto: onnx for an export directory, torch for a checkpoint")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=50051)
@@ -363,6 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/latest")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export-onnx", help="export a checkpoint (any layout) to ONNX")
+    p.add_argument("model_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", choices=("fp32", "int8"), default="fp32")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export_onnx)
 
     p = sub.add_parser("quickstart", help="import the bundled SmolLM2 and generate")
     p.add_argument("--workdir", default=os.environ.get("SHARDSERVE_HOME", "models"))

@@ -148,16 +148,30 @@ def merge_shards(
 
 def valid_tps(family: str, config: Any, limit: int = 64) -> list[int]:
     """Every TP degree up to `limit` that can cut this model."""
-    return [tp for tp in range(1, limit + 1) if _tp_error(family, config, tp) is None]
+    tensors = _split_tensors(family, config)  # built once: a model on "meta" is not free
+    return [tp for tp in range(1, limit + 1) if _tp_error(family, config, tp, tensors) is None]
 
 
-def _tp_error(family: str, config: Any, tp: int) -> str | None:
+def _split_tensors(family: str, config: Any) -> list[tuple[SplitKind, tuple[int, ...]]]:
+    """(kind, shape) of every stored tensor, one entry per distinct pair."""
     from .models import expected_tensors
 
+    seen: dict[tuple[SplitKind, tuple[int, ...]], None] = {}
+    for name, shape in expected_tensors(family, config):
+        seen[(split_kind(family, name), tuple(shape))] = None
+    return list(seen)
+
+
+def _tp_error(
+    family: str,
+    config: Any,
+    tp: int,
+    tensors: list[tuple[SplitKind, tuple[int, ...]]] | None = None,
+) -> str | None:
     geo = TPGeometry.of(family, config)
     try:
-        for name, shape in expected_tensors(family, config):
-            shard_spec(split_kind(family, name), shape, geo, tp, 0)
+        for kind, shape in tensors if tensors is not None else _split_tensors(family, config):
+            shard_spec(kind, shape, geo, tp, 0)
     except ValueError as e:
         return str(e)
     return None

@@ -111,22 +111,21 @@ class Server:
         self.metrics.on_step_stats(stats, self.worker.tp, replica)
 
     async def start(self) -> None:
-        from shardserve_sharding.checkpoint.io import load_tokenizer
-        from shardserve_sharding.checkpoint.manifest import read_manifest
+        from ..workers.model_dir import describe
 
         t0 = time.perf_counter()
-        manifest = read_manifest(self.worker.model_dir)
-        tokenizer = load_tokenizer(self.worker.model_dir, manifest)
+        served = describe(self.worker.model_dir)
+        manifest, tokenizer = served.manifest, served.tokenizer
         if tokenizer is None:
             raise ValueError(f"{self.worker.model_dir}: checkpoint has no tokenizer")
-        max_seq = int(manifest.config.get("max_seq_len", 2048))
+        max_seq = served.max_seq_len
         info = await self.engine.start()
         limits = RequestLimits(max_seq_len=max_seq,
                                max_new_tokens=min(self.cfg.max_new_tokens, max_seq - 1))
         self.servicer = TextGenerationServicer(
             self.engine, tokenizer, manifest, limits, self.metrics,
             {"dtype": self.worker.dtype, "tp": self.worker.tp, "replicas": self.replicas,
-             "backend": getattr(self.worker, "backend", "torch"),
+             "backend": served.backend,
              "max_batch_size": self.worker.max_batch_size,
              "max_queued_requests": self.limits.max_queued_requests},
         )

@@ -243,7 +243,8 @@ class GroupScheduler:
         tables = torch.full((b, nb), -1, dtype=torch.long)
         for i, ((toks, start), s) in enumerate(zip(rows, seqs, strict=True)):
             tokens[i, : len(toks)] = torch.tensor(toks)
-            positions[i] = torch.arange(start, start + t)
+            # padding columns repeat the last real position: never past max_seq_len (rope)
+            positions[i] = torch.arange(start, start + t).clamp(max=start + len(toks) - 1)
             num_new[i] = len(toks)
             tables[i, : len(s.table)] = torch.tensor(s.table)
         return ForwardPlan(tokens, positions, num_new, num_new - 1, tables)

@@ -28,19 +28,18 @@ HEARTBEAT_S = 1.0
 
 class Leader:
     def __init__(self, cfg: Any, runner: Any, comm: Any, conn: Any, load_s: float) -> None:
-        from shardserve_sharding.checkpoint.io import load_tokenizer
-        from shardserve_sharding.checkpoint.manifest import read_manifest
+        from .model_dir import describe
 
         self.cfg, self.runner, self.comm, self.conn = cfg, runner, comm, conn
         self.load_s = load_s
-        manifest = read_manifest(cfg.model_dir)
-        self.tokenizer = load_tokenizer(cfg.model_dir, manifest)
+        served = describe(cfg.model_dir)
+        self.tokenizer = served.tokenizer
         eos = tuple(getattr(self.tokenizer, "eos_token_ids", ()) or ())
         self.scheduler = GroupScheduler(
             SchedulerConfig(cfg.max_batch_size, cfg.kv_cache_tokens, cfg.block_size,
                             cfg.max_prefill_tokens),
             family=runner.family, tokenizer=self.tokenizer, eos_token_ids=eos,
-            max_seq_len=int(getattr(runner.model.config, "max_seq_len", 1 << 30)),
+            max_seq_len=served.max_seq_len,
         )
         self.stopping = False
         self.tp = cfg.tp

@@ -42,6 +42,8 @@ class WorkerConfig:
     block_size: int = 16
     max_batch_size: int = 32
     max_prefill_tokens: int = 512
+    backend: str = "torch"
+    """'torch' (shard workers over a checkpoint) or 'onnx' (ONNX Runtime over an export)."""
     warmup: bool = True
     """Run one small step before reporting ready."""
 
@@ -65,6 +67,16 @@ def worker_main(cfg: WorkerConfig, rank: int, conn: Any | None) -> None:
     torch.set_num_threads(cfg.threads)
     try:
         t0 = time.perf_counter()
+        if cfg.backend == "onnx":
+            if cfg.tp != 1:
+                raise ValueError("the ONNX backend runs whole models: use --tp 1 (and replicas)")
+            from ..engine.onnx_runner import OnnxModelRunner
+
+            runner = OnnxModelRunner(cfg)
+            from .leader import Leader
+
+            Leader(cfg, runner, runner.comm, conn, time.perf_counter() - t0).run()
+            return
         comm = _init_group(cfg, rank)
         from shardserve_sharding.checkpoint.io import DTYPES
         from shardserve_sharding.sharded_load import load_sharded_model

@@ -27,13 +27,31 @@ class ShardserveSource:
     family: str
 
     def __init__(self, directory: str | os.PathLike[str], *, verify_hashes: bool = False):
-        from ..models import config_from_dict
+        from ..models import config_from_dict, expected_tensors
 
         self.root = Path(directory)
         self.manifest = read_manifest(self.root)
         verify_checkpoint(self.root, self.manifest, hashes=verify_hashes)
         self.family = self.manifest.family
-        self.config = config_from_dict(self.family, self.manifest.config)
+        where = self.root / "manifest.json"
+        try:
+            self.config = config_from_dict(self.family, self.manifest.config)
+            expected = dict(expected_tensors(self.family, self.config))
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{where}: bad {self.family} config ({e})") from e
+        listed = {n: tuple(e.shape) for n, e in self.manifest.tensors.items()}
+        if listed != expected:
+            missing = sorted(set(expected) - set(listed))[:5]
+            extra = sorted(set(listed) - set(expected))[:5]
+            shapes = [
+                f"{n} {list(listed[n])} (config: {list(s)})"
+                for n, s in expected.items()
+                if n in listed and listed[n] != s
+            ][:3]
+            raise CheckpointError(
+                f"{where}: tensors do not match the {self.family} config: missing {missing}, "
+                f"unexpected {extra}, shapes {shapes}"
+            )
         self.geo = TPGeometry.of(self.family, self.config)
         self.files = self.manifest.rank_files()
         layout = self.manifest.layout

@@ -28,6 +28,7 @@ from .comm import Comm
 from .layers import (
     ColumnParallelConv1d,
     ColumnParallelLinear,
+    ReplicatedRows,
     RowParallelLinear,
     VocabParallelEmbedding,
 )
@@ -83,7 +84,12 @@ def apply_tensor_parallel(model: nn.Module, comm: Comm) -> nn.Module:
             )
         elif kind in _COLUMN_KINDS:
             new = ColumnParallelLinear(
-                param.shape[1], n_local, comm, bias=old.bias is not None, **kw
+                param.shape[1],
+                n_local,
+                comm,
+                bias=old.bias is not None,
+                replicated_rows=_replicated_kv_rows(kind, spec, geo, tp),
+                **kw,
             )
         elif kind is SplitKind.ROWWISE:
             new = RowParallelLinear(n_local, param.shape[0], comm, bias=old.bias is not None, **kw)
@@ -102,6 +108,22 @@ def apply_tensor_parallel(model: nn.Module, comm: Comm) -> nn.Module:
             mod.set_local_heads(geo.n_heads // tp, kv_heads_per_rank(geo.n_kv_heads, tp))
     model.tp_comm = comm
     return model
+
+
+def _replicated_kv_rows(
+    kind: SplitKind, spec, geo: TPGeometry, tp: int
+) -> ReplicatedRows | None:
+    """The K and V rows of a fused QKV slice when tp > KV heads (each head on tp/Hkv ranks)."""
+    if kind is not SplitKind.FUSED_QKV or tp <= geo.n_kv_heads:
+        return None
+    (qa, qb), (ka, kb), (va, _) = spec.pieces
+    k0 = geo.n_heads * geo.head_dim  # global row where the K heads start
+    q_len = qb - qa
+    return ReplicatedRows(
+        pairs=((q_len, ka - k0), (q_len + kb - ka, va - k0)),
+        size=kb - ka,
+        total=2 * geo.n_kv_heads * geo.head_dim,
+    )
 
 
 def load_tp_state(model: nn.Module, state: dict[str, torch.Tensor], *, dtype: Any = None) -> None:

@@ -11,9 +11,14 @@ For a linear layer Y = X A + b with A of shape [in, out] (torch stores A^T as we
   forward; b is added once, after it. The backward needs no communication.
 - VocabParallelEmbedding holds rows [start, end) of the (padded) vocabulary; ids outside give
   zeros and the all-reduce assembles every row.
+- Replicated rows (KV heads when tp exceeds their number): several ranks hold a copy of the
+  same rows and each copy only sees the gradient of its own rank's query heads, so the
+  backward sums the copies' gradients (ReplicatedRows); the replicas then stay identical.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +60,41 @@ class _GatherFromTP(torch.autograd.Function):
         return grad[..., r * w : (r + 1) * w].contiguous(), None
 
 
+@dataclass(frozen=True)
+class ReplicatedRows:
+    """Rows of a local column-parallel weight that other TP ranks hold copies of.
+
+    Each (local_start, global_start) pair is `size` rows at local_start in this rank's weight,
+    which are rows [global_start, global_start + size) of a `total`-row buffer that every rank
+    lays out the same way (for fused QKV: all K heads then all V heads).
+    """
+
+    pairs: tuple[tuple[int, int], ...]
+    size: int
+    total: int
+
+
+class _SumReplicaGrads(torch.autograd.Function):
+    """Identity forward; the backward sums the gradient of replicated rows over their copies."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, comm: Comm, rows: ReplicatedRows) -> torch.Tensor:
+        ctx.comm, ctx.rows = comm, rows
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        rows: ReplicatedRows = ctx.rows
+        buf = grad.new_zeros((rows.total, *grad.shape[1:]))  # [total, ...], zeros elsewhere
+        for local, glob in rows.pairs:
+            buf[glob : glob + rows.size] = grad[local : local + rows.size]
+        buf = ctx.comm.all_reduce(buf)  # every copy's contribution, summed
+        grad = grad.clone()
+        for local, glob in rows.pairs:
+            grad[local : local + rows.size] = buf[glob : glob + rows.size]
+        return grad, None, None
+
+
 def copy_to_tp(x: torch.Tensor, comm: Comm) -> torch.Tensor:
     if comm.world_size == 1 or not (torch.is_grad_enabled() and x.requires_grad):
         return x
@@ -89,6 +129,7 @@ class ColumnParallelLinear(nn.Module):
         bias: bool = False,
         gather_output: bool = False,
         output_size: int | None = None,
+        replicated_rows: ReplicatedRows | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
@@ -96,12 +137,16 @@ class ColumnParallelLinear(nn.Module):
         self.comm = comm
         self.gather_output = gather_output
         self.output_size = output_size  # unpadded width after gathering (vocab head)
+        self.replicated_rows = replicated_rows  # KV heads held by several ranks
         kw = {"dtype": dtype, "device": device}
         self.weight = nn.Parameter(torch.empty(output_size_per_partition, input_size, **kw))
         self.bias = nn.Parameter(torch.empty(output_size_per_partition, **kw)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(copy_to_tp(x, self.comm), self.weight, self.bias)  # [..., out/p]
+        w = self.weight
+        if self.replicated_rows is not None and torch.is_grad_enabled() and w.requires_grad:
+            w = _SumReplicaGrads.apply(w, self.comm, self.replicated_rows)
+        y = F.linear(copy_to_tp(x, self.comm), w, self.bias)  # [..., out/p]
         if self.gather_output:
             y = gather_from_tp(y, self.comm)  # [..., out_padded]
             if self.output_size is not None and y.shape[-1] != self.output_size:
