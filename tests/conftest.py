@@ -65,3 +65,52 @@ def hf_smollm2_tokenizer(smollm2_gguf):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+
+
+TINY_CORPUS = [
+    "the quick brown fox jumps over the lazy dog. ",
+    "hello there, general kenobi! one two three four five six seven eight nine ten. ",
+    "def add(a, b):\n    return a + b\n",
+    "a b c d e f g h i j k l m n o p q r s t u v w x y z ",
+    "naïve café 東京 🙂 12345 ",
+] * 20
+
+
+def _write_tiny(dst: Path, family: str, seed: int) -> Path:
+    """A random tiny model of `family` with a byte-level BPE tokenizer, as a TP=1 checkpoint."""
+    from shardserve_sharding.checkpoint.io import write_checkpoint
+    from shardserve_sharding.checkpoint.safetensors_stream import TensorSpec
+    from shardserve_sharding.models import build_model, checkpoint_names
+    from shardserve_sharding.models.convlm import ConvLMConfig
+    from shardserve_sharding.models.llama import LlamaConfig
+    from shardserve_sharding.tokenizer import train_bpe
+
+    tok = train_bpe(TINY_CORPUS, vocab_size=320)
+    if family == "llama":
+        cfg = LlamaConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4,
+                          n_kv_heads=2, intermediate_size=96, rope_theta=10000.0,
+                          tie_embeddings=True, max_seq_len=512)
+    else:
+        cfg = ConvLMConfig(vocab_size=tok.vocab_size, dim=48, hidden=64, n_layers=3,
+                           kernel_size=4, tie_embeddings=False, max_seq_len=512)
+    torch.manual_seed(seed)
+    model = build_model(family, cfg)
+    params = dict(model.named_parameters())
+    names = checkpoint_names(model)
+    specs = [TensorSpec(n, torch.float32, tuple(params[n].shape)) for n in names]
+    write_checkpoint(dst, family=family, config=cfg.to_dict(),
+                     tensors=((n, params[n].detach()) for n in names), specs=specs,
+                     tokenizer=tok, source={"format": "test-random", "seed": seed})
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A random tiny Llama (4 query / 2 KV heads, tied) with a BPE tokenizer, TP=1."""
+    return _write_tiny(tmp_path_factory.mktemp("tiny") / "llama", "llama", 0)
+
+
+@pytest.fixture(scope="session")
+def tiny_convlm_dir(tmp_path_factory) -> Path:
+    """A random tiny gated conv LM (untied) with a BPE tokenizer, TP=1."""
+    return _write_tiny(tmp_path_factory.mktemp("tiny") / "convlm", "convlm", 1)
