@@ -58,7 +58,7 @@ def cmd_reshard(args: argparse.Namespace) -> int:
     rep = reshard(
         args.src, args.dst, tp=args.tp, pp=args.pp, source_format=args.source_format,
         tokenizer=args.tokenizer, dtype=args.dtype, verify=args.verify,
-        progress=not args.quiet, overwrite=args.overwrite,
+        progress=not args.quiet, overwrite=args.overwrite, config=args.config,
     )
     mb = rep.bytes_written / 1e6
     print(f"resharded {args.src} -> {rep.dst} (tp={args.tp}, pp={args.pp}): {mb:.1f} MB "
@@ -309,10 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output directory (must not exist)")
     p.add_argument("--tp", type=int, required=True, help="target tensor-parallel degree")
     p.add_argument("--pp", type=int, default=1, help="target pipeline stages")
-    p.add_argument(
-        "--source-format", choices=("auto", "shardserve", "hf", "gguf"), default="auto"
-    )
-    p.add_argument("--tokenizer", help="tokenizer: .gguf, tokenizer.json or a directory")
+    p.add_argument("--source-format", default="auto",
+                   choices=("auto", "shardserve", "hf", "gguf", "megatron", "dcp"))
+    p.add_argument("--tokenizer", help="tokenizer: .gguf, tokenizer.json or a directory "
+                   "(required for Megatron-LM and DCP sources, which store none)")
+    p.add_argument("--config", help="DCP: params.json with n_heads, n_kv_heads, n_layers, "
+                   "rope_theta, norm_eps (DCP stores shapes only)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: the source's")
     p.add_argument("--verify", action="store_true", help="compare logits with the source")
     p.add_argument("--overwrite", action="store_true")

@@ -32,11 +32,16 @@ from .partition import (
 )
 from .split_table import split_kind
 
-SOURCE_FORMATS = ("auto", "shardserve", "hf", "gguf")
+SOURCE_FORMATS = ("auto", "shardserve", "hf", "gguf", "megatron", "dcp")
 
 
-def open_any_source(src: str | os.PathLike[str], source_format: str = "auto") -> Any:
-    """A reader for src: our own format at any layout, a HF directory or a GGUF file."""
+def open_any_source(src: str | os.PathLike[str], source_format: str = "auto", *,
+                    tokenizer: Any = None, config: str | os.PathLike[str] | None = None) -> Any:
+    """A reader for src: our own format at any layout, HF, GGUF, Megatron-LM or DCP.
+
+    tokenizer: a loaded TokenizerBundle (Megatron and DCP store none); config: a params.json
+    for DCP (head counts and rotary base are not in its metadata).
+    """
     from .importers import detect_format, open_source
 
     fmt = detect_format(src) if source_format == "auto" else source_format
@@ -44,7 +49,7 @@ def open_any_source(src: str | os.PathLike[str], source_format: str = "auto") ->
         from .checkpoint.source import ShardserveSource
 
         return ShardserveSource(src)
-    source = open_source(src, fmt)
+    source = open_source(src, fmt, tokenizer=tokenizer, config=config)
     source.family = "llama"
     return source
 
@@ -90,26 +95,31 @@ def reshard(
     verify: bool = False,
     progress: bool = False,
     overwrite: bool = False,
+    config: str | os.PathLike[str] | None = None,
 ) -> ReshardReport:
-    """Write src at layout (tp, pp) into dst; see the module docstring."""
+    """Write src at layout (tp, pp) into dst; see the module docstring.
+
+    tokenizer: a path (see load_tokenizer_from); config: DCP's params.json.
+    """
     t0 = time.perf_counter()
-    source = open_any_source(src, source_format)
-    family, config = source.family, source.config
-    check_tp(family, config, tp)
-    n_layers = config.n_layers
+    given_tok = load_tokenizer_from(tokenizer) if tokenizer else None
+    source = open_any_source(src, source_format, tokenizer=given_tok, config=config)
+    family, mcfg = source.family, source.config
+    check_tp(family, mcfg, tp)
+    n_layers = mcfg.n_layers
     stage_layers(n_layers, pp)  # validates pp
     out_dtype = (
         DTYPES[{"fp32": "float32", "bf16": "bfloat16"}.get(dtype, dtype)]
         if dtype
         else (getattr(source, "dtype", torch.float32))
     )
-    tok = load_tokenizer_from(tokenizer) if tokenizer else source.tokenizer()
-    if tok is not None and tok.vocab_size > config.vocab_size:
+    tok = given_tok if given_tok is not None else source.tokenizer()
+    if tok is not None and tok.vocab_size > mcfg.vocab_size:
         raise CheckpointError(
             f"{tokenizer or src}: tokenizer has {tok.vocab_size} tokens but the model's "
-            f"vocabulary has {config.vocab_size} rows"
+            f"vocabulary has {mcfg.vocab_size} rows"
         )
-    geo = TPGeometry.of(family, config)
+    geo = TPGeometry.of(family, mcfg)
     names = source.names_and_shapes()
     plan = []  # (name, global shape, stage, [spec per tp rank])
     for name, shape in names:
@@ -126,7 +136,7 @@ def reshard(
     with CheckpointBuilder(
         dst,
         family=family,
-        config=config.to_dict(),
+        config=mcfg.to_dict(),
         layout=Layout(tp, pp),
         dtype=out_dtype,
         source=info,
@@ -154,7 +164,8 @@ def reshard(
         if tok is not None:
             b.save_tokenizer(tok)
     written = sum(p.stat().st_size for p in Path(dst).rglob("*") if p.is_file())
-    err = verify_reshard(src, dst, source_format=source_format) if verify else None
+    err = (verify_reshard(src, dst, source_format=source_format, tokenizer=given_tok,
+                          config=config) if verify else None)
     return ReshardReport(Path(dst), time.perf_counter() - t0, written, err)
 
 
@@ -172,7 +183,7 @@ def verify_reshard(
     from .sharded_load import load_sharded_model
     from .tp.comm import run_ranks
 
-    source = open_any_source(src, source_format)
+    source = open_any_source(src, source_format, tokenizer=tokenizer, config=config)
     torch.manual_seed(seed)
     with torch.device("meta"):
         ref_model = build_model(source.family, source.config)

@@ -173,7 +173,11 @@ class MegatronSource:
 
     # ---- one pipeline stage in memory (mapped) at a time
     def _load_stage(self, stage: int) -> list[dict[str, torch.Tensor]]:
-        if self._stage != stage:
+        # Mapped pages that were read stay resident until unmapped: re-open the stage's files
+        # every few tensors so memory holds a handful of tensors, not a whole stage.
+        self._reads = getattr(self, "_reads", 0) + 1
+        if self._stage != stage or self._reads > 12:
+            self._reads = 0
             self._ranks = []  # unmap the previous stage first
             ranks = []
             for t in range(self.tp):
