@@ -176,6 +176,8 @@ def verify_reshard(
     source_format: str = "auto",
     tolerance: float = 1e-5,
     seed: int = 0,
+    tokenizer: Any = None,
+    config: str | os.PathLike[str] | None = None,
 ) -> float:
     """Logits of src (merged, one process) and dst (its own TP, simulated with threads) on the
     same random tokens; raises CheckpointError unless max|a-b| <= tolerance * max|ref|."""
