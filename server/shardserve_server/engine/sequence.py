@@ -94,14 +94,13 @@ class Sequence:
             self.logprobs.append(logprob)
         if top is not None:
             self.top_logprobs.append(top)
-        reason = self.stop.check_token(token_id, len(self.output_ids))
-        stop_token = reason in (FinishReason.EOS, FinishReason.STOP_SEQUENCE) and (
-            self._is_stop_token(token_id)
-        )
-        piece = "" if stop_token else self.detok.add_token(token_id)  # EOS text is not output
+        n = len(self.output_ids)
+        stops_here = n >= self.req.stopping.min_new_tokens and self._is_stop_token(token_id)
+        piece = "" if stops_here else self.detok.add_token(token_id)  # EOS text is not output
+        # Text first (a stop string may end the request), then the token rules; the other
+        # order would drop the last token's text when it reaches max_new_tokens.
         emitted, text_reason = self.stop.process_text(piece)
-        if text_reason is not None:
-            reason = text_reason
+        reason = text_reason or self.stop.check_token(token_id, n)
         if reason is not None and text_reason is None:
             emitted += self.stop.flush()
         self.text += emitted
@@ -110,7 +109,8 @@ class Sequence:
         return TokenEvent(token_id, emitted, logprob, top)
 
     def _is_stop_token(self, token_id: int) -> bool:
-        return token_id in self.eos_token_ids or token_id in self.req.stopping.stop_token_ids
+        eos = token_id in self.eos_token_ids and not self.req.stopping.ignore_eos
+        return eos or token_id in self.req.stopping.stop_token_ids
 
     def finish(self, reason: FinishReason) -> None:
         if self.finish_reason is None:
