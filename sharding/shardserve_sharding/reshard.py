@@ -11,6 +11,7 @@ full tensor plus one output slice. The output directory appears only when comple
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,8 +165,14 @@ def reshard(
         if tok is not None:
             b.save_tokenizer(tok)
     written = sum(p.stat().st_size for p in Path(dst).rglob("*") if p.is_file())
-    err = (verify_reshard(src, dst, source_format=source_format, tokenizer=given_tok,
-                          config=config) if verify else None)
+    err = None
+    if verify:
+        try:
+            err = verify_reshard(src, dst, source_format=source_format, tokenizer=given_tok,
+                                 config=config)
+        except BaseException:
+            shutil.rmtree(dst, ignore_errors=True)  # never leave an unverified result behind
+            raise
     return ReshardReport(Path(dst), time.perf_counter() - t0, written, err)
 
 

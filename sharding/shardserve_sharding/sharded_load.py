@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from .checkpoint.io import read_rank_file
+from .checkpoint.manifest import CheckpointError
 from .checkpoint.source import ShardserveSource
-from .partition import TPGeometry, check_tp, shard_spec
+from .partition import TPGeometry, check_tp, local_shape, shard_spec
 from .split_table import split_kind
 from .tp.apply import apply_tensor_parallel, load_tp_state
 from .tp.comm import Comm
@@ -29,7 +30,14 @@ def read_rank_state(source: ShardserveSource, tp: int, rank: int) -> dict[str, t
         expected = set(source.manifest.tensors)
         if set(state) != expected:
             missing = sorted(expected - set(state))[:5]
-            raise ValueError(f"{path}: tensors missing {missing} or unexpected ones present")
+            raise CheckpointError(f"{path}: tensors missing {missing} or unexpected ones present")
+        for name, shape in source.names_and_shapes():
+            want = local_shape(shape, source._spec(name, rank))
+            if tuple(state[name].shape) != want:
+                raise CheckpointError(
+                    f"{path}: {name} is {list(state[name].shape)}, "
+                    f"layout tp={tp} needs {list(want)}"
+                )
         return state
     geo = TPGeometry.of(source.family, source.config)
     state = {}

@@ -113,17 +113,26 @@ def test_fused_qkv_geometry_of_the_docstring():
     shape = ((9 + 2 * 3) * 4, 8)
     d = 4
     s = shard_spec(SplitKind.FUSED_QKV, shape, geo, 3, 1)
-    assert s == ShardSpec(0, ((3 * d, 6 * d), (9 * d + d, 9 * d + 2 * d), (12 * d + d, 12 * d + 2 * d)))
+    q, k, v = (3 * d, 6 * d), (9 * d + d, 9 * d + 2 * d), (12 * d + d, 12 * d + 2 * d)
+    assert s == ShardSpec(0, (q, k, v))
     # tp=9 > 3 KV heads: ranks 3, 4, 5 share KV head 1; each rank holds one query head
     for r in range(9):
         s = shard_spec(SplitKind.FUSED_QKV, shape, geo, 9, r)
         kv = r // 3
-        assert s.pieces == ((r * d, (r + 1) * d), (36 + kv * d, 36 + (kv + 1) * d),
-                            (48 + kv * d, 48 + (kv + 1) * d))
+        assert s.pieces == (
+            (r * d, (r + 1) * d),
+            (36 + kv * d, 36 + (kv + 1) * d),
+            (48 + kv * d, 48 + (kv + 1) * d),
+        )
     assert kv_heads_per_rank(3, 9) == 1 and kv_heads_per_rank(4, 2) == 2
     with pytest.raises(ValueError, match="neither a divisor nor a multiple of KV heads 3"):
-        shard_spec(SplitKind.FUSED_QKV, (12 * 4 + 2 * 3 * 4, 8),
-                   TPGeometry(n_heads=12, n_kv_heads=3, head_dim=4), 4, 0)
+        shard_spec(
+            SplitKind.FUSED_QKV,
+            (12 * 4 + 2 * 3 * 4, 8),
+            TPGeometry(n_heads=12, n_kv_heads=3, head_dim=4),
+            4,
+            0,
+        )
     with pytest.raises(ValueError, match="expected"):
         shard_spec(SplitKind.FUSED_QKV, (61, 8), geo, 3, 0)
 
@@ -189,16 +198,19 @@ def test_smollm2_tp2_names_the_heads_and_the_valid_tps():
 
 
 def test_kv_heads_fewer_than_tp_are_valid_when_tp_is_a_multiple():
-    cfg = LlamaConfig(vocab_size=11, dim=24, n_layers=1, n_heads=6, n_kv_heads=2,
-                      intermediate_size=12)
+    cfg = LlamaConfig(
+        vocab_size=11, dim=24, n_layers=1, n_heads=6, n_kv_heads=2, intermediate_size=12
+    )
     assert valid_tps("llama", cfg, limit=MAX_TP) == [1, 2, 6]
     conv = ConvLMConfig(11, dim=5, hidden=6, n_layers=2, kernel_size=3)
     assert valid_tps("convlm", conv, limit=8) == [1, 2, 3, 6]  # dim is never cut
 
 
 def test_split_table_covers_every_parameter_and_rejects_unknown_names():
-    for family, cfg in [("llama", LLAMA_CONFIGS["tiny-untied"]),
-                        ("convlm", ConvLMConfig(11, 4, 4, 2, 3, tie_embeddings=False))]:
+    for family, cfg in [
+        ("llama", LLAMA_CONFIGS["tiny-untied"]),
+        ("convlm", ConvLMConfig(11, 4, 4, 2, 3, tie_embeddings=False)),
+    ]:
         for name, _ in expected_tensors(family, cfg):
             assert isinstance(split_kind(family, name), SplitKind)
     assert split_kind("llama", "layers.12.attention.wqkv.weight") is SplitKind.FUSED_QKV

@@ -38,9 +38,7 @@ from shardserve_sharding.tp.layers import (
     VocabParallelEmbedding,
 )
 
-PROPERTY = settings(
-    deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow]
-)
+PROPERTY = settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _draw_tp(data, family, cfg) -> int:
@@ -126,22 +124,65 @@ def _copy(model):
 
 GRAD_CASES = [
     # (family, config, tp); the first has one KV head on two ranks (replicated)
-    ("llama", LlamaConfig(vocab_size=23, dim=12, n_layers=2, n_heads=2, n_kv_heads=1,
-                          intermediate_size=10, tie_embeddings=True, max_seq_len=32), 2),
-    ("llama", LlamaConfig(vocab_size=21, dim=16, n_layers=2, n_heads=4, n_kv_heads=2,
-                          intermediate_size=8, tie_embeddings=False, max_seq_len=32), 2),
-    ("llama", LlamaConfig(vocab_size=20, dim=24, n_layers=1, n_heads=6, n_kv_heads=2,
-                          intermediate_size=12, tie_embeddings=False, max_seq_len=32), 6),
-    ("convlm", ConvLMConfig(19, dim=6, hidden=4, n_layers=2, kernel_size=3,
-                            tie_embeddings=True), 2),
-    ("convlm", ConvLMConfig(25, dim=5, hidden=6, n_layers=2, kernel_size=2,
-                            tie_embeddings=False), 3),
+    (
+        "llama",
+        LlamaConfig(
+            vocab_size=23,
+            dim=12,
+            n_layers=2,
+            n_heads=2,
+            n_kv_heads=1,
+            intermediate_size=10,
+            tie_embeddings=True,
+            max_seq_len=32,
+        ),
+        2,
+    ),
+    (
+        "llama",
+        LlamaConfig(
+            vocab_size=21,
+            dim=16,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            intermediate_size=8,
+            tie_embeddings=False,
+            max_seq_len=32,
+        ),
+        2,
+    ),
+    (
+        "llama",
+        LlamaConfig(
+            vocab_size=20,
+            dim=24,
+            n_layers=1,
+            n_heads=6,
+            n_kv_heads=2,
+            intermediate_size=12,
+            tie_embeddings=False,
+            max_seq_len=32,
+        ),
+        6,
+    ),
+    (
+        "convlm",
+        ConvLMConfig(19, dim=6, hidden=4, n_layers=2, kernel_size=3, tie_embeddings=True),
+        2,
+    ),
+    (
+        "convlm",
+        ConvLMConfig(25, dim=5, hidden=6, n_layers=2, kernel_size=2, tie_embeddings=False),
+        3,
+    ),
 ]
 
 
 @pytest.mark.parametrize(
-    "family,cfg,tp", GRAD_CASES, ids=["llama-kv-replicated", "llama-untied", "llama-tp6",
-                                      "convlm-tied", "convlm-untied-tp3"]
+    "family,cfg,tp",
+    GRAD_CASES,
+    ids=["llama-kv-replicated", "llama-untied", "llama-tp6", "convlm-tied", "convlm-untied-tp3"],
 )
 def test_tp_gradients_merge_to_tp1_gradients(family, cfg, tp):
     model = random_model(family, cfg, seed=5).train()
@@ -212,9 +253,11 @@ def test_parallel_linears_with_bias_forward_and_backward():
     for o in res:
         assert rel_err(o[0], y.detach()) <= 1e-6
         assert rel_err(o[5], row.bias.grad) <= 1e-6  # the replicated bias sees the full grad
-    g_emb = merge_shards([o[1] for o in res],
-                         [shard_spec(SplitKind.VOCAB, (7, 6), geo, tp, r) for r in range(tp)],
-                         (7, 6))
+    g_emb = merge_shards(
+        [o[1] for o in res],
+        [shard_spec(SplitKind.VOCAB, (7, 6), geo, tp, r) for r in range(tp)],
+        (7, 6),
+    )
     assert rel_err(g_emb, emb.weight.grad) <= 1e-6
     assert rel_err(torch.cat([o[2] for o in res]), col.weight.grad) <= 1e-6
     assert rel_err(torch.cat([o[3] for o in res]), col.bias.grad) <= 1e-6

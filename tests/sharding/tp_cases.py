@@ -167,9 +167,7 @@ def gloo_rank_main(rank: int, world: int, port: int, out_dir: str, jobs: list[tu
     os.environ["MASTER_PORT"] = str(port)
     out: dict[str, Any] = {}
     try:
-        dist.init_process_group(
-            "gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30)
-        )
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
         comm = ProcessGroupComm()
         results = []
         for job in jobs:

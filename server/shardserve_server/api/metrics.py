@@ -104,6 +104,8 @@ class Metrics:
             self.group_up.labels(label).set(1 if rep["up"] else 0)
             self.replica_inflight.labels(label).set(rep["inflight"])
             seen = self._restarts_seen.get(i, 0)
+            self.restarts.labels(label)  # export the series at 0 from the start
+            self.replica_tokens.labels(label)
             if rep["restarts"] > seen:
                 self.restarts.labels(label).inc(rep["restarts"] - seen)
                 self._restarts_seen[i] = rep["restarts"]

@@ -27,7 +27,7 @@ class ForwardPlan:
     num_new: torch.Tensor  # [B] long
     logits_index: torch.Tensor  # [B] long
     tables: torch.Tensor  # [B, nb] long: KV block tables (-1 padded), or [B, 1] state slots
-    kind: int = 1  # 1 = forward, 0 = stop
+    kind: int = 1  # 1 = forward, 0 = stop, 2 = keep-alive (followers run nothing)
 
     def pack(self) -> torch.Tensor:
         b, t = self.tokens.shape
@@ -52,9 +52,15 @@ class ForwardPlan:
         return ForwardPlan(tokens, positions, num_new, logits_index, tables, kind)
 
     @staticmethod
-    def stop() -> ForwardPlan:
+    def stop(kind: int = 0) -> ForwardPlan:
         z = torch.zeros(0, 0, dtype=torch.long)
-        return ForwardPlan(z, z, z[0], z[0], z, kind=0)
+        e = torch.zeros(0, dtype=torch.long)  # (z[0] would raise: dimension 0 is empty)
+        return ForwardPlan(z, z, e, e, z, kind=kind)
+
+    @staticmethod
+    def keepalive() -> ForwardPlan:
+        """Sent by an idle leader so that waiting followers never hit the collective timeout."""
+        return ForwardPlan.stop(kind=2)
 
 
 def broadcast_plan(plan: ForwardPlan | None, group=None) -> ForwardPlan:

@@ -46,10 +46,14 @@ class Leader:
         self.phase_s = {"prefill": 0.0, "decode": 0.0}
         self.last_step: dict[str, float] = {}
         self.tokens_out = 0
+        # followers block in a broadcast between steps; keep it shorter than pg_timeout_s
+        self.keepalive_s = min(HEARTBEAT_S, float(getattr(cfg, "pg_timeout_s", 10.0)) / 4)
+        self.last_bcast = time.monotonic()
 
     def _forward(self, plan: ForwardPlan) -> torch.Tensor:
         if self.tp > 1:
             broadcast_plan(plan)
+            self.last_bcast = time.monotonic()
         return self.runner.forward(plan)
 
     def warmup(self) -> float:
@@ -113,6 +117,9 @@ class Leader:
             if self.scheduler.has_work():
                 events += self._step()
             now = time.monotonic()
+            if self.tp > 1 and now - self.last_bcast >= self.keepalive_s:
+                broadcast_plan(ForwardPlan.keepalive())
+                self.last_bcast = now
             if events or now - last_sent >= HEARTBEAT_S:
                 self.conn.send(("events", events, self.stats()))
                 last_sent = now

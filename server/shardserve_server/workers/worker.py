@@ -117,4 +117,5 @@ def follower_loop(runner: Any, cfg: WorkerConfig) -> None:
         plan = broadcast_plan(None)
         if plan.kind == 0:
             return
-        runner.forward(plan)
+        if plan.kind == 1:
+            runner.forward(plan)

@@ -265,9 +265,18 @@ def load_model(
 
     root = Path(directory)
     manifest, state = load_full_state_dict(root, verify_hashes=verify_hashes)
-    config = config_from_dict(manifest.family, manifest.config)
-    with torch.device("meta"):
-        model = build_model(manifest.family, config)
+    try:
+        config = config_from_dict(manifest.family, manifest.config)
+        with torch.device("meta"):
+            model = build_model(manifest.family, config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{root / 'manifest.json'}: invalid model config ({e})") from e
+    params = dict(model.named_parameters())
+    wrong = [f"{n} {list(t.shape)} vs config {list(params[n].shape)}" for n, t in state.items()
+             if n in params and tuple(t.shape) != tuple(params[n].shape)]
+    if wrong:
+        raise CheckpointError(f"{root / 'manifest.json'}: config does not fit the weights: "
+                              f"{wrong[:3]}")
     expected = set(checkpoint_names(model))
     missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or extra:

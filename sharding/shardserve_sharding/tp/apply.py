@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..partition import (
+    ShardSpec,
     TPGeometry,
     kv_heads_per_rank,
     local_shape,
@@ -111,7 +112,7 @@ def apply_tensor_parallel(model: nn.Module, comm: Comm) -> nn.Module:
 
 
 def _replicated_kv_rows(
-    kind: SplitKind, spec, geo: TPGeometry, tp: int
+    kind: SplitKind, spec: ShardSpec, geo: TPGeometry, tp: int
 ) -> ReplicatedRows | None:
     """The K and V rows of a fused QKV slice when tp > KV heads (each head on tp/Hkv ranks)."""
     if kind is not SplitKind.FUSED_QKV or tp <= geo.n_kv_heads:

@@ -1,0 +1,111 @@
+"""Start and stop real `shardserve serve` subprocesses on loopback for integration tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from shardserve_client import READINESS, Client
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningServer:
+    def __init__(self, model_dir: Path, *args: str, token: str | None = None,
+                 tls_ca: Path | None = None, timeout: float = 240.0) -> None:
+        self.metrics_port = free_port()
+        cmd = [str(BIN / "shardserve"), "serve", "--model", str(model_dir), "--port", "0",
+               "--metrics-port", str(self.metrics_port), *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, start_new_session=True)
+        self.log: list[str] = []
+        threading.Thread(target=self._drain_stderr, daemon=True).start()
+        self.target = self._wait_listening(timeout)
+        self.token, self.tls_ca = token, tls_ca
+        deadline = time.monotonic() + timeout
+        with self.client() as c:
+            while time.monotonic() < deadline:
+                try:
+                    if c.health(READINESS, timeout=2):
+                        return
+                except Exception:  # noqa: BLE001 - not up yet
+                    pass
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("server never became ready:\n" + "".join(self.log[-30:]))
+
+    def _drain_stderr(self) -> None:
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    def _wait_listening(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            m = re.search(r"listening on (\S+)", line)
+            if m:
+                return m.group(1)
+        self.proc.kill()
+        raise RuntimeError("server did not start:\n" + "".join(self.log[-30:]))
+
+    def client(self, **kw) -> Client:
+        if self.tls_ca is not None:
+            kw.setdefault("tls", str(self.tls_ca))
+        if self.token is not None:
+            kw.setdefault("token", self.token)
+        return Client(self.target, **kw)
+
+    def metrics(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
+                                    timeout=5) as r:
+            return r.read().decode()
+
+    def metric(self, name: str, labels: str = "") -> float:
+        total = 0.0
+        found = False
+        for line in self.metrics().splitlines():
+            if line.startswith("#"):
+                continue
+            key, _, value = line.rpartition(" ")
+            if key == name or (key.startswith(name + "{") and labels in key):
+                total += float(value)
+                found = True
+        if not found:
+            raise KeyError(name)
+        return total
+
+    def children(self) -> list[int]:
+        import psutil
+
+        kids = psutil.Process(self.proc.pid).children(recursive=True)
+        return [c.pid for c in kids if "spawn_main" in " ".join(c.cmdline())]  # not the tracker
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+                return -9
+        return self.proc.returncode

@@ -1,0 +1,230 @@
+"""Paged decoding state: BlockAllocator accounting, PagedKVCache and ConvStatePool logits equal a
+full forward for ragged steps (prefill chunks, decode rows, chunked prefill, reused blocks)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from serving_models import random_model, rel_err, tiny_config
+
+from shardserve_server.engine.paged_cache import BlockAllocator, ConvStatePool, PagedKVCache
+from shardserve_server.engine.runner import CacheGeometry, ForwardPlan, ModelRunner
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: one intra-op thread is faster and immune to a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return random_model("llama", tiny_config("llama", vocab_size=97, max_seq_len=96), seed=3)
+
+
+@pytest.fixture(scope="module")
+def convlm():
+    return random_model("convlm", tiny_config("convlm", vocab_size=97, max_seq_len=96), seed=4)
+
+
+def _prompts(rng: random.Random, n: int, vocab: int, lo: int = 1, hi: int = 40) -> list[list]:
+    return [[rng.randrange(vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def _random_steps(rng: random.Random, lengths: list[int]):
+    """Yield steps [(seq, start, n)]: each picks some unfinished sequences (at least one) and
+    gives each a chunk: one token (a decode-like row) or a ragged prefill chunk."""
+    done = [0] * len(lengths)
+    while True:
+        active = [i for i, n in enumerate(lengths) if done[i] < n]
+        if not active:
+            return
+        rows = rng.sample(active, rng.randint(1, len(active)))
+        step = []
+        for i in rows:
+            left = lengths[i] - done[i]
+            n = 1 if rng.random() < 0.4 else rng.randint(1, left)
+            step.append((i, done[i], n))
+            done[i] += n
+        yield step
+
+
+def _batch(seqs, step, *, pad_positions: str):
+    b, t = len(step), max(n for _, _, n in step)
+    tokens = torch.zeros(b, t, dtype=torch.long)
+    positions = torch.empty(b, t, dtype=torch.long)
+    num_new = torch.empty(b, dtype=torch.long)
+    for r, (i, start, n) in enumerate(step):
+        tokens[r, :n] = torch.tensor(seqs[i][start : start + n])
+        pos = torch.arange(start, start + t)
+        positions[r] = pos if pad_positions == "arange" else pos.clamp(max=start + n - 1)
+        num_new[r] = n
+    return tokens, positions, num_new
+
+
+def _full_logits(model, seqs) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        return [model(torch.tensor([s]), torch.arange(len(s))[None])[0] for s in seqs]
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_paged_kv_cache_equals_full_forward(llama, block_size, seed):
+    """Ragged steps mixing one-token rows and prefill chunks (a prompt spread over several
+    steps), block tables that interleave, and a second wave reusing the first wave's (dirty)
+    blocks: every logit equals the full forward's."""
+    rng = random.Random(seed)
+    attn = llama.layers[0].attention
+    num_blocks = 160 // block_size + 8
+    cache = PagedKVCache(n_layers=len(llama.layers), num_blocks=num_blocks,
+                         block_size=block_size, n_kv_heads=attn.n_kv_heads,
+                         head_dim=attn.head_dim, dtype=torch.float32)
+    cache.k.normal_(0, 100.0)  # garbage everywhere: only masking keeps it out
+    cache.v.normal_(0, 100.0)
+    alloc = BlockAllocator(num_blocks, block_size)
+    for wave in range(2):
+        seqs = _prompts(rng, 5, 97)
+        ref = _full_logits(llama, seqs)
+        got = [torch.full_like(r, float("nan")) for r in ref]
+        tables: list[list[int]] = [[] for _ in seqs]
+        multi_chunk = set()
+        for step in _random_steps(rng, [len(s) for s in seqs]):
+            for i, start, n in step:
+                alloc.grow(tables[i], start + n)
+                if start > 0 and n > 1:
+                    multi_chunk.add(i)
+            pad = "arange" if (wave + len(step)) % 2 else "clamp"
+            tokens, positions, num_new = _batch(seqs, step, pad_positions=pad)
+            nb = max(len(tables[i]) for i, _, _ in step)
+            bt = torch.full((len(step), nb), -1, dtype=torch.long)
+            for r, (i, _, _) in enumerate(step):
+                bt[r, : len(tables[i])] = torch.tensor(tables[i])
+            cache.set_step(bt, positions, num_new)
+            with torch.inference_mode():
+                out = llama(tokens, positions, cache)  # [B, T, V]
+            for r, (i, start, n) in enumerate(step):
+                got[i][start : start + n] = out[r, :n]
+        for i, s in enumerate(seqs):
+            assert len(tables[i]) == alloc.blocks_for(len(s))
+            assert rel_err(got[i], ref[i]) <= TOL, (wave, i)
+        assert multi_chunk, "the schedule should continue some prompt with a chunk"
+        for t in tables:
+            alloc.free(t)
+        assert alloc.used_blocks == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_conv_state_pool_equals_full_forward(convlm, seed):
+    """Same ragged schedules over a slot pool with permuted slots, garbage in free slots and a
+    second wave reusing the slots (a sequence at position 0 starts from a zero state)."""
+    rng = random.Random(seed)
+    cfg = convlm.config
+    pool = ConvStatePool(n_layers=cfg.n_layers, max_slots=12, dim=cfg.dim,
+                         kernel_size=cfg.kernel_size, dtype=torch.float32)
+    pool.pool.normal_(0, 100.0)
+    for _wave in range(2):
+        seqs = _prompts(rng, 5, 97)
+        slots = rng.sample(range(12), len(seqs))
+        ref = _full_logits(convlm, seqs)
+        got = [torch.full_like(r, float("nan")) for r in ref]
+        for step in _random_steps(rng, [len(s) for s in seqs]):
+            tokens, positions, num_new = _batch(seqs, step, pad_positions="arange")
+            sl = torch.tensor([slots[i] for i, _, _ in step])
+            state = pool.set_step(sl, positions, num_new)
+            with torch.inference_mode():
+                out = convlm(tokens, positions, state)
+            pool.end_step()
+            for r, (i, start, n) in enumerate(step):
+                got[i][start : start + n] = out[r, :n]
+        for i in range(len(seqs)):
+            assert rel_err(got[i], ref[i]) <= TOL, i
+
+
+@pytest.mark.parametrize("family", ["llama", "convlm"])
+def test_model_runner_plans_equal_full_forward(llama, convlm, family):
+    """ModelRunner.forward on wire-format plans (packed and unpacked) with logits_index: a
+    decode row and a prefill chunk in the same plan, then their next tokens."""
+    model = llama if family == "llama" else convlm
+    runner = ModelRunner(model, CacheGeometry(64, block_size=4, max_slots=4), torch.float32)
+    rng = random.Random(5)
+    a, b = _prompts(rng, 2, 97, lo=9, hi=9)
+    b_next = b + [17]
+    ref_a, ref_b = _full_logits(model, [a, b_next])
+    tables = {0: [3, 0, 7], 1: [5, 1, 9]} if family == "llama" else {0: [2], 1: [0]}
+
+    def plan(rows):  # rows: (seq, start, token ids)
+        t = max(len(ids) for _, _, ids in rows)
+        toks = torch.zeros(len(rows), t, dtype=torch.long)
+        pos = torch.empty(len(rows), t, dtype=torch.long)
+        nb = max(len(tables[i]) for i, _, _ in rows)
+        tab = torch.full((len(rows), nb), -1, dtype=torch.long)
+        for r, (i, start, ids) in enumerate(rows):
+            toks[r, : len(ids)] = torch.tensor(ids)
+            pos[r] = torch.arange(start, start + t)
+            tab[r, : len(tables[i])] = torch.tensor(tables[i])
+        num_new = torch.tensor([len(ids) for _, _, ids in rows])
+        p = ForwardPlan(toks, pos, num_new, num_new - 1, tab)
+        return ForwardPlan.unpack(p.pack())
+
+    out = runner.forward(plan([(0, 0, a[:5]), (1, 0, b)]))  # two prefill chunks
+    assert rel_err(out[0], ref_a[4]) <= TOL and rel_err(out[1], ref_b[8]) <= TOL
+    out = runner.forward(plan([(1, 9, b_next[9:]), (0, 5, a[5:])]))  # decode row + chunk
+    assert rel_err(out[0], ref_b[9]) <= TOL and rel_err(out[1], ref_a[8]) <= TOL
+
+
+def test_plan_wire_format_round_trips():
+    p = ForwardPlan(torch.arange(6).view(2, 3), torch.arange(6).view(2, 3) + 10,
+                    torch.tensor([3, 1]), torch.tensor([2, 0]), torch.tensor([[4, -1], [0, 2]]))
+    q = ForwardPlan.unpack(p.pack())
+    for name in ("tokens", "positions", "num_new", "logits_index", "tables"):
+        assert torch.equal(getattr(p, name), getattr(q, name)), name
+    assert q.kind == 1
+    assert ForwardPlan.unpack(ForwardPlan.stop().pack()).kind == 0
+    assert ForwardPlan.unpack(ForwardPlan.keepalive().pack()).kind == 2
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_block_allocator_accounting(block_size):
+    """Random grow/free traffic: blocks are never shared, used + free is constant, a table
+    holds exactly ceil(tokens / block_size) blocks (waste < one block per sequence), running
+    out raises MemoryError without losing blocks, and freeing everything returns them all."""
+    rng = random.Random(block_size)
+    alloc = BlockAllocator(40, block_size)
+    tables: dict[int, tuple[list[int], int]] = {}
+    for op in range(400):
+        if tables and rng.random() < 0.25:
+            k = rng.choice(list(tables))
+            alloc.free(tables.pop(k)[0])
+        else:
+            k = rng.randrange(8)
+            table, tokens = tables.get(k, ([], 0))
+            new = tokens + rng.randint(0, 2 * block_size)
+            free_before = alloc.free_blocks
+            try:
+                alloc.grow(table, new)
+            except MemoryError:
+                assert alloc.blocks_for(new) - len(table) > free_before
+                assert alloc.free_blocks == free_before
+                continue
+            tables[k] = (table, new)
+        owned = [b for t, _ in tables.values() for b in t]
+        assert len(owned) == len(set(owned)) == alloc.used_blocks, op
+        assert alloc.used_blocks + alloc.free_blocks == 40
+        for t, tokens in tables.values():
+            assert len(t) == -(-tokens // block_size)
+            assert 0 <= len(t) * block_size - tokens < block_size
+    for t, _ in tables.values():
+        alloc.free(t)
+    assert alloc.used_blocks == 0 and alloc.free_blocks == 40
+    assert sorted(alloc.allocate(40)) == list(range(40))
+    with pytest.raises(MemoryError):
+        alloc.allocate(1)
+    with pytest.raises(ValueError):
+        BlockAllocator(0, block_size)
