@@ -246,38 +246,73 @@ def _report(args: argparse.Namespace, res, load_s: float, gen_s: float) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    """Import the bundled SmolLM2 (once) and generate from a chat prompt."""
+    """Import the bundled SmolLM2 (once), serve it, query it with the client, stop cleanly."""
+    import re
+    import signal
+    import socket
+    import subprocess
+    import urllib.request
+
+    from shardserve_client import READINESS, Client
+
     work = Path(args.workdir)
     model_dir = work / "smollm2-135m"
     if not (model_dir / "manifest.json").is_file():
-        ns = argparse.Namespace(
-            src="bundled",
-            dst=str(model_dir),
-            source_format="auto",
-            dtype="fp32",
-            overwrite=False,
-            quiet=False,
-        )
-        cmd_import(ns)
-    prompt = args.prompt
-    print(f"> {prompt}")
-    gen = argparse.Namespace(
-        model=str(model_dir),
-        prompt=prompt,
-        chat=True,
-        max_new_tokens=args.max_new_tokens,
-        temperature=0.0,
-        top_k=0,
-        top_p=1.0,
-        min_p=0.0,
-        repetition_penalty=1.0,
-        seed=None,
-        stop=None,
-        dtype=args.dtype,
-        threads=None,
-        json=False,
-    )
-    return cmd_generate(gen)
+        cmd_import(argparse.Namespace(src="bundled", dst=str(model_dir), source_format="auto",
+                                      dtype="fp32", overwrite=False, quiet=False))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        metrics_port = sock.getsockname()[1]
+    exe = Path(sys.executable).parent / "shardserve"
+    cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else
+           ["-m", "shardserve_server.cli"]), "serve", "--model", str(model_dir), "--port", "0",
+           "--metrics-port", str(metrics_port), "--dtype", args.dtype, "--kv-cache-tokens",
+           "8192"]
+    print(f"$ {' '.join(cmd[-11:])}", flush=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        target = None
+        for line in proc.stdout:
+            m = re.search(r"listening on (\S+)", line)
+            if m:
+                target = m.group(1)
+                break
+        if target is None:
+            raise RuntimeError("the server did not start (see its log above)")
+        with Client(target, timeout=120) as c:
+            deadline = time.monotonic() + 120
+            while not c.health(READINESS) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            info = c.model_info()
+            print(f"\nserving {info.family} ({info.config['n_layers']} layers) on {target}, "
+                  f"backend {info.backend}, tp={info.tensor_parallel}, {info.dtype}")
+            question = args.prompt
+            r = c.chat([{"role": "user", "content": question}], max_new_tokens=args.max_new_tokens,
+                       temperature=0)
+            print(f"\n> {question}\n{r.text.strip()}\n[{r.generated_token_count} tokens, "
+                  f"{r.finish_reason.value}, first token after "
+                  f"{r.timing.time_to_first_token_s * 1000:.0f} ms]")
+            prompt = "Three facts about the ocean:"
+            print(f"\n> {prompt} (streaming)")
+            for chunk in c.generate_stream(prompt, max_new_tokens=args.max_new_tokens,
+                                           temperature=0.7, top_p=0.9, seed=7):
+                print(chunk.text, end="", flush=True)
+            print("\n")
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as resp:
+            lines = resp.read().decode().splitlines()
+        keep = ("shardserve_requests_total{", "shardserve_generated_tokens_total",
+                "shardserve_time_to_first_token_seconds_sum",
+                "shardserve_time_to_first_token_seconds_count",
+                "shardserve_kv_cache_usage_ratio", "shardserve_worker_group_up")
+        print("metrics (excerpt):")
+        for line in lines:
+            if line.startswith(keep) and not line.endswith(" 0.0"):
+                print("  " + line)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    print(f"\nserver stopped cleanly (exit code {code})")
+    return code
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -393,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export_onnx)
 
-    p = sub.add_parser("quickstart", help="import the bundled SmolLM2 and generate")
+    p = sub.add_parser("quickstart", help="import the bundled SmolLM2, serve it, query it")
     p.add_argument("--workdir", default=os.environ.get("SHARDSERVE_HOME", "models"))
     p.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
     p.add_argument("--max-new-tokens", type=int, default=48)

@@ -224,8 +224,13 @@ def test_readiness_tracks_a_hung_and_a_killed_group(tiny_llama_dir):
         with s.client() as c:
             worker = s.children()
             assert worker
-            t = threading.Thread(target=lambda: pytest.raises(
-                Exception, c.generate, "hi", max_new_tokens=400, ignore_eos=True), daemon=True)
+            def doomed():  # fails when the group is torn down; the outcome is not the point
+                try:
+                    c.generate("hi", max_new_tokens=400, ignore_eos=True)
+                except Exception:  # noqa: BLE001
+                    pass
+
+            t = threading.Thread(target=doomed, daemon=True)
             pid = max(worker)
             os.kill(pid, signal.SIGSTOP)
             t.start()
