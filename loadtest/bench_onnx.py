@@ -1,0 +1,141 @@
+"""Benchmark: ONNX Runtime backend against the torch backend on SmolLM2-135M (fp32), and
+R replicas x 1 thread against one replica x 1 thread.
+
+    .venv/bin/python loadtest/bench_onnx.py [--new-tokens 64] [--workdir /tmp/bench_onnx]
+
+Each measurement runs in its own process (torch and ONNX Runtime thread pools would otherwise
+fight over the cores): greedy decode through the step runners (the exact forward the workers
+run: ForwardPlan -> paged cache), batch 1 and 32 sequences, 2 threads; then the replica
+scaling through AsyncEngine (R = 1 and 2 replicas, 1 thread each, 32 concurrent requests).
+llama.cpp (llama-cpp-python) is not built here: it takes about 10 minutes to compile, which the
+CI budget does not allow; ../shared/FACTS.md measured llama.cpp F32 at about 44 tok/s at batch
+1 on this machine kind, quoted for reference only. Writes loadtest/results/onnx.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RUNNER = r"""
+import json, sys, time, numpy as np, torch
+backend, model_dir = sys.argv[1], sys.argv[2]
+batch, new, threads = (int(x) for x in sys.argv[3:6])
+torch.set_num_threads(threads)
+bs, prompt = 16, 16
+nb = -(-(prompt + new + 1) // bs)
+tables = torch.arange(batch * nb).view(batch, nb)
+if backend == "onnx":
+    from shardserve_sharding.onnx_export.runtime import OnnxStepRuntime
+    rt = OnnxStepRuntime(model_dir, kv_cache_tokens=batch * nb * bs, block_size=bs,
+                         threads=threads)
+    fwd = lambda t, p, n, li: torch.from_numpy(
+        rt.forward(t.numpy(), p.numpy(), n.numpy(), li.numpy(), tables.numpy()))
+else:
+    from shardserve_sharding.sharded_load import load_sharded_model
+    from shardserve_sharding.tp.comm import ThreadGroup
+    from shardserve_server.engine.runner import CacheGeometry, ForwardPlan, ModelRunner
+    model = load_sharded_model(model_dir, ThreadGroup(1).comm(0), dtype=torch.float32)
+    runner = ModelRunner(model, CacheGeometry(batch * nb * bs, bs, batch), torch.float32)
+    fwd = lambda t, p, n, li: runner.forward(ForwardPlan(t, p, n, li, tables))
+g = torch.Generator().manual_seed(0)
+tok = torch.randint(0, 49152, (batch, prompt), generator=g)
+pos = torch.arange(prompt).expand(batch, prompt).contiguous()
+with torch.inference_mode():
+    lg = fwd(tok, pos, torch.full((batch,), prompt), torch.full((batch,), prompt - 1))
+    t0 = time.perf_counter()
+    for i in range(new):
+        nxt = lg.argmax(-1)[:, None]
+        lg = fwd(nxt, torch.full((batch, 1), prompt + i), torch.ones(batch, dtype=torch.long),
+                 torch.zeros(batch, dtype=torch.long))
+    dt = time.perf_counter() - t0
+print(json.dumps({"tok_s": batch * new / dt}))
+"""
+
+REPLICAS = r"""
+import asyncio, json, sys, time
+from shardserve_server.engine.async_engine import AsyncEngine
+from shardserve_server.engine.sampling import SamplingParams
+from shardserve_server.engine.sequence import GenerationRequest
+from shardserve_server.engine.stopping import StoppingParams
+from shardserve_server.workers.worker import WorkerConfig
+async def main(model_dir, replicas, n, new):
+    eng = AsyncEngine(WorkerConfig(model_dir, backend="onnx", threads=1, kv_cache_tokens=8192,
+                                   max_batch_size=32), replicas=replicas)
+    await eng.start()
+    reqs = [GenerationRequest(tuple(range(100 + i, 116 + i)), SamplingParams(temperature=0.0),
+                              StoppingParams(new, ignore_eos=True), f"r{i}") for i in range(n)]
+    t0 = time.perf_counter()
+    res = await asyncio.gather(*(eng.submit(r).result() for r in reqs))
+    dt = time.perf_counter() - t0
+    await eng.shutdown()
+    print(json.dumps({"tok_s": sum(len(r.token_ids) for r in res) / dt}))
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])))
+"""
+
+
+def child(code: str, *args: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True,
+                         text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "bench_onnx"))
+    ap.add_argument("--new-tokens", type=int, default=64)
+    args = ap.parse_args()
+    from shardserve_server.cli import bundled_gguf
+    from shardserve_sharding.importers import import_model
+    from shardserve_sharding.onnx_export.export import export_onnx
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt, onnx_dir = work / "smollm2", work / "smollm2-onnx"
+    if not (ckpt / "manifest.json").is_file():
+        import_model(bundled_gguf(), ckpt)
+    if not (onnx_dir / "onnx_model.json").is_file():
+        export_onnx(ckpt, onnx_dir)
+    rows = []
+    for batch in (1, 32):
+        new = args.new_tokens if batch == 1 else max(16, args.new_tokens // 2)
+        o = child(RUNNER, "onnx", str(onnx_dir), str(batch), str(new), "2")["tok_s"]
+        t = child(RUNNER, "torch", str(ckpt), str(batch), str(new), "2")["tok_s"]
+        rows.append((batch, o, t))
+        print(f"batch {batch}: onnx {o:.1f} tok/s, torch {t:.1f} tok/s ({o / t:.2f}x)", flush=True)
+    # replica scaling with 1 thread each: 32 requests, 32 new tokens
+    r1 = child(REPLICAS, str(onnx_dir), "1", "32", "32")["tok_s"]
+    r2 = child(REPLICAS, str(onnx_dir), "2", "32", "32")["tok_s"]
+    print(f"replicas: 1 x 1 thread {r1:.1f} tok/s, 2 x 1 thread {r2:.1f} tok/s", flush=True)
+    lines = ["# ONNX Runtime backend vs torch backend (SmolLM2-135M, fp32)", "",
+             "Command: `.venv/bin/python loadtest/bench_onnx.py`  ",
+             f"Date: {datetime.datetime.now().isoformat(timespec='seconds')}; "
+             f"{os.cpu_count()} cores", "",
+             "| sequences | ONNX Runtime tok/s | torch tok/s | ratio |", "|---|---|---|---|"]
+    for batch, o, t in rows:
+        lines.append(f"| {batch} | {o:.1f} | {t:.1f} | {o / t:.2f}x |")
+    lines += ["", "| replicas x threads | tok/s (32 requests x 32 tokens) | vs 1 replica |",
+              "|---|---|---|", f"| 1 x 1 | {r1:.1f} | 1.00x |",
+              f"| 2 x 1 | {r2:.1f} | {r2 / r1:.2f}x (target >= 1.6x) |", "",
+              "llama.cpp F32 batch 1, from ../shared/FACTS.md (not measured in this run): about "
+              f"44 tok/s; ONNX batch 1 here is {rows[0][1] / 44:.2f}x that figure."]
+    text = "\n".join(lines) + "\n"
+    res = ROOT / "loadtest" / "results" / "onnx.md"
+    tmp = res.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, res)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
