@@ -201,7 +201,15 @@ class RankTrainer:
                 continue  # identical on every TP rank: count once
             if name == "tok_embeddings.weight" and not self.model.first:
                 continue  # the last stage's copy of a tied embedding
-            sq += p.grad.double().pow(2).sum()
+            g2 = p.grad.double().pow(2)
+            hkv = getattr(self.model_cfg, "n_kv_heads", 0)
+            if (split_kind(self.cfg.family, name) is SplitKind.FUSED_QKV and hkv
+                    and self.cfg.tp > hkv):
+                # KV heads are replicated tp/hkv times: count each copy's share once
+                q_rows = self.model_cfg.n_heads // self.cfg.tp * self.model_cfg.head_dim
+                sq += g2[:q_rows].sum() + g2[q_rows:].sum() / (self.cfg.tp // hkv)
+                continue
+            sq += g2.sum()
         if self.groups.model is not None:
             dist.all_reduce(sq, group=self.groups.model)
         return float(sq.sqrt())
