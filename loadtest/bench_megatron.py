@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from results_io import write_results
+
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
@@ -91,12 +93,7 @@ def main() -> int:
         f"Output {med['written_mb']:.0f} MB; runs: "
         + ", ".join(f"{r['seconds']:.2f} s / {r['peak_mb'] - r['base_mb']:.0f} MB" for r in runs),
     ]
-    text = "\n".join(lines) + "\n"
-    res = ROOT / "loadtest" / "results" / "megatron.md"
-    tmp = res.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, res)
-    print(text)
+    print(write_results("megatron", lines))
     return 0
 
 

@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from results_io import write_results
+
 ROOT = Path(__file__).resolve().parents[1]
 
 RUNNER = r"""
@@ -128,12 +130,7 @@ def main() -> int:
               f"| 2 x 1 | {r2:.1f} | {r2 / r1:.2f}x (target >= 1.6x) |", "",
               "llama.cpp F32 batch 1, from ../shared/FACTS.md (not measured in this run): about "
               f"44 tok/s; ONNX batch 1 here is {rows[0][1] / 44:.2f}x that figure."]
-    text = "\n".join(lines) + "\n"
-    res = ROOT / "loadtest" / "results" / "onnx.md"
-    tmp = res.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, res)
-    print(text)
+    print(write_results("onnx", lines))
     return 0
 
 

@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from results_io import write_results
+
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2)]
 
@@ -66,12 +68,7 @@ def main() -> int:
     lines += ["", "Report-only: on 2 cores, extra ranks split the same cores, so parallel "
               "layouts measure overhead (process groups, point-to-point, all-reduce), not "
               "speed-up."]
-    text = "\n".join(lines) + "\n"
-    res = ROOT / "loadtest" / "results" / "train.md"
-    tmp = res.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, res)
-    print(text)
+    print(write_results("train", lines))
     return 0
 
 
