@@ -23,6 +23,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _norm(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm spelled out in exportable ops (aten::rms_norm has no ONNX opset-17 form)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + mod.eps)
+    return mod.weight * xf.to(x.dtype)
+
+
+def _ffn(ff: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    gate, up = F.linear(x, ff.w13.weight).chunk(2, dim=-1)  # [B, T, I] each
+    return F.linear(F.silu(gate) * up, ff.w2.weight)
+
+
 class LlamaStep(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -45,8 +57,8 @@ class LlamaStep(nn.Module):
         k_out, v_out = [], []
         for i, layer in enumerate(m.layers):
             a = layer.attention
-            y = layer.attention_norm(x)
-            q, k, v = a.wqkv(y).split([h * d, hkv * d, hkv * d], dim=-1)
+            y = _norm(layer.attention_norm, x)
+            q, k, v = F.linear(y, a.wqkv.weight).split([h * d, hkv * d, hkv * d], dim=-1)
             q = q.view(bsz, seqlen, h, d).transpose(1, 2)  # [B, H, T, D]
             k = k.view(bsz, seqlen, hkv, d).transpose(1, 2)  # [B, Hkv, T, D]
             v = v.view(bsz, seqlen, hkv, d).transpose(1, 2)
@@ -64,12 +76,12 @@ class LlamaStep(nn.Module):
             o = torch.matmul(p[..., :n_past], vp.unsqueeze(2)) + torch.matmul(
                 p[..., n_past:], v.unsqueeze(2))  # [B, Hkv, G, T, D]
             o = o.reshape(bsz, h, seqlen, d).transpose(1, 2).reshape(bsz, seqlen, h * d)
-            x = x + a.wo(o)
-            x = x + layer.feed_forward(layer.ffn_norm(x))
+            x = x + F.linear(o, a.wo.weight)
+            x = x + _ffn(layer.feed_forward, _norm(layer.ffn_norm, x))
             k_out.append(k.transpose(1, 2))  # [B, T, Hkv, D]
             v_out.append(v.transpose(1, 2))
         rows = torch.arange(bsz, device=tokens.device)
-        last = m.norm(x[rows, logits_index])  # [B, dim]
+        last = _norm(m.norm, x[rows, logits_index])  # [B, dim]
         logits = F.linear(last, m.tok_embeddings.weight if m.config.tie_embeddings
                           else m.output.weight)  # [B, V]
         return logits, torch.stack(k_out), torch.stack(v_out)
@@ -94,14 +106,14 @@ class ConvStep(nn.Module):
         idx = idx[:, None, :].expand(bsz, dim, km1)  # [B, dim, K-1]
         new_state = []
         for i, blk in enumerate(m.layers):
-            u = blk.norm(x).transpose(1, 2)  # [B, dim, T]
+            u = _norm(blk.norm, x).transpose(1, 2)  # [B, dim, T]
             full = torch.cat([state[i].to(u.dtype), u], dim=2)  # [B, dim, K-1+T]
             new_state.append(full.gather(2, idx))
-            hh = blk.conv(full)  # [B, 2H, T]
+            hh = F.conv1d(full, blk.conv.weight, blk.conv.bias)  # [B, 2H, T]
             av, gate = hh.transpose(1, 2).chunk(2, dim=-1)
-            x = x + blk.proj(av * torch.sigmoid(gate))
+            x = x + F.linear(av * torch.sigmoid(gate), blk.proj.weight)
         rows = torch.arange(bsz, device=tokens.device)
-        last = m.norm(x[rows, logits_index])
+        last = _norm(m.norm, x[rows, logits_index])
         logits = F.linear(last, m.tok_embeddings.weight if m.config.tie_embeddings
                           else m.output.weight)
         return logits, torch.stack(new_state)
