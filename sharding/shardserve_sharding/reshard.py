@@ -26,8 +26,8 @@ from .partition import (
     TPGeometry,
     check_tp,
     local_shape,
+    shard_parts,
     shard_spec,
-    shard_tensor,
     stage_layers,
     tensor_stage,
 )
@@ -156,8 +156,9 @@ def reshard(
                     f"{src}: {name} is {list(full.shape)}, expected {list(shape)}"
                 )
             full = full.to(out_dtype)
-            for t in range(tp):
-                writers[(t, stage)].write(name, shard_tensor(full, specs[t]))
+            for t in range(tp):  # dim-0 slices go out as views, with no concatenated copy
+                writers[(t, stage)].write_parts(name, shard_parts(full, specs[t]),
+                                                local_shape(shape, specs[t]), out_dtype)
             b.add_tensor_entry(name, shape, stage)
             del full
         for (t, s), w in writers.items():

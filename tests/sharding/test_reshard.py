@@ -368,11 +368,11 @@ def test_verify_catches_a_consistently_tampered_checkpoint(tiny, tmp_path):
 def test_reshard_verify_fails_when_the_written_slices_are_wrong(tiny, tmp_path, monkeypatch):
     import shardserve_sharding.reshard as mod
 
-    def bad_shard(t, spec):
+    def bad_parts(t, spec):
         out = shard_tensor(t, spec)
-        return out * 1.001 if out.dim() == 2 else out  # every matrix slice slightly off
+        return [out * 1.001 if out.dim() == 2 else out]  # every matrix slice slightly off
 
-    monkeypatch.setattr(mod, "shard_tensor", bad_shard)
+    monkeypatch.setattr(mod, "shard_parts", bad_parts)
     with pytest.raises(CheckpointError, match="verification failed"):
         reshard(tiny["src"], tmp_path / "out", tp=2, verify=True)
     monkeypatch.undo()

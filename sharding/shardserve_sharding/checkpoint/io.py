@@ -281,7 +281,7 @@ def load_model(
     missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or extra:
         raise CheckpointError(
-            f"{root}: weights do not match the {manifest.family} config "
+            f"{root / 'manifest.json'}: weights do not match the {manifest.family} config "
             f"(missing {missing[:5]}, unexpected {extra[:5]})"
         )
     model = model.to_empty(device=device)

@@ -94,6 +94,23 @@ class SafetensorsStreamWriter:
         self._emit(memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b"")
         self._next += 1
 
+    def write_parts(self, name: str, parts: list[torch.Tensor], shape: tuple[int, ...],
+                    dtype: torch.dtype) -> None:
+        """Write the next declared tensor given as dim-0 pieces (no concatenated copy)."""
+        if self._next >= len(self._specs):
+            raise ValueError(f"{self.path.name}: unexpected extra tensor {name}")
+        spec = self._specs[self._next]
+        rows = sum(p.shape[0] for p in parts)
+        if (name != spec.name or dtype != spec.dtype or tuple(shape) != spec.shape
+                or rows != spec.shape[0] or any(p.dtype != dtype for p in parts)):
+            raise ValueError(f"{self.path.name}: expected {spec.name} {spec.dtype} "
+                             f"{list(spec.shape)}, got {name} {dtype} {list(shape)}")
+        for p in parts:
+            t = p.detach().contiguous().cpu()
+            if t.numel():
+                self._emit(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self._next += 1
+
     def close(self) -> str:
         """Finish the file (all tensors must have been written); returns its sha256 hex digest."""
         if self._next != len(self._specs):

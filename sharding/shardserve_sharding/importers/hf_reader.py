@@ -41,6 +41,14 @@ def hf_llama_config(cfg: dict[str, Any], path: Path) -> LlamaConfig:
         )
     if cfg.get("rope_scaling"):
         raise CheckpointError(f"{path}: rope_scaling {cfg['rope_scaling']} is not supported")
+    # transformers >= 5 writes rope scaling into rope_parameters (no rope_scaling key at all).
+    rope_params = cfg.get("rope_parameters") or {}
+    rope_type = rope_params.get("rope_type", rope_params.get("type", "default"))
+    if rope_type not in (None, "default"):
+        raise CheckpointError(
+            f"{path}: rope_parameters {rope_params} (rope_type {rope_type!r}) is not supported; "
+            "only the default rotary embedding is"
+        )
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise CheckpointError(f"{path}: attention/MLP biases are not supported")
     n_heads = int(cfg["num_attention_heads"])

@@ -183,6 +183,8 @@ class ConvLM(nn.Module):
 
     def init_weights(self, std: float = 0.02) -> None:
         """Normal(std) everywhere, proj scaled by 1/sqrt(2 n_layers), norms 1, conv bias 0."""
+        if self.tok_embeddings.weight.is_meta:
+            return  # shapes only (meta device): nothing to initialise
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)

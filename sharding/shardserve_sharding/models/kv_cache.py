@@ -1,9 +1,10 @@
 """Dense per-sequence KV cache for the Llama family (one row per sequence, max_len slots).
 
 Each step writes the new keys and values at their absolute positions and returns the cache
-slice up to the longest position in the step plus a boolean mask (key position <= query
-position). Right-padding columns of a ragged prefill write past a row's last real token; those
-slots are masked from real queries and overwritten by the next real token, so they never leak.
+slice up to the longest position in the step plus an additive float mask (0 where key
+position <= query position, -inf elsewhere; None when every key is visible). Right-padding
+columns of a ragged prefill write past a row's last real token; those slots are masked from
+real queries and overwritten by the next real token, so they never leak.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class DenseKVCache:
         self._rows: torch.Tensor | None = None
         self._pos: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
+        self._write: torch.Tensor | None = None
         self._kv_len = 0
         self._contiguous_from: int | None = None
 
@@ -45,22 +47,40 @@ class DenseKVCache:
         bsz, seqlen = positions.shape
         if bsz != self.batch_size:
             raise ValueError(f"step has {bsz} rows, cache has {self.batch_size}")
-        kv_len = int(positions.max()) + 1
+        dev = positions.device
+        if seqlen == 1:  # decode: a handful of ints, cheaper in Python than as tensor ops
+            pos = positions[:, 0].tolist()
+            start, kv_len = min(pos), max(pos) + 1
+            same = start + 1 == kv_len
+        else:
+            kv_len = int(positions.max()) + 1
+            start = int(positions[0, 0])
+            steps = torch.arange(start, start + seqlen, device=dev)
+            same = bool((positions == steps[None, :]).all())
         if kv_len > self.max_len:
             raise ValueError(f"position {kv_len - 1} exceeds cache length {self.max_len}")
         self._kv_len = kv_len
-        self._rows = torch.arange(bsz, device=positions.device)[:, None].expand(bsz, seqlen)
         self._pos = positions
         # All rows write the same contiguous range: a slice copy beats an index_put.
-        start = int(positions[0, 0])
-        steps = torch.arange(start, start + seqlen, device=positions.device)
-        same = bool((positions == steps[None, :]).all())
         self._contiguous_from = start if same else None
+        self._write = None
         if same and seqlen == 1:
             self._mask = None  # one query per row at the newest position: every key is visible
+            return
+        keys = torch.arange(kv_len, device=dev)
+        rows = positions[:1] if same else positions  # identical rows share one mask row
+        visible = keys[None, None, :] <= rows[:, :, None]  # [B or 1, T, S]
+        # Additive float mask, built once per step (SDPA would convert a bool one every layer).
+        self._mask = torch.zeros(visible.shape, dtype=self.k.dtype, device=dev).masked_fill_(
+            ~visible, float("-inf")
+        ).unsqueeze(1)  # [B or 1, 1, T, S]
+        if seqlen == 1:
+            # Ragged decode: one flat slot per (row, kv head) in a layer's [B * Hkv * max_len, D].
+            hkv = self.k.shape[2]
+            slots = torch.arange(bsz * hkv, device=dev).view(bsz, hkv) * self.max_len
+            self._write = (slots + positions).reshape(-1)  # [B * Hkv]
         else:
-            keys = torch.arange(kv_len, device=positions.device)
-            self._mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B,1,T,S]
+            self._rows = torch.arange(bsz, device=dev)[:, None].expand(bsz, seqlen)
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
@@ -71,6 +91,10 @@ class DenseKVCache:
         if start is not None:
             kc[:, :, start : start + k.shape[2]] = k
             vc[:, :, start : start + v.shape[2]] = v
+        elif self._write is not None:
+            d = k.shape[-1]
+            kc.view(-1, d).index_copy_(0, self._write, k.reshape(-1, d))  # [B * Hkv, D] rows
+            vc.view(-1, d).index_copy_(0, self._write, v.reshape(-1, d))
         else:
             kc[self._rows, :, self._pos] = k.transpose(1, 2)  # index [B, T] -> [B, T, Hkv, D]
             vc[self._rows, :, self._pos] = v.transpose(1, 2)

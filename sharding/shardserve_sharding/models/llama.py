@@ -112,9 +112,88 @@ LLAMA_CONFIGS: dict[str, LlamaConfig] = {
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in fp32, returned in x's dtype (as Hugging Face Llama does)."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)  # one fused op instead of seven
+    return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
+
+
+BF16_GEMM_AS_FP32_MIN_ROWS = 6
+"""bf16 matmuls with at least this many rows run as fp32 GEMMs where bf16 is emulated."""
+_FP32_BLOCK = 1 << 21
+"""Weight elements upcast at a time by `linear_bf16_as_fp32` (8 MB: stays in the L3 cache)."""
+
+
+_NATIVE_BF16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+"""oneDNN has real bf16 kernels on this CPU (AVX512-BF16, AMX or AVX-NE-CONVERT)."""
+
+
+def bf16_emulated(t: torch.Tensor) -> bool:
+    """True for a bf16 CPU tensor on a CPU without bf16 instructions (no AVX512-BF16/AMX).
+
+    There torch's bf16 matmul and attention kernels convert element by element (about 15
+    GFLOP/s per core), several times slower than fp32 ones; computing in fp32 is faster and
+    at least as accurate (bf16 values are exact in fp32).
+    """
+    return t.dtype == torch.bfloat16 and t.device.type == "cpu" and not _NATIVE_BF16
+
+
+def linear_bf16_as_fp32(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """F.linear(x, weight, bias) for bf16 tensors, computed by an fp32 GEMM: the weight is upcast
+    a block of rows at a time (each block is used while still in cache); the result is bf16."""
+    x32 = x.float()  # [..., in]
+    rows = max(1, _FP32_BLOCK // weight.shape[1])
+    if weight.shape[0] <= rows:
+        b32 = None if bias is None else bias.float()
+        return F.linear(x32, weight.float(), b32).to(x.dtype)  # [..., out]
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])  # [..., out]
+    for r in range(0, weight.shape[0], rows):
+        b32 = None if bias is None else bias[r : r + rows].float()
+        out[..., r : r + rows] = F.linear(x32, weight[r : r + rows].float(), b32)
+    return out
+
+
+class Linear(nn.Linear):
+    """nn.Linear that runs bf16 inference GEMMs of several rows in fp32 where bf16 is emulated.
+
+    A bf16 GEMV (one row: batch-1 decode) stays bf16: it is memory-bound and reads half the
+    bytes. From a few rows on, bf16 emulation is compute-bound and `linear_bf16_as_fp32` is
+    several times faster (products exact, sums in fp32 as in a bf16 GEMM). Anything else,
+    training included, is plain nn.Linear; modules swapped in by the TP code need not be this.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (
+            x.dtype == torch.bfloat16
+            and w.dtype == torch.bfloat16
+            and not torch.is_grad_enabled()
+            and x.numel() >= BF16_GEMM_AS_FP32_MIN_ROWS * x.shape[-1]
+            and bf16_emulated(x)
+        ):
+            return linear_bf16_as_fp32(x, w, self.bias)
+        return F.linear(x, w, self.bias)
+
+
+def attention(
+    q: torch.Tensor,  # [B, H, T, D]
+    k: torch.Tensor,  # [B, Hkv, S, D]
+    v: torch.Tensor,  # [B, Hkv, S, D]
+    mask: torch.Tensor | None = None,  # [B, 1, T, S] bool or additive float, or None
+    *,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """Grouped-query SDPA in q's dtype; emulated bf16 is computed in fp32 (4-6x faster)."""
+    dtype = q.dtype
+    if bf16_emulated(q) or k.dtype != dtype:
+        q, k, v = q.float(), k.float(), v.float()
+    if mask is not None and mask.is_floating_point():
+        mask = mask.to(q.dtype)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1]
+    )  # [B, H, T, D]
+    return out.to(dtype)
 
 
 class RMSNorm(nn.Module):
@@ -137,10 +216,10 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D]; cos/sin [B, 1, T, D] in x's dtype."""
+    """Rotate-half rotary embedding of x [..., D]; cos/sin broadcast to x, in x's dtype."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # [B, H, T, D]
-    return x * cos + rotated * sin
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # [..., D]
+    return torch.addcmul(x * cos, rotated, sin)
 
 
 class Attention(nn.Module):
@@ -149,8 +228,8 @@ class Attention(nn.Module):
         self.layer_id = layer_id
         self.head_dim = cfg.head_dim
         qkv_out = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
-        self.wqkv = nn.Linear(cfg.dim, qkv_out, bias=False)  # rows: [q heads; k heads; v heads]
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wqkv = Linear(cfg.dim, qkv_out, bias=False)  # rows: [q heads; k heads; v heads]
+        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads
 
@@ -167,20 +246,19 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         h, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = self.wqkv(x)  # [B, T, (H + 2 Hkv) D]
-        q, k, v = qkv.split([h * d, hkv * d, hkv * d], dim=-1)
-        q = q.view(bsz, seqlen, h, d).transpose(1, 2)  # [B, H, T, D]
-        k = k.view(bsz, seqlen, hkv, d).transpose(1, 2)  # [B, Hkv, T, D]
-        v = v.view(bsz, seqlen, hkv, d).transpose(1, 2)  # [B, Hkv, T, D]
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        qkv = self.wqkv(x).view(bsz, seqlen, h + 2 * hkv, d)  # [B, T, H + 2 Hkv, D]
+        # Query and key heads are adjacent: one rotary pass covers both.
+        qk = apply_rope(
+            qkv[:, :, : h + hkv], cos.transpose(1, 2), sin.transpose(1, 2)
+        )  # [B, T, H + Hkv, D]
+        q = qk[:, :, :h].transpose(1, 2)  # [B, H, T, D]
+        k = qk[:, :, h:].transpose(1, 2)  # [B, Hkv, T, D]
+        v = qkv[:, :, h + hkv :].transpose(1, 2)  # [B, Hkv, T, D]
         if cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=h != hkv)
+            out = attention(q, k, v, is_causal=True)  # [B, H, T, D]
         else:
             k_all, v_all, mask = cache.update(self.layer_id, k, v)  # [B, Hkv, S, D], [B,1,T,S]
-            out = F.scaled_dot_product_attention(
-                q, k_all, v_all, attn_mask=mask, enable_gqa=h != hkv
-            )  # [B, H, T, D]
+            out = attention(q, k_all, v_all, mask)  # [B, H, T, D]
         out = out.transpose(1, 2).reshape(bsz, seqlen, h * d)  # [B, T, H D]
         return self.wo(out)
 
@@ -188,8 +266,8 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        self.w13 = nn.Linear(cfg.dim, 2 * cfg.intermediate_size, bias=False)  # [gate; up]
-        self.w2 = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+        self.w13 = Linear(cfg.dim, 2 * cfg.intermediate_size, bias=False)  # [gate; up]
+        self.w2 = Linear(cfg.intermediate_size, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x).chunk(2, dim=-1)  # [B, T, I] each
@@ -220,7 +298,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output = Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
@@ -236,6 +314,8 @@ class Transformer(nn.Module):
         self.rope_sin = sin.to(self.tok_embeddings.weight.device)
 
     def init_weights(self, std: float = 0.02) -> None:
+        if self.tok_embeddings.weight.is_meta:
+            return  # shapes only (meta device): nothing to initialise
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
@@ -271,8 +351,11 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, cache)
         if logits_index is not None:
-            rows = torch.arange(x.shape[0], device=x.device)
-            x = x[rows, logits_index]  # [B, dim]
+            if x.shape[1] == 1:  # decode: the only column (logits_index is all zeros)
+                x = x[:, 0]  # [B, dim]
+            else:
+                rows = torch.arange(x.shape[0], device=x.device)
+                x = x[rows, logits_index]  # [B, dim]
         return self.lm_head(self.norm(x))  # [B, V] or [B, T, V]
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
