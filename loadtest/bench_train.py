@@ -17,6 +17,7 @@ import datetime
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -35,17 +36,17 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=128)
     args = ap.parse_args()
-    from shardserve_sharding.train.launch import train
-    from shardserve_sharding.train.trainer import TrainConfig
-
     rows = []
     for dp, tp, pp in LAYOUTS:
         out = Path(tempfile.mkdtemp(prefix="bench_train_"))
-        cfg = TrainConfig(out=str(out), family=args.family, model=args.config, dp=dp, tp=tp,
-                          pp=pp, steps=args.steps, batch_size=args.batch_size,
-                          micro_batches=4 if pp > 1 else 1, seq_len=args.seq_len,
-                          eval_interval=10**6, ckpt_interval=10**6)
-        train(cfg, progress=False)
+        # every layout in a fresh process (the 1x1x1 run too), so thread pools start equal
+        subprocess.run([sys.executable, "-m", "shardserve_server.cli", "train", "--out",
+                        str(out), "--family", args.family, "--config", args.config,
+                        "--dp", str(dp), "--tp", str(tp), "--pp", str(pp), "--steps",
+                        str(args.steps), "--batch-size", str(args.batch_size),
+                        "--micro-batches", str(4 if pp > 1 else 1), "--seq-len",
+                        str(args.seq_len), "--eval-interval", "1000000", "--ckpt-interval",
+                        "1000000", "--quiet"], check=True, capture_output=True)
         recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in recs if "step_s" in r][args.steps // 2:]
         step_s = statistics.median(r["step_s"] for r in steps)
