@@ -76,8 +76,11 @@ TINY_CORPUS = [
 ] * 20
 
 
-def _write_tiny(dst: Path, family: str, seed: int) -> Path:
-    """A random tiny model of `family` with a byte-level BPE tokenizer, as a TP=1 checkpoint."""
+def _write_tiny(dst: Path, family: str, seed: int, *, tie: bool | None = None) -> Path:
+    """A random tiny model of `family` with a byte-level BPE tokenizer, as a TP=1 checkpoint.
+
+    tie=None keeps the family's default here (Llama tied, conv LM untied).
+    """
     from shardserve_sharding.checkpoint.io import write_checkpoint
     from shardserve_sharding.checkpoint.safetensors_stream import TensorSpec
     from shardserve_sharding.models import build_model, checkpoint_names
@@ -89,10 +92,10 @@ def _write_tiny(dst: Path, family: str, seed: int) -> Path:
     if family == "llama":
         cfg = LlamaConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4,
                           n_kv_heads=2, intermediate_size=96, rope_theta=10000.0,
-                          tie_embeddings=True, max_seq_len=512)
+                          tie_embeddings=True if tie is None else tie, max_seq_len=512)
     else:
         cfg = ConvLMConfig(vocab_size=tok.vocab_size, dim=48, hidden=64, n_layers=3,
-                           kernel_size=4, tie_embeddings=False, max_seq_len=512)
+                           kernel_size=4, tie_embeddings=bool(tie), max_seq_len=512)
     torch.manual_seed(seed)
     model = build_model(family, cfg)
     params = dict(model.named_parameters())
@@ -114,3 +117,10 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 def tiny_convlm_dir(tmp_path_factory) -> Path:
     """A random tiny gated conv LM (untied) with a BPE tokenizer, TP=1."""
     return _write_tiny(tmp_path_factory.mktemp("tiny") / "convlm", "convlm", 1)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_untied_dir(tmp_path_factory) -> Path:
+    """Like tiny_llama_dir but untied: a random tied model mostly repeats its input token, an
+    untied one produces varied greedy text (what stop-string and EOS tests need)."""
+    return _write_tiny(tmp_path_factory.mktemp("tiny") / "llama-untied", "llama", 2, tie=False)

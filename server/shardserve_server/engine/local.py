@@ -35,6 +35,10 @@ class EngineConfig:
     """Most sequences decoded together; larger request lists run in waves."""
     threads: int | None = None
     """torch intra-op threads (None: leave torch's default)."""
+    compile: bool = False
+    """torch.compile the decode step (dynamic shapes; prefill stays eager). Fuses the small
+    per-layer ops; costs compile time at the first step of each kind (batch 1, batch > 1),
+    counted in StepStats.compile_s."""
 
 
 @dataclass
@@ -43,6 +47,8 @@ class StepStats:
     decode_s: float = 0.0
     decode_steps: int = 0
     decode_tokens: int = 0
+    compile_s: float = 0.0
+    """Time of decode steps that compiled a graph (also included in decode_s)."""
 
 
 class LocalEngine:
@@ -59,6 +65,10 @@ class LocalEngine:
         self.device = next(model.parameters()).device
         self.max_seq_len = int(getattr(model.config, "max_seq_len", 1 << 30))
         self.stats = StepStats()
+        self._decode_model = self.model
+        if self.config.compile:
+            self._decode_model = torch.compile(self.model, dynamic=True)
+        self._compiled_kinds: set[bool] = set()  # decode graphs built so far (batch > 1 or not)
 
     @classmethod
     def from_checkpoint(cls, path: str, config: EngineConfig | None = None) -> LocalEngine:
@@ -93,11 +103,22 @@ class LocalEngine:
                 self._run_wave([seqs[i] for i in idx], idx, on_token)
         return [s.result() for s in seqs]
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[TokenEvent]:
+    def _sample(
+        self, logits: torch.Tensor, seqs: list[Sequence], plain_greedy: bool = False
+    ) -> tuple[list[TokenEvent], torch.Tensor]:
+        """Pick and record one token per row: (events, tokens [B] long)."""
+        banned_any = False
         for i, s in enumerate(seqs):  # min_new_tokens: EOS / stop ids cannot be chosen yet
             banned = s.stop.suppressed_token_ids(len(s.output_ids))
             if banned:
                 logits[i, list(banned)] = float("-inf")
+                banned_any = True
+        if plain_greedy and not banned_any:
+            # Every row is greedy, without penalties or logprobs: the exact argmax is the whole
+            # answer (the Sampler would also build a [B, V] log-softmax nobody reads).
+            tokens = logits.argmax(dim=-1)  # [B]
+            toks = tokens.tolist()
+            return [s.append(toks[i]) for i, s in enumerate(seqs)], tokens
         tokens, logprobs = self.sampler.sample(
             logits,
             [s.req.sampling for s in seqs],
@@ -116,43 +137,61 @@ class LocalEngine:
                 top = list(zip(ids.tolist(), vals.tolist(), strict=True))
             lp = lp_list[i] if s.req.logprobs is not None else None
             events.append(s.append(tok_list[i], lp, top))
-        return events
+        return events, tokens
 
     def _run_wave(self, seqs: list[Sequence], ids: list[int], on_token: TokenCallback | None):
-        model, dev = self.model, self.device
+        model, decode, dev = self.model, self._decode_model, self.device
+        n = len(seqs)
+        plain_greedy = all(
+            s.req.sampling.is_greedy and not s.req.sampling.has_penalties
+            and s.req.logprobs is None
+            for s in seqs
+        )
         lens = torch.tensor([len(s.prompt_ids) for s in seqs], device=dev)  # [B]
         max_len = max(len(s.prompt_ids) + s.req.stopping.max_new_tokens for s in seqs)
-        cache = model.new_cache(len(seqs), max_len, dtype=self.config.dtype, device=dev)
+        cache = model.new_cache(n, max_len, dtype=self.config.dtype, device=dev)
+        if self.config.compile and hasattr(cache, "defer_writes"):
+            cache.defer_writes = True  # the compiled decode step then only reads the cache
         t0 = time.perf_counter()
         width = int(lens.max())
-        tokens = torch.zeros(len(seqs), width, dtype=torch.long, device=dev)  # [B, T]
+        tokens = torch.zeros(n, width, dtype=torch.long, device=dev)  # [B, T]
         for i, s in enumerate(seqs):
             tokens[i, : len(s.prompt_ids)] = torch.tensor(s.prompt_ids)
-        positions = torch.arange(width, device=dev).expand(len(seqs), width)  # [B, T]
+        positions = torch.arange(width, device=dev).expand(n, width)  # [B, T]
         cache.begin_step(positions, lens)
         logits = model(tokens, positions, cache, logits_index=lens - 1)  # [B, V]
-        events = self._sample(logits, seqs)
+        events, sampled = self._sample(logits, seqs, plain_greedy)
         self.stats.prefill_s += time.perf_counter() - t0
         self._emit(events, ids, on_token)
-        rows = list(range(len(seqs)))  # cache row -> index in seqs
+        rows = list(range(n))  # cache row -> index in seqs
+        # The step inputs stay tensors: next tokens are the sampled ones, positions advance by 1.
+        tokens = sampled.to(dev)[:, None]  # [B, 1]
+        positions = lens[:, None].clone()  # [B, 1]: where each row's newest token goes
+        ones = torch.ones(n, dtype=torch.long, device=dev)  # [B]
+        zeros = torch.zeros(n, dtype=torch.long, device=dev)  # [B]
         t0 = time.perf_counter()
         while True:
             keep = [k for k, r in enumerate(rows) if not seqs[r].finished]
             if not keep:
                 break
             if len(keep) != len(rows):
-                cache.select(torch.tensor(keep, device=dev))
+                sel = torch.tensor(keep, device=dev)
+                cache.select(sel)
+                tokens, positions = tokens[sel], positions[sel]
                 rows = [rows[k] for k in keep]
+            b = len(rows)
             live = [seqs[r] for r in rows]
-            tokens = torch.tensor([[s.output_ids[-1]] for s in live], device=dev)  # [B, 1]
-            positions = torch.tensor([[s.num_tokens - 1] for s in live], device=dev)  # [B, 1]
-            cache.begin_step(positions, torch.ones(len(live), dtype=torch.long, device=dev))
-            logits = model(
-                tokens, positions, cache, logits_index=torch.zeros_like(lens[: len(live)])
-            )
-            events = self._sample(logits, live)
+            cache.begin_step(positions, ones[:b])
+            t_step = time.perf_counter()
+            logits = decode(tokens, positions, cache, logits_index=zeros[:b])  # [B, V]
+            if self.config.compile and (b > 1) not in self._compiled_kinds:
+                self._compiled_kinds.add(b > 1)
+                self.stats.compile_s += time.perf_counter() - t_step
+            events, sampled = self._sample(logits, live, plain_greedy)
+            tokens = sampled.to(dev)[:, None]
+            positions = positions + 1
             self.stats.decode_steps += 1
-            self.stats.decode_tokens += len(live)
+            self.stats.decode_tokens += b
             self._emit(events, [ids[r] for r in rows], on_token)
         self.stats.decode_s += time.perf_counter() - t0
 

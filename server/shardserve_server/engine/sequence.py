@@ -97,6 +97,10 @@ class Sequence:
         n = len(self.output_ids)
         stops_here = n >= self.req.stopping.min_new_tokens and self._is_stop_token(token_id)
         piece = "" if stops_here else self.detok.add_token(token_id)  # EOS text is not output
+        if stops_here or n >= self.req.stopping.max_new_tokens:
+            # The last token: release what the detokenizer still holds back (an unfinished
+            # UTF-8 character, as U+FFFD), so that text == decode(the output ids, minus EOS).
+            piece += self.detok.flush()
         # Text first (a stop string may end the request), then the token rules; the other
         # order would drop the last token's text when it reaches max_new_tokens.
         emitted, text_reason = self.stop.process_text(piece)

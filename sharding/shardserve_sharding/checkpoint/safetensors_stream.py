@@ -102,9 +102,11 @@ class SafetensorsStreamWriter:
         spec = self._specs[self._next]
         rows = sum(p.shape[0] for p in parts)
         if (name != spec.name or dtype != spec.dtype or tuple(shape) != spec.shape
-                or rows != spec.shape[0] or any(p.dtype != dtype for p in parts)):
+                or rows != spec.shape[0] or any(p.dtype != dtype for p in parts)
+                or any(tuple(p.shape[1:]) != spec.shape[1:] for p in parts)):
             raise ValueError(f"{self.path.name}: expected {spec.name} {spec.dtype} "
-                             f"{list(spec.shape)}, got {name} {dtype} {list(shape)}")
+                             f"{list(spec.shape)}, got {name} {dtype} {list(shape)} as parts "
+                             f"{[list(p.shape) for p in parts]}")
         for p in parts:
             t = p.detach().contiguous().cpu()
             if t.numel():

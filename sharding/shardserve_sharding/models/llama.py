@@ -113,8 +113,9 @@ LLAMA_CONFIGS: dict[str, LlamaConfig] = {
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in fp32, returned in x's dtype (as Hugging Face Llama does)."""
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        return F.rms_norm(x, weight.shape, weight, eps)  # one fused op instead of seven
-    return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
+        return F.rms_norm(x, weight.shape, weight, eps)  # one op instead of seven
+    # F.rms_norm of a bf16/fp16 x computes in fp32 and rounds once: x.float(), normalise, .to()
+    return weight * F.rms_norm(x, weight.shape, None, eps)
 
 
 BF16_GEMM_AS_FP32_MIN_ROWS = 6
@@ -183,6 +184,7 @@ def attention(
     mask: torch.Tensor | None = None,  # [B, 1, T, S] bool or additive float, or None
     *,
     is_causal: bool = False,
+    enable_gqa: bool = False,
 ) -> torch.Tensor:
     """Grouped-query SDPA in q's dtype; emulated bf16 is computed in fp32 (4-6x faster)."""
     dtype = q.dtype
@@ -191,7 +193,7 @@ def attention(
     if mask is not None and mask.is_floating_point():
         mask = mask.to(q.dtype)
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1]
+        q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=enable_gqa
     )  # [B, H, T, D]
     return out.to(dtype)
 
@@ -255,10 +257,10 @@ class Attention(nn.Module):
         k = qk[:, :, h:].transpose(1, 2)  # [B, Hkv, T, D]
         v = qkv[:, :, h + hkv :].transpose(1, 2)  # [B, Hkv, T, D]
         if cache is None:
-            out = attention(q, k, v, is_causal=True)  # [B, H, T, D]
+            out = attention(q, k, v, is_causal=True, enable_gqa=h != hkv)  # [B, H, T, D]
         else:
             k_all, v_all, mask = cache.update(self.layer_id, k, v)  # [B, Hkv, S, D], [B,1,T,S]
-            out = attention(q, k_all, v_all, mask)  # [B, H, T, D]
+            out = attention(q, k_all, v_all, mask, enable_gqa=h != hkv)  # [B, H, T, D]
         out = out.transpose(1, 2).reshape(bsz, seqlen, h * d)  # [B, T, H D]
         return self.wo(out)
 

@@ -1,0 +1,77 @@
+"""The `shardserve` console script as a user runs it: `generate --json` on the imported SmolLM2
+gives the in-process engine's tokens (fp32) and runs in bf16; bad inputs exit non-zero with a
+clear message and create nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shardserve_server.engine.local import LocalEngine
+from shardserve_server.engine.sampling import SamplingParams
+from shardserve_server.engine.sequence import GenerationRequest
+from shardserve_server.engine.stopping import StoppingParams
+
+SHARDSERVE = Path(sys.executable).with_name("shardserve")
+PROMPT = "The capital of France is"
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    assert SHARDSERVE.is_file(), f"{SHARDSERVE}: console script not installed in this venv"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.run([str(SHARDSERVE), *args], capture_output=True, text=True,
+                          timeout=300, cwd=cwd, env=env)
+
+
+def generate_json(model_dir: Path, *extra: str) -> dict:
+    p = cli("generate", "--model", str(model_dir), "--prompt", PROMPT, "--max-new-tokens", "8",
+            "--temperature", "0", "--json", *extra)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)  # stdout is exactly one JSON object
+
+
+@pytest.fixture(scope="module")
+def fp32_out(smollm2_dir) -> dict:
+    return generate_json(smollm2_dir)
+
+
+def test_generate_json_equals_the_in_process_engine(fp32_out, smollm2):
+    tok = smollm2.tokenizer
+    ids = tok.encode(PROMPT)
+    ref = LocalEngine(smollm2.model, tok).generate(
+        [GenerationRequest(tuple(ids), SamplingParams(temperature=0.0), StoppingParams(8))]
+    )[0]
+    out = fp32_out
+    assert {"text", "token_ids", "finish_reason", "prompt_tokens"} <= set(out)
+    assert out["token_ids"] == ref.token_ids and len(out["token_ids"]) == 8
+    assert out["finish_reason"] == "max_tokens" == ref.finish_reason.value
+    assert out["text"] == ref.text == tok.decode(out["token_ids"])
+    assert out["prompt_tokens"] == len(ids)
+
+
+def test_generate_bf16(smollm2_dir, fp32_out, smollm2):
+    out = generate_json(smollm2_dir, "--dtype", "bf16")
+    assert len(out["token_ids"]) == 8 and out["finish_reason"] == "max_tokens"
+    assert out["text"] == smollm2.tokenizer.decode(out["token_ids"])
+    assert out["token_ids"][:4] == fp32_out["token_ids"][:4]
+
+
+def test_import_of_a_missing_file_fails_clearly_and_creates_nothing(tmp_path):
+    src, dst = tmp_path / "nope.gguf", tmp_path / "out"
+    p = cli("import", str(src), str(dst), "--quiet", cwd=tmp_path)
+    assert p.returncode != 0
+    assert "shardserve import: error" in p.stderr and str(src) in p.stderr
+    assert "no such file" in p.stderr and "Traceback" not in p.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_generate_from_a_missing_checkpoint_fails_clearly(tmp_path):
+    p = cli("generate", "--model", str(tmp_path / "none"), "--prompt", "hi", "--json")
+    assert p.returncode != 0 and p.stdout == ""
+    assert "shardserve generate: error" in p.stderr and str(tmp_path / "none") in p.stderr
+    assert "Traceback" not in p.stderr
