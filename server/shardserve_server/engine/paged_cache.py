@@ -52,60 +52,83 @@ class BlockAllocator:
 
 
 class PagedKVCache:
-    """The Llama cache contract of models/kv_cache.py over a block pool."""
+    """The Llama cache contract of models/kv_cache.py over a block pool.
+
+    K and V of a slot sit side by side ([L, slots, 2, Hkv, D]; `k` and `v` are views), so a
+    layer reads a step's history with one gather. Everything that depends only on the step
+    (write and read slots, the mask) is computed once in `set_step` and reused by every layer.
+    """
 
     def __init__(
         self, *, n_layers: int, num_blocks: int, block_size: int, n_kv_heads: int,
         head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu",
     ) -> None:
         slots = num_blocks * block_size
-        shape = (n_layers, slots, n_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, slots, Hkv, D]
-        self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, slots, Hkv, D]
+        self.kv = torch.zeros((n_layers, slots, 2, n_kv_heads, head_dim), dtype=dtype,
+                              device=device)  # [L, slots, 2, Hkv, D]
+        self.k = self.kv[:, :, 0]  # [L, slots, Hkv, D] (view)
+        self.v = self.kv[:, :, 1]  # [L, slots, Hkv, D] (view)
         self.block_size = block_size
         self.device = device
+        # additive mask dtype: fp32 for 16-bit caches (attention upcasts emulated bf16 to fp32;
+        # elsewhere the mask is cast once per layer, a [B, 1, T, S] tensor)
+        self._mask_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
     def set_step(self, block_tables: torch.Tensor, positions: torch.Tensor,
                  num_new: torch.Tensor) -> None:
         """block_tables [B, nb] (long, -1 padded), positions [B, T], num_new [B]."""
         bs = self.block_size
         bsz, seqlen = positions.shape
-        kv_len = int(positions.max()) + 1
+        dev = positions.device
+        if seqlen == 1:  # decode: a few Python ints are cheaper than tensor reductions
+            pos = positions[:, 0].tolist()
+            kv_len = max(pos) + 1
+            same = min(pos) + 1 == kv_len
+            all_valid = True
+        else:
+            kv_len = int(positions.max()) + 1
+            same = False
+            all_valid = bool((num_new == seqlen).all())
         tables = block_tables.clamp(min=0)
+        last = tables.shape[1] - 1
         # write slots: padding columns (t >= num_new) are sent to a scratch slot they may spoil
-        blk = torch.gather(tables, 1, (positions // bs).clamp(max=tables.shape[1] - 1))
+        blk = torch.gather(tables, 1, (positions // bs).clamp(max=last))  # [B, T]
         self._write = (blk * bs + positions % bs).reshape(-1)  # [B*T]
-        valid = torch.arange(seqlen, device=positions.device)[None, :] < num_new[:, None]
-        self._valid = valid.reshape(-1)  # [B*T]
-        keys = torch.arange(kv_len, device=positions.device)  # [S]
-        rblk = torch.gather(tables, 1, (keys // bs).clamp(max=tables.shape[1] - 1).expand(bsz, -1))
+        self._keep = None
+        if not all_valid:  # never let padding overwrite another row's real tokens
+            valid = torch.arange(seqlen, device=dev)[None, :] < num_new[:, None]  # [B, T]
+            self._keep = valid.reshape(-1).nonzero().squeeze(1)  # [N]
+            self._write = self._write[self._keep]
+        keys = torch.arange(kv_len, device=dev)  # [S]
+        rblk = torch.gather(tables, 1, (keys // bs).clamp(max=last).expand(bsz, -1))  # [B, S]
         self._read = (rblk * bs + keys % bs).reshape(-1)  # [B*S]
         self._shape = (bsz, kv_len)
-        if seqlen == 1:
-            mask = keys[None, :] <= positions  # [B, S]
-            self._mask = mask[:, None, None, :]  # [B, 1, 1, S]
-        else:
-            self._mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B,1,T,S]
-        self._all_valid = bool(valid.all())
+        if same:  # one query per row, every row at the newest position: all keys visible
+            self._mask = None
+            return
+        visible = keys[None, None, :] <= positions[:, :, None]  # [B, T, S]
+        # additive float mask, built once per step (SDPA would convert a bool one every layer)
+        self._mask = torch.zeros(visible.shape, dtype=self._mask_dtype, device=dev).masked_fill_(
+            ~visible, float("-inf")).unsqueeze(1)  # [B, 1, T, S]
 
     def begin_step(self, positions: torch.Tensor, num_new: torch.Tensor) -> None:
         raise RuntimeError("PagedKVCache needs set_step(block_tables, positions, num_new)")
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """k, v [B, Hkv, T, D] -> gathered k, v [B, Hkv, S, D] and mask [B, 1, T, S]."""
+        """k, v [B, Hkv, T, D] -> gathered k, v [B, Hkv, S, D] and mask [B, 1, T, S] or None."""
         bsz, hkv, seqlen, d = k.shape
         kf = k.transpose(1, 2).reshape(bsz * seqlen, hkv, d)  # [B*T, Hkv, D]
         vf = v.transpose(1, 2).reshape(bsz * seqlen, hkv, d)
-        idx = self._write
-        if not self._all_valid:  # never let padding overwrite another row's real tokens
-            keep = self._valid.nonzero().squeeze(1)
-            idx, kf, vf = idx[keep], kf[keep], vf[keep]
-        self.k[layer].index_copy_(0, idx, kf)
-        self.v[layer].index_copy_(0, idx, vf)
+        if self._keep is not None:
+            kf, vf = kf[self._keep], vf[self._keep]  # [N, Hkv, D]
+        pool = self.kv[layer]  # [slots, 2, Hkv, D]
+        pool[:, 0].index_copy_(0, self._write, kf)
+        pool[:, 1].index_copy_(0, self._write, vf)
         b, s = self._shape
-        kk = self.k[layer].index_select(0, self._read).view(b, s, hkv, d).transpose(1, 2)
-        vv = self.v[layer].index_select(0, self._read).view(b, s, hkv, d).transpose(1, 2)
-        return kk, vv, self._mask  # [B, Hkv, S, D] x2, [B, 1, T, S]
+        kv = pool.index_select(0, self._read).view(b, s, 2, hkv, d)  # [B, S, 2, Hkv, D]
+        kk = kv[:, :, 0].transpose(1, 2)  # [B, Hkv, S, D]
+        vv = kv[:, :, 1].transpose(1, 2)  # [B, Hkv, S, D]
+        return kk, vv, self._mask
 
 
 class ConvStatePool:

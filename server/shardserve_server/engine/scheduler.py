@@ -210,11 +210,7 @@ class GroupScheduler:
         plans = []
         decode = [s for s in self.running if not s.in_prefill]
         if decode:
-            rows = []
-            for s in decode:
-                self.alloc.grow(s.table, s.seq.num_tokens)
-                rows.append(([s.seq.output_ids[-1]], s.seq.num_tokens - 1))
-            plans.append((self._plan(rows, decode), decode, [True] * len(decode)))
+            plans.append((self._decode_plan(decode), decode, [True] * len(decode)))
         budget = self.cfg.max_prefill_tokens
         chunk_rows, chunk_seqs, samples = [], [], []
         for s in sorted((s for s in self.running if s.in_prefill),
@@ -233,21 +229,42 @@ class GroupScheduler:
         self.step_count += 1
         return plans
 
+    def _decode_plan(self, seqs: list[Scheduled]) -> ForwardPlan:
+        """One T = 1 row per decoding sequence: its last token at position num_tokens - 1."""
+        grow = self.alloc.grow
+        toks, pos, tables = [], [], []
+        for s in seqs:
+            n = s.seq.num_tokens
+            grow(s.table, n)
+            toks.append(s.seq.output_ids[-1])
+            pos.append(n - 1)
+            tables.append(s.table)
+        b = len(seqs)
+        nb = max(map(len, tables))
+        flat = [-1] * (b * nb)  # [B, nb] row-major, -1 padded
+        for i, t in enumerate(tables):
+            flat[i * nb : i * nb + len(t)] = t
+        return ForwardPlan(torch.tensor(toks).view(b, 1), torch.tensor(pos).view(b, 1),
+                           torch.ones(b, dtype=torch.long), torch.zeros(b, dtype=torch.long),
+                           torch.tensor(flat).view(b, nb))
+
     def _plan(self, rows: list[tuple[list[int], int]], seqs: list[Scheduled]) -> ForwardPlan:
+        """Prefill chunks (tokens, start position) right-padded to the longest."""
         b = len(rows)
         t = max(len(toks) for toks, _ in rows)
         nb = max(1, max(len(s.table) for s in seqs))
-        tokens = torch.zeros(b, t, dtype=torch.long)
-        positions = torch.empty(b, t, dtype=torch.long)
-        num_new = torch.empty(b, dtype=torch.long)
-        tables = torch.full((b, nb), -1, dtype=torch.long)
+        tokens, positions, tables = [0] * (b * t), [0] * (b * t), [-1] * (b * nb)
+        lens = []
         for i, ((toks, start), s) in enumerate(zip(rows, seqs, strict=True)):
-            tokens[i, : len(toks)] = torch.tensor(toks)
+            n = len(toks)
+            tokens[i * t : i * t + n] = toks
             # padding columns repeat the last real position: never past max_seq_len (rope)
-            positions[i] = torch.arange(start, start + t).clamp(max=start + len(toks) - 1)
-            num_new[i] = len(toks)
-            tables[i, : len(s.table)] = torch.tensor(s.table)
-        return ForwardPlan(tokens, positions, num_new, num_new - 1, tables)
+            positions[i * t : (i + 1) * t] = [start + min(j, n - 1) for j in range(t)]
+            tables[i * nb : i * nb + len(s.table)] = s.table
+            lens.append(n)
+        num_new = torch.tensor(lens)
+        return ForwardPlan(torch.tensor(tokens).view(b, t), torch.tensor(positions).view(b, t),
+                           num_new, num_new - 1, torch.tensor(tables).view(b, nb))
 
     def process(self, logits: torch.Tensor, rows: list[Scheduled], samples: list[bool]
                 ) -> list[dict]:
@@ -263,18 +280,27 @@ class GroupScheduler:
                 lg[j, list(banned)] = float("-inf")
         want_top = any(s.seq.req.logprobs for s in seqs)
         params = [s.seq.req.sampling for s in seqs]
-        gens = [s.seq.generator for s in seqs]
-        prompts = [s.seq.prompt_ids for s in seqs]
-        outs = [s.seq.output_ids for s in seqs]
-        if want_top:
-            tokens, lps, full = self.sampler.sample_with_full_logprobs(lg, params, gens, prompts,
-                                                                        outs)
+        full = None
+        if all(p.is_greedy and not p.has_penalties for p in params) and all(
+            s.seq.req.logprobs is None for s in seqs
+        ):
+            # plain greedy and nobody reads a logprob: the argmax is the whole answer (exactly
+            # the Sampler's token; it would also build a [B, V] log-softmax)
+            tok_list = lg.argmax(dim=-1).tolist()
+            lp_list = [None] * len(seqs)
         else:
-            tokens, lps = self.sampler.sample(lg, params, gens, prompts, outs)
-            full = None
+            gens = [s.seq.generator for s in seqs]
+            prompts = [s.seq.prompt_ids for s in seqs]
+            outs = [s.seq.output_ids for s in seqs]
+            if want_top:
+                tokens, lps, full = self.sampler.sample_with_full_logprobs(lg, params, gens,
+                                                                            prompts, outs)
+            else:
+                tokens, lps = self.sampler.sample(lg, params, gens, prompts, outs)
+            tok_list, lp_list = tokens.tolist(), lps.tolist()
         events = []
         now = time.monotonic()
-        for j, (s, tok, lp) in enumerate(zip(seqs, tokens.tolist(), lps.tolist(), strict=True)):
+        for j, (s, tok, lp) in enumerate(zip(seqs, tok_list, lp_list, strict=True)):
             n_top = s.seq.req.logprobs or 0
             top = None
             if n_top and full is not None:
