@@ -10,6 +10,7 @@ full tensor plus one output slice. The output directory appears only when comple
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -23,6 +24,7 @@ from .checkpoint.io import DTYPES, CheckpointBuilder
 from .checkpoint.manifest import CheckpointError, Layout
 from .checkpoint.safetensors_stream import TensorSpec
 from .partition import (
+    ShardSpec,
     TPGeometry,
     check_tp,
     local_shape,
@@ -134,37 +136,33 @@ def reshard(
         for t in range(tp):
             file_specs[(t, stage)].append(TensorSpec(name, out_dtype, local_shape(shape, specs[t])))
     info = {**source.source_info(), "resharded_by": "shardserve reshard"}
-    with CheckpointBuilder(
-        dst,
-        family=family,
-        config=mcfg.to_dict(),
-        layout=Layout(tp, pp),
-        dtype=out_dtype,
-        source=info,
-        overwrite=overwrite,
-    ) as b:
-        writers = {k: b.open_rank_file(k[0], k[1], v) for k, v in file_specs.items()}
-        it = plan
-        if progress:
-            from tqdm import tqdm
+    try:
+        with CheckpointBuilder(
+            dst,
+            family=family,
+            config=mcfg.to_dict(),
+            layout=Layout(tp, pp),
+            dtype=out_dtype,
+            source=info,
+            overwrite=overwrite,
+        ) as b:
+            writers = {k: b.open_rank_file(k[0], k[1], v) for k, v in file_specs.items()}
+            it = plan
+            if progress:
+                from tqdm import tqdm
 
-            it = tqdm(plan, desc=f"reshard -> tp{tp} pp{pp}", unit="tensor")
-        for name, shape, stage, specs in it:
-            full = source.tensor(name)
-            if tuple(full.shape) != shape:
-                raise CheckpointError(
-                    f"{src}: {name} is {list(full.shape)}, expected {list(shape)}"
-                )
-            full = full.to(out_dtype)
-            for t in range(tp):  # dim-0 slices go out as views, with no concatenated copy
-                writers[(t, stage)].write_parts(name, shard_parts(full, specs[t]),
-                                                local_shape(shape, specs[t]), out_dtype)
-            b.add_tensor_entry(name, shape, stage)
-            del full
-        for (t, s), w in writers.items():
-            b.close_rank_file(w, t, s)
-        if tok is not None:
-            b.save_tokenizer(tok)
+                it = tqdm(plan, desc=f"reshard -> tp{tp} pp{pp}", unit="tensor")
+            for name, shape, stage, specs in it:
+                _stream_tensor(source, name, shape, specs, [writers[(t, stage)] for t in range(tp)],
+                               out_dtype)
+                b.add_tensor_entry(name, shape, stage)
+            for (t, s), w in writers.items():
+                b.close_rank_file(w, t, s)
+            if tok is not None:
+                b.save_tokenizer(tok)
+    finally:
+        if hasattr(source, "close"):
+            source.close()
     written = sum(p.stat().st_size for p in Path(dst).rglob("*") if p.is_file())
     err = None
     if verify:
@@ -175,6 +173,67 @@ def reshard(
             shutil.rmtree(dst, ignore_errors=True)  # never leave an unverified result behind
             raise
     return ReshardReport(Path(dst), time.perf_counter() - t0, written, err)
+
+
+CHUNK_BYTES = 4 << 20
+"""Rows are streamed in chunks of about this many bytes (per chunk: one positioned read, a
+write per target rank, hashing on the writers' threads)."""
+
+
+def _ascending(pieces: tuple[tuple[int, int], ...]) -> bool:
+    return all(a[1] <= b[0] for a, b in zip(pieces, pieces[1:], strict=False))
+
+
+def _stream_tensor(source: Any, name: str, shape: tuple[int, ...], specs: list[ShardSpec],
+                   writers: list[Any], out_dtype: torch.dtype) -> None:
+    """Write every target rank's slice of `name`, streaming global rows in chunks.
+
+    A source that can read row ranges (our own format, at any layout) never materialises the
+    tensor: each chunk of global rows is read straight from its rank files into a fresh buffer
+    and each target rank's rows (dim-0 cuts, ascending pieces) or columns (dim-1 cuts) of it go
+    to that rank's file. Other sources hand over the whole tensor; it is cut the same way.
+    """
+    rows = shape[0] if shape else 1
+    inner = tuple(shape[1:])
+    direct = hasattr(source, "read_rows") and all(
+        s.dim != 0 or _ascending(s.pieces) for s in specs)
+    full = None
+    if not direct:
+        full = source.tensor(name)
+        if tuple(full.shape) != shape:
+            raise CheckpointError(f"{name} is {list(full.shape)}, expected {list(shape)}")
+        full = full.to(out_dtype).reshape(rows, *inner)  # [rows, *inner]
+        if not all(s.dim != 0 or _ascending(s.pieces) for s in specs):
+            for w, spec in zip(writers, specs, strict=True):
+                w.write_parts(name, shard_parts(full, spec), local_shape(shape, spec), out_dtype)
+            return
+    for w in writers:
+        w.begin(name, out_dtype)
+    item = torch.empty((), dtype=full.dtype if full is not None else source.dtype).element_size()
+    step = max(1, CHUNK_BYTES // max(1, math.prod(inner) * item))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        if full is not None:
+            buf = full[r0:r1]  # [r1 - r0, *inner], a view
+        else:
+            buf = torch.empty((r1 - r0, *inner), dtype=source.dtype)  # [r1 - r0, *inner]
+            source.read_rows(name, r0, r1, buf)
+            buf = buf.to(out_dtype)
+        for w, spec in zip(writers, specs, strict=True):
+            if spec.dim < 0:
+                w.append(buf, owned=True)
+            elif spec.dim == 0:
+                for a, b in spec.pieces:
+                    lo, hi = max(a, r0), min(b, r1)
+                    if lo < hi:
+                        w.append(buf[lo - r0 : hi - r0], owned=True)
+            else:  # columns of every row: a small contiguous copy per chunk
+                cols = [buf[:, a:b] for a, b in spec.pieces]
+                w.append(torch.cat(cols, 1) if len(cols) > 1 else cols[0].contiguous(),
+                         owned=True)
+    for w, spec in zip(writers, specs, strict=True):
+        if spec.pad:  # vocabulary padding rows at the end of the rank's slice
+            w.append(torch.zeros((spec.pad, *inner), dtype=out_dtype), owned=True)
 
 
 def verify_reshard(

@@ -447,3 +447,58 @@ def test_stream_writer_parts_must_fit_the_spec(tmp_path, parts):
         w.write_parts("a", parts, (4, 4), torch.float32)
     w.abort()
     assert _entries(tmp_path) == []
+
+
+def test_streamed_tensor_in_chunks_equals_a_whole_write(tmp_path):
+    """begin/append (the resharder's path, hashed on a thread) writes the same bytes and sha256
+    as write(); overflowing, mixing and unfinished tensors are refused and leave no file."""
+    g = torch.Generator().manual_seed(3)
+    big = torch.randn(40, 9, generator=g)
+    small = torch.randn(5, generator=g).to(torch.bfloat16)
+    specs = [TensorSpec("big", big.dtype, (40, 9)), TensorSpec("small", small.dtype, (5,))]
+    whole, _ = _stream(tmp_path / "whole.safetensors", {"big": big, "small": small})
+    w = SafetensorsStreamWriter(tmp_path / "chunks.safetensors", specs)
+    w.begin("big", torch.float32)
+    for r0 in range(0, 40, 7):  # uneven chunks; the last one shorter
+        w.append(big[r0 : r0 + 7].clone(), owned=True)
+    w.write_parts("small", [small[:2], small[2:]], (5,), torch.bfloat16)
+    assert w.close() == whole
+    assert (tmp_path / "chunks.safetensors").read_bytes() == (
+        tmp_path / "whole.safetensors").read_bytes()
+
+    w = SafetensorsStreamWriter(tmp_path / "bad.safetensors", specs)
+    w.begin("big", torch.float32)
+    with pytest.raises(ValueError, match="overflows"):
+        w.append(torch.zeros(41, 9))
+    with pytest.raises(ValueError, match="big is torch.float32"):
+        w.append(torch.zeros(1, 9, dtype=torch.float64))
+    w.append(torch.zeros(39, 9))
+    with pytest.raises(ValueError, match="big is not finished"):
+        w.begin("small", torch.bfloat16)
+    with pytest.raises(ValueError, match="unfinished"):
+        w.close()
+    p = SafetensorsStreamWriter(tmp_path / "p.safetensors", specs[1:])
+    with pytest.raises(ValueError, match=r"as parts \[\[2, 3\]\]"):  # wrong trailing shape
+        p.write_parts("small", [torch.zeros(2, 3, dtype=torch.bfloat16)], (5,), torch.bfloat16)
+    p.abort()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(("bad", "p."))]
+
+
+def test_raw_reader_reads_row_ranges_and_names_a_damaged_file(tmp_path):
+    from shardserve_sharding.checkpoint.raw_safetensors import RawSafetensors
+
+    g = torch.Generator().manual_seed(4)
+    t = torch.randn(11, 3, generator=g).to(torch.bfloat16)
+    path = tmp_path / "r.safetensors"
+    _stream(path, {"x": torch.ones(2), "t": t})
+    with RawSafetensors(path) as raw:
+        out = torch.empty(4, 3, dtype=torch.bfloat16)
+        raw.read_rows("t", 5, 9, out)
+        assert torch.equal(out, t[5:9])
+        with pytest.raises(CheckpointError, match="rows"):
+            raw.read_rows("t", 9, 12, torch.empty(3, 3, dtype=torch.bfloat16))
+        with pytest.raises(CheckpointError, match="no tensor nope"):
+            raw.entry("nope")
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(CheckpointError, match=f"{path}: t occupies bytes"):
+        RawSafetensors(path)

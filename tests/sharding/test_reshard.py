@@ -366,18 +366,52 @@ def test_verify_catches_a_consistently_tampered_checkpoint(tiny, tmp_path):
 
 
 def test_reshard_verify_fails_when_the_written_slices_are_wrong(tiny, tmp_path, monkeypatch):
-    import shardserve_sharding.reshard as mod
+    original = ShardserveSource.read_rows
 
-    def bad_parts(t, spec):
-        out = shard_tensor(t, spec)
-        return [out * 1.001 if out.dim() == 2 else out]  # every matrix slice slightly off
+    def skewed(self, name, r0, r1, out):
+        original(self, name, r0, r1, out)
+        if out.dim() == 2:
+            out.mul_(1.001)  # every matrix read slightly off
 
-    monkeypatch.setattr(mod, "shard_parts", bad_parts)
+    monkeypatch.setattr(ShardserveSource, "read_rows", skewed)
     with pytest.raises(CheckpointError, match="verification failed"):
         reshard(tiny["src"], tmp_path / "out", tp=2, verify=True)
+    assert not (tmp_path / "out").exists()
     monkeypatch.undo()
     rep = reshard(tiny["src"], tmp_path / "good", tp=2, verify=True)
     assert rep.verify_error is not None and rep.verify_error <= 1e-5
+
+
+@pytest.mark.parametrize("src_name", ["src", "tp2", "tp2pp2"])
+@pytest.mark.parametrize("target", [(1, 1), (2, 1), (6, 2)])
+def test_chunked_streaming_equals_whole_tensor_cuts(tiny, tmp_path, monkeypatch, src_name,
+                                                     target):
+    """Rows streamed a few at a time (chunks smaller than one row of most tensors, so every
+    dim-0 piece, dim-1 column cut, replicated KV head and vocabulary pad crosses chunk
+    borders) give bitwise the slices of cutting the whole tensor, and the same files as
+    large chunks."""
+    import shardserve_sharding.reshard as mod
+
+    tp, pp = target
+    reshard(tiny[src_name], tmp_path / "big", tp=tp, pp=pp)
+    monkeypatch.setattr(mod, "CHUNK_BYTES", 100)
+    reshard(tiny[src_name], tmp_path / "small", tp=tp, pp=pp)
+    _assert_same_checkpoint(tmp_path / "big", tmp_path / "small")
+    params = dict(tiny["model"].named_parameters())
+    geo = TPGeometry.of("llama", TINY)
+    for rank in range(tp):
+        state = read_rank_state(ShardserveSource(tmp_path / "small"), tp, rank)
+        for name, p in params.items():
+            spec = shard_spec(split_kind("llama", name), tuple(p.shape), geo, tp, rank)
+            assert torch.equal(state[name], shard_tensor(p.detach(), spec)), (name, rank)
+
+
+def test_bf16_output_from_fp32_streams_converted_rows(tiny, tmp_path):
+    reshard(tiny["tp2"], tmp_path / "bf16", tp=1, dtype="bf16")
+    src = ShardserveSource(tmp_path / "bf16")
+    assert src.dtype == torch.bfloat16
+    for name, p in tiny["model"].named_parameters():
+        assert torch.equal(src.tensor(name), p.detach().to(torch.bfloat16)), name
 
 
 def test_flipped_data_byte_fails_the_hash_check(tiny, tmp_path):
@@ -394,16 +428,16 @@ def test_flipped_data_byte_fails_the_hash_check(tiny, tmp_path):
 
 @pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
 def test_interrupted_reshard_leaves_nothing(tiny, tmp_path, monkeypatch, exc):
-    original = ShardserveSource.tensor
+    original = ShardserveSource.read_rows
     calls = []
 
-    def flaky(self, name):
+    def flaky(self, name, r0, r1, out):
         calls.append(name)
         if len(calls) == 6:
             raise exc("interrupted mid-way")
-        return original(self, name)
+        return original(self, name, r0, r1, out)
 
-    monkeypatch.setattr(ShardserveSource, "tensor", flaky)
+    monkeypatch.setattr(ShardserveSource, "read_rows", flaky)
     parent = tmp_path / "parent"
     parent.mkdir()
     with pytest.raises(exc, match="interrupted mid-way"):
@@ -416,10 +450,10 @@ def test_interrupted_overwrite_keeps_the_old_checkpoint(tiny, tmp_path, monkeypa
     dst = _copy(tiny, "tp2", tmp_path)
     before = {p.name: sha256_file(p) for p in dst.iterdir() if p.is_file()}
 
-    def boom(self, name):
+    def boom(self, name, r0, r1, out):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ShardserveSource, "tensor", boom)
+    monkeypatch.setattr(ShardserveSource, "read_rows", boom)
     with pytest.raises(OSError, match="disk full"):
         reshard(tiny["src"], dst, tp=6, overwrite=True)
     monkeypatch.undo()

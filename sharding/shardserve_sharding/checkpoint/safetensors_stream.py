@@ -12,7 +12,9 @@ import hashlib
 import json
 import math
 import os
+import queue
 import struct
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +45,64 @@ class TensorSpec:
         return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
 
 
+class _Hasher:
+    """sha256 of a byte stream, computed on a thread of its own (hashlib releases the GIL on
+    large buffers, so hashing overlaps the next read and write). Buffers are kept alive until
+    hashed; the queue is bounded, so at most `depth` chunks wait."""
+
+    def __init__(self, depth: int = 8) -> None:
+        self._q: queue.Queue[memoryview | bytes | None] = queue.Queue(maxsize=depth)
+        self._hash = hashlib.sha256()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            data = self._q.get()
+            try:
+                if data is None:
+                    return
+                if self._error is None:
+                    self._hash.update(data)
+            except BaseException as e:  # reported by digest()
+                self._error = e
+            finally:
+                self._q.task_done()
+
+    def update(self, data: memoryview | bytes) -> None:
+        self._q.put(data)
+
+    def wait(self) -> None:
+        """Return once everything queued is hashed (the caller may then reuse its buffers)."""
+        self._q.join()
+
+    def digest(self) -> str:
+        self._q.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._hash.hexdigest()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._error = self._error or RuntimeError("aborted")
+            self._q.put(None)
+            self._thread.join()
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor (shares its memory)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
 class SafetensorsStreamWriter:
-    """Write tensors in declaration order into `path` (written to path + '.tmp', then renamed)."""
+    """Write tensors in declaration order into `path` (written to path + '.tmp', then renamed).
+
+    Whole tensors go through write(); a resharder that never holds a whole tensor streams one
+    with begin(name) and append(chunk) (each chunk: whole rows, or any contiguous run of
+    elements in row-major order), and the byte count is checked against the declared shape.
+    """
 
     def __init__(
         self,
@@ -55,6 +113,8 @@ class SafetensorsStreamWriter:
         self.path = Path(path)
         self._specs = list(specs)
         self._next = 0
+        self._pending: TensorSpec | None = None  # the tensor being appended to
+        self._left = 0  # its bytes not yet written
         header: dict[str, object] = {}
         offset = 0
         for s in self._specs:
@@ -71,61 +131,108 @@ class SafetensorsStreamWriter:
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)
         self._tmp = self.path.with_name(self.path.name + ".tmp")
-        self._f = open(self._tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
-        self._hash = hashlib.sha256()
+        self._f = open(self._tmp, "wb", buffering=0)  # noqa: SIM115 - closed in close()/abort()
+        self._hash = _Hasher()
         self._emit(struct.pack("<Q", len(raw)) + raw)
         self.size = 8 + len(raw) + offset
 
-    def _emit(self, data: bytes | memoryview) -> None:
-        self._f.write(data)
+    def _emit(self, data: bytes | memoryview, owned: bool = False) -> None:
+        """Write data and hash it (on the hasher's thread, overlapping the write). Unless the
+        buffer is `owned` (never to be changed by the caller), wait for its hash to finish."""
         self._hash.update(data)
+        view = memoryview(data)
+        done = 0
+        while done < len(view):  # a raw write may be short
+            done += self._f.write(view[done:])
+        if not owned:
+            self._hash.wait()
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write the next declared tensor; name, dtype and shape must match its spec."""
+    def _take(self, name: str, dtype: torch.dtype, shape: tuple[int, ...] | None) -> TensorSpec:
+        if self._pending is not None:
+            raise ValueError(f"{self.path.name}: {self._pending.name} is not finished "
+                             f"({self._left} bytes missing)")
         if self._next >= len(self._specs):
             raise ValueError(f"{self.path.name}: unexpected extra tensor {name}")
         spec = self._specs[self._next]
-        if name != spec.name or tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+        if name != spec.name or dtype != spec.dtype or (shape is not None and shape != spec.shape):
             raise ValueError(
                 f"{self.path.name}: expected {spec.name} {spec.dtype} {list(spec.shape)}, "
-                f"got {name} {tensor.dtype} {list(tensor.shape)}"
+                f"got {name} {dtype} {list(shape) if shape is not None else ''}"
             )
+        return spec
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next declared tensor; name, dtype and shape must match its spec."""
+        self._take(name, tensor.dtype, tuple(tensor.shape))
         t = tensor.detach().contiguous().cpu()
-        self._emit(memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b"")
+        if t.numel():
+            self._emit(_bytes_of(t))
+        self._next += 1
+
+    def begin(self, name: str, dtype: torch.dtype) -> None:
+        """Start streaming the next declared tensor; append() its data, in order."""
+        spec = self._take(name, dtype, None)
+        self._pending, self._left = spec, spec.nbytes
+        if self._left == 0:
+            self._finish_pending()
+
+    def append(self, chunk: torch.Tensor, *, owned: bool = False) -> None:
+        """Write the next elements of the tensor begun (row-major order). owned=True: the
+        caller hands the chunk over and never changes it, so it may still be being hashed when
+        append returns."""
+        spec = self._pending
+        if spec is None:
+            raise ValueError(f"{self.path.name}: append() without begin()")
+        if chunk.dtype != spec.dtype:
+            raise ValueError(f"{self.path.name}: {spec.name} is {spec.dtype}, got {chunk.dtype}")
+        t = chunk.detach().contiguous().cpu()
+        n = t.numel() * t.element_size()
+        if n > self._left:
+            raise ValueError(f"{self.path.name}: {spec.name} {list(spec.shape)} overflows by "
+                             f"{n - self._left} bytes")
+        if n:
+            self._emit(_bytes_of(t), owned)
+        self._left -= n
+        if self._left == 0:
+            self._finish_pending()
+
+    def _finish_pending(self) -> None:
+        self._pending = None
         self._next += 1
 
     def write_parts(self, name: str, parts: list[torch.Tensor], shape: tuple[int, ...],
                     dtype: torch.dtype) -> None:
         """Write the next declared tensor given as dim-0 pieces (no concatenated copy)."""
-        if self._next >= len(self._specs):
-            raise ValueError(f"{self.path.name}: unexpected extra tensor {name}")
-        spec = self._specs[self._next]
+        spec = self._take(name, dtype, tuple(shape))
         rows = sum(p.shape[0] for p in parts)
-        if (name != spec.name or dtype != spec.dtype or tuple(shape) != spec.shape
-                or rows != spec.shape[0] or any(p.dtype != dtype for p in parts)
+        if (rows != spec.shape[0] or any(p.dtype != dtype for p in parts)
                 or any(tuple(p.shape[1:]) != spec.shape[1:] for p in parts)):
             raise ValueError(f"{self.path.name}: expected {spec.name} {spec.dtype} "
                              f"{list(spec.shape)}, got {name} {dtype} {list(shape)} as parts "
                              f"{[list(p.shape) for p in parts]}")
+        self.begin(name, dtype)
         for p in parts:
-            t = p.detach().contiguous().cpu()
-            if t.numel():
-                self._emit(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-        self._next += 1
+            self.append(p)
 
-    def close(self) -> str:
-        """Finish the file (all tensors must have been written); returns its sha256 hex digest."""
-        if self._next != len(self._specs):
+    def close(self, *, fsync: bool = True) -> str:
+        """Finish the file (all tensors must have been written); returns its sha256 hex digest.
+
+        fsync=False leaves durability to a later sync (a caller closing many files syncs
+        them together, see sync_files)."""
+        if self._pending is not None or self._next != len(self._specs):
             missing = [s.name for s in self._specs[self._next :]]
             self.abort()
-            raise ValueError(f"{self.path.name}: tensors never written: {missing[:5]}")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+            raise ValueError(f"{self.path.name}: tensors never written (or unfinished): "
+                             f"{missing[:5]}")
+        digest = self._hash.digest()
+        if fsync:
+            os.fsync(self._f.fileno())
         self._f.close()
         os.replace(self._tmp, self.path)
-        return self._hash.hexdigest()
+        return digest
 
     def abort(self) -> None:
+        self._hash.stop()
         if not self._f.closed:
             self._f.close()
         self._tmp.unlink(missing_ok=True)
