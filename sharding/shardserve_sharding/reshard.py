@@ -23,6 +23,7 @@ import torch
 from .checkpoint.io import DTYPES, CheckpointBuilder
 from .checkpoint.manifest import CheckpointError, Layout
 from .checkpoint.safetensors_stream import TensorSpec
+from .checkpoint.source import ShardserveSource
 from .partition import (
     ShardSpec,
     TPGeometry,
@@ -49,8 +50,6 @@ def open_any_source(src: str | os.PathLike[str], source_format: str = "auto", *,
 
     fmt = detect_format(src) if source_format == "auto" else source_format
     if fmt == "shardserve":
-        from .checkpoint.source import ShardserveSource
-
         return ShardserveSource(src)
     source = open_source(src, fmt, tokenizer=tokenizer, config=config)
     source.family = "llama"
@@ -116,7 +115,11 @@ def reshard(
         if dtype
         else (getattr(source, "dtype", torch.float32))
     )
-    tok = given_tok if given_tok is not None else source.tokenizer()
+    # our own format's tokenizer files are copied as they are (checked when first written)
+    tok_dir = None
+    if given_tok is None and isinstance(source, ShardserveSource) and source.manifest.tokenizer:
+        tok_dir = source.root / source.manifest.tokenizer
+    tok = given_tok if given_tok is not None or tok_dir else source.tokenizer()
     if tok is not None and tok.vocab_size > mcfg.vocab_size:
         raise CheckpointError(
             f"{tokenizer or src}: tokenizer has {tok.vocab_size} tokens but the model's "
@@ -158,7 +161,9 @@ def reshard(
                 b.add_tensor_entry(name, shape, stage)
             for (t, s), w in writers.items():
                 b.close_rank_file(w, t, s)
-            if tok is not None:
+            if tok_dir is not None:
+                b.copy_tokenizer(tok_dir)
+            elif tok is not None:
                 b.save_tokenizer(tok)
     finally:
         if hasattr(source, "close"):
@@ -209,7 +214,7 @@ def _stream_tensor(source: Any, name: str, shape: tuple[int, ...], specs: list[S
             return
     for w in writers:
         w.begin(name, out_dtype)
-    item = torch.empty((), dtype=full.dtype if full is not None else source.dtype).element_size()
+    item = (full.dtype if full is not None else source.dtype).itemsize
     step = max(1, CHUNK_BYTES // max(1, math.prod(inner) * item))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -123,6 +124,16 @@ class CheckpointBuilder:
         tdir = self.root / "tokenizer"
         tdir.mkdir(exist_ok=True)
         bundle.save(tdir)
+        self.tokenizer_dir = "tokenizer"
+
+    def copy_tokenizer(self, src_dir: str | os.PathLike[str]) -> None:
+        """Store another checkpoint's tokenizer/ files as they are (no parse, no re-save)."""
+        tdir = self.root / "tokenizer"
+        tdir.mkdir(exist_ok=True)
+        for p in sorted(Path(src_dir).iterdir()):
+            if p.is_symlink() or not p.is_file():
+                raise CheckpointError(f"{p}: not a regular tokenizer file")
+            shutil.copyfile(p, tdir / p.name)
         self.tokenizer_dir = "tokenizer"
 
     def _finish(self) -> None:

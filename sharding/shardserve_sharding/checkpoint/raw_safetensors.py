@@ -42,7 +42,7 @@ class RawTensor:
 
     @property
     def row_bytes(self) -> int:
-        item = torch.empty((), dtype=self.dtype).element_size()
+        item = self.dtype.itemsize
         return math.prod(self.shape[1:]) * item if self.shape else item
 
 
@@ -85,7 +85,7 @@ class RawSafetensors:
             except (KeyError, TypeError, ValueError) as err:
                 raise CheckpointError(f"{self.path}: bad header entry for {name} ({err})") from err
             t = RawTensor(dtype, shape, base + a, base + b)
-            expect = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            expect = math.prod(shape) * dtype.itemsize
             if b - a != expect or t.end > size or a < 0:
                 raise CheckpointError(
                     f"{self.path}: {name} occupies bytes [{a}, {b}) of a {size - base}-byte "

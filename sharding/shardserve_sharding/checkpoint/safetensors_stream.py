@@ -15,9 +15,10 @@ import os
 import queue
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,7 +43,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 class _Hasher:
@@ -51,7 +52,7 @@ class _Hasher:
     hashed; the queue is bounded, so at most `depth` chunks wait."""
 
     def __init__(self, depth: int = 8) -> None:
-        self._q: queue.Queue[memoryview | bytes | None] = queue.Queue(maxsize=depth)
+        self._q: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self._hash = hashlib.sha256()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
@@ -63,7 +64,9 @@ class _Hasher:
             try:
                 if data is None:
                     return
-                if self._error is None:
+                if callable(data):  # a side job, run in stream order (see after())
+                    data()
+                elif self._error is None:
                     self._hash.update(data)
             except BaseException as e:  # reported by digest()
                 self._error = e
@@ -72,6 +75,10 @@ class _Hasher:
 
     def update(self, data: memoryview | bytes) -> None:
         self._q.put(data)
+
+    def after(self, job: Callable[[], object]) -> None:
+        """Run job on the hasher's thread once everything queued before it is hashed."""
+        self._q.put(job)
 
     def wait(self) -> None:
         """Return once everything queued is hashed (the caller may then reuse its buffers)."""
@@ -89,6 +96,10 @@ class _Hasher:
             self._error = self._error or RuntimeError("aborted")
             self._q.put(None)
             self._thread.join()
+
+
+_WRITEBACK_BYTES = 32 << 20
+_FADV_DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None)
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
@@ -133,6 +144,8 @@ class SafetensorsStreamWriter:
         self._tmp = self.path.with_name(self.path.name + ".tmp")
         self._f = open(self._tmp, "wb", buffering=0)  # noqa: SIM115 - closed in close()/abort()
         self._hash = _Hasher()
+        self._written = 0  # bytes written so far
+        self._flushed = 0  # bytes whose writeback has been started
         self._emit(struct.pack("<Q", len(raw)) + raw)
         self.size = 8 + len(raw) + offset
 
@@ -144,8 +157,20 @@ class SafetensorsStreamWriter:
         done = 0
         while done < len(view):  # a raw write may be short
             done += self._f.write(view[done:])
+        self._written += done
+        if self._written - self._flushed >= _WRITEBACK_BYTES:
+            self._start_writeback()
         if not owned:
             self._hash.wait()
+
+    def _start_writeback(self) -> None:
+        """Ask the kernel to start writing the bytes written so far to disk, without waiting
+        (POSIX_FADV_DONTNEED starts writeback of dirty pages; pages still dirty stay cached),
+        so that the fsync at close() waits only for the tail."""
+        if _FADV_DONTNEED is not None:  # on the hasher's thread: the call may take a while
+            fd, off, n = self._f.fileno(), self._flushed, self._written - self._flushed
+            self._hash.after(lambda: os.posix_fadvise(fd, off, n, _FADV_DONTNEED))
+        self._flushed = self._written
 
     def _take(self, name: str, dtype: torch.dtype, shape: tuple[int, ...] | None) -> TensorSpec:
         if self._pending is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from torch import nn
@@ -48,12 +49,20 @@ def checkpoint_names(model: nn.Module) -> list[str]:
 
 def expected_tensors(family: str, config: Any) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every tensor a checkpoint of this model stores, in checkpoint order."""
+    try:
+        return list(_expected_tensors(family, config))
+    except TypeError:  # an unhashable config: not cached
+        return list(_expected_tensors.__wrapped__(family, config))
+
+
+@functools.lru_cache(maxsize=32)
+def _expected_tensors(family: str, config: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
     import torch
 
-    with torch.device("meta"):
+    with torch.device("meta"):  # shapes only: nothing is allocated or initialised
         model = build_model(family, config)
     params = dict(model.named_parameters())
-    return [(n, tuple(params[n].shape)) for n in checkpoint_names(model)]
+    return tuple((n, tuple(params[n].shape)) for n in checkpoint_names(model))
 
 
 __all__ = [

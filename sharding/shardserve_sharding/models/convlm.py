@@ -173,7 +173,11 @@ class ConvLM(nn.Module):
     def __init__(self, config: ConvLMConfig) -> None:
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        # _weight: skip nn.Embedding's own init (init_weights below sets every weight; on the
+        # meta device its normal_ would pull in torch's decompositions, ~2 s of import)
+        self.tok_embeddings = nn.Embedding(
+            config.vocab_size, config.dim, _weight=torch.empty(config.vocab_size, config.dim)
+        )
         self.layers = nn.ModuleList(GatedConvBlock(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)

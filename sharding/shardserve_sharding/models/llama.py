@@ -209,7 +209,11 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables [max_len, head_dim] in fp32 for the rotate-half layout."""
+    """cos, sin tables [max_len, head_dim] in fp32 for the rotate-half layout, on the default
+    device. Under a meta-device context they are empty meta tensors (computing them there would
+    go through torch's reference ops and import the compiler stack, seconds of start-up)."""
+    if torch.empty(0).is_meta:
+        return (torch.empty(max_len, head_dim), torch.empty(max_len, head_dim))
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     t = torch.arange(max_len, dtype=torch.float64)
     freqs = torch.outer(t, inv)  # [S, D/2]
@@ -297,7 +301,11 @@ class Transformer(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        # _weight: skip nn.Embedding's own init (init_weights below sets every weight; on the
+        # meta device its normal_ would pull in torch's decompositions, ~2 s of import)
+        self.tok_embeddings = nn.Embedding(
+            config.vocab_size, config.dim, _weight=torch.empty(config.vocab_size, config.dim)
+        )
         self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = Linear(config.dim, config.vocab_size, bias=False)
