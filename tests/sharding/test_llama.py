@@ -106,3 +106,27 @@ def test_bf16_close_to_fp32():
     ref = m(toks, pos)
     out = m.to(torch.bfloat16)(toks, pos).float()
     assert rel_err(out, ref) <= 5e-2
+
+
+def test_compiled_bf16_decode_keeps_the_gemv_opaque_and_equal():
+    """Under torch.compile a bf16 batch-1 linear goes through the opaque shardserve::gemv op
+    (dynamo traces it through its fake kernel); the step equals the eager one bitwise."""
+    from shardserve_sharding.models.llama import opaque_linear
+
+    torch.manual_seed(0)
+    x, w = torch.randn(1, 1, 64).bfloat16(), torch.randn(96, 64).bfloat16()
+    assert torch.equal(opaque_linear(x, w), torch.nn.functional.linear(x, w))
+    m = Transformer(LLAMA_CONFIGS["tiny"]).to(torch.bfloat16).eval()
+    tok = torch.randint(0, LLAMA_CONFIGS["tiny"].vocab_size, (1, 1))
+    pos = torch.tensor([[0]])
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    with torch.inference_mode():
+        want = m(tok, pos)
+        got = torch.compile(m, backend=backend, fullgraph=True)(tok, pos)
+    assert torch.equal(got, want)
+    assert any("shardserve.gemv" in t for t in seen), seen[:20]

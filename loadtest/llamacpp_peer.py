@@ -1,0 +1,110 @@
+"""llama.cpp as a peer in the benchmarks (optional: llama-cpp-python takes ~10 minutes to build,
+so it is never part of CI).
+
+    # once, in its own venv (the constraints keep torch out of it):
+    python3 -m venv /tmp/llamacpp-venv
+    CMAKE_ARGS="-DGGML_NATIVE=ON" /tmp/llamacpp-venv/bin/pip install llama-cpp-python numpy
+
+f32_gguf() writes an F32 GGUF of the bundled model's weights (the same values shardserve
+imports: dequantized from Q4_1), copying every metadata field, so that llama.cpp and shardserve
+run the same numbers. `python llamacpp_peer.py GGUF BATCH NEW THREADS` (run with the llama.cpp
+venv's python) prints one JSON line: greedy decode tokens/s of BATCH sequences through the
+batch API (llama_decode over one batch of BATCH sequences per step), prefill excluded.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def f32_gguf(src: Path, dst: Path) -> Path:
+    """Dequantize every tensor of src to F32 and write dst (temp file, then rename)."""
+    import gguf
+    import numpy as np
+
+    if dst.is_file():
+        return dst
+    reader = gguf.GGUFReader(str(src))
+    arch = reader.fields["general.architecture"]
+    arch_name = bytes(arch.parts[arch.data[0]]).decode()
+    tmp = dst.with_suffix(".tmp")
+    writer = gguf.GGUFWriter(str(tmp), arch_name)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        vtype = field.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            sub = field.types[1]
+            if sub == gguf.GGUFValueType.STRING:
+                val = [bytes(field.parts[i]).decode("utf-8", "surrogateescape")
+                       for i in field.data]
+            else:
+                val = [field.parts[i].tolist()[0] for i in field.data]
+            writer.add_array(name, val)
+        elif vtype == gguf.GGUFValueType.STRING:
+            writer.add_string(name, bytes(field.parts[field.data[0]]).decode())
+        else:
+            writer.add_key_value(name, field.parts[field.data[0]].tolist()[0], vtype)
+    for t in reader.tensors:
+        arr = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32)
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        writer.add_tensor(t.name, arr.reshape(shape), raw_dtype=gguf.GGMLQuantizationType.F32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.replace(dst)
+    return dst
+
+
+def decode_rate(model: str, batch: int, new: int, threads: int) -> dict:
+    """Greedy decode of `batch` sequences with the low-level batch API; tokens/s of decode."""
+    import llama_cpp as lc
+    import numpy as np
+
+    llm = lc.Llama(model_path=model, n_ctx=max(512, batch * 160), n_batch=512,
+                   n_threads=threads, n_threads_batch=threads, n_seq_max=max(1, batch),
+                   logits_all=False, verbose=False)
+    ctx, vocab = llm.ctx, llm.n_vocab()
+    prompts = [llm.tokenize(f"Story number {i}: once upon a time".encode()) for i in range(batch)]
+    cbatch = lc.llama_batch_init(max(512, batch * 32), 0, batch)
+
+    def fill(entries):  # entries: (token, pos, seq, want_logits)
+        cbatch.n_tokens = len(entries)
+        for k, (tok, pos, seq, want) in enumerate(entries):
+            cbatch.token[k], cbatch.pos[k] = tok, pos
+            cbatch.n_seq_id[k], cbatch.seq_id[k][0] = 1, seq
+            cbatch.logits[k] = want
+
+    entries = []
+    for s, p in enumerate(prompts):
+        entries += [(tok, i, s, i == len(p) - 1) for i, tok in enumerate(p)]
+    fill(entries)
+    lc.llama_decode(ctx, cbatch)
+    last = [len(p) for p in prompts]
+    out_idx = [sum(len(p) for p in prompts[: s + 1]) - 1 for s in range(batch)]
+    t0 = None
+    for step in range(new):
+        toks = []
+        for s in range(batch):
+            logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, out_idx[s]),
+                                           shape=(vocab,))
+            toks.append(int(logits.argmax()))
+        if step == 0:
+            t0 = time.perf_counter()  # prefill done, first tokens chosen
+        fill([(toks[s], last[s], s, True) for s in range(batch)])
+        out_idx = list(range(batch))
+        last = [x + 1 for x in last]
+        if lc.llama_decode(ctx, cbatch) != 0:
+            raise RuntimeError("llama_decode failed")
+    dt = time.perf_counter() - t0
+    lc.llama_batch_free(cbatch)
+    return {"batch": batch, "tok_s": batch * new / dt, "version": lc.__version__}
+
+
+if __name__ == "__main__":
+    gguf_path, b, n, th = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    print(json.dumps(decode_rate(gguf_path, b, n, th)))
