@@ -9,6 +9,7 @@ in the fixture's teardown, which also checks that no worker process is left behi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -164,6 +165,10 @@ def test_tp1_and_tp2_groups_match_the_local_engine(engines, local_llama):
         LAST_USE[name] = time.monotonic()
         assert [r.token_ids for r in got] == want, name
         assert all(r.finish_reason.value == "max_tokens" for r in got)
+    # requests without an id are named by the engine (distinct ids), not refused as duplicates
+    anon = [dataclasses.replace(r, request_id="") for r in reqs[:2]]
+    got = engines.lt.run(run_all(engines["llama1"], anon), 90)
+    assert [r.token_ids for r in got] == want[:2]
     st = engines["llama2"].stats()
     assert st["restarts"] == 0 and st["group_up"] and len(st["pids"]) == 2
 

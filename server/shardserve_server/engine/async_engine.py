@@ -17,6 +17,7 @@ EngineError, the group is restarted (counted in `restarts`) and the queue contin
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import time
 from collections import deque
@@ -224,6 +225,8 @@ class AsyncEngine:
         req.stopping.validate()
         if not req.prompt_ids:
             raise ValueError("prompt must not be empty")
+        if not req.request_id:  # the caller gave none: the engine names it
+            req = dataclasses.replace(req, request_id=self.new_request_id())
         if req.request_id in self.inflight or any(
             w.req.request_id == req.request_id for w in self.waiting
         ):
