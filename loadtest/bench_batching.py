@@ -324,7 +324,9 @@ def main() -> int:
             )
             ours[n] = extra[n]
 
-    lines = header("Continuous batching: decode throughput (SmolLM2-135M bf16)", COMMAND)
+    command = COMMAND if args.model_dir == "/tmp/bb_smol" else " ".join(
+        [".venv/bin/python loadtest/bench_batching.py"] + sys.argv[1:])
+    lines = header("Continuous batching: decode throughput (SmolLM2-135M bf16)", command)
     lines += [
         f"{len(prompts)} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
         f"{args.new_tokens} new tokens each (greedy, ignore_eos), all submitted at once. "

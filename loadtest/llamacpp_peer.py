@@ -65,10 +65,15 @@ def decode_rate(model: str, batch: int, new: int, threads: int) -> dict:
     import llama_cpp as lc
     import numpy as np
 
-    llm = lc.Llama(model_path=model, n_ctx=max(512, batch * 160), n_batch=512,
-                   n_threads=threads, n_threads_batch=threads, n_seq_max=max(1, batch),
-                   logits_all=False, verbose=False)
-    ctx, vocab = llm.ctx, llm.n_vocab()
+    llm = lc.Llama(model_path=model, n_ctx=512, n_threads=threads, verbose=False)
+    # a context of our own: Llama() does not expose n_seq_max (sequences decoded together)
+    params = lc.llama_context_default_params()
+    params.n_ctx = max(512, batch * 160)
+    params.n_batch = params.n_ubatch = 512
+    params.n_seq_max = max(1, batch)
+    params.n_threads = params.n_threads_batch = threads
+    params.kv_unified = True
+    ctx, vocab = lc.llama_init_from_model(llm.model, params), llm.n_vocab()
     prompts = [llm.tokenize(f"Story number {i}: once upon a time".encode()) for i in range(batch)]
     cbatch = lc.llama_batch_init(max(512, batch * 32), 0, batch)
 
@@ -83,7 +88,8 @@ def decode_rate(model: str, batch: int, new: int, threads: int) -> dict:
     for s, p in enumerate(prompts):
         entries += [(tok, i, s, i == len(p) - 1) for i, tok in enumerate(p)]
     fill(entries)
-    lc.llama_decode(ctx, cbatch)
+    if lc.llama_decode(ctx, cbatch) != 0:
+        raise RuntimeError("llama_decode failed on the prompts")
     last = [len(p) for p in prompts]
     out_idx = [sum(len(p) for p in prompts[: s + 1]) - 1 for s in range(batch)]
     t0 = None
@@ -102,6 +108,7 @@ def decode_rate(model: str, batch: int, new: int, threads: int) -> dict:
             raise RuntimeError("llama_decode failed")
     dt = time.perf_counter() - t0
     lc.llama_batch_free(cbatch)
+    lc.llama_free(ctx)
     return {"batch": batch, "tok_s": batch * new / dt, "version": lc.__version__}
 
 

@@ -113,10 +113,14 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
                 result = await stream.result()
                 outcome = self._outcome(result)
                 yield self._response(p, stream, result)
-        except asyncio.CancelledError:
-            remaining = context.time_remaining()
-            outcome = "deadline" if remaining is not None and remaining <= 0 else "cancelled"
-            self.engine.cancel(p.request.request_id)
+        except (asyncio.CancelledError, GeneratorExit):
+            # closed after its last message (unary, or a finished stream): nothing to cancel.
+            # Otherwise the client went away or its deadline passed, while we awaited the next
+            # event (CancelledError) or sat at a yield (the stream was closed: GeneratorExit)
+            if result is None:
+                remaining = context.time_remaining()
+                outcome = "deadline" if remaining is not None and remaining <= 0 else "cancelled"
+                self.engine.cancel(p.request.request_id)
             raise
         except EngineError as e:
             outcome = "error"
@@ -184,15 +188,23 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
         return await self._unary(self._run("Generate", request, request.prompt, context, False))
 
     async def GenerateStream(self, request, context):
-        async for out in self._run("GenerateStream", request, request.prompt, context, True):
-            yield out
+        agen = self._run("GenerateStream", request, request.prompt, context, True)
+        try:
+            async for out in agen:
+                yield out
+        finally:  # the client went away: close _run now (it cancels and accounts the request)
+            await agen.aclose()
 
     async def Chat(self, request, context):
         return await self._unary(self._run("Chat", request, None, context, False))
 
     async def ChatStream(self, request, context):
-        async for out in self._run("ChatStream", request, None, context, True):
-            yield out
+        agen = self._run("ChatStream", request, None, context, True)
+        try:
+            async for out in agen:
+                yield out
+        finally:
+            await agen.aclose()
 
     async def Tokenize(self, request, context):
         ids = self.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens)
