@@ -130,3 +130,24 @@ def test_compiled_bf16_decode_keeps_the_gemv_opaque_and_equal():
         got = torch.compile(m, backend=backend, fullgraph=True)(tok, pos)
     assert torch.equal(got, want)
     assert any("shardserve.gemv" in t for t in seen), seen[:20]
+
+
+def test_fp32_shadow_gemm_matches_blockwise_and_follows_weight_changes():
+    """bf16 GEMMs of many rows over the cached fp32 copy of the weight equal the block-upcast
+    ones; changing the weight in place rebuilds the copy."""
+    from shardserve_sharding.models import llama
+
+    torch.manual_seed(0)
+    lin = llama.Linear(64, 300, bias=False).to(torch.bfloat16)
+    x = torch.randn(32, 64).bfloat16()
+    with torch.inference_mode():
+        blockwise = llama.linear_bf16_as_fp32(x, lin.weight)
+        shadow = llama.fp32_shadow(lin, lin.weight)
+        assert shadow.dtype == torch.float32 and torch.equal(shadow, lin.weight.float())
+        got = llama.linear_bf16_as_fp32(x, lin.weight, None, shadow)
+        assert rel_err(got.float(), blockwise.float()) <= 1e-2  # both round to bf16 at the end
+        assert torch.equal(got.float(), (x.float() @ lin.weight.float().T).bfloat16().float())
+    with torch.no_grad():
+        lin.weight.mul_(2)
+    assert torch.equal(llama.fp32_shadow(lin, lin.weight), lin.weight.float())
+    assert "_fp32_shadow" not in dict(lin.named_buffers()) and len(lin.state_dict()) == 1

@@ -24,11 +24,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.llama import BF16_GEMM_AS_FP32_MIN_ROWS, bf16_emulated, linear_bf16_as_fp32
+from ..models.llama import (
+    BF16_GEMM_AS_FP32_MIN_ROWS,
+    bf16_emulated,
+    fp32_shadow,
+    linear_bf16_as_fp32,
+)
 from .comm import Comm
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            owner: nn.Module | None = None) -> torch.Tensor:
     """F.linear, except for bf16 inference of several rows on a CPU that emulates bf16: that
     runs as fp32 GEMMs over a block-wise upcast weight (as models.llama.Linear does; several
     times faster, products exact, sums in fp32 as a bf16 GEMM's are)."""
@@ -39,7 +45,8 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
         and x.numel() >= BF16_GEMM_AS_FP32_MIN_ROWS * x.shape[-1]
         and bf16_emulated(x)
     ):
-        return linear_bf16_as_fp32(x, weight, bias)
+        shadow = fp32_shadow(owner, weight) if owner is not None else None
+        return linear_bf16_as_fp32(x, weight, bias, shadow)
     return F.linear(x, weight, bias)
 
 
@@ -162,7 +169,7 @@ class ColumnParallelLinear(nn.Module):
         w = self.weight
         if self.replicated_rows is not None and torch.is_grad_enabled() and w.requires_grad:
             w = _SumReplicaGrads.apply(w, self.comm, self.replicated_rows)
-        y = _linear(copy_to_tp(x, self.comm), w, self.bias)  # [..., out/p]
+        y = _linear(copy_to_tp(x, self.comm), w, self.bias, self)  # [..., out/p]
         if self.gather_output:
             y = gather_from_tp(y, self.comm)  # [..., out_padded]
             if self.output_size is not None and y.shape[-1] != self.output_size:
@@ -190,7 +197,7 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(output_size, **kw)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_from_tp(_linear(x, self.weight, None), self.comm)  # [..., out]
+        y = reduce_from_tp(_linear(x, self.weight, None, self), self.comm)  # [..., out]
         return y + self.bias if self.bias is not None else y
 
 
