@@ -162,6 +162,18 @@ def fp32_shadow(owner: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor | 
     return cached[1]
 
 
+def gemm_as_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x @ weight.T should run as an fp32 GEMM: bf16 inference of at least
+    BF16_GEMM_AS_FP32_MIN_ROWS rows on a CPU that emulates bf16."""
+    return (
+        x.dtype == torch.bfloat16
+        and weight.dtype == torch.bfloat16
+        and not torch.is_grad_enabled()
+        and x.numel() >= BF16_GEMM_AS_FP32_MIN_ROWS * x.shape[-1]
+        and bf16_emulated(x)
+    )
+
+
 def linear_bf16_as_fp32(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
     weight32: torch.Tensor | None = None,
@@ -208,13 +220,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (
-            x.dtype == torch.bfloat16
-            and w.dtype == torch.bfloat16
-            and not torch.is_grad_enabled()
-            and x.numel() >= BF16_GEMM_AS_FP32_MIN_ROWS * x.shape[-1]
-            and bf16_emulated(x)
-        ):
+        if gemm_as_fp32(x, w):
             return linear_bf16_as_fp32(x, w, self.bias, fp32_shadow(self, w))
         if self.bias is None and x.dtype == torch.bfloat16 and torch.compiler.is_compiling():
             return opaque_linear(x, w)  # [..., out]

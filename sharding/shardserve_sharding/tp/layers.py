@@ -24,27 +24,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.llama import (
-    BF16_GEMM_AS_FP32_MIN_ROWS,
-    bf16_emulated,
-    fp32_shadow,
-    linear_bf16_as_fp32,
-)
+from ..models.llama import fp32_shadow, gemm_as_fp32, linear_bf16_as_fp32
 from .comm import Comm
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             owner: nn.Module | None = None) -> torch.Tensor:
     """F.linear, except for bf16 inference of several rows on a CPU that emulates bf16: that
-    runs as fp32 GEMMs over a block-wise upcast weight (as models.llama.Linear does; several
-    times faster, products exact, sums in fp32 as a bf16 GEMM's are)."""
-    if (
-        x.dtype == torch.bfloat16
-        and weight.dtype == torch.bfloat16
-        and not torch.is_grad_enabled()
-        and x.numel() >= BF16_GEMM_AS_FP32_MIN_ROWS * x.shape[-1]
-        and bf16_emulated(x)
-    ):
+    runs as fp32 GEMMs over owner's cached fp32 copy of the weight, or a block-wise upcast one
+    (as models.llama.Linear does; several times faster, products exact, sums in fp32 as a bf16
+    GEMM's are)."""
+    if gemm_as_fp32(x, weight):
         shadow = fp32_shadow(owner, weight) if owner is not None else None
         return linear_bf16_as_fp32(x, weight, bias, shadow)
     return F.linear(x, weight, bias)
