@@ -131,19 +131,6 @@ def shard_tensor(t: torch.Tensor, spec: ShardSpec) -> torch.Tensor:
     return torch.cat(parts, dim=spec.dim) if len(parts) > 1 else parts[0].contiguous().clone()
 
 
-def shard_parts(t: torch.Tensor, spec: ShardSpec) -> list[torch.Tensor]:
-    """The local slice as dim-0 pieces to be written in order (views where possible): the
-    streaming writer writes them one after another instead of concatenating a copy."""
-    if spec.dim < 0:
-        return [t]
-    if spec.dim != 0:
-        return [shard_tensor(t, spec)]
-    parts = [t.narrow(0, a, b - a) for a, b in spec.pieces]  # contiguous views of rows
-    if spec.pad:
-        parts.append(t.new_zeros((spec.pad, *t.shape[1:])))
-    return parts
-
-
 def merge_shards(
     shards: Sequence[torch.Tensor], specs: Sequence[ShardSpec], shape: Sequence[int]
 ) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """Reshard any supported checkpoint to the shardserve format at a target TP x PP layout.
 
-Streaming: each source tensor is read once (merged from the source ranks if needed), cut into
-the target ranks' slices, each slice is written straight to its rank file (the files are
-written side by side, header first, see safetensors_stream.py) and freed. Peak memory is one
-full tensor plus one output slice. The output directory appears only when complete.
+Streaming: a shardserve source is read in chunks of global rows straight from its rank files
+(positioned reads, no merged copy) and each chunk's rows or columns go to the target ranks'
+files (written side by side, header first, hashed on a thread each, see
+safetensors_stream.py); peak memory is a few chunks. Other sources hand over one whole tensor
+at a time, cut the same way. The output directory appears only when complete.
 
     shardserve reshard SRC DST --tp 3 [--pp 2] [--source-format auto] [--dtype fp32] [--verify]
 """
@@ -29,7 +30,6 @@ from .partition import (
     TPGeometry,
     check_tp,
     local_shape,
-    shard_parts,
     shard_spec,
     stage_layers,
     tensor_stage,
@@ -200,18 +200,14 @@ def _stream_tensor(source: Any, name: str, shape: tuple[int, ...], specs: list[S
     """
     rows = shape[0] if shape else 1
     inner = tuple(shape[1:])
-    direct = hasattr(source, "read_rows") and all(
-        s.dim != 0 or _ascending(s.pieces) for s in specs)
+    if not all(s.dim != 0 or _ascending(s.pieces) for s in specs):  # the split table's promise
+        raise ValueError(f"{name}: a rank's dim-0 pieces are not in ascending order")
     full = None
-    if not direct:
+    if not hasattr(source, "read_rows"):
         full = source.tensor(name)
         if tuple(full.shape) != shape:
             raise CheckpointError(f"{name} is {list(full.shape)}, expected {list(shape)}")
         full = full.to(out_dtype).reshape(rows, *inner)  # [rows, *inner]
-        if not all(s.dim != 0 or _ascending(s.pieces) for s in specs):
-            for w, spec in zip(writers, specs, strict=True):
-                w.write_parts(name, shard_parts(full, spec), local_shape(shape, spec), out_dtype)
-            return
     for w in writers:
         w.begin(name, out_dtype)
     item = (full.dtype if full is not None else source.dtype).itemsize

@@ -417,3 +417,21 @@ def test_batch_size_mismatch_is_an_error() -> None:
         Sampler().sample(torch.zeros(2, 3), [GREEDY] * 2, [None], [[]] * 2, [[]] * 2)
     with pytest.raises(ValueError, match="logits"):
         Sampler().sample(torch.zeros(3), [GREEDY], [None], [[]], [[]])
+
+
+def test_sample_without_logprobs_is_the_plain_greedy_argmax():
+    """logprobs=False with every row plain greedy: the argmax and no logprobs; any penalty or
+    sampled row still goes through the full sampler (and returns logprobs)."""
+    from shardserve_server.engine.sampling import Sampler, SamplingParams
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=g)
+    greedy = [SamplingParams(temperature=0.0)] * 3
+    s = Sampler(seed=0)
+    toks, lps = s.sample(logits, greedy, [None] * 3, [[1]] * 3, [[]] * 3, logprobs=False)
+    assert lps is None and torch.equal(toks, logits.argmax(-1))
+    full_toks, full_lps = s.sample(logits, greedy, [None] * 3, [[1]] * 3, [[]] * 3)
+    assert torch.equal(full_toks, toks) and full_lps is not None
+    pen = [SamplingParams(temperature=0.0, repetition_penalty=1.5)] * 3
+    _, pen_lps = s.sample(logits, pen, [None] * 3, [[1]] * 3, [[]] * 3, logprobs=False)
+    assert pen_lps is not None

@@ -418,35 +418,22 @@ def test_stream_writer_rejects_out_of_order_and_unfinished_files(tmp_path):
     assert _entries(tmp_path) == []
 
 
-def test_stream_writer_parts_equal_the_concatenation(tmp_path):
+def test_appended_views_empty_and_strided_chunks_equal_the_tensor(tmp_path):
     g = torch.Generator().manual_seed(2)
     full = torch.randn(7, 5, generator=g).to(torch.bfloat16)
-    parts = [full[:2], full[2:2], full[2:].t().contiguous().t()]  # views, empty, strided
+    chunks = [full[:2], full[2:2], full[2:].t().contiguous().t()]  # views, empty, strided
     specs = [TensorSpec("w", torch.bfloat16, (7, 5)), TensorSpec("v", torch.float32, (3,))]
     w = SafetensorsStreamWriter(tmp_path / "p.safetensors", specs)
-    w.write_parts("w", parts, (7, 5), torch.bfloat16)
-    w.write_parts("v", [torch.ones(1), torch.zeros(2)], (3,), torch.float32)
+    w.begin("w", torch.bfloat16)
+    for c in chunks:
+        w.append(c)
+    w.begin("v", torch.float32)
+    w.append(torch.ones(1))
+    w.append(torch.zeros(2))
     digest = w.close()
     got = load_file(str(tmp_path / "p.safetensors"))
     assert _bits(got["w"]) == _bits(full) and torch.equal(got["v"], torch.tensor([1.0, 0, 0]))
     assert digest == hashlib.sha256((tmp_path / "p.safetensors").read_bytes()).hexdigest()
-
-
-@pytest.mark.parametrize(
-    "parts",
-    [
-        [torch.ones(2, 3), torch.ones(2, 3)],  # right rows, wrong columns (was written, corrupt)
-        [torch.ones(2, 4), torch.ones(1, 4)],  # too few rows
-        [torch.ones(2, 4), torch.ones(2, 4, dtype=torch.float16)],  # a part of another dtype
-    ],
-    ids=["columns", "rows", "dtype"],
-)
-def test_stream_writer_parts_must_fit_the_spec(tmp_path, parts):
-    w = SafetensorsStreamWriter(tmp_path / "p.st", [TensorSpec("a", torch.float32, (4, 4))])
-    with pytest.raises(ValueError, match="expected a"):
-        w.write_parts("a", parts, (4, 4), torch.float32)
-    w.abort()
-    assert _entries(tmp_path) == []
 
 
 def test_streamed_tensor_in_chunks_equals_a_whole_write(tmp_path):
@@ -461,7 +448,7 @@ def test_streamed_tensor_in_chunks_equals_a_whole_write(tmp_path):
     w.begin("big", torch.float32)
     for r0 in range(0, 40, 7):  # uneven chunks; the last one shorter
         w.append(big[r0 : r0 + 7].clone(), owned=True)
-    w.write_parts("small", [small[:2], small[2:]], (5,), torch.bfloat16)
+    w.write("small", small)
     assert w.close() == whole
     assert (tmp_path / "chunks.safetensors").read_bytes() == (
         tmp_path / "whole.safetensors").read_bytes()
@@ -477,11 +464,7 @@ def test_streamed_tensor_in_chunks_equals_a_whole_write(tmp_path):
         w.begin("small", torch.bfloat16)
     with pytest.raises(ValueError, match="unfinished"):
         w.close()
-    p = SafetensorsStreamWriter(tmp_path / "p.safetensors", specs[1:])
-    with pytest.raises(ValueError, match=r"as parts \[\[2, 3\]\]"):  # wrong trailing shape
-        p.write_parts("small", [torch.zeros(2, 3, dtype=torch.bfloat16)], (5,), torch.bfloat16)
-    p.abort()
-    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(("bad", "p."))]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("bad")]
 
 
 def test_raw_reader_reads_row_ranges_and_names_a_damaged_file(tmp_path):

@@ -7,6 +7,7 @@ this module maps outcomes to gRPC status codes, metrics and one structured log l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -188,23 +189,21 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
         return await self._unary(self._run("Generate", request, request.prompt, context, False))
 
     async def GenerateStream(self, request, context):
-        agen = self._run("GenerateStream", request, request.prompt, context, True)
-        try:
+        # aclosing: if the client goes away, _run is closed now (it cancels and accounts the
+        # request), not whenever the abandoned generator is collected
+        async with contextlib.aclosing(
+                self._run("GenerateStream", request, request.prompt, context, True)) as agen:
             async for out in agen:
                 yield out
-        finally:  # the client went away: close _run now (it cancels and accounts the request)
-            await agen.aclose()
 
     async def Chat(self, request, context):
         return await self._unary(self._run("Chat", request, None, context, False))
 
     async def ChatStream(self, request, context):
-        agen = self._run("ChatStream", request, None, context, True)
-        try:
+        async with contextlib.aclosing(
+                self._run("ChatStream", request, None, context, True)) as agen:
             async for out in agen:
                 yield out
-        finally:
-            await agen.aclose()
 
     async def Tokenize(self, request, context):
         ids = self.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens)

@@ -104,32 +104,26 @@ class LocalEngine:
         return [s.result() for s in seqs]
 
     def _sample(
-        self, logits: torch.Tensor, seqs: list[Sequence], plain_greedy: bool = False
+        self, logits: torch.Tensor, seqs: list[Sequence]
     ) -> tuple[list[TokenEvent], torch.Tensor]:
         """Pick and record one token per row: (events, tokens [B] long)."""
-        banned_any = False
         for i, s in enumerate(seqs):  # min_new_tokens: EOS / stop ids cannot be chosen yet
             banned = s.stop.suppressed_token_ids(len(s.output_ids))
             if banned:
                 logits[i, list(banned)] = float("-inf")
-                banned_any = True
-        if plain_greedy and not banned_any:
-            # Every row is greedy, without penalties or logprobs: the exact argmax is the whole
-            # answer (the Sampler would also build a [B, V] log-softmax nobody reads).
-            tokens = logits.argmax(dim=-1)  # [B]
-            toks = tokens.tolist()
-            return [s.append(toks[i]) for i, s in enumerate(seqs)], tokens
         tokens, logprobs = self.sampler.sample(
             logits,
             [s.req.sampling for s in seqs],
             [s.generator for s in seqs],
             [s.prompt_ids for s in seqs],
             [s.output_ids for s in seqs],
+            logprobs=any(s.req.logprobs is not None for s in seqs),
         )
         want_top = [s.req.logprobs or 0 for s in seqs]
         full = torch.log_softmax(logits.float(), dim=-1) if any(want_top) else None  # [B, V]
         events = []
-        tok_list, lp_list = tokens.tolist(), logprobs.tolist()
+        tok_list = tokens.tolist()
+        lp_list = logprobs.tolist() if logprobs is not None else [None] * len(seqs)
         for i, s in enumerate(seqs):
             top = None
             if want_top[i] and full is not None:
@@ -142,11 +136,6 @@ class LocalEngine:
     def _run_wave(self, seqs: list[Sequence], ids: list[int], on_token: TokenCallback | None):
         model, decode, dev = self.model, self._decode_model, self.device
         n = len(seqs)
-        plain_greedy = all(
-            s.req.sampling.is_greedy and not s.req.sampling.has_penalties
-            and s.req.logprobs is None
-            for s in seqs
-        )
         lens = torch.tensor([len(s.prompt_ids) for s in seqs], device=dev)  # [B]
         max_len = max(len(s.prompt_ids) + s.req.stopping.max_new_tokens for s in seqs)
         cache = model.new_cache(n, max_len, dtype=self.config.dtype, device=dev)
@@ -160,7 +149,7 @@ class LocalEngine:
         positions = torch.arange(width, device=dev).expand(n, width)  # [B, T]
         cache.begin_step(positions, lens)
         logits = model(tokens, positions, cache, logits_index=lens - 1)  # [B, V]
-        events, sampled = self._sample(logits, seqs, plain_greedy)
+        events, sampled = self._sample(logits, seqs)
         self.stats.prefill_s += time.perf_counter() - t0
         self._emit(events, ids, on_token)
         rows = list(range(n))  # cache row -> index in seqs
@@ -187,7 +176,7 @@ class LocalEngine:
             if self.config.compile and (b > 1) not in self._compiled_kinds:
                 self._compiled_kinds.add(b > 1)
                 self.stats.compile_s += time.perf_counter() - t_step
-            events, sampled = self._sample(logits, live, plain_greedy)
+            events, sampled = self._sample(logits, live)
             tokens = sampled.to(dev)[:, None]
             positions = positions + 1
             self.stats.decode_steps += 1

@@ -138,8 +138,12 @@ class Sampler:
         generators: Sequence[torch.Generator | None],
         prompt_token_ids: Sequence[Sequence[int]],
         output_token_ids: Sequence[Sequence[int]],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pick a token per row: (tokens [B] long, logprobs [B] float32).
+        *,
+        logprobs: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pick a token per row: (tokens [B] long, logprobs [B] float32, or None when
+        `logprobs` is False and every row is plain greedy: then the argmax is the whole answer
+        and no [B, V] log-softmax is built).
 
         logits: [B, V], one row per request. generators[i] must be the request's own generator
         when params[i].seed is set (kept across steps); None uses the shared generator.
@@ -147,10 +151,13 @@ class Sampler:
         for the penalties. logprobs are the log-softmax of the processed distribution at the
         chosen token (greedy rows: of the penalised logits at temperature 1).
         """
-        tokens, logprobs, _ = self.sample_with_full_logprobs(
+        if not logprobs and all(p.is_greedy and not p.has_penalties for p in params):
+            _check_inputs(logits, params, generators, prompt_token_ids, output_token_ids)
+            return logits.argmax(dim=-1), None  # [B]
+        tokens, lps, _ = self.sample_with_full_logprobs(
             logits, params, generators, prompt_token_ids, output_token_ids
         )
-        return tokens, logprobs
+        return tokens, lps
 
     def sample_with_full_logprobs(
         self,

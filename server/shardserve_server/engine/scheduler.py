@@ -280,24 +280,19 @@ class GroupScheduler:
                 lg[j, list(banned)] = float("-inf")
         want_top = any(s.seq.req.logprobs for s in seqs)
         params = [s.seq.req.sampling for s in seqs]
+        gens = [s.seq.generator for s in seqs]
+        prompts = [s.seq.prompt_ids for s in seqs]
+        outs = [s.seq.output_ids for s in seqs]
         full = None
-        if all(p.is_greedy and not p.has_penalties for p in params) and all(
-            s.seq.req.logprobs is None for s in seqs
-        ):
-            # plain greedy and nobody reads a logprob: the argmax is the whole answer (exactly
-            # the Sampler's token; it would also build a [B, V] log-softmax)
-            tok_list = lg.argmax(dim=-1).tolist()
-            lp_list = [None] * len(seqs)
+        if want_top:
+            tokens, lps, full = self.sampler.sample_with_full_logprobs(lg, params, gens, prompts,
+                                                                        outs)
         else:
-            gens = [s.seq.generator for s in seqs]
-            prompts = [s.seq.prompt_ids for s in seqs]
-            outs = [s.seq.output_ids for s in seqs]
-            if want_top:
-                tokens, lps, full = self.sampler.sample_with_full_logprobs(lg, params, gens,
-                                                                            prompts, outs)
-            else:
-                tokens, lps = self.sampler.sample(lg, params, gens, prompts, outs)
-            tok_list, lp_list = tokens.tolist(), lps.tolist()
+            tokens, lps = self.sampler.sample(
+                lg, params, gens, prompts, outs,
+                logprobs=any(s.seq.req.logprobs is not None for s in seqs))
+        tok_list = tokens.tolist()
+        lp_list = lps.tolist() if lps is not None else [None] * len(seqs)
         events = []
         now = time.monotonic()
         for j, (s, tok, lp) in enumerate(zip(seqs, tok_list, lp_list, strict=True)):

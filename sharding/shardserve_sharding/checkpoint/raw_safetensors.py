@@ -18,16 +18,10 @@ from pathlib import Path
 import torch
 
 from .manifest import CheckpointError
+from .safetensors_stream import _ST_DTYPES
 
-ST_DTYPES: dict[str, torch.dtype] = {
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-}
+ST_DTYPES: dict[str, torch.dtype] = {v: k for k, v in _ST_DTYPES.items()}
+"""safetensors dtype names -> torch dtypes (the writer's table, reversed)."""
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 
 

@@ -225,33 +225,15 @@ class SafetensorsStreamWriter:
         self._pending = None
         self._next += 1
 
-    def write_parts(self, name: str, parts: list[torch.Tensor], shape: tuple[int, ...],
-                    dtype: torch.dtype) -> None:
-        """Write the next declared tensor given as dim-0 pieces (no concatenated copy)."""
-        spec = self._take(name, dtype, tuple(shape))
-        rows = sum(p.shape[0] for p in parts)
-        if (rows != spec.shape[0] or any(p.dtype != dtype for p in parts)
-                or any(tuple(p.shape[1:]) != spec.shape[1:] for p in parts)):
-            raise ValueError(f"{self.path.name}: expected {spec.name} {spec.dtype} "
-                             f"{list(spec.shape)}, got {name} {dtype} {list(shape)} as parts "
-                             f"{[list(p.shape) for p in parts]}")
-        self.begin(name, dtype)
-        for p in parts:
-            self.append(p)
-
-    def close(self, *, fsync: bool = True) -> str:
-        """Finish the file (all tensors must have been written); returns its sha256 hex digest.
-
-        fsync=False leaves durability to a later sync (a caller closing many files syncs
-        them together, see sync_files)."""
+    def close(self) -> str:
+        """Finish the file (all tensors must have been written); returns its sha256 hex digest."""
         if self._pending is not None or self._next != len(self._specs):
             missing = [s.name for s in self._specs[self._next :]]
             self.abort()
             raise ValueError(f"{self.path.name}: tensors never written (or unfinished): "
                              f"{missing[:5]}")
         digest = self._hash.digest()
-        if fsync:
-            os.fsync(self._f.fileno())
+        os.fsync(self._f.fileno())
         self._f.close()
         os.replace(self._tmp, self.path)
         return digest

@@ -3,7 +3,8 @@
 tensor(name) merges the global tensor from every TP rank that holds part of it;
 read_local(name, spec) reads only the rows or columns one target rank needs (safetensors
 slice reads through get_slice), so a worker can serve any layout at any valid TP without an
-offline reshard and without ever holding the full tensor.
+offline reshard and without ever holding the full tensor; read_rows(name, r0, r1, out) fills
+a buffer with global rows by positioned reads from the rank files (the resharder's path).
 """
 
 from __future__ import annotations

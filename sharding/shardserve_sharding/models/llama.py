@@ -198,9 +198,10 @@ def linear_bf16_as_fp32(
 
 @torch.library.custom_op("shardserve::gemv", mutates_args=())
 def opaque_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight) as one opaque call inside torch.compile graphs. Inductor would lower
-    a linear to mm over a transposed view of the weight, which for a bf16 GEMV (batch-1 decode)
-    misses torch's bf16 GEMV kernel and runs ~1.5x slower; eager F.linear takes that kernel."""
+    """F.linear(x, weight) as one opaque call inside torch.compile graphs. Inductor lowers a
+    linear to mm over a transposed view of the weight; for SmolLM2's bf16 batch-1 decode step
+    on 2 AVX2 cores that took 0.96 s per 64 tokens against 0.89 s through F.linear (torch's
+    bf16 GEMV kernel), a 7% gain measured once (cProfile, compiled LocalEngine)."""
     return F.linear(x, weight)
 
 
