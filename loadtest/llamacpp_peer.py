@@ -33,8 +33,8 @@ def f32_gguf(src: Path, dst: Path) -> Path:
     tmp = dst.with_suffix(".tmp")
     writer = gguf.GGUFWriter(str(tmp), arch_name)
     for name, field in reader.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
-            continue
+        if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
+            continue  # the file type is this file's own (all F32), set below
         vtype = field.types[0]
         if vtype == gguf.GGUFValueType.ARRAY:
             sub = field.types[1]
@@ -48,6 +48,7 @@ def f32_gguf(src: Path, dst: Path) -> Path:
             writer.add_string(name, bytes(field.parts[field.data[0]]).decode())
         else:
             writer.add_key_value(name, field.parts[field.data[0]].tolist()[0], vtype)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     for t in reader.tensors:
         arr = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32)
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))

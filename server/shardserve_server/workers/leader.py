@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from shardserve_sharding.models.llama import BF16_GEMM_AS_FP32_MIN_ROWS
+
 from ..engine.runner import ForwardPlan, broadcast_plan
 from ..engine.sampling import SamplingParams
 from ..engine.scheduler import GroupScheduler, SchedulerConfig
@@ -58,7 +60,9 @@ class Leader:
 
     def warmup(self) -> float:
         t0 = time.perf_counter()
-        prompt = (1, 2, 3, 4, 5, 6, 7, 8)
+        # long enough for the fp32 GEMM path of bf16 models, so that its cached fp32 weight
+        # copies are built here, before readiness, not on the first request
+        prompt = tuple(range(1, BF16_GEMM_AS_FP32_MIN_ROWS + 3))
         req = GenerationRequest(prompt, SamplingParams(temperature=0.0),
                                 StoppingParams(max_new_tokens=2, ignore_eos=True), "__warmup__")
         self.scheduler.add(req)
