@@ -20,6 +20,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,7 +41,7 @@ tables = torch.arange(batch * nb).view(batch, nb)
 if backend == "onnx":
     from shardserve_sharding.onnx_export.runtime import OnnxStepRuntime
     rt = OnnxStepRuntime(model_dir, kv_cache_tokens=batch * nb * bs, block_size=bs,
-                         threads=threads)
+                         threads=threads, spin=threads > 1)  # as `serve` on these cores
     fwd = lambda t, p, n, li: torch.from_numpy(
         rt.forward(t.numpy(), p.numpy(), n.numpy(), li.numpy(), tables.numpy()))
 else:
@@ -98,18 +99,22 @@ def main() -> int:
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "bench_onnx"))
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--llamacpp-python", help="python of a venv with llama-cpp-python")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="runs of each measurement, interleaved; medians are reported")
     args = ap.parse_args()
     from shardserve_server.cli import bundled_gguf
     from shardserve_sharding.importers import import_model
     from shardserve_sharding.onnx_export.export import export_onnx
+    from shardserve_sharding.onnx_export.llama_graph import GRAPH_VERSION
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     ckpt, onnx_dir = work / "smollm2", work / "smollm2-onnx"
     if not (ckpt / "manifest.json").is_file():
         import_model(bundled_gguf(), ckpt)
-    if not (onnx_dir / "onnx_model.json").is_file():
-        export_onnx(ckpt, onnx_dir)
+    meta = onnx_dir / "onnx_model.json"
+    if not meta.is_file() or json.loads(meta.read_text()).get("graph") != GRAPH_VERSION:
+        export_onnx(ckpt, onnx_dir, overwrite=True)  # absent, or from an older exporter
     gguf_f32 = None
     if args.llamacpp_python:
         from llamacpp_peer import f32_gguf
@@ -118,23 +123,30 @@ def main() -> int:
     rows = []
     for batch in (1, 32):
         new = args.new_tokens if batch == 1 else max(16, args.new_tokens // 2)
-        o = child(RUNNER, "onnx", str(onnx_dir), str(batch), str(new), "2")["tok_s"]
-        t = child(RUNNER, "torch", str(ckpt), str(batch), str(new), "2")["tok_s"]
-        lc = None
-        if gguf_f32 is not None:
-            out = subprocess.run(
-                [args.llamacpp_python, str(Path(__file__).with_name("llamacpp_peer.py")),
-                 str(gguf_f32), str(batch), str(new), "2"],
-                check=True, capture_output=True, text=True)
-            lc = json.loads(out.stdout.strip().splitlines()[-1])["tok_s"]
-        rows.append((batch, o, t, lc))
-        print(f"batch {batch}: onnx {o:.1f} tok/s, torch {t:.1f} tok/s ({o / t:.2f}x), "
-              f"llama.cpp F32 {lc}", flush=True)
+        os_, ts, lcs = [], [], []
+        for _ in range(args.repeats):  # interleaved, so drifts in machine speed hit all alike
+            os_.append(child(RUNNER, "onnx", str(onnx_dir), str(batch), str(new), "2")["tok_s"])
+            ts.append(child(RUNNER, "torch", str(ckpt), str(batch), str(new), "2")["tok_s"])
+            if gguf_f32 is not None:
+                out = subprocess.run(
+                    [args.llamacpp_python, str(Path(__file__).with_name("llamacpp_peer.py")),
+                     str(gguf_f32), str(batch), str(new), "2"],
+                    check=True, capture_output=True, text=True)
+                lcs.append(json.loads(out.stdout.strip().splitlines()[-1])["tok_s"])
+            print(f"batch {batch}: onnx {os_[-1]:.1f} tok/s, torch {ts[-1]:.1f} tok/s, "
+                  f"llama.cpp F32 {lcs[-1] if lcs else None}", flush=True)
+        o, t = statistics.median(os_), statistics.median(ts)
+        lc = statistics.median(lcs) if lcs else None
+        rows.append((batch, o, t, lc, os_, lcs))
     # replica scaling with 1 thread each: 32 requests, 32 new tokens
-    r1 = child(REPLICAS, str(onnx_dir), "1", "32", "32")["tok_s"]
-    r2 = child(REPLICAS, str(onnx_dir), "2", "32", "32")["tok_s"]
-    print(f"replicas: 1 x 1 thread {r1:.1f} tok/s, 2 x 1 thread {r2:.1f} tok/s", flush=True)
-    cmd = ".venv/bin/python loadtest/bench_onnx.py" + (
+    r1s, r2s = [], []
+    for _ in range(args.repeats):
+        r1s.append(child(REPLICAS, str(onnx_dir), "1", "32", "32")["tok_s"])
+        r2s.append(child(REPLICAS, str(onnx_dir), "2", "32", "32")["tok_s"])
+        print(f"replicas: 1 x 1 thread {r1s[-1]:.1f} tok/s, 2 x 1 thread {r2s[-1]:.1f} tok/s",
+              flush=True)
+    r1, r2 = statistics.median(r1s), statistics.median(r2s)
+    cmd = f".venv/bin/python loadtest/bench_onnx.py --repeats {args.repeats}" + (
         " --llamacpp-python /tmp/llamacpp-venv/bin/python" if gguf_f32 else "")
     lines = ["# ONNX Runtime backend vs torch backend (SmolLM2-135M, fp32)", "",
              f"Command: `{cmd}`  ",
@@ -142,12 +154,19 @@ def main() -> int:
              f"{os.cpu_count()} cores", "",
              "| sequences | ONNX Runtime tok/s | torch tok/s | ONNX / torch | llama.cpp F32 "
              "tok/s | ONNX / llama.cpp |", "|---|---|---|---|---|---|"]
-    for batch, o, t, lc in rows:
+    for batch, o, t, lc, _, _ in rows:
         lcs = f"{lc:.1f} | {o / lc:.2f}x" if lc else "not run | -"
         lines.append(f"| {batch} | {o:.1f} | {t:.1f} | {o / t:.2f}x | {lcs} |")
+    lines += ["", "Every run (tok/s, in order): " + "; ".join(
+        f"batch {b}: ONNX {', '.join(f'{x:.1f}' for x in ox)}"
+        + (f", llama.cpp {', '.join(f'{x:.1f}' for x in lx)}" if lx else "")
+        for b, _, _, _, ox, lx in rows)
+        + f"; replicas 1 x 1 {', '.join(f'{x:.1f}' for x in r1s)}, 2 x 1 "
+        f"{', '.join(f'{x:.1f}' for x in r2s)}."]
     lines += ["", "| replicas x threads | tok/s (32 requests x 32 tokens) | vs 1 replica |",
               "|---|---|---|", f"| 1 x 1 | {r1:.1f} | 1.00x |",
               f"| 2 x 1 | {r2:.1f} | {r2 / r1:.2f}x (target >= 1.6x) |", "",
+              f"Medians of {args.repeats} interleaved runs. "
               "Decode only (prefill excluded), greedy, 2 threads; llama.cpp through its batch "
               "API (llama_decode of all sequences per step) on an F32 GGUF of the same weights. "
               "Target: ONNX batch 1 >= 1.0x llama.cpp F32."]

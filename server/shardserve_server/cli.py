@@ -75,11 +75,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from shardserve_server.workers.worker import WorkerConfig
 
     backend = describe(args.model).backend if args.backend == "auto" else args.backend
-    threads = args.threads or max(1, (os.cpu_count() or 2) // (args.tp * args.replicas))
+    cores = os.cpu_count() or 2
+    threads = args.threads or max(1, cores // (args.tp * args.replicas))
     dtype = "float32" if backend == "onnx" else {"fp32": "float32", "bf16": "bfloat16"}[args.dtype]
+    # ONNX Runtime's threads spin between kernels only where every replica has its own cores
+    spin = backend == "onnx" and threads > 1 and threads * args.replicas <= cores
     worker = WorkerConfig(
         args.model, tp=args.tp, dtype=dtype,
-        threads=threads, kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size,
+        threads=threads, spin=spin, kv_cache_tokens=args.kv_cache_tokens,
+        block_size=args.block_size,
         max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
         pg_timeout_s=args.pg_timeout, backend=backend,
     )
@@ -424,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir")
     p.add_argument("out_dir")
     p.add_argument("--dtype", choices=("fp32", "int8"), default="fp32")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset (default: 23 for Llama, its minimum; 17 for the conv LM)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export_onnx)
 

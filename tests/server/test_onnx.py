@@ -85,6 +85,29 @@ def test_export_refuses_existing_and_leaves_nothing_on_failure(tmp_path, tiny_ll
     assert not (tmp_path / "y").exists()
 
 
+def test_llama_graph_is_short_and_versioned(tmp_path, tiny_llama_dir):
+    import json
+
+    import onnx
+
+    out = tmp_path / "o"
+    export_onnx(tiny_llama_dir, out)
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    ops = [n.op_type for n in m.graph.node]
+    n_layers = json.loads((out / "onnx_model.json").read_text())["n_layers"]
+    assert len(ops) <= 18 * n_layers + 5, len(ops)  # no shape arithmetic left
+    assert not {"Shape", "Unsqueeze", "Where", "Slice"} & set(ops)
+    assert ops.count("Attention") == n_layers
+    with pytest.raises(ValueError, match="opset >= 23"):
+        export_onnx(tiny_llama_dir, tmp_path / "old", opset=17)
+    assert not (tmp_path / "old").exists()
+    meta = json.loads((out / "onnx_model.json").read_text())
+    meta["graph"] = 1  # an export from before the hand-written graph
+    (out / "onnx_model.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="export it again"):
+        OnnxStepRuntime(out)
+
+
 def test_runtime_pool_is_bound_not_copied(tmp_path, tiny_llama_dir):
     out = tmp_path / "o"
     export_onnx(tiny_llama_dir, out)
@@ -109,10 +132,15 @@ def test_two_onnx_replicas_spread_and_fail_over(tmp_path, tiny_llama_dir):
         eng = AsyncEngine(cfg, EngineLimits(lookahead=3), replicas=2)
         await eng.start()
         try:
-            ref = await eng.submit(greedy(ids, 120, "ref")).result()
-            streams = [eng.submit(greedy(ids, 120, f"s{i}")) for i in range(8)]
-            await asyncio.sleep(0.3)
-            per = [r["inflight"] for r in eng.stats()["replicas"]]
+            # long requests (a tiny model decodes ~1000 tokens/s): still running at the kill
+            ref = await eng.submit(greedy(ids, 480, "ref")).result()
+            streams = [eng.submit(greedy(ids, 480, f"s{i}")) for i in range(8)]
+            deadline = time.monotonic() + 10
+            while True:
+                per = [r["inflight"] for r in eng.stats()["replicas"]]
+                if min(per) >= 1 or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.01)
             assert min(per) >= 1, per  # both replicas got work
             victim = eng.stats()["replicas"][1]["pids"][0]
             os.kill(victim, signal.SIGKILL)
@@ -126,7 +154,7 @@ def test_two_onnx_replicas_spread_and_fail_over(tmp_path, tiny_llama_dir):
             while not eng.group_up and time.monotonic() < deadline:
                 await asyncio.sleep(0.2)
             assert eng.group_up and eng.stats()["restarts"] == 1
-            again = await eng.submit(greedy(ids, 120, "after")).result()
+            again = await eng.submit(greedy(ids, 480, "after")).result()
             assert again.token_ids == ref.token_ids
             toks = [r["tokens_out"] for r in eng.stats()["replicas"]]
             return toks

@@ -22,7 +22,7 @@ class OnnxModelRunner:
 
         self.rt = OnnxStepRuntime(cfg.model_dir, kv_cache_tokens=cfg.kv_cache_tokens,
                                   block_size=cfg.block_size, max_slots=cfg.max_batch_size,
-                                  threads=cfg.threads)
+                                  threads=cfg.threads, spin=cfg.spin)
         self.family = self.rt.family
         self.comm = ThreadGroup(1).comm(0)
         self.forward_seconds = 0.0

@@ -33,7 +33,10 @@ class WorkerConfig:
     dtype: str = "float32"
     """float32 or bfloat16."""
     threads: int = 1
-    """torch intra-op threads per rank."""
+    """torch (or ONNX Runtime) intra-op threads per rank."""
+    spin: bool = False
+    """ONNX Runtime only: intra-op threads busy-wait between kernels (faster small GEMMs);
+    for replicas whose threads have cores to themselves."""
     master_port: int = 0
     """TCP port of the group's rendezvous on 127.0.0.1 (TP > 1)."""
     pg_timeout_s: float = 10.0

@@ -1,10 +1,12 @@
 """`shardserve export-onnx MODEL_DIR OUT_DIR [--dtype fp32|int8] [--opset N]`.
 
-The checkpoint (any layout: tensors are merged while reading) becomes one fp32 model, wrapped
-in the step graph of graphs.py and exported with torch.onnx (dynamic batch, step length and
-cache length; weights as external data). The result is checked before anything is written:
-ONNX Runtime and torch run the same random prompts (ragged prefill, then several decode steps,
-through the paged cache) and export fails if logits differ by more than 1e-4 x max|torch|.
+The checkpoint (any layout: tensors are merged while reading) becomes one fp32 model: the
+Llama family as the hand-written step graph of llama_graph.py (opset 23), the conv LM as the
+step of graphs.py exported with torch.onnx; dynamic batch, step length and cache length;
+weights as external data, a tied embedding stored once. The result is checked before
+anything is written: ONNX Runtime and torch run the same random prompts (ragged prefill, then
+several decode steps, through the paged cache) and export fails if logits differ by more than
+1e-4 x max|torch|.
 With --dtype int8 the weights are also quantized dynamically (onnxruntime.quantization) and
 the quality cost is measured (logit error, top-1 agreement, perplexity on a held text).
 """
@@ -27,7 +29,8 @@ import torch
 from ..checkpoint.atomic import atomic_directory, atomic_write_text
 from ..checkpoint.manifest import CheckpointError
 from ..checkpoint.source import ShardserveSource
-from .graphs import ConvStep, LlamaStep
+from .graphs import ConvStep
+from .llama_graph import GRAPH_VERSION, OPSET, build_llama_graph
 
 HELD_TEXT = (
     "The history of computing is a story of layers. Each generation of engineers built on the "
@@ -61,47 +64,39 @@ def load_full_model(model_dir: str | Path) -> tuple[torch.nn.Module, ShardserveS
     return model.eval().float(), src
 
 
-def _example(family: str, cfg: Any, n_layers: int, kv: tuple[int, int]):
-    b, t, s = 2, 3, 4
+def _conv_example(cfg: Any, n_layers: int):
+    b, t = 2, 3
     tokens = torch.randint(0, cfg.vocab_size, (b, t))
-    li = torch.tensor([t - 1, 0])
-    if family == "llama":
-        hkv, d = kv
-        n = 64
-        return (tokens, torch.arange(t).expand(b, t) + 4, torch.randint(0, n, (b, s)),
-                torch.ones(b, t, s, dtype=torch.bool), torch.ones(b, t, t, dtype=torch.bool).tril(),
-                li, torch.zeros(n_layers, n, hkv, d), torch.zeros(n_layers, n, hkv, d))
     return (tokens, torch.zeros(n_layers, b, cfg.dim, cfg.kernel_size - 1),
-            torch.tensor([t, 1]), li)
+            torch.tensor([t, 1]), torch.tensor([t - 1, 0]))
 
 
-def _export(model: torch.nn.Module, family: str, path: Path, opset: int) -> None:
-    cfg = model.config
+def _export(model: torch.nn.Module, family: str, path: Path, opset: int) -> int:
+    """Write model.onnx (+ model.onnx.data): the hand-written Llama graph, or the TorchScript
+    export of the conv LM's step (in a scratch folder, then moved). Returns the number of tied
+    initializers merged."""
     if family == "llama":
-        attn = model.layers[0].attention
-        wrapper = LlamaStep(model)
-        names = ["tokens", "positions", "read_slots", "past_mask", "new_mask", "logits_index",
-                 "k_cache", "v_cache"]
-        outs = ["logits", "k_new", "v_new"]
-        axes = {"tokens": {0: "batch", 1: "step"}, "positions": {0: "batch", 1: "step"},
-                "read_slots": {0: "batch", 1: "past"},
-                "past_mask": {0: "batch", 1: "step", 2: "past"},
-                "new_mask": {0: "batch", 1: "step", 2: "step"}, "logits_index": {0: "batch"},
-                "k_cache": {1: "slots"}, "v_cache": {1: "slots"}, "logits": {0: "batch"},
-                "k_new": {1: "batch", 2: "step"}, "v_new": {1: "batch", 2: "step"}}
-        args = _example(family, cfg, len(model.layers), (attn.n_kv_heads, attn.head_dim))
-    else:
-        wrapper = ConvStep(model)
-        names = ["tokens", "state", "num_new", "logits_index"]
-        outs = ["logits", "new_state"]
-        axes = {"tokens": {0: "batch", 1: "step"}, "state": {1: "batch"},
-                "num_new": {0: "batch"}, "logits_index": {0: "batch"}, "logits": {0: "batch"},
-                "new_state": {1: "batch"}}
-        args = _example(family, cfg, len(model.layers), (0, 0))
+        import onnx
+
+        proto = build_llama_graph(model, opset)
+        onnx.save_model(proto, str(path), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=path.name + ".data",
+                        size_threshold=1024)
+        return 0
+    names = ["tokens", "state", "num_new", "logits_index"]
+    outs = ["logits", "new_state"]
+    axes = {"tokens": {0: "batch", 1: "step"}, "state": {1: "batch"},
+            "num_new": {0: "batch"}, "logits_index": {0: "batch"}, "logits": {0: "batch"},
+            "new_state": {1: "batch"}}
+    args = _conv_example(model.config, len(model.layers))
+    scratch = Path(tempfile.mkdtemp(dir=path.parent))
     with torch.no_grad():
-        torch.onnx.export(wrapper, args, str(path), input_names=names, output_names=outs,
-                          dynamic_axes=axes, opset_version=opset, dynamo=False,
-                          do_constant_folding=False)  # keeps a tied weight single
+        torch.onnx.export(ConvStep(model), args, str(scratch / path.name), input_names=names,
+                          output_names=outs, dynamic_axes=axes, opset_version=opset,
+                          dynamo=False, do_constant_folding=False)  # keeps a tied weight single
+    shutil.move(str(scratch / path.name), path)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return _externalize(path)
 
 
 def _externalize(path: Path) -> int:
@@ -147,7 +142,7 @@ def _meta(model: torch.nn.Module, family: str, model_file: str) -> dict[str, Any
                          "config": cfg.to_dict()}
     if family == "llama":
         a = model.layers[0].attention
-        d.update(n_kv_heads=a.n_kv_heads, head_dim=a.head_dim)
+        d.update(n_kv_heads=a.n_kv_heads, head_dim=a.head_dim, graph=GRAPH_VERSION)
     else:
         d.update(dim=cfg.dim, kernel_size=cfg.kernel_size)
     return d
@@ -212,19 +207,19 @@ def _perplexity(onnx_dir: Path, model_file: str, ids: list[int]) -> float:
 
 
 def export_onnx(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
-                dtype: str = "fp32", opset: int = 17, tolerance: float = 1e-4,
+                dtype: str = "fp32", opset: int | None = None, tolerance: float = 1e-4,
                 overwrite: bool = False) -> ExportReport:
+    """Export, verify against torch and (with dtype="int8") quantize. opset defaults to 23 for
+    the Llama graph (its minimum) and 17 for the conv LM's TorchScript export."""
     if dtype not in ("fp32", "int8"):
         raise ValueError(f"--dtype must be fp32 or int8, got {dtype!r}")
     t0 = time.perf_counter()
     model, src = load_full_model(model_dir)
     family = src.family
+    if opset is None:
+        opset = OPSET if family == "llama" else 17
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        scratch = Path(tempfile.mkdtemp(dir=tmp))
-        _export(model, family, scratch / "model.onnx", opset)
-        shutil.move(str(scratch / "model.onnx"), tmp / "model.onnx")
-        shutil.rmtree(scratch, ignore_errors=True)
-        merged = _externalize(tmp / "model.onnx")
+        merged = _export(model, family, tmp / "model.onnx", opset)
         meta = _meta(model, family, "model.onnx")
         meta.update(opset=opset, tied_initializers_merged=merged, source=src.source_info())
         atomic_write_text(tmp / "onnx_model.json", json.dumps(meta, indent=1))
@@ -248,10 +243,16 @@ def export_onnx(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
 
 
 def _quantize(tmp: Path, src: ShardserveSource, meta: dict[str, Any]) -> dict[str, float]:
+    from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    # Only the weight GEMMs are quantized (the quantizer takes opset 23's Attention for ORT's
+    # older contrib Attention). ONNX shape inference does not type the outputs of ORT's
+    # contrib ops (fused RMSNorm): every activation in these graphs is fp32.
     quantize_dynamic(str(tmp / "model.onnx"), str(tmp / "model.int8.onnx"),
-                     weight_type=QuantType.QInt8, use_external_data_format=False)
+                     weight_type=QuantType.QInt8, use_external_data_format=False,
+                     op_types_to_quantize=["MatMul", "Gemm"],
+                     extra_options={"DefaultTensorType": TensorProto.FLOAT})
     tok = src.tokenizer()
     ids = tok.encode(HELD_TEXT) if tok is not None else list(range(64))
     ids = [i % meta["vocab_size"] for i in ids][:96]

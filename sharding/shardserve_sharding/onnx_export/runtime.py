@@ -4,7 +4,8 @@ The pools ([L, blocks x block_size, Hkv, D] for K and V, or [L, slots, dim, K-1]
 are allocated once and bound to the session by I/O binding as OrtValues that share the numpy
 memory, so a step never copies the cache through the graph: the graph gathers what it reads,
 returns only this step's new keys/values (or states), and the host writes those into the pool.
-Sessions use a fixed thread count and no spinning, so replicas and torch do not fight.
+Sessions use a fixed thread count and spin only when asked (a replica whose threads have
+their cores to themselves), so replicas and torch do not fight.
 """
 
 from __future__ import annotations
@@ -15,8 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from .llama_graph import GRAPH_VERSION, attn_bias
 
-def make_session(path: str | Path, threads: int = 1) -> Any:
+
+def make_session(path: str | Path, threads: int = 1, spin: bool = False) -> Any:
+    """spin lets the intra-op threads busy-wait between kernels: measured 22.5 -> 19.3 ms of
+    MatMul per SmolLM2 decode step at batch 1 on 2 threads (a sleeping thread takes ~30 us to
+    wake, per GEMV); only for a session whose threads have their cores to themselves."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -24,7 +30,7 @@ def make_session(path: str | Path, threads: int = 1) -> Any:
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
@@ -34,23 +40,37 @@ class OnnxStepRuntime:
 
     def __init__(self, onnx_dir: str | Path, *, kv_cache_tokens: int = 16384,
                  block_size: int = 16, max_slots: int = 256, threads: int = 1,
-                 model_file: str | None = None) -> None:
+                 spin: bool = False, model_file: str | None = None) -> None:
         import onnxruntime as ort
 
         self.dir = Path(onnx_dir)
         meta = json.loads((self.dir / "onnx_model.json").read_text())
         self.meta = meta
         self.family = meta["family"]
-        self.session = make_session(self.dir / (model_file or meta["model_file"]), threads)
+        self.session = make_session(self.dir / (model_file or meta["model_file"]), threads,
+                                    spin)
         self._ort = ort
         self.block_size = block_size
         if self.family == "llama":
+            if meta.get("graph") != GRAPH_VERSION:
+                raise ValueError(f"{self.dir}: exported by an older shardserve (step graph "
+                                 f"{meta.get('graph', 1)}, this one runs {GRAPH_VERSION}); "
+                                 "export it again with `shardserve export-onnx`")
             n = max(1, kv_cache_tokens // block_size) * block_size
-            shape = (meta["n_layers"], n, meta["n_kv_heads"], meta["head_dim"])
+            n_layers = meta["n_layers"]
+            shape = (n_layers, n, meta["n_kv_heads"] * meta["head_dim"])  # [L, N, Hkv D]
             self.k = np.zeros(shape, dtype=np.float32)
             self.v = np.zeros(shape, dtype=np.float32)
-            self._k_ort = ort.OrtValue.ortvalue_from_numpy(self.k)
-            self._v_ort = ort.OrtValue.ortvalue_from_numpy(self.v)
+            # one IOBinding for the runtime's life: the per-layer pool views are bound once
+            self._io = self.session.io_binding()
+            self._pool_ort = []
+            for i in range(n_layers):
+                for kind, pool in (("k", self.k), ("v", self.v)):
+                    val = ort.OrtValue.ortvalue_from_numpy(pool[i])
+                    self._pool_ort.append(val)
+                    self._io.bind_ortvalue_input(f"{kind}_cache_{i}", val)
+            self._out_names = ["logits"] + [f"{kind}_new_{i}" for i in range(n_layers)
+                                            for kind in ("k", "v")]
         else:
             self.state = np.zeros((meta["n_layers"], max_slots, meta["dim"],
                                    meta["kernel_size"] - 1), dtype=np.float32)
@@ -72,29 +92,26 @@ class OnnxStepRuntime:
         blk = np.take_along_axis(tbl, np.minimum(keys // bs, tbl.shape[1] - 1)[None, :]
                                  .repeat(bsz, 0), axis=1)
         read = (blk * bs + keys % bs).astype(np.int64)  # [B, S]
-        past_mask = np.broadcast_to((keys[None, :] < cached[:, None])[:, None, :],
-                                    (bsz, seqlen, s)).copy()  # [B, T, S]
-        t = np.arange(seqlen)
-        new_mask = np.broadcast_to((t[None, :] <= t[:, None])[None], (bsz, seqlen, seqlen)).copy()
-        io = self.session.io_binding()
+        io = self._io
         for name, arr in (("tokens", tokens), ("positions", positions), ("read_slots", read),
-                          ("past_mask", past_mask), ("new_mask", new_mask),
-                          ("logits_index", logits_index)):
-            io.bind_cpu_input(name, np.ascontiguousarray(arr))
-        io.bind_ortvalue_input("k_cache", self._k_ort)
-        io.bind_ortvalue_input("v_cache", self._v_ort)
-        for name in ("logits", "k_new", "v_new"):
+                          ("attn_bias", attn_bias(cached, s, seqlen)),
+                          ("logits_index", logits_index.reshape(bsz, 1))):
+            io.bind_cpu_input(name, np.ascontiguousarray(arr, dtype=arr.dtype))
+        for name in self._out_names:
             io.bind_output(name, "cpu")
         self.session.run_with_iobinding(io)
-        logits, k_new, v_new = io.copy_outputs_to_cpu()
+        outs = io.copy_outputs_to_cpu()
         # write this step's keys/values for the real tokens into the pool
-        valid = t[None, :] < num_new[:, None]  # [B, T]
-        b_idx, t_idx = np.nonzero(valid)
+        t = np.arange(seqlen)
+        b_idx, t_idx = np.nonzero(t[None, :] < num_new[:, None])  # real tokens [n]
         pos = positions[b_idx, t_idx]
-        slots = tbl[b_idx, pos // bs] * bs + pos % bs
-        self.k[:, slots] = k_new[:, b_idx, t_idx]
-        self.v[:, slots] = v_new[:, b_idx, t_idx]
-        return logits
+        slots = tbl[b_idx, pos // bs] * bs + pos % bs  # [n]
+        full = len(b_idx) == bsz * seqlen
+        for i in range(self.k.shape[0]):
+            k_new, v_new = outs[1 + 2 * i], outs[2 + 2 * i]  # [B, T, Hkv D]
+            self.k[i, slots] = k_new.reshape(-1, k_new.shape[-1]) if full else k_new[b_idx, t_idx]
+            self.v[i, slots] = v_new.reshape(-1, v_new.shape[-1]) if full else v_new[b_idx, t_idx]
+        return outs[0]
 
     def _conv(self, tokens, positions, num_new, logits_index, slots):
         st = self.state[:, slots]  # [L, B, dim, K-1] (a copy: fancy indexing)
