@@ -14,8 +14,11 @@ Throughput: N closed-loop streams (N = 1 and 32), each sending its next request 
 previous one ends; every request is a ~100-token prompt with 64 new tokens (greedy,
 ignore_eos). tok/s = generated tokens / wall time of the whole run; TTFT = time from sending
 a request to receiving its first token. Front-end overhead = 1 - gRPC tok/s / in-process
-tok/s. Then TTFT in steady state: 16 closed-loop streams for --ttft-seconds (the first 10%
-not counted), through gRPC and in-process, p50 and p99.
+tok/s. Each repeat runs both front ends, one after the other (medians over the repeats).
+Then TTFT in steady state: 16 closed-loop streams for --ttft-seconds (the first 20% not
+counted), through gRPC and in-process, p50 and p99 over the requests of all repeats; there
+the streams start 0.25 s apart and each request asks for 48-80 new tokens (mean 64), so that
+they do not run in lockstep.
 
 Targets (issue): overhead <= 5% at 32 streams; gRPC TTFT p50 <= 150 ms, p99 <= 600 ms at 16
 streams. Writes loadtest/results/grpc.md.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import re
 import signal
 import statistics
@@ -52,17 +56,26 @@ SENTENCES = [
 ]
 NEW_TOKENS = 64
 PROMPT_TOKENS = 100
+TTFT_NEW_TOKENS = (48, 80)
+"""New tokens per request in the steady-state TTFT run: uniform in this range (mean 64), so
+that the streams do not stay in lockstep (equal lengths would make all 16 finish, and arrive
+again, in the same step forever)."""
+TTFT_STAGGER_S = 0.25
+"""Stream i of the TTFT run starts i x this late (then runs closed-loop)."""
 
 
 def make_prompts(tok, n: int = 48) -> list[tuple[str, tuple[int, ...]]]:
-    """n different prompts of about PROMPT_TOKENS tokens: (text, ids as the server makes)."""
+    """n different prompts of 90-110 tokens (PROMPT_TOKENS +- 10%, seeded):
+    (text, ids as the server makes)."""
+    rng = random.Random(0)
     out = []
     for i in range(n):
+        want = PROMPT_TOKENS + rng.randint(-PROMPT_TOKENS // 10, PROMPT_TOKENS // 10)
         parts, j = [], i
-        while len(tok.encode(" ".join(parts), add_special_tokens=False)) < PROMPT_TOKENS:
+        while len(tok.encode(" ".join(parts), add_special_tokens=False)) < want:
             parts.append(SENTENCES[j % len(SENTENCES)])
             j += 5
-        ids = tok.encode(" ".join(parts), add_special_tokens=False)[:PROMPT_TOKENS]
+        ids = tok.encode(" ".join(parts), add_special_tokens=False)[:want]
         text = tok.decode(ids)
         out.append((text, tuple(tok.encode(text, add_special_tokens=True))))
     return out
@@ -86,23 +99,28 @@ class Run:
         wall = self.t1 - self.t0
         cut = self.t0 + skip_frac * wall
         ttft = [t for s, t in self.ttft if s >= cut]
-        return {"tok_s": self.tokens / wall, "wall_s": wall, "n": len(self.ttft),
+        return {"tok_s": self.tokens / wall, "wall_s": wall, "n": len(ttft), "ttft": ttft,
                 "ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99)}
 
 
 async def closed_loop(one, prompts, streams: int, per_stream: int | None,
-                      seconds: float | None) -> Run:
+                      seconds: float | None, jitter: bool = False) -> Run:
     """`streams` workers; each sends requests one after another (per_stream of them, or
-    until `seconds` have passed). one(prompt) -> (ttft_s, tokens)."""
+    until `seconds` have passed). one(prompt, new_tokens) -> (ttft_s, tokens). With jitter,
+    stream i starts i x TTFT_STAGGER_S late and asks for TTFT_NEW_TOKENS (seeded)."""
     run = Run()
     deadline = None if seconds is None else run.t0 + seconds
+    rng = random.Random(1)
 
     async def worker(w: int) -> None:
         k = 0
+        if jitter:
+            await asyncio.sleep(w * TTFT_STAGGER_S)
         while (per_stream is None or k < per_stream) and (
                 deadline is None or time.perf_counter() < deadline):
             sent = time.perf_counter()
-            ttft, n = await one(prompts[(w * 7 + k) % len(prompts)])
+            new = rng.randint(*TTFT_NEW_TOKENS) if jitter else NEW_TOKENS
+            ttft, n = await one(prompts[(w * 7 + k) % len(prompts)], new)
             run.ttft.append((sent, ttft))
             run.tokens += n
             k += 1
@@ -124,11 +142,11 @@ async def inprocess_phase(model: Path, prompts, args) -> dict:
     engine = AsyncEngine(worker_config(model), EngineLimits())
     await engine.start()
     greedy = SamplingParams(temperature=0.0)
-    stop = StoppingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
 
-    async def one(prompt) -> tuple[float, int]:
+    async def one(prompt, new: int) -> tuple[float, int]:
         t0 = time.perf_counter()
         first, n = None, 0
+        stop = StoppingParams(max_new_tokens=new, ignore_eos=True)
         async for ev in engine.submit(GenerationRequest(prompt[1], greedy, stop)):
             if ev.token_id is not None:
                 n += 1
@@ -191,11 +209,11 @@ async def grpc_phase(model: Path, prompts, args) -> dict:
                     pass
                 await asyncio.sleep(0.2)
 
-            async def one(prompt) -> tuple[float, int]:
+            async def one(prompt, new: int) -> tuple[float, int]:
                 t0 = time.perf_counter()
                 first, n = None, 0
                 async for chunk in client.generate_stream(
-                        prompt[0], max_new_tokens=NEW_TOKENS, temperature=0.0,
+                        prompt[0], max_new_tokens=new, temperature=0.0,
                         ignore_eos=True, timeout=600):
                     if chunk.token_ids:
                         n += len(chunk.token_ids)
@@ -213,13 +231,20 @@ async def measure(one, prompts, args) -> dict:
     await closed_loop(one, prompts, 8, 1, None)  # warm-up: prefill and decode shapes
     out: dict = {}
     for streams, per in ((1, 4), (32, 3)):
-        out[streams] = [(await closed_loop(one, prompts, streams, per, None)).summary()
-                        for _ in range(args.repeats)]
-    out["ttft16"] = (await closed_loop(one, prompts, 16, None, args.ttft_seconds)).summary(0.1)
+        out[streams] = (await closed_loop(one, prompts, streams, per, None)).summary()
+    out["ttft16"] = (await closed_loop(one, prompts, 16, None, args.ttft_seconds,
+                                       jitter=True)).summary(0.2)
     return out
 
 
 # ---------------------------------------------------------------- main
+
+
+def pooled(summaries: list[dict]) -> dict:
+    """The TTFT runs of all repeats as one sample (p99 of the pooled first-token times)."""
+    ttft = [t for x in summaries for t in x["ttft"]]
+    return {"n": len(ttft), "tok_s": statistics.median(x["tok_s"] for x in summaries),
+            "ttft_p50": pct(ttft, 0.5), "ttft_p99": pct(ttft, 0.99)}
 
 
 def main() -> int:
@@ -236,11 +261,18 @@ def main() -> int:
     tok = load_tokenizer(model, read_manifest(model))
     prompts = make_prompts(tok)
     print(f"prompts: {len(prompts)} of {len(prompts[0][1])} tokens; {NEW_TOKENS} new tokens")
-    res = {}
-    for name, phase in (("in-process", inprocess_phase), ("gRPC", grpc_phase)):
-        t0 = time.perf_counter()
-        res[name] = asyncio.run(phase(model, prompts, args))
-        print(f"{name}: done in {time.perf_counter() - t0:.0f} s")
+    runs: dict[str, list[dict]] = {"in-process": [], "gRPC": []}
+    for r in range(args.repeats):  # interleaved, so that drifts in machine speed hit both
+        for name, phase in (("in-process", inprocess_phase), ("gRPC", grpc_phase)):
+            t0 = time.perf_counter()
+            runs[name].append(asyncio.run(phase(model, prompts, args)))
+            got = runs[name][-1]
+            print(f"repeat {r + 1} {name}: done in {time.perf_counter() - t0:.0f} s; 1 stream "
+                  f"{got[1]['tok_s']:.1f} tok/s, 32 streams {got[32]['tok_s']:.1f} tok/s, "
+                  f"TTFT p50/p99 at 16 streams {got['ttft16']['ttft_p50'] * 1e3:.0f}/"
+                  f"{got['ttft16']['ttft_p99'] * 1e3:.0f} ms", flush=True)
+    res = {name: {1: [x[1] for x in rs], 32: [x[32] for x in rs],
+                  "ttft16": pooled([x["ttft16"] for x in rs])} for name, rs in runs.items()}
     lines = header("gRPC front end vs in-process engine (SmolLM2-135M bf16, TP=1)",
                    ".venv/bin/python loadtest/bench_grpc.py "
                    f"--repeats {args.repeats} --ttft-seconds {args.ttft_seconds:g}")
@@ -261,8 +293,9 @@ def main() -> int:
                      f"{a['ttft_p50'] * 1e3:.0f} / {b['ttft_p50'] * 1e3:.0f} | "
                      f"{a['ttft_p99'] * 1e3:.0f} / {b['ttft_p99'] * 1e3:.0f} |")
     a, b = res["in-process"]["ttft16"], res["gRPC"]["ttft16"]
-    lines += ["", f"Steady state, 16 closed-loop streams for {args.ttft_seconds:g} s (first 10% "
-              "not counted):", "",
+    lines += ["", f"Steady state, 16 closed-loop streams for {args.ttft_seconds:g} s (first 20% "
+              f"not counted; streams started {TTFT_STAGGER_S:g} s apart, {TTFT_NEW_TOKENS[0]}-"
+              f"{TTFT_NEW_TOKENS[1]} new tokens per request):", "",
               "| front end | requests | tok/s | TTFT p50 ms | TTFT p99 ms |",
               "|---|---|---|---|---|",
               f"| in-process | {a['n']} | {a['tok_s']:.1f} | {a['ttft_p50'] * 1e3:.0f} | "

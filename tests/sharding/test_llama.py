@@ -151,3 +151,28 @@ def test_fp32_shadow_gemm_matches_blockwise_and_follows_weight_changes():
         lin.weight.mul_(2)
     assert torch.equal(llama.fp32_shadow(lin, lin.weight), lin.weight.float())
     assert "_fp32_shadow" not in dict(lin.named_buffers()) and len(lin.state_dict()) == 1
+
+
+def test_packed_fp32_gemm_matches_reference_and_follows_weight_changes():
+    """The eager fp32 GEMM of bf16 weights (oneDNN over a packed fp32 copy where torch has it)
+    equals x.float() @ w.float().T rounded to bf16, for 2-D and 3-D inputs with a bias, and a
+    changed weight is repacked."""
+    from shardserve_sharding.models import llama
+
+    torch.manual_seed(0)
+    lin = llama.Linear(64, 300, bias=True).to(torch.bfloat16)
+    for shape in ((32, 64), (2, 7, 64)):
+        x = torch.randn(*shape).bfloat16()
+        with torch.inference_mode():
+            got = llama.fp32_gemm(lin, x, lin.weight, lin.bias)
+            want = (x.float() @ lin.weight.float().T + lin.bias.float()).bfloat16()
+        assert got.shape == want.shape and got.dtype == torch.bfloat16
+        assert rel_err(got.float(), want.float()) <= 1e-2  # one bf16 rounding apart at most
+    if llama._PACKED_GEMM:
+        assert "_fp32_packed" in lin.__dict__
+    with torch.no_grad():
+        lin.weight.mul_(2)
+    with torch.inference_mode():
+        again = llama.fp32_gemm(lin, x, lin.weight, lin.bias)
+    want2 = (x.float() @ lin.weight.float().T + lin.bias.float()).bfloat16()
+    assert rel_err(again.float(), want2.float()) <= 1e-2

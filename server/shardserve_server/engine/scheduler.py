@@ -205,12 +205,14 @@ class GroupScheduler:
             self.pending = deque(s for s in self.pending if id(s) not in admitted)
 
     def schedule(self) -> list[tuple[ForwardPlan, list[Scheduled], list[bool]]]:
-        """The forwards of this step: (plan, rows, whether each row samples a token)."""
+        """The forwards of this step: (plan, rows, whether each row samples a token).
+
+        Prefill chunks come first, so that a new request's first token is ready (and can be
+        sent, see Leader._step) before this step's decode forward runs: its time to first
+        token is then the wait for the step in flight plus its own prefill."""
         self.admit()
         plans = []
         decode = [s for s in self.running if not s.in_prefill]
-        if decode:
-            plans.append((self._decode_plan(decode), decode, [True] * len(decode)))
         budget = self.cfg.max_prefill_tokens
         chunk_rows, chunk_seqs, samples = [], [], []
         for s in sorted((s for s in self.running if s.in_prefill),
@@ -226,6 +228,8 @@ class GroupScheduler:
             s.prefilled += n
         if chunk_rows:
             plans.append((self._plan(chunk_rows, chunk_seqs), chunk_seqs, samples))
+        if decode:
+            plans.append((self._decode_plan(decode), decode, [True] * len(decode)))
         self.step_count += 1
         return plans
 

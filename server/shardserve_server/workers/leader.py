@@ -134,7 +134,11 @@ class Leader:
         comm0 = self.runner.comm_seconds
         t_step = time.perf_counter()
         batch = 0
-        for plan, rows, samples in self.scheduler.schedule():
+        plans = self.scheduler.schedule()
+        for k, (plan, rows, samples) in enumerate(plans):
+            if events and k > 0:  # first tokens of the prefill forward: out before the decode
+                self.conn.send(("events", events, self.stats()))
+                events = []
             t0 = time.perf_counter()
             logits = self._forward(plan)
             new = self.scheduler.process(logits, rows, samples)

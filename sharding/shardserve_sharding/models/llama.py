@@ -119,10 +119,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * F.rms_norm(x, weight.shape, None, eps)
 
 
-BF16_GEMM_AS_FP32_MIN_ROWS = 14
+BF16_GEMM_AS_FP32_MIN_ROWS = 5
 """bf16 matmuls with at least this many rows run as fp32 GEMMs where bf16 is emulated. Measured
-on 2 AVX2 cores over SmolLM2's matrices (ms per pass, fp32 path / bf16 kernel): 6 rows 231/65,
-8 rows 217/100, 12 rows 198/151, 14 rows 108/161, 32 rows 235/368: the crossover is ~13 rows."""
+on 2 AVX2 cores (Zen 4 without AVX-512 exposed) over SmolLM2's matrices, ms per pass, torch's
+bf16 kernel / oneDNN fp32 over packed weights: 1 row 11/26, 2 rows 17-23/23-30, 3 rows
+23-26/30-34, 4 rows 29-33/30-34, 6 rows 46-62/36-43: the crossover is 4-5 rows. (Over MKL's
+fp32 GEMM it was ~13 rows: 12 rows 198/151, 14 rows 108/161.)"""
 _FP32_BLOCK = 1 << 21
 """Weight elements upcast at a time by `linear_bf16_as_fp32` (8 MB: stays in the L3 cache)."""
 
@@ -143,22 +145,36 @@ def bf16_emulated(t: torch.Tensor) -> bool:
 
 FP32_SHADOW = os.environ.get("SHARDSERVE_FP32_SHADOW", "1") != "0"
 """Where bf16 is emulated, keep an fp32 copy of each bf16 weight for GEMMs of many rows (built
-on first use, rebuilt if the weight changes). Measured on 2 AVX2 cores over SmolLM2's matrices:
-32 rows 163 ms per pass against 270 ms upcasting blocks every step. Costs 2x the bf16 weight
-bytes of memory; SHARDSERVE_FP32_SHADOW=0 turns it off (blocks are upcast per call)."""
+on first use, rebuilt if the weight changes), packed for oneDNN's fp32 GEMM where torch has
+it. Measured on 2 AVX2 cores over SmolLM2's matrices, ms per pass: MKL over a plain fp32 copy
+62 at 16 rows, 101 at 32, 314 at 100; oneDNN over the packed copy 45, 69, 222 (upcasting
+blocks every step instead: 270 at 32 rows). Costs 2x the bf16 weight bytes of memory;
+SHARDSERVE_FP32_SHADOW=0 turns it off (blocks are upcast per call)."""
+
+_PACKED_GEMM = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
+                                                                "_linear_pointwise")
+_PACK_ROWS_HINT = 16
+"""Rows oneDNN blocks the packed weight for (measured: 16 as fast as 64 or 256 at 4-100 rows,
+1 is 1.2-2x slower)."""
 
 
-def fp32_shadow(owner: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor | None:
-    """owner's cached fp32 copy of `weight` (None when FP32_SHADOW is off)."""
+def fp32_shadow(owner: torch.nn.Module, weight: torch.Tensor,
+                packed: bool = False) -> torch.Tensor | None:
+    """owner's cached fp32 copy of `weight`, packed for oneDNN if asked (None when FP32_SHADOW
+    is off)."""
     if not FP32_SHADOW:
         return None
     # inference tensors keep no version counter (and cannot change outside inference mode)
     version = -1 if weight.is_inference() else weight._version
     key = (weight.data_ptr(), version, tuple(weight.shape))
-    cached = owner.__dict__.get("_fp32_shadow")
+    slot = "_fp32_packed" if packed else "_fp32_shadow"
+    cached = owner.__dict__.get(slot)
     if cached is None or cached[0] != key:
-        cached = (key, weight.detach().float())  # [out, in] fp32; not a parameter or buffer
-        owner.__dict__["_fp32_shadow"] = cached
+        w32 = weight.detach().float()  # [out, in] fp32; not a parameter or buffer
+        if packed:
+            w32 = torch.ops.mkldnn._reorder_linear_weight(w32, _PACK_ROWS_HINT)  # opaque
+        cached = (key, w32)
+        owner.__dict__[slot] = cached
     return cached[1]
 
 
@@ -172,6 +188,20 @@ def gemm_as_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.numel() >= BF16_GEMM_AS_FP32_MIN_ROWS * x.shape[-1]
         and bf16_emulated(x)
     )
+
+
+def fp32_gemm(owner: torch.nn.Module | None, x: torch.Tensor, weight: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) of bf16 tensors where `gemm_as_fp32` says so: oneDNN over
+    owner's packed fp32 copy (eager), MKL over a plain fp32 copy (inside torch.compile, which
+    cannot lower the packed op), or block-wise upcasts without an owner or FP32_SHADOW."""
+    packed = _PACKED_GEMM and not torch.compiler.is_compiling()
+    shadow = fp32_shadow(owner, weight, packed) if owner is not None else None
+    if shadow is not None and packed:
+        b32 = None if bias is None else bias.float()
+        return torch.ops.mkldnn._linear_pointwise(
+            x.float(), shadow, b32, "none", [], "").to(x.dtype)  # [..., out]
+    return linear_bf16_as_fp32(x, weight, bias, shadow)
 
 
 def linear_bf16_as_fp32(
@@ -222,7 +252,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if gemm_as_fp32(x, w):
-            return linear_bf16_as_fp32(x, w, self.bias, fp32_shadow(self, w))
+            return fp32_gemm(self, x, w, self.bias)
         if self.bias is None and x.dtype == torch.bfloat16 and torch.compiler.is_compiling():
             return opaque_linear(x, w)  # [..., out]
         return F.linear(x, w, self.bias)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.llama import fp32_shadow, gemm_as_fp32, linear_bf16_as_fp32
+from ..models.llama import fp32_gemm, gemm_as_fp32
 from .comm import Comm
 
 
@@ -35,8 +35,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     (as models.llama.Linear does; several times faster, products exact, sums in fp32 as a bf16
     GEMM's are)."""
     if gemm_as_fp32(x, weight):
-        shadow = fp32_shadow(owner, weight) if owner is not None else None
-        return linear_bf16_as_fp32(x, weight, bias, shadow)
+        return fp32_gemm(owner, x, weight, bias)
     return F.linear(x, weight, bias)
 
 
