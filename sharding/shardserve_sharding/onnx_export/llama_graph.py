@@ -14,7 +14,8 @@ ragged continuous batches.
              float (0 where a query may look, -1e30 where not), logits_index [B, 1] int64,
              k_cache_<l>, v_cache_<l> [N, Hkv * D] for each layer l (views of the block
              pool, bound once, never copied)
-    outputs  logits [B, V], k_new_<l>, v_new_<l> [B, T, Hkv * D] for each layer l
+    outputs  logits [B, V], k_new, v_new [L * B, T, Hkv * D] (every layer's new keys/values,
+             layer-major: one Concat each, no reshape node; the host views them [L, B, T, .])
 The graph only reads the pool; the host writes the new keys/values into it (runtime.py).
 Weights are stored transposed ([in, out]) for MatMul; a tied embedding is stored once (the
 head is a Gemm over it with transB).
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 OPSET = 23  # the lowest opset with Attention (grouped KV heads) and RotaryEmbedding
-GRAPH_VERSION = 2  # recorded in onnx_model.json; 1 was the TorchScript export
+GRAPH_VERSION = 3  # recorded in onnx_model.json; 1 was the TorchScript export
 MS = "com.microsoft"
 NEG = -1e30  # additive mask value: finite, so a fully masked (padding) row cannot give NaN
 
@@ -116,6 +117,8 @@ def build_llama_graph(model: Any, opset: int = OPSET) -> Any:
     node("GatherND", [resid, "logits_index"], ["last_r"], batch_dims=1)
     node("SkipSimplifiedLayerNormalization", ["last_f", "last_r", gf], ["last"], domain=MS,
          epsilon=eps)
+    for kind in ("k", "v"):  # [L B, T, Hkv D]
+        node("Concat", [f"{kind}_new_{i}" for i in range(n_layers)], [f"{kind}_new"], axis=0)
     if cfg.tie_embeddings:
         node("Gemm", ["last", emb], ["logits"], transB=1)  # [B, V]
     else:
@@ -135,10 +138,9 @@ def build_llama_graph(model: Any, opset: int = OPSET) -> Any:
         for kind in ("k", "v"):
             inputs.append(helper.make_tensor_value_info(f"{kind}_cache_{i}", f32, ["slots", kv]))
     outputs = [helper.make_tensor_value_info("logits", f32, ["batch", cfg.vocab_size])]
-    for i in range(n_layers):
-        for kind in ("k", "v"):
-            outputs.append(helper.make_tensor_value_info(f"{kind}_new_{i}", f32,
-                                                         ["batch", "step", kv]))
+    for kind in ("k", "v"):
+        outputs.append(helper.make_tensor_value_info(f"{kind}_new", f32,
+                                                     ["layers_x_batch", "step", kv]))
     graph = helper.make_graph(nodes, "shardserve_llama_step", inputs, outputs, inits)
     return helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],

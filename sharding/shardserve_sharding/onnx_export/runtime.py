@@ -69,8 +69,6 @@ class OnnxStepRuntime:
                     val = ort.OrtValue.ortvalue_from_numpy(pool[i])
                     self._pool_ort.append(val)
                     self._io.bind_ortvalue_input(f"{kind}_cache_{i}", val)
-            self._out_names = ["logits"] + [f"{kind}_new_{i}" for i in range(n_layers)
-                                            for kind in ("k", "v")]
         else:
             self.state = np.zeros((meta["n_layers"], max_slots, meta["dim"],
                                    meta["kernel_size"] - 1), dtype=np.float32)
@@ -97,21 +95,26 @@ class OnnxStepRuntime:
                           ("attn_bias", attn_bias(cached, s, seqlen)),
                           ("logits_index", logits_index.reshape(bsz, 1))):
             io.bind_cpu_input(name, np.ascontiguousarray(arr, dtype=arr.dtype))
-        for name in self._out_names:
+        for name in ("logits", "k_new", "v_new"):  # shapes change: ORT allocates each run
             io.bind_output(name, "cpu")
         self.session.run_with_iobinding(io)
-        outs = io.copy_outputs_to_cpu()
+        logits, k_new, v_new = io.copy_outputs_to_cpu()
         # write this step's keys/values for the real tokens into the pool
         t = np.arange(seqlen)
         b_idx, t_idx = np.nonzero(t[None, :] < num_new[:, None])  # real tokens [n]
         pos = positions[b_idx, t_idx]
         slots = tbl[b_idx, pos // bs] * bs + pos % bs  # [n]
-        full = len(b_idx) == bsz * seqlen
-        for i in range(self.k.shape[0]):
-            k_new, v_new = outs[1 + 2 * i], outs[2 + 2 * i]  # [B, T, Hkv D]
-            self.k[i, slots] = k_new.reshape(-1, k_new.shape[-1]) if full else k_new[b_idx, t_idx]
-            self.v[i, slots] = v_new.reshape(-1, v_new.shape[-1]) if full else v_new[b_idx, t_idx]
-        return outs[0]
+        n_layers, kv = self.k.shape[0], self.k.shape[2]
+        k_new = k_new.reshape(n_layers, bsz * seqlen, kv)  # [L, B T, Hkv D]
+        v_new = v_new.reshape(n_layers, bsz * seqlen, kv)
+        if len(b_idx) == bsz * seqlen:  # no padding: every (b, t) is real, in order
+            self.k[:, slots] = k_new
+            self.v[:, slots] = v_new
+        else:
+            flat = b_idx * seqlen + t_idx  # [n]
+            self.k[:, slots] = k_new[:, flat]
+            self.v[:, slots] = v_new[:, flat]
+        return logits
 
     def _conv(self, tokens, positions, num_new, logits_index, slots):
         st = self.state[:, slots]  # [L, B, dim, K-1] (a copy: fancy indexing)
