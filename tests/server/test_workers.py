@@ -350,3 +350,35 @@ def test_cli_generate_tp2_equals_plain_generate(tiny_llama_dir):
     assert len(plain["token_ids"]) == 8
     for key in ("token_ids", "text", "finish_reason", "prompt_tokens"):
         assert tp2[key] == plain[key], key
+
+
+def test_prefill_first_tokens_go_out_before_the_decode_forward(tiny_llama_dir):
+    """A step with a prefill and decode rows sends the prefill's first token before the decode
+    forward, carrying the last completed step's stats (the front end counts a step's metrics
+    once, when the step count moves); the full step's stats follow with both phases."""
+    from shardserve_server.workers.leader import Leader
+    from shardserve_sharding.checkpoint.io import load_model
+
+    cfg = WorkerConfig(str(tiny_llama_dir), kv_cache_tokens=256, block_size=4, warmup=False)
+    loaded = load_model(tiny_llama_dir)
+    runner = ModelRunner(loaded.model, CacheGeometry(256, 4, 8), torch.float32)
+    ours, theirs = mp.Pipe()
+    leader = Leader(cfg, runner, None, ours, 0.0)  # TP=1: no collectives
+
+    def req(rid):
+        return GenerationRequest((5, 6, 7, 8, 9), SamplingParams(temperature=0.0),
+                                 StoppingParams(8, ignore_eos=True), rid)
+
+    leader.scheduler.add(req("a"))
+    leader._step()  # a's prefill
+    leader.sent_stats = leader.stats()
+    before = leader.sent_stats["steps"]
+    leader.scheduler.add(req("b"))
+    events = leader._step()  # b's prefill, then a's decode
+    kind, mid_events, mid_stats = theirs.recv()
+    assert kind == "events" and [e["id"] for e in mid_events] == ["b"]
+    assert mid_stats["steps"] == before  # not this step's partial stats
+    assert [e["id"] for e in events] == ["a"]
+    last = leader.stats()
+    assert last["steps"] == before + 1
+    assert {"prefill_s", "decode_s", "batch"} <= set(last["last_step"])

@@ -48,6 +48,7 @@ class Leader:
         self.phase_s = {"prefill": 0.0, "decode": 0.0}
         self.last_step: dict[str, float] = {}
         self.tokens_out = 0
+        self.sent_stats: dict = {}  # the stats of the last completed step, as last sent
         # followers block in a broadcast between steps; keep it shorter than pg_timeout_s
         self.keepalive_s = min(HEARTBEAT_S, float(getattr(cfg, "pg_timeout_s", 10.0)) / 4)
         self.last_bcast = time.monotonic()
@@ -107,6 +108,7 @@ class Leader:
 
     def run(self) -> None:
         warm_s = self.warmup() if self.cfg.warmup else 0.0
+        self.sent_stats = self.stats()
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         self.conn.send(("ready", {"load_s": self.load_s, "warmup_s": warm_s, "rss_mb": rss_mb,
                                   "family": self.runner.family}))
@@ -125,7 +127,8 @@ class Leader:
                 broadcast_plan(ForwardPlan.keepalive())
                 self.last_bcast = now
             if events or now - last_sent >= HEARTBEAT_S:
-                self.conn.send(("events", events, self.stats()))
+                self.sent_stats = self.stats()
+                self.conn.send(("events", events, self.sent_stats))
                 last_sent = now
 
     def _step(self) -> list[dict]:
@@ -137,7 +140,9 @@ class Leader:
         plans = self.scheduler.schedule()
         for k, (plan, rows, samples) in enumerate(plans):
             if events and k > 0:  # first tokens of the prefill forward: out before the decode
-                self.conn.send(("events", events, self.stats()))
+                # with the last completed step's stats: this step's are not whole yet (the
+                # front end counts a step's metrics once, when its step count moves)
+                self.conn.send(("events", events, self.sent_stats))
                 events = []
             t0 = time.perf_counter()
             logits = self._forward(plan)

@@ -68,7 +68,6 @@ def build_llama_graph(model: Any, opset: int = OPSET) -> Any:
     split_qkv = i64("split_qkv", [h * d, hkv * d, hkv * d])
     ffn_dim = model.layers[0].feed_forward.w2.weight.shape[1]
     split_ffn = i64("split_ffn", [ffn_dim, ffn_dim])
-    eps = float(model.layers[0].attention_norm.eps)
 
     node("Gather", [emb, "tokens"], ["x0"], axis=0)  # [B, T, dim]
     resid = "x0"
@@ -78,11 +77,11 @@ def build_llama_graph(model: Any, opset: int = OPSET) -> Any:
         p = f"l{i}_"
         g1 = init(p + "attn_norm", _f32(layer.attention_norm.weight))
         if pending is None:
-            node("SimplifiedLayerNormalization", [resid, g1], [p + "y"], axis=-1, epsilon=eps,
-                 stash_type=1)
+            node("SimplifiedLayerNormalization", [resid, g1], [p + "y"], axis=-1,
+                 epsilon=float(layer.attention_norm.eps), stash_type=1)
         else:
             node("SkipSimplifiedLayerNormalization", [pending, resid, g1],
-                 [p + "y", "", "", p + "r0"], domain=MS, epsilon=eps)
+                 [p + "y", "", "", p + "r0"], domain=MS, epsilon=float(layer.attention_norm.eps))
             resid = p + "r0"
         wqkv = init(p + "wqkv_t", _f32(a.wqkv.weight).T.copy())  # [dim, (H + 2Hkv) D]
         node("MatMul", [p + "y", wqkv], [p + "qkv"])
@@ -101,7 +100,7 @@ def build_llama_graph(model: Any, opset: int = OPSET) -> Any:
         node("MatMul", [p + "o", wo], [p + "ao"])
         g2 = init(p + "ffn_norm", _f32(layer.ffn_norm.weight))
         node("SkipSimplifiedLayerNormalization", [p + "ao", resid, g2],
-             [p + "y2", "", "", p + "r1"], domain=MS, epsilon=eps)
+             [p + "y2", "", "", p + "r1"], domain=MS, epsilon=float(layer.ffn_norm.eps))
         resid = p + "r1"
         w13 = init(p + "w13_t", _f32(ff.w13.weight).T.copy())  # [dim, 2 I]
         node("MatMul", [p + "y2", w13], [p + "gu"])
@@ -116,7 +115,7 @@ def build_llama_graph(model: Any, opset: int = OPSET) -> Any:
     node("GatherND", [pending, "logits_index"], ["last_f"], batch_dims=1)  # [B, dim]
     node("GatherND", [resid, "logits_index"], ["last_r"], batch_dims=1)
     node("SkipSimplifiedLayerNormalization", ["last_f", "last_r", gf], ["last"], domain=MS,
-         epsilon=eps)
+         epsilon=float(model.norm.eps))
     for kind in ("k", "v"):  # [L B, T, Hkv D]
         node("Concat", [f"{kind}_new_{i}" for i in range(n_layers)], [f"{kind}_new"], axis=0)
     if cfg.tie_embeddings:

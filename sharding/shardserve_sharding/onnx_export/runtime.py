@@ -94,7 +94,7 @@ class OnnxStepRuntime:
         for name, arr in (("tokens", tokens), ("positions", positions), ("read_slots", read),
                           ("attn_bias", attn_bias(cached, s, seqlen)),
                           ("logits_index", logits_index.reshape(bsz, 1))):
-            io.bind_cpu_input(name, np.ascontiguousarray(arr, dtype=arr.dtype))
+            io.bind_cpu_input(name, np.ascontiguousarray(arr))
         for name in ("logits", "k_new", "v_new"):  # shapes change: ORT allocates each run
             io.bind_output(name, "cpu")
         self.session.run_with_iobinding(io)
