@@ -203,7 +203,7 @@ def test_tls_and_token_auth(tiny_llama_dir, tmp_path):
                       tls_ca=cert)
     try:
         with s.client() as c:
-            assert c.generate("hi", max_new_tokens=3).generated_token_count == 3
+            assert c.generate("hi", max_new_tokens=3, ignore_eos=True).generated_token_count == 3
         with s.client(token="wrong") as c:
             with pytest.raises(Unauthenticated):
                 c.generate("hi", max_new_tokens=3)
@@ -238,7 +238,7 @@ def test_readiness_tracks_a_hung_and_a_killed_group(tiny_llama_dir):
             os.kill(pid, signal.SIGKILL)
             assert poll(lambda: s.metric("shardserve_worker_group_restarts_total") >= 1, 60)
             assert poll(lambda: c.health(READINESS), 90)
-            assert c.generate("hi", max_new_tokens=3).generated_token_count == 3
+            assert c.generate("hi", max_new_tokens=3, ignore_eos=True).generated_token_count == 3
     finally:
         assert s.stop() == 0
 
