@@ -154,8 +154,13 @@ def main() -> int:
              f"{os.cpu_count()} cores", "",
              "| sequences | ONNX Runtime tok/s | torch tok/s | ONNX / torch | llama.cpp F32 "
              "tok/s | ONNX / llama.cpp |", "|---|---|---|---|---|---|"]
-    for batch, o, t, lc, _, _ in rows:
-        lcs = f"{lc:.1f} | {o / lc:.2f}x" if lc else "not run | -"
+    for batch, o, t, lc, ox, lx in rows:
+        # the median of per-repeat ratios too: a run's pair shares the machine's mood
+        if lc:
+            ratios = [a / b for a, b in zip(ox, lx, strict=True)]
+            lcs = f"{lc:.1f} | {o / lc:.2f}x (per-repeat median {statistics.median(ratios):.2f}x)"
+        else:
+            lcs = "not run | -"
         lines.append(f"| {batch} | {o:.1f} | {t:.1f} | {o / t:.2f}x | {lcs} |")
     lines += ["", "Every run (tok/s, in order): " + "; ".join(
         f"batch {b}: ONNX {', '.join(f'{x:.1f}' for x in ox)}"
