@@ -176,3 +176,21 @@ def test_packed_fp32_gemm_matches_reference_and_follows_weight_changes():
         again = llama.fp32_gemm(lin, x, lin.weight, lin.bias)
     want2 = (x.float() @ lin.weight.float().T + lin.bias.float()).bfloat16()
     assert rel_err(again.float(), want2.float()) <= 1e-2
+
+
+def test_compiled_bf16_gemm_reads_the_prepared_fp32_copy_without_a_graph_break():
+    """Inside torch.compile a bf16 GEMM of many rows is one graph (fullgraph=True fails on a
+    break): the fp32 copy comes from prepare_fp32_shadows, not from a data_ptr check."""
+    from shardserve_sharding.models import llama
+
+    torch.manual_seed(0)
+    lin = llama.Linear(64, 300, bias=False).to(torch.bfloat16)
+    x = torch.randn(8, 64).bfloat16()
+    if not llama.bf16_emulated(x):
+        pytest.skip("bf16 is native on this CPU: GEMMs stay bf16")
+    assert llama.prepare_fp32_shadows(lin) == (1 if llama.FP32_SHADOW else 0)
+    with torch.inference_mode():
+        assert llama.gemm_as_fp32(x, lin.weight)
+        want = (x.float() @ lin.weight.float().T).bfloat16()
+        got = torch.compile(lin, backend="eager", fullgraph=True)(x)
+    assert torch.equal(got, want)

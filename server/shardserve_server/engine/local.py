@@ -67,6 +67,9 @@ class LocalEngine:
         self.stats = StepStats()
         self._decode_model = self.model
         if self.config.compile:
+            from shardserve_sharding.models.llama import prepare_fp32_shadows
+
+            prepare_fp32_shadows(self.model)  # the compiled graph only reads them
             self._decode_model = torch.compile(self.model, dynamic=True)
         self._compiled_kinds: set[bool] = set()  # decode graphs built so far (batch > 1 or not)
 

@@ -178,6 +178,19 @@ def fp32_shadow(owner: torch.nn.Module, weight: torch.Tensor,
     return cached[1]
 
 
+def prepare_fp32_shadows(model: torch.nn.Module) -> int:
+    """Build the plain fp32 copy of every bf16 Linear weight where bf16 is emulated, eagerly,
+    for a torch.compile'd model (the compiled graph reads them, see `fp32_gemm`); returns how
+    many. The compiled graph does not notice later weight changes: compile after loading."""
+    n = 0
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if (isinstance(mod, nn.Linear) and isinstance(w, torch.Tensor) and bf16_emulated(w)
+                and fp32_shadow(mod, w) is not None):
+            n += 1
+    return n
+
+
 def gemm_as_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether x @ weight.T should run as an fp32 GEMM: bf16 inference of at least
     BF16_GEMM_AS_FP32_MIN_ROWS rows on a CPU that emulates bf16."""
@@ -194,8 +207,15 @@ def fp32_gemm(owner: torch.nn.Module | None, x: torch.Tensor, weight: torch.Tens
               bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, weight, bias) of bf16 tensors where `gemm_as_fp32` says so: oneDNN over
     owner's packed fp32 copy (eager), MKL over a plain fp32 copy (inside torch.compile, which
-    cannot lower the packed op), or block-wise upcasts without an owner or FP32_SHADOW."""
-    packed = _PACKED_GEMM and not torch.compiler.is_compiling()
+    cannot lower the packed op), or block-wise upcasts without an owner or FP32_SHADOW.
+
+    Inside torch.compile the copy is only read, never checked or built (data_ptr and version
+    checks break the graph, and the resumed graphs of 30 layers then recompiled past dynamo's
+    limit: bf16 batch-8 decode ran at half speed); `prepare_fp32_shadows` builds it first."""
+    if torch.compiler.is_compiling():
+        cached = getattr(owner, "_fp32_shadow", None) if owner is not None else None
+        return linear_bf16_as_fp32(x, weight, bias, None if cached is None else cached[1])
+    packed = _PACKED_GEMM
     shadow = fp32_shadow(owner, weight, packed) if owner is not None else None
     if shadow is not None and packed:
         b32 = None if bias is None else bias.float()
