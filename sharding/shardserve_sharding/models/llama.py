@@ -181,12 +181,12 @@ def fp32_shadow(owner: torch.nn.Module, weight: torch.Tensor,
 def prepare_fp32_shadows(model: torch.nn.Module) -> int:
     """Build the plain fp32 copy of every bf16 Linear weight where bf16 is emulated, eagerly,
     for a torch.compile'd model (the compiled graph reads them, see `fp32_gemm`); returns how
-    many. The compiled graph does not notice later weight changes: compile after loading."""
+    many. The compiled graph does not notice later weight changes: compile after loading. The
+    eager forwards (prefill) still use the packed copy: 4x the bf16 weight bytes in all."""
     n = 0
     for mod in model.modules():
-        w = getattr(mod, "weight", None)
-        if (isinstance(mod, nn.Linear) and isinstance(w, torch.Tensor) and bf16_emulated(w)
-                and fp32_shadow(mod, w) is not None):
+        if (isinstance(mod, nn.Linear) and bf16_emulated(mod.weight)
+                and fp32_shadow(mod, mod.weight) is not None):
             n += 1
     return n
 
@@ -215,9 +215,8 @@ def fp32_gemm(owner: torch.nn.Module | None, x: torch.Tensor, weight: torch.Tens
     if torch.compiler.is_compiling():
         cached = getattr(owner, "_fp32_shadow", None) if owner is not None else None
         return linear_bf16_as_fp32(x, weight, bias, None if cached is None else cached[1])
-    packed = _PACKED_GEMM
-    shadow = fp32_shadow(owner, weight, packed) if owner is not None else None
-    if shadow is not None and packed:
+    shadow = fp32_shadow(owner, weight, _PACKED_GEMM) if owner is not None else None
+    if shadow is not None and _PACKED_GEMM:
         b32 = None if bias is None else bias.float()
         return torch.ops.mkldnn._linear_pointwise(
             x.float(), shadow, b32, "none", [], "").to(x.dtype)  # [..., out]
