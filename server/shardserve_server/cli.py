@@ -140,6 +140,17 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from shardserve_sharding.hf_export import export_hf
+
+    rep = export_hf(args.model_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
+                    progress=not args.quiet)
+    print(f"exported {args.model_dir} -> {rep.out} ({rep.dtype}, {rep.tensors} tensors, "
+          f"{rep.bytes_written / 1e6:.1f} MB) in {rep.seconds:.1f} s; every tensor reads back "
+          "identical through the HF importer")
+    return 0
+
+
 def _requests(args: argparse.Namespace, engine) -> list:
     from shardserve_server.engine.sampling import SamplingParams
     from shardserve_server.engine.sequence import GenerationRequest
@@ -432,6 +443,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ONNX opset (default: 23 for Llama, its minimum; 17 for the conv LM)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export_onnx)
+
+    p = sub.add_parser("export-hf", help="write a Llama checkpoint (any layout) as a Hugging "
+                       "Face directory (transformers, vLLM)")
+    p.add_argument("model_dir", help="shardserve checkpoint directory (any TP x PP layout)")
+    p.add_argument("out_dir", help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
+                   help="weights dtype (default: the checkpoint's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("quickstart", help="import the bundled SmolLM2, serve it, query it")
     p.add_argument("--workdir", default=os.environ.get("SHARDSERVE_HOME", "models"))

@@ -1,7 +1,8 @@
 """Read a Hugging Face Llama-style model directory (config.json + *.safetensors) tensor by tensor.
 
 Names map from transformers' LlamaForCausalLM (`model.layers.N.self_attn.q_proj.weight`, ...)
-to ours; Q, K and V are fused into `wqkv`, gate and up into `w13`. Only safetensors are read
+to ours through one table (`hf_names`, which `shardserve export-hf` inverts); Q, K and V are
+fused into `wqkv`, gate and up into `w13`. Only safetensors are read
 (never pickled .bin files); a sharded checkpoint's index is followed, and each tensor is read
 from its own file with safe_open, so memory holds one tensor at a time.
 """
@@ -70,6 +71,46 @@ def hf_llama_config(cfg: dict[str, Any], path: Path) -> LlamaConfig:
     )
 
 
+_HF_TOP = {
+    "tok_embeddings.weight": ("model.embed_tokens.weight",),
+    "norm.weight": ("model.norm.weight",),
+    "output.weight": ("lm_head.weight",),
+}
+_HF_LAYER = {  # our name after "layers.N." -> transformers' after "model.layers.N."
+    "attention_norm.weight": ("input_layernorm.weight",),
+    "ffn_norm.weight": ("post_attention_layernorm.weight",),
+    "attention.wqkv.weight": (
+        "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "attention.wo.weight": ("self_attn.o_proj.weight",),
+    "feed_forward.w13.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "feed_forward.w2.weight": ("mlp.down_proj.weight",),
+}
+
+
+def hf_names(name: str) -> tuple[str, ...]:
+    """transformers' tensors whose concatenation on dim 0, in this order, is our `name`.
+
+    The one name table between the two formats: the importer reads with it, export-hf
+    (hf_export.py) writes with it, cutting a fused tensor by `hf_rows`.
+    """
+    if name in _HF_TOP:
+        return _HF_TOP[name]
+    layer, idx, rest = name.split(".", 2) if name.count(".") >= 2 else ("", "", "")
+    if layer != "layers" or not idx.isdigit() or rest not in _HF_LAYER:
+        raise KeyError(name)
+    return tuple(f"model.layers.{idx}.{hf}" for hf in _HF_LAYER[rest])
+
+
+def hf_rows(name: str, config: LlamaConfig) -> tuple[int, ...]:
+    """Rows of each of `hf_names(name)` within our tensor (Q, K, V of wqkv; gate, up of w13)."""
+    if name.endswith("attention.wqkv.weight"):
+        kv = config.n_kv_heads * config.head_dim
+        return (config.n_heads * config.head_dim, kv, kv)
+    if name.endswith("feed_forward.w13.weight"):
+        return (config.intermediate_size, config.intermediate_size)
+    return ()  # one part: the whole tensor
+
+
 class HFLlamaSource:
     """A Hugging Face Llama directory seen as shardserve tensors, read one at a time."""
 
@@ -124,30 +165,8 @@ class HFLlamaSource:
         return expected_tensors("llama", self.config)
 
     def tensor(self, name: str) -> torch.Tensor:
-        if name == "tok_embeddings.weight":
-            return self._load("model.embed_tokens.weight")
-        if name == "norm.weight":
-            return self._load("model.norm.weight")
-        if name == "output.weight":
-            return self._load("lm_head.weight")
-        _, idx, rest = name.split(".", 2)
-        b = f"model.layers.{idx}."
-        simple = {
-            "attention_norm.weight": "input_layernorm.weight",
-            "ffn_norm.weight": "post_attention_layernorm.weight",
-            "attention.wo.weight": "self_attn.o_proj.weight",
-            "feed_forward.w2.weight": "mlp.down_proj.weight",
-        }
-        if rest in simple:
-            return self._load(b + simple[rest])
-        if rest == "attention.wqkv.weight":
-            parts = ("q_proj", "k_proj", "v_proj")
-            return torch.cat([self._load(f"{b}self_attn.{p}.weight") for p in parts])
-        if rest == "feed_forward.w13.weight":
-            return torch.cat(
-                [self._load(b + "mlp.gate_proj.weight"), self._load(b + "mlp.up_proj.weight")]
-            )
-        raise KeyError(name)
+        parts = [self._load(hf) for hf in hf_names(name)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, _ in self.names_and_shapes():
