@@ -14,6 +14,7 @@ dtype) bit for bit, and the config must map back to the same model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -90,19 +91,15 @@ def hf_tokenizer(tok: Any) -> Any:
     tokenizer.json's own post-processor does it too, since a HF reader may only apply that."""
     from tokenizers import Tokenizer, processors
 
-    from .tokenizer import _post_processor_adds
-
     if not tok.add_bos_token or tok.bos_token_id is None:
         return tok
-    if _post_processor_adds(tok.tokenizer, tok.bos_token_id):
-        return tok
+    if tok.tokenizer.encode("", add_special_tokens=True).ids[:1] == [tok.bos_token_id]:
+        return tok  # its post-processor adds BOS already
     inner = Tokenizer.from_str(tok.tokenizer.to_str())
     bos = tok.token(tok.bos_token_id)
     inner.post_processor = processors.TemplateProcessing(
         single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
         special_tokens=[(bos, tok.bos_token_id)])
-    import dataclasses
-
     return dataclasses.replace(tok, tokenizer=inner)
 
 
