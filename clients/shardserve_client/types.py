@@ -76,6 +76,8 @@ class StreamChunk:
     prompt_token_count: int | None = None
     generated_token_count: int | None = None
     timing: Timing | None = None
+    error: str | None = None
+    """With FinishReason.ERROR: why the request failed."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,8 @@ def chunk_from_pb(m: pb.GenerateStreamResponse) -> StreamChunk:
     if m.HasField("details"):
         d = m.details
         return StreamChunk(m.text, [t.id for t in m.tokens], lps, finish_reason(d.finish_reason),
-                           d.prompt_token_count, d.generated_token_count, _timing(d.timing))
+                           d.prompt_token_count, d.generated_token_count, _timing(d.timing),
+                           d.error or None)
     return StreamChunk(m.text, [t.id for t in m.tokens], lps)
 
 

@@ -35,6 +35,15 @@ def torch_dtype(name: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
+def check_checkpoint(path: str, *, hashes: bool) -> None:
+    """A shardserve checkpoint's manifest and files, checked before any process starts
+    (CheckpointError, one line, when damaged)."""
+    from shardserve_sharding.checkpoint.manifest import read_manifest
+    from shardserve_sharding.checkpoint.verify import verify_checkpoint
+
+    verify_checkpoint(path, read_manifest(path), hashes=hashes)
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     from shardserve_sharding.importers import import_model
 
@@ -59,6 +68,7 @@ def cmd_reshard(args: argparse.Namespace) -> int:
         args.src, args.dst, tp=args.tp, pp=args.pp, source_format=args.source_format,
         tokenizer=args.tokenizer, dtype=args.dtype, verify=args.verify,
         progress=not args.quiet, overwrite=args.overwrite, config=args.config,
+        verify_hashes=not args.no_verify,
     )
     mb = rep.bytes_written / 1e6
     print(f"resharded {args.src} -> {rep.dst} (tp={args.tp}, pp={args.pp}): {mb:.1f} MB "
@@ -74,7 +84,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from shardserve_server.workers.model_dir import describe
     from shardserve_server.workers.worker import WorkerConfig
 
-    backend = describe(args.model).backend if args.backend == "auto" else args.backend
+    served = describe(args.model)
+    backend = served.backend if args.backend == "auto" else args.backend
+    if backend == "torch":
+        check_checkpoint(args.model, hashes=not args.no_verify)
     cores = os.cpu_count() or 2
     threads = args.threads or max(1, cores // (args.tp * args.replicas))
     dtype = "float32" if backend == "onnx" else {"fp32": "float32", "bf16": "bfloat16"}[args.dtype]
@@ -85,7 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         threads=threads, spin=spin, kv_cache_tokens=args.kv_cache_tokens,
         block_size=args.block_size,
         max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
-        pg_timeout_s=args.pg_timeout, backend=backend,
+        pg_timeout_s=args.pg_timeout, backend=backend, verify_hashes=not args.no_verify,
     )
     limits = EngineLimits(max_queued_requests=args.max_queued_requests,
                           max_queued_tokens=args.max_queued_tokens)
@@ -130,7 +143,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     from shardserve_sharding.onnx_export.export import export_onnx
 
     rep = export_onnx(args.model_dir, args.out_dir, dtype=args.dtype, opset=args.opset,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, verify_hashes=not args.no_verify)
     print(f"exported {args.model_dir} -> {rep.out} in {rep.seconds:.1f} s; ONNX Runtime vs torch "
           f"logits within {rep.max_rel_err:.2e} (relative, fp32)")
     if rep.int8:
@@ -144,7 +157,7 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     from shardserve_sharding.hf_export import export_hf
 
     rep = export_hf(args.model_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
-                    progress=not args.quiet)
+                    progress=not args.quiet, verify_hashes=not args.no_verify)
     print(f"exported {args.model_dir} -> {rep.out} ({rep.dtype}, {rep.tensors} tensors, "
           f"{rep.bytes_written / 1e6:.1f} MB) in {rep.seconds:.1f} s; every tensor reads back "
           "identical through the HF importer")
@@ -180,6 +193,8 @@ def _generate_workers(args: argparse.Namespace):
     from shardserve_sharding.checkpoint.io import load_tokenizer
     from shardserve_sharding.checkpoint.manifest import read_manifest
 
+    check_checkpoint(args.model, hashes=not args.no_verify)
+
     class _Tok:  # what _requests needs: encode + tokenizer
         tokenizer = load_tokenizer(args.model, read_manifest(args.model))
 
@@ -189,7 +204,8 @@ def _generate_workers(args: argparse.Namespace):
     req = _requests(args, _Tok())[0]
     threads = args.threads or max(1, (os.cpu_count() or 2) // args.tp)
     cfg = WorkerConfig(args.model, tp=args.tp, dtype={"fp32": "float32", "bf16": "bfloat16"}[
-        args.dtype], threads=threads, kv_cache_tokens=max(4096, len(req.prompt_ids) + 4096))
+        args.dtype], threads=threads, kv_cache_tokens=max(4096, len(req.prompt_ids) + 4096),
+        verify_hashes=False)  # checked above
 
     async def run():
         engine = AsyncEngine(cfg)
@@ -221,7 +237,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _report(args, res, load_s, gen_s)
     t0 = time.perf_counter()
     engine = LocalEngine.from_checkpoint(
-        args.model, EngineConfig(dtype=torch_dtype(args.dtype), threads=args.threads)
+        args.model, EngineConfig(dtype=torch_dtype(args.dtype), threads=args.threads,
+                                 verify_hashes=not args.no_verify)
     )
     load_s = time.perf_counter() - t0
     reqs = _requests(args, engine)
@@ -369,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="compare logits with the source")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of the checkpoint's files (sizes are still checked)")
     p.set_defaults(func=cmd_reshard)
 
     p = sub.add_parser("generate", help="generate text from a prompt")
@@ -381,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=None,
                    help="run through a group of TP shard-worker processes")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of the checkpoint's files (sizes are still checked)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="serve a checkpoint over gRPC (shardserve.v1)")
@@ -407,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert")
     p.add_argument("--tls-key")
     p.add_argument("--auth-token-file")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of the checkpoint's files (sizes are still checked)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("train", help="hybrid-parallel (DP x TP x PP) training on CPU/gloo")
@@ -442,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=None,
                    help="ONNX opset (default: 23 for Llama, its minimum; 17 for the conv LM)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of the checkpoint's files (sizes are still checked)")
     p.set_defaults(func=cmd_export_onnx)
 
     p = sub.add_parser("export-hf", help="write a Llama checkpoint (any layout) as a Hugging "
@@ -452,6 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights dtype (default: the checkpoint's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of the checkpoint's files (sizes are still checked)")
     p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("quickstart", help="import the bundled SmolLM2, serve it, query it")
@@ -464,12 +491,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a user-facing failure (bad input, a damaged checkpoint, a worker group
+    that cannot start) prints one line and exits 2, never a traceback."""
+    from shardserve_server.engine.async_engine import EngineError
+    from shardserve_server.workers.group import GroupDied
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"shardserve {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, GroupDied, EngineError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"shardserve {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

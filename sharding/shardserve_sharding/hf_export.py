@@ -124,6 +124,7 @@ def export_hf(
     dtype: str | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    verify_hashes: bool = True,
 ) -> HFExportReport:
     """Write the checkpoint at model_dir as a Hugging Face directory out_dir (see the module).
 
@@ -131,7 +132,7 @@ def export_hf(
     other than Llama or a checkpoint without a tokenizer.
     """
     t0 = time.perf_counter()
-    source = ShardserveSource(model_dir)
+    source = ShardserveSource(model_dir, verify_hashes=verify_hashes)
     try:
         if source.family != "llama":
             raise CheckpointError(f"{model_dir}: export-hf supports the Llama family only; this "

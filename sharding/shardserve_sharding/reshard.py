@@ -40,7 +40,8 @@ SOURCE_FORMATS = ("auto", "shardserve", "hf", "gguf", "megatron", "dcp")
 
 
 def open_any_source(src: str | os.PathLike[str], source_format: str = "auto", *,
-                    tokenizer: Any = None, config: str | os.PathLike[str] | None = None) -> Any:
+                    tokenizer: Any = None, config: str | os.PathLike[str] | None = None,
+                    verify_hashes: bool = True) -> Any:
     """A reader for src: our own format at any layout, HF, GGUF, Megatron-LM or DCP.
 
     tokenizer: a loaded TokenizerBundle (Megatron and DCP store none); config: a params.json
@@ -50,7 +51,7 @@ def open_any_source(src: str | os.PathLike[str], source_format: str = "auto", *,
 
     fmt = detect_format(src) if source_format == "auto" else source_format
     if fmt == "shardserve":
-        return ShardserveSource(src)
+        return ShardserveSource(src, verify_hashes=verify_hashes)
     source = open_source(src, fmt, tokenizer=tokenizer, config=config)
     source.family = "llama"
     return source
@@ -98,14 +99,17 @@ def reshard(
     progress: bool = False,
     overwrite: bool = False,
     config: str | os.PathLike[str] | None = None,
+    verify_hashes: bool = True,
 ) -> ReshardReport:
     """Write src at layout (tp, pp) into dst; see the module docstring.
 
-    tokenizer: a path (see load_tokenizer_from); config: DCP's params.json.
+    tokenizer: a path (see load_tokenizer_from); config: DCP's params.json; verify_hashes:
+    check a shardserve source's sha256s first (checkpoint/verify.py).
     """
     t0 = time.perf_counter()
     given_tok = load_tokenizer_from(tokenizer) if tokenizer else None
-    source = open_any_source(src, source_format, tokenizer=given_tok, config=config)
+    source = open_any_source(src, source_format, tokenizer=given_tok, config=config,
+                             verify_hashes=verify_hashes)
     family, mcfg = source.family, source.config
     check_tp(family, mcfg, tp)
     n_layers = mcfg.n_layers

@@ -52,7 +52,7 @@ def load_sharded_model(
     comm: Comm,
     *,
     dtype: torch.dtype = torch.float32,
-    verify_hashes: bool = False,
+    verify_hashes: bool = True,
 ) -> torch.nn.Module:
     """The model for rank comm.rank of comm.world_size, with only its slices in memory."""
     from .models import build_model

@@ -385,7 +385,7 @@ def test_frequencies_match_truncated_distribution() -> None:
         ("frequency_penalty", -2.01),
         ("presence_penalty", -3.0),
         ("seed", -1),
-        ("seed", 2**63),
+        ("seed", 2**64),
         ("seed", 1.5),
     ],
 )
@@ -401,7 +401,7 @@ def test_valid_edges_pass() -> None:
     for params in (
         SamplingParams(),
         SamplingParams(temperature=0.0, top_p=1.0, min_p=1.0, seed=0),
-        SamplingParams(frequency_penalty=-2.0, presence_penalty=2.0, seed=2**63 - 1),
+        SamplingParams(frequency_penalty=-2.0, presence_penalty=2.0, seed=2**64 - 1),
         SamplingParams(top_k=1, top_p=1e-9, repetition_penalty=1e-3),
     ):
         params.validate()

@@ -198,12 +198,62 @@ def test_flipped_byte_fails_the_hash_check(copy, name):
     assert str(path) in msg and "sha256" in msg
 
 
-def test_without_verify_hashes_only_sizes_are_checked(copy):
+def test_hashes_are_checked_by_default_and_skipped_on_request(copy):
     path = copy / RANK0
     data = bytearray(path.read_bytes())
     data[-1] ^= 0x40  # a bit of the last weight
     path.write_bytes(bytes(data))
-    load_model(copy)  # loads: the default check is presence and size only
+    msg = _error(copy)  # the default verifies sha256
+    assert str(path) in msg and "sha256" in msg
+    load_model(copy, verify_hashes=False)  # --no-verify: presence and size only
+
+
+def test_verified_files_are_remembered_until_they_change(copy, monkeypatch, tmp_path):
+    from shardserve_sharding.checkpoint.manifest import read_manifest
+    from shardserve_sharding.checkpoint.verify import STAMP, verify_checkpoint
+
+    m = read_manifest(copy)
+    total = sum(f.size for f in m.files.values())
+    first = verify_checkpoint(copy, m)
+    assert first.hashed_bytes == total and (copy / STAMP).is_file()
+    again = verify_checkpoint(copy, m)
+    assert again.hashed_bytes == 0 and again.remembered == len(m.files)
+    # a rewrite (new mtime / inode) is hashed again, and a flipped byte found
+    path = copy / RANK0
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        verify_checkpoint(copy, m)
+    # a damaged stamp only costs a re-hash
+    (copy / STAMP).write_text("[not json")
+    path.write_bytes(bytes(data[:-1] + bytes([data[-1] ^ 0x40])))
+    assert verify_checkpoint(copy, m).hashed_bytes == total
+
+
+def test_read_only_checkpoint_keeps_its_stamp_in_the_cache(copy, monkeypatch, tmp_path):
+    import os
+
+    from shardserve_sharding.checkpoint.manifest import read_manifest
+    from shardserve_sharding.checkpoint.verify import STAMP, verify_checkpoint
+
+    if os.geteuid() == 0:  # root writes through mode bits: make the stamp path unwritable
+        (copy / STAMP).mkdir()
+    else:
+        copy.chmod(0o555)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    m = read_manifest(copy)
+    assert verify_checkpoint(copy, m).hashed_bytes > 0
+    assert list((tmp_path / "cache" / "shardserve" / "verified").glob("*.json"))
+    assert verify_checkpoint(copy, m).hashed_bytes == 0
+    copy.chmod(0o755)
+
+
+def test_symlinked_file_leaving_the_directory_is_refused(copy, tmp_path):
+    outside = tmp_path / "elsewhere.safetensors"
+    (copy / RANK0).rename(outside)
+    (copy / RANK0).symlink_to(outside)
+    assert "outside the checkpoint" in _error(copy)
 
 
 @pytest.mark.parametrize(
@@ -213,10 +263,29 @@ def test_without_verify_hashes_only_sizes_are_checked(copy):
         (lambda p: p.write_bytes(b"\xff\xfe garbage"), "not valid JSON"),
         (lambda p: p.unlink(), "missing"),
         (lambda p: _edit(p, lambda d: d.pop("tensors")), "malformed"),
+        (lambda p: p.write_text("[1, 2]"), "a JSON object is expected"),
+        (lambda p: p.write_text('"text"'), "a JSON object is expected"),
+        (lambda p: _edit(p, lambda d: next(iter(d["tensors"].values())).update(dtype="f99")),
+         "'f99' is not one of"),
+        (lambda p: _edit(p, lambda d: d.update(dtype="int3")), "'int3' is not one of"),
+        (lambda p: _edit(p, lambda d: next(iter(d["tensors"].values())).update(split="diag")),
+         "split 'diag'"),
+        (lambda p: _edit(p, lambda d: d["files"].update({"../x": next(iter(
+            d["files"].values()))})), "leaves the checkpoint directory"),
+        (lambda p: _edit(p, lambda d: d["files"].update({"/etc/passwd": next(iter(
+            d["files"].values()))})), "leaves the checkpoint directory"),
+        (lambda p: _edit(p, lambda d: d.update(tokenizer="../../tok")),
+         "leaves the checkpoint directory"),
+        (lambda p: _edit(p, lambda d: d.update(layout=[1, 1])), "layout has type list"),
+        (lambda p: _edit(p, lambda d: d["tensors"].update(x="y")), "is not an object"),
+        (lambda p: _edit(p, lambda d: next(iter(d["files"].values())).update(size="9")),
+         "size must be an integer"),
         (lambda p: _edit(p, lambda d: d.update(format_version=99)), "format_version"),
         (lambda p: _edit(p, lambda d: d.update(format="other")), "format"),
     ],
-    ids=["truncated-json", "binary", "missing", "no-tensors", "version", "format"],
+    ids=["truncated-json", "binary", "missing", "no-tensors", "list", "string", "tensor-dtype",
+         "dtype", "split", "dotdot-file", "absolute-file", "dotdot-tokenizer", "layout-type",
+         "tensor-entry", "size-type", "version", "format"],
 )
 def test_corrupt_manifest_names_it(copy, damage, words):
     damage(copy / "manifest.json")

@@ -29,6 +29,7 @@ from shardserve_client._pb.shardserve.v1 import generate_pb2_grpc as pb_grpc
 from ..engine.async_engine import AsyncEngine, EngineLimits
 from ..workers.worker import WorkerConfig
 from .convert import RequestLimits
+from .decode_guard import DecodeGuard
 from .metrics import Metrics
 from .servicer import TextGenerationServicer
 
@@ -120,8 +121,9 @@ class Server:
             raise ValueError(f"{self.worker.model_dir}: checkpoint has no tokenizer")
         max_seq = served.max_seq_len
         info = await self.engine.start()
-        limits = RequestLimits(max_seq_len=max_seq,
-                               max_new_tokens=min(self.cfg.max_new_tokens, max_seq - 1))
+        limit = min(self.cfg.max_new_tokens, max_seq - 1)
+        limits = RequestLimits(max_seq_len=max_seq, max_new_tokens=limit,
+                               default_max_new_tokens=min(64, limit))
         self.servicer = TextGenerationServicer(
             self.engine, tokenizer, manifest, limits, self.metrics,
             {"dtype": self.worker.dtype, "tp": self.worker.tp, "replicas": self.replicas,
@@ -129,7 +131,8 @@ class Server:
              "max_batch_size": self.worker.max_batch_size,
              "max_queued_requests": self.limits.max_queued_requests},
         )
-        interceptors = []
+        interceptors: list[Any] = [DecodeGuard(lambda method: self.metrics.requests.labels(
+            method, "invalid").inc())]
         if self.cfg.auth_token_file:
             reject = lambda method: self.metrics.requests.labels(  # noqa: E731
                 method.rsplit("/", 1)[-1], "unauthenticated").inc()

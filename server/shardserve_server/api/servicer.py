@@ -87,6 +87,9 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
 
     async def _run(self, method: str, msg: Any, prompt: str | None, context, streaming: bool):
         try:
+            # Overload answers before any work: a full queue must not wait behind tokenizing
+            # (or templating) this request, which a flood of requests would make slow.
+            self.engine.check_capacity()
             if prompt is None:
                 prompt = self._chat_prompt(msg)
             p = self._prepare(msg, prompt)
@@ -113,6 +116,8 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
             else:
                 result = await stream.result()
                 outcome = self._outcome(result)
+                if result.finish_reason is FinishReason.ERROR:
+                    raise EngineError(result.error or "the request failed in the engine")
                 yield self._response(p, stream, result)
         except (asyncio.CancelledError, GeneratorExit):
             # closed after its last message (unary, or a finished stream): nothing to cancel.
@@ -124,7 +129,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
                 self.engine.cancel(p.request.request_id)
             raise
         except EngineError as e:
-            outcome = "error"
+            outcome, result = "error", None
             self.metrics.on_request_done(method, outcome)
             self._log(method, p, outcome, message=str(e))
             self.active -= 1
@@ -141,6 +146,8 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
 
     @staticmethod
     def _outcome(result: Any) -> str:
+        if result.finish_reason is FinishReason.ERROR:
+            return "error"
         return "cancelled" if result.finish_reason is FinishReason.CANCELLED else "ok"
 
     def _response(self, p: Prepared, stream: RequestStream, r: Any) -> pb.GenerateResponse:
@@ -172,7 +179,8 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
                 holder["result"] = r
                 d = pb.StreamDetails(
                     finish_reason=FINISH_TO_PB[r.finish_reason], prompt_token_count=r.prompt_tokens,
-                    generated_token_count=len(r.token_ids), timing=timing_msg(stream.timing))
+                    generated_token_count=len(r.token_ids), timing=timing_msg(stream.timing),
+                    error=r.error or "")
                 if p.return_prompt_tokens:
                     d.prompt_tokens.extend(token_msgs(self.tokenizer, list(p.request.prompt_ids)))
                 msg.details.CopyFrom(d)

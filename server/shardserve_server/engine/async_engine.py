@@ -219,6 +219,13 @@ class AsyncEngine:
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"
 
+    def check_capacity(self) -> None:
+        """Raise QueueFull if a request submitted now would be refused for queue space (the
+        token limit is checked at submit, once the prompt is tokenized)."""
+        if len(self.waiting) >= self.limits.max_queued_requests:
+            raise QueueFull(f"queue full: {len(self.waiting)} requests waiting "
+                            f"(max_queued_requests={self.limits.max_queued_requests})")
+
     def submit(self, req: GenerationRequest, priority: int = 0) -> RequestStream:
         """Queue a request (validated here); QueueFull when the queue is at its limits."""
         req.sampling.validate()
@@ -234,9 +241,7 @@ class AsyncEngine:
         if self._closing:
             raise EngineError("engine is shutting down")
         n = len(req.prompt_ids)
-        if len(self.waiting) >= self.limits.max_queued_requests:
-            raise QueueFull(f"queue full: {len(self.waiting)} requests waiting "
-                            f"(max_queued_requests={self.limits.max_queued_requests})")
+        self.check_capacity()
         if self.queued_tokens + n > self.limits.max_queued_tokens:
             raise QueueFull(f"queue full: {self.queued_tokens} prompt tokens waiting "
                             f"(max_queued_tokens={self.limits.max_queued_tokens})")

@@ -39,6 +39,8 @@ class EngineConfig:
     """torch.compile the decode step (dynamic shapes; prefill stays eager). Fuses the small
     per-layer ops; costs compile time at the first step of each kind (batch 1, batch > 1),
     counted in StepStats.compile_s."""
+    verify_hashes: bool = True
+    """Check the checkpoint's sha256s before loading (remembered in a stamp file)."""
 
 
 @dataclass
@@ -78,7 +80,7 @@ class LocalEngine:
         from shardserve_sharding.checkpoint.io import load_model
 
         config = config or EngineConfig()
-        loaded = load_model(path, dtype=config.dtype)
+        loaded = load_model(path, dtype=config.dtype, verify_hashes=config.verify_hashes)
         return cls(loaded.model, loaded.tokenizer, config)
 
     def encode(self, text: str) -> list[int]:

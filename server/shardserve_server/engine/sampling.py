@@ -23,7 +23,9 @@ from dataclasses import dataclass
 import torch
 
 _PENALTY_LIMIT = 2.0
-_SEED_LIMIT = 2**63
+_SEED_LIMIT = 2**64  # the proto's uint64; torch.Generator takes the whole range
+# Temperatures below this are greedy (as in vLLM): dividing logits by ~1e-38 overflows.
+_GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,8 @@ class SamplingParams:
     """How one request picks its next token. Check with `validate()` before use."""
 
     temperature: float = 1.0
-    """Divides the (penalised) logits; 0 means greedy: exactly the argmax, no randomness."""
+    """Divides the (penalised) logits; 0 (or anything below 1e-5) means greedy: exactly the
+    argmax, no randomness."""
 
     top_k: int = 0
     """Keep only the k most likely tokens (and any tied with the k-th); 0 turns it off."""
@@ -62,8 +65,8 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        """True when the row takes the argmax (temperature 0)."""
-        return self.temperature == 0.0
+        """True when the row takes the argmax (temperature 0, or below 1e-5)."""
+        return self.temperature < _GREEDY_TEMPERATURE
 
     @property
     def has_penalties(self) -> bool:
@@ -97,7 +100,7 @@ class SamplingParams:
             or not isinstance(self.seed, int)
             or not (0 <= self.seed < _SEED_LIMIT)
         ):
-            raise ValueError(f"seed must be None or an integer in [0, 2**63), got {self.seed!r}")
+            raise ValueError(f"seed must be None or an integer in [0, 2**64), got {self.seed!r}")
 
 
 def make_generator(seed: int | None = None, device: torch.device | str = "cpu") -> torch.Generator:

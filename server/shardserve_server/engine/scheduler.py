@@ -272,16 +272,29 @@ class GroupScheduler:
 
     def process(self, logits: torch.Tensor, rows: list[Scheduled], samples: list[bool]
                 ) -> list[dict]:
-        """Sample the rows that finished their prompt or are decoding; token events out."""
+        """Sample the rows that finished their prompt or are decoding; token events out.
+
+        `logits` [B, V] is the forward's output, usually an inference-mode tensor: it is
+        never written to (masks are applied out of place). A row whose logits are not all
+        finite (NaN or inf weights, an overflow) ends with FinishReason.ERROR and a message;
+        the other rows sample as usual."""
         idx = [i for i, flag in enumerate(samples) if flag]
         if not idx:
             return []
-        seqs = [rows[i] for i in idx]
         lg = logits[idx] if len(idx) != len(rows) else logits  # [B', V]
-        for j, s in enumerate(seqs):
-            banned = s.seq.stop.suppressed_token_ids(len(s.seq.output_ids))
-            if banned:
-                lg[j, list(banned)] = float("-inf")
+        seqs = [rows[i] for i in idx]
+        events: list[dict] = []
+        finite = torch.isfinite(lg.sum(dim=-1, dtype=torch.float32)).tolist()  # [B']
+        if not all(finite):
+            keep = [j for j, ok in enumerate(finite) if ok]
+            for j, ok in enumerate(finite):
+                if not ok:
+                    events.append(self.fail(seqs[j], "the model produced non-finite logits "
+                                            "(NaN or inf): the checkpoint may be damaged"))
+            if not keep:
+                return events
+            lg, seqs = lg[keep], [seqs[j] for j in keep]
+        lg = self._suppress(lg, seqs)
         want_top = any(s.seq.req.logprobs for s in seqs)
         params = [s.seq.req.sampling for s in seqs]
         gens = [s.seq.generator for s in seqs]
@@ -297,13 +310,12 @@ class GroupScheduler:
                 logprobs=any(s.seq.req.logprobs is not None for s in seqs))
         tok_list = tokens.tolist()
         lp_list = lps.tolist() if lps is not None else [None] * len(seqs)
-        events = []
         now = time.monotonic()
         for j, (s, tok, lp) in enumerate(zip(seqs, tok_list, lp_list, strict=True)):
             n_top = s.seq.req.logprobs or 0
             top = None
             if n_top and full is not None:
-                vals, ids = full[j].topk(n_top)
+                vals, ids = full[j].topk(min(n_top, full.shape[-1]))
                 top = list(zip(ids.tolist(), vals.tolist(), strict=True))
             if s.first_token_at is None:
                 s.first_token_at = now
@@ -313,6 +325,29 @@ class GroupScheduler:
                 d.update(self._final(s))
             events.append(d)
         return events
+
+    @staticmethod
+    def _suppress(lg: torch.Tensor, seqs: list[Scheduled]) -> torch.Tensor:
+        """lg [B, V] with the tokens each row may not end on yet (min_new_tokens) at -inf.
+
+        Out of place: lg may be the forward's inference tensor (an in-place write there
+        raises outside inference mode). Ids outside the logits' width are ignored."""
+        vocab = lg.shape[-1]
+        rows, cols = [], []
+        for j, s in enumerate(seqs):
+            for t in s.seq.stop.suppressed_token_ids(len(s.seq.output_ids)):
+                if 0 <= t < vocab:
+                    rows.append(j)
+                    cols.append(t)
+        if not rows:
+            return lg
+        return lg.index_put((torch.tensor(rows), torch.tensor(cols)),
+                            torch.tensor(float("-inf"), dtype=lg.dtype))  # [B, V]
+
+    def fail(self, s: Scheduled, message: str) -> dict:
+        """End one sequence with FinishReason.ERROR (its blocks are freed at the next reap)."""
+        s.seq.fail(message)
+        return self._final(s)
 
     def _final(self, s: Scheduled) -> dict:
         r = s.seq.result()

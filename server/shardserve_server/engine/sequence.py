@@ -52,6 +52,8 @@ class GenerationResult:
     prompt_tokens: int
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    error: str | None = None
+    """Why the request failed (finish_reason ERROR only)."""
 
 
 class Sequence:
@@ -69,6 +71,7 @@ class Sequence:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.text = ""
         self.finish_reason: FinishReason | None = None
+        self.error: str | None = None
         self.logprobs: list[float] = []
         self.top_logprobs: list[list[tuple[int, float]]] = []
         self.created = time.monotonic()
@@ -121,6 +124,12 @@ class Sequence:
             self.text += self.stop.flush() if reason is not FinishReason.CANCELLED else ""
             self.finish_reason = reason
 
+    def fail(self, message: str) -> None:
+        """End with FinishReason.ERROR; `message` says why (sent to the caller)."""
+        if self.finish_reason is None:
+            self.error = message
+            self.finish(FinishReason.ERROR)
+
     def result(self) -> GenerationResult:
         assert self.finish_reason is not None
         want = self.req.logprobs is not None
@@ -132,4 +141,5 @@ class Sequence:
             prompt_tokens=len(self.prompt_ids),
             logprobs=list(self.logprobs) if want else None,
             top_logprobs=list(self.top_logprobs) if want and self.req.logprobs else None,
+            error=self.error,
         )

@@ -11,6 +11,7 @@ Messages to the front end:
 
 from __future__ import annotations
 
+import logging
 import resource
 import time
 from typing import Any
@@ -26,6 +27,13 @@ from ..engine.sequence import GenerationRequest
 from ..engine.stopping import StoppingParams
 
 HEARTBEAT_S = 1.0
+log = logging.getLogger("shardserve.leader")
+
+
+def log_internal(where: str, e: BaseException) -> None:
+    """A bug caught at a request boundary: one line with the cause, the traceback at debug."""
+    log.error("internal error in %s: %s: %s", where, type(e).__name__, e)
+    log.debug("traceback", exc_info=e)
 
 
 class Leader:
@@ -83,6 +91,9 @@ class Leader:
                 self.scheduler.add(req, priority)
             except ValueError as e:
                 return [{"id": req.request_id, "error": str(e)}]
+            except Exception as e:  # a request must never take the group down
+                log_internal("add", e)
+                return [{"id": req.request_id, "error": f"request refused: {e}"}]
         elif kind == "cancel":
             self.scheduler.cancel(msg[1])
         elif kind == "stop":
@@ -131,6 +142,17 @@ class Leader:
                 self.conn.send(("events", events, self.sent_stats))
                 last_sent = now
 
+    def _process(self, logits: torch.Tensor, rows: list, samples: list[bool]) -> list[dict]:
+        """Sample a forward's rows; a failure there ends those rows, never the group (the
+        forward itself completed, so the cache and every other sequence are intact)."""
+        try:
+            return self.scheduler.process(logits, rows, samples)
+        except Exception as e:
+            log_internal("sampling", e)
+            return [self.scheduler.fail(s, f"internal error while sampling: "
+                                           f"{type(e).__name__}: {e}")
+                    for s in rows if not s.seq.finished]
+
     def _step(self) -> list[dict]:
         events: list[dict] = []
         self.last_step = {}
@@ -146,7 +168,7 @@ class Leader:
                 events = []
             t0 = time.perf_counter()
             logits = self._forward(plan)
-            new = self.scheduler.process(logits, rows, samples)
+            new = self._process(logits, rows, samples)
             phase = "decode" if plan.tokens.shape[1] == 1 and all(samples) else "prefill"
             self.phase_s[phase] += time.perf_counter() - t0
             self.last_step[f"{phase}_s"] = time.perf_counter() - t0

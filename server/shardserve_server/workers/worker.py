@@ -49,6 +49,9 @@ class WorkerConfig:
     """'torch' (shard workers over a checkpoint) or 'onnx' (ONNX Runtime over an export)."""
     warmup: bool = True
     """Run one small step before reporting ready."""
+    verify_hashes: bool = True
+    """Check the checkpoint's sha256s before loading (the front end has usually done it: the
+    stamp file then makes this a stat per file)."""
 
 
 def _init_group(cfg: WorkerConfig, rank: int) -> Any:
@@ -87,7 +90,8 @@ def worker_main(cfg: WorkerConfig, rank: int, conn: Any | None) -> None:
         from ..engine.runner import CacheGeometry, ModelRunner
 
         dtype = DTYPES[cfg.dtype]
-        model = load_sharded_model(cfg.model_dir, comm, dtype=dtype)
+        model = load_sharded_model(cfg.model_dir, comm, dtype=dtype,
+                                   verify_hashes=cfg.verify_hashes)
         geometry = CacheGeometry(cfg.kv_cache_tokens, cfg.block_size, cfg.max_batch_size)
         runner = ModelRunner(model, geometry, dtype)
         load_s = time.perf_counter() - t0

@@ -2,7 +2,7 @@
 
 Writing goes through CheckpointBuilder: an atomic temporary directory, one streaming
 safetensors writer per rank file, sha256 and size recorded per file, manifest written last,
-then the rename. Reading checks every file's presence and size (and sha256 on request) before
+then the rename. Reading checks every file's presence, size and sha256 (verify.py) before
 any tensor is touched, so a damaged checkpoint fails early with the file's name.
 """
 
@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from ..split_table import split_kind
 from .atomic import atomic_directory
 from .manifest import (
+    DTYPE_NAMES,
     CheckpointError,
     FileEntry,
     Layout,
@@ -32,12 +33,9 @@ from .manifest import (
     read_manifest,
 )
 from .safetensors_stream import SafetensorsStreamWriter, TensorSpec, sha256_file
+from .verify import verify_checkpoint
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -189,24 +187,6 @@ def write_checkpoint(
     return Path(dst)
 
 
-def verify_checkpoint(
-    directory: str | os.PathLike[str], manifest: Manifest, *, hashes: bool = False
-) -> None:
-    """Every file listed exists with its recorded size (and sha256 when hashes=True)."""
-    root = Path(directory)
-    for name, entry in manifest.files.items():
-        path = root / name
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing (listed in manifest.json)")
-        size = path.stat().st_size
-        if size != entry.size:
-            raise CheckpointError(
-                f"{path}: size {size} bytes, manifest says {entry.size} (truncated or altered)"
-            )
-        if hashes and sha256_file(path) != entry.sha256:
-            raise CheckpointError(f"{path}: sha256 does not match manifest.json (corrupt)")
-
-
 def read_rank_file(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of one safetensors rank file (no pickle involved)."""
     try:
@@ -220,7 +200,7 @@ def load_full_state_dict(
     directory: str | os.PathLike[str],
     manifest: Manifest | None = None,
     *,
-    verify_hashes: bool = False,
+    verify_hashes: bool = True,
 ) -> tuple[Manifest, dict[str, torch.Tensor]]:
     """Read a TP=1 checkpoint (any PP) into one state dict, checking names and shapes."""
     root = Path(directory)
@@ -268,7 +248,7 @@ def load_model(
     directory: str | os.PathLike[str],
     *,
     dtype: torch.dtype = torch.float32,
-    verify_hashes: bool = False,
+    verify_hashes: bool = True,
     device: str = "cpu",
 ) -> LoadedModel:
     """Build the model described by the manifest and load its weights (TP=1 checkpoints)."""

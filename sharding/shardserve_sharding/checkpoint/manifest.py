@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .atomic import atomic_write_text
@@ -29,6 +29,8 @@ from .atomic import atomic_write_text
 FORMAT = "shardserve-checkpoint"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+"""Tensor dtypes a checkpoint may hold (torch names)."""
 
 
 class CheckpointError(ValueError):
@@ -119,7 +121,11 @@ def rank_file_name(tp_rank: int, pp_rank: int) -> str:
 
 
 def read_manifest(directory: str | Path) -> Manifest:
-    """Parse and validate directory/manifest.json; errors name the file and the problem."""
+    """Parse and validate directory/manifest.json; errors name the file and the problem.
+
+    Every field is type-checked here, so a damaged manifest fails with one CheckpointError
+    before anything is read or written: unknown dtypes, split kinds or file names that
+    would leave the checkpoint directory (absolute, `..`) are refused."""
     path = Path(directory) / MANIFEST
     if not Path(directory).is_dir():
         raise CheckpointError(f"{directory}: not a directory")
@@ -129,32 +135,100 @@ def read_manifest(directory: str | Path) -> Manifest:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    except OSError as e:
+        raise CheckpointError(f"{path}: unreadable ({e.strerror or e})") from e
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: malformed manifest (a JSON object is expected, "
+                              f"got {type(d).__name__})")
     if d.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format is {d.get('format')!r}, expected {FORMAT!r}")
     if d.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
-            f"{path}: format_version {d.get('format_version')} is not supported "
+            f"{path}: format_version {d.get('format_version')!r} is not supported "
             f"(this shardserve reads {FORMAT_VERSION})"
         )
     try:
-        layout = Layout(**d["layout"])
-        tensors = {
-            n: TensorEntry(tuple(t["shape"]), t["dtype"], t["split"], t.get("pp_rank", 0))
-            for n, t in d["tensors"].items()
-        }
-        files = {
-            n: FileEntry(f["size"], f["sha256"], f.get("tp_rank"), f.get("pp_rank"))
-            for n, f in d["files"].items()
-        }
-        return Manifest(
-            family=d["family"],
-            config=d["config"],
-            dtype=d["dtype"],
-            layout=layout,
-            tensors=tensors,
-            files=files,
-            tokenizer=d.get("tokenizer"),
-            source=d.get("source", {}),
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from e
+        return _parse(d)
+    except _Bad as e:
+        raise CheckpointError(f"{path}: malformed manifest ({e})") from None
+
+
+class _Bad(Exception):
+    """A manifest field with the wrong type or value (the message names it)."""
+
+
+def _get(d: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if key not in d:
+        raise _Bad(f"{where}{key} is missing")
+    value = d[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise _Bad(f"{where}{key} has type {type(value).__name__}")
+    return value
+
+
+def _int(value: Any, what: str, low: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise _Bad(f"{what} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _dtype(value: Any, what: str) -> str:
+    if value not in DTYPE_NAMES:
+        raise _Bad(f"{what} {value!r} is not one of {list(DTYPE_NAMES)}")
+    return value
+
+
+def safe_relative(name: Any, what: str) -> str:
+    """`name` if it is a plain relative path inside the checkpoint, else _Bad."""
+    if not isinstance(name, str) or not name:
+        raise _Bad(f"{what} must be a non-empty string, got {name!r}")
+    parts = PurePosixPath(name).parts
+    if (name.startswith(("/", "\\")) or "\\" in name or "\0" in name or ".." in parts
+            or ":" in parts[0]):
+        raise _Bad(f"{what} {name!r} leaves the checkpoint directory")
+    return name
+
+
+def _parse(d: dict[str, Any]) -> Manifest:
+    from ..split_table import SplitKind
+
+    splits = {k.value for k in SplitKind}
+    lay = _get(d, "layout", dict, "")
+    layout = Layout(_int(lay.get("tp"), "layout.tp", 1), _int(lay.get("pp"), "layout.pp", 1))
+    tensors = {}
+    for n, t in _get(d, "tensors", dict, "").items():
+        where = f"tensors[{n!r}]."
+        if not isinstance(t, dict):
+            raise _Bad(f"tensors[{n!r}] is not an object")
+        shape = tuple(_int(x, f"{where}shape[]") for x in _get(t, "shape", list, where))
+        split = _get(t, "split", str, where)
+        if split not in splits:
+            raise _Bad(f"{where}split {split!r} is not one of {sorted(splits)}")
+        tensors[n] = TensorEntry(shape, _dtype(t.get("dtype"), f"{where}dtype"), split,
+                                 _int(t.get("pp_rank", 0), f"{where}pp_rank"))
+    files = {}
+    for n, f in _get(d, "files", dict, "").items():
+        where = f"files[{n!r}]."
+        safe_relative(n, "file name")
+        if not isinstance(f, dict):
+            raise _Bad(f"files[{n!r}] is not an object")
+        digest = _get(f, "sha256", str, where)
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise _Bad(f"{where}sha256 is not a hex sha256 digest")
+        ranks = [None if f.get(k) is None else _int(f.get(k), where + k)
+                 for k in ("tp_rank", "pp_rank")]
+        files[n] = FileEntry(_int(f.get("size"), f"{where}size"), digest, *ranks)
+    tokenizer = d.get("tokenizer")
+    if tokenizer is not None:
+        safe_relative(tokenizer, "tokenizer")
+    source = d.get("source", {})
+    return Manifest(
+        family=_get(d, "family", str, ""),
+        config=_get(d, "config", dict, ""),
+        dtype=_dtype(d.get("dtype"), "dtype"),
+        layout=layout,
+        tensors=tensors,
+        files=files,
+        tokenizer=tokenizer,
+        source=source if isinstance(source, dict) else {},
+    )

@@ -18,9 +18,10 @@ from safetensors import SafetensorError, safe_open
 
 from ..partition import ShardSpec, TPGeometry, local_shape, merge_shards, shard_spec
 from ..split_table import SplitKind, split_kind
-from .io import load_tokenizer, verify_checkpoint
+from .io import load_tokenizer
 from .manifest import CheckpointError, read_manifest
 from .raw_safetensors import RawSafetensors
+from .verify import verify_checkpoint
 
 
 class ShardserveSource:
@@ -28,7 +29,7 @@ class ShardserveSource:
 
     family: str
 
-    def __init__(self, directory: str | os.PathLike[str], *, verify_hashes: bool = False):
+    def __init__(self, directory: str | os.PathLike[str], *, verify_hashes: bool = True):
         from ..models import config_from_dict, expected_tensors
 
         self.root = Path(directory)

@@ -48,10 +48,11 @@ class ExportReport:
     int8: dict[str, float] | None = None
 
 
-def load_full_model(model_dir: str | Path) -> tuple[torch.nn.Module, ShardserveSource]:
+def load_full_model(model_dir: str | Path, *, verify_hashes: bool = True
+                    ) -> tuple[torch.nn.Module, ShardserveSource]:
     from ..models import build_model
 
-    src = ShardserveSource(model_dir)
+    src = ShardserveSource(model_dir, verify_hashes=verify_hashes)
     with torch.device("meta"):
         model = build_model(src.family, src.config)
     state = {n: src.tensor(n).float() for n, _ in src.names_and_shapes()}
@@ -208,13 +209,13 @@ def _perplexity(onnx_dir: Path, model_file: str, ids: list[int]) -> float:
 
 def export_onnx(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                 dtype: str = "fp32", opset: int | None = None, tolerance: float = 1e-4,
-                overwrite: bool = False) -> ExportReport:
+                overwrite: bool = False, verify_hashes: bool = True) -> ExportReport:
     """Export, verify against torch and (with dtype="int8") quantize. opset defaults to 23 for
     the Llama graph (its minimum) and 17 for the conv LM's TorchScript export."""
     if dtype not in ("fp32", "int8"):
         raise ValueError(f"--dtype must be fp32 or int8, got {dtype!r}")
     t0 = time.perf_counter()
-    model, src = load_full_model(model_dir)
+    model, src = load_full_model(model_dir, verify_hashes=verify_hashes)
     family = src.family
     if opset is None:
         opset = OPSET if family == "llama" else 17
