@@ -8,7 +8,8 @@ streaming clients in this process (grpc.aio): each sends a short prompt for 32 g
 a refused call (RESOURCE_EXHAUSTED) is timed from send to status and retried after
 --backoff-ms (1 s by default, as a client with retry backoff would).
 The first 20% of the window is not counted. Prints and writes loadtest/results/overload.md:
-rejection latency p50/p99 (target p99 < 50 ms), accepted requests and tokens/s.
+rejection latency p50/p99 (target p99 < 50 ms), accepted requests and tokens/s
+(loadtest/results/overload-latest.md; overload.md lists every run by hand).
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from pathlib import Path
 import grpc
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests" / "server"))
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests" / "server")]
 
 from grpc_servers import RunningServer  # noqa: E402
+from results_io import cpu_flags, write_results  # noqa: E402
 
 from shardserve_client._pb.shardserve.v1 import generate_pb2 as pb  # noqa: E402
 from shardserve_client._pb.shardserve.v1 import generate_pb2_grpc as pb_grpc  # noqa: E402
@@ -91,9 +93,7 @@ def main() -> None:
     finally:
         server.stop()
     rej = [x * 1000 for x in r["rejected"]]
-    flags = set(Path("/proc/cpuinfo").read_text().split())
-    flags = " ".join(sorted(f for f in flags if f in {"avx2", "avx512f", "avx512_bf16",
-                                                       "amx_bf16"}))
+    flags = cpu_flags()
     text = "\n".join([
         "# Overload: time to RESOURCE_EXHAUSTED (issue #12)", "",
         f"Command: `.venv/bin/python loadtest/bench_overload.py --model {args.model} --clients "
@@ -108,11 +108,7 @@ def main() -> None:
         f"{r['tok_s']:.1f} | {r['other'] or 'none'} |", "",
         "Target (issue #12): rejection p99 < 50 ms at 10x overload. Before the fix (reported in "
         "the issue, same shape of load): p50 164 ms, p99 314 ms.", ""])
-    print(text)
-    out = HERE / "results" / "overload.md"
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    print(write_results("overload-latest", [text]))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -18,13 +19,8 @@ from shardserve_sharding.checkpoint.io import load_model
 from shardserve_sharding.checkpoint.manifest import read_manifest
 from shardserve_sharding.checkpoint.verify import STAMP, verify_checkpoint
 
-HERE = Path(__file__).resolve().parent
-
-
-def cpu_flags() -> str:
-    flags = set(Path("/proc/cpuinfo").read_text().split())
-    return " ".join(sorted(f for f in flags if f in {"avx2", "avx512f", "avx512_bf16", "amx_bf16",
-                                                      "sha_ni"}))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import cpu_flags, write_results  # noqa: E402
 
 
 def main() -> None:
@@ -63,11 +59,7 @@ def main() -> None:
         "", f"Hashing rate: {size / med(cold) / 1e9:.2f} GB/s. The stamp makes a restart's check "
         f"{med(cold) / max(med(warm), 1e-9):.0f}x cheaper; the first check costs "
         f"{100 * med(cold) / med(load):.0f}% of a load.", ""])
-    print(text)
-    out = HERE / "results" / "verify.md"
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    print(write_results("verify", [text]))
 
 
 if __name__ == "__main__":

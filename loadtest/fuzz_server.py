@@ -106,7 +106,7 @@ def main() -> int:
     out = Path(args.out)
     tmp_out = out.with_suffix(".md.tmp")
     tmp_out.write_text(text)
-    tmp_out.replace(out)  # whole or not at all
+    tmp_out.replace(out)  # whole or not at all (results_io writes only under results/)
     tmp.cleanup()
     return 0 if ok else 1
 

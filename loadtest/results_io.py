@@ -17,6 +17,13 @@ def header(title: str, command: str) -> list[str]:
             f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}", ""]
 
 
+def cpu_flags() -> str:
+    """The CPU features that decide kernel paths here (bf16, AMX, AVX-512, AVX2)."""
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    keep = {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "sha_ni"}
+    return " ".join(sorted(flags & keep)) or "none of " + " ".join(sorted(keep))
+
+
 def write_results(name: str, lines: list[str]) -> str:
     """Write loadtest/results/NAME.md whole (temp file, then rename); returns the text."""
     RESULTS.mkdir(exist_ok=True)

@@ -1,8 +1,15 @@
 """The `shardserve` console script: a thin argparse layer over the library.
 
-shardserve import SRC DST                  # GGUF file or HF directory -> shardserve checkpoint
-shardserve generate --model DIR --prompt "Hello" [--max-new-tokens N] [--json]
-shardserve quickstart [--workdir DIR]       # import the bundled SmolLM2 and generate
+shardserve import SRC DST              # GGUF file, HF directory or "bundled" -> checkpoint
+shardserve reshard SRC DST --tp N      # any checkpoint (ours, HF, GGUF, Megatron, DCP), any layout
+shardserve generate --model DIR --prompt "Hello" [--tp N] [--json]
+shardserve serve --model DIR [--tp N] [--replicas R]    # gRPC API, /metrics
+shardserve train --out RUN [--dp 2 --tp 2 --pp 2]       # hybrid-parallel trainer
+shardserve export-onnx MODEL_DIR OUT_DIR                # ONNX Runtime replicas
+shardserve export-hf MODEL_DIR OUT_DIR                  # transformers / vLLM directory
+shardserve quickstart [--workdir DIR]  # import the bundled SmolLM2, serve it, query it
+
+`shardserve COMMAND --help` lists every option of a command with its default.
 """
 
 from __future__ import annotations
@@ -358,9 +365,89 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
 
 
+# Help for the options that repeat across commands, or that read clearly without more words;
+# "COMMAND.dest" overrides "dest". build_parser() fills every option that has no help of its
+# own from here, and tests/server/test_cli.py checks that none is left without.
+HELP = {
+    "dtype": "weights and activations dtype",
+    "overwrite": "replace the output directory if it exists",
+    "quiet": "no progress bar",
+    "no_verify": "skip the sha256 check of the checkpoint's files (sizes are still checked)",
+    "source_format": "source format (auto: detect from the path)",
+    "tp": "tensor-parallel ranks",
+    "seed": "random seed",
+    "prompt": "prompt text",
+    "max_new_tokens": "most tokens to generate",
+    "model_dir": "shardserve checkpoint directory (any TP x PP layout)",
+    "out_dir": "output directory (must not exist unless --overwrite)",
+    "import.dtype": "dtype of the written checkpoint",
+    "train.dtype": "training dtype (parameters and activations)",
+    "train.seed": "seed for initialisation and data order",
+    "export-onnx.dtype": "fp32, or int8 (dynamic weight quantization, perplexity reported)",
+    "quickstart.prompt": "the chat question sent to the server",
+    "quickstart.dtype": "dtype the server runs in",
+    "workdir": "where the bundled model is imported (once)",
+    "top_k": "keep only the k most likely tokens (0: off)",
+    "top_p": "nucleus sampling mass, in (0, 1]",
+    "min_p": "drop tokens below min_p x the top probability",
+    "repetition_penalty": "CTRL-style penalty on seen tokens (1: off)",
+    "port": "gRPC port (0: pick a free one, printed at start)",
+    "max_batch_size": "most sequences in a worker group's running batch",
+    "max_queued_requests": "requests waiting for a group before RESOURCE_EXHAUSTED",
+    "max_queued_tokens": "prompt tokens waiting before RESOURCE_EXHAUSTED",
+    "kv_cache_tokens": "KV-cache budget per worker group, in tokens",
+    "block_size": "tokens per paged KV-cache block",
+    "max_prefill_tokens": "prompt tokens computed per step (chunked prefill)",
+    "max_new_tokens_limit": "upper bound on a request's max_new_tokens",
+    "drain_timeout": "on SIGTERM, seconds to let in-flight requests finish",
+    "tls_cert": "PEM certificate chain (with --tls-key: serve TLS)",
+    "tls_key": "PEM private key",
+    "auth_token_file": "file holding the bearer token every call must send",
+    "replicas": "data-parallel replicas (worker groups) behind one queue",
+    "backend": "auto: onnx for an ONNX export directory, torch for a checkpoint",
+    "family": "model family to train",
+    "dp": "data-parallel ranks",
+    "pp": "pipeline stages",
+    "steps": "optimizer steps",
+    "micro_batches": "pipeline micro-batches per step",
+    "seq_len": "tokens per training sequence",
+    "lr": "peak learning rate",
+    "min_lr": "final learning rate of the cosine schedule",
+    "warmup": "linear warm-up steps",
+    "weight_decay": "AdamW weight decay",
+    "grad_clip": "clip the global gradient norm to this",
+    "eval_interval": "steps between validation evaluations",
+    "ckpt_interval": "steps between checkpoints",
+    "opset": "ONNX opset (default: 23 for Llama, its minimum; 17 for the conv LM)",
+}
+
+
+def _fill_help(parser: argparse.ArgumentParser, command: str) -> None:
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction) or action.help is not None:
+            continue
+        action.help = HELP.get(f"{command}.{action.dest}", HELP.get(action.dest))
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default (not for flags, whose default is always off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if isinstance(action, argparse._StoreTrueAction) or action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="shardserve", description=__doc__.split("\n")[0])
+    from shardserve_server import __version__
+    from shardserve_server.workers.worker import WorkerConfig
+
+    ap = argparse.ArgumentParser(prog="shardserve", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"shardserve {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
+    _add = sub.add_parser
+    sub.add_parser = lambda *a, **kw: _add(*a, formatter_class=_Formatter, **kw)
 
     p = sub.add_parser("import", help="convert a GGUF file or HF directory to shardserve format")
     p.add_argument("src", help="a .gguf file, a Hugging Face model directory, or 'bundled'")
@@ -412,13 +499,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
                    help="auto: onnx for an export directory, torch for a checkpoint")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told)")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--metrics-port", type=int, default=9400, help="-1 disables /metrics")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-queued-requests", type=int, default=256)
     p.add_argument("--max-queued-tokens", type=int, default=1 << 20)
-    p.add_argument("--kv-cache-tokens", type=int, default=16384)
+    p.add_argument("--kv-cache-tokens", type=int, default=WorkerConfig.kv_cache_tokens)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-prefill-tokens", type=int, default=512)
     p.add_argument("--max-new-tokens-limit", type=int, default=2048)
@@ -487,6 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16")
     p.set_defaults(func=cmd_quickstart)
+    for name, parser in sub.choices.items():
+        _fill_help(parser, name)
     return ap
 
 

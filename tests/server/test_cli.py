@@ -75,3 +75,49 @@ def test_generate_from_a_missing_checkpoint_fails_clearly(tmp_path):
     assert p.returncode != 0 and p.stdout == ""
     assert "shardserve generate: error" in p.stderr and str(tmp_path / "none") in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_every_option_of_every_command_has_help_and_version_prints():
+    import argparse
+
+    from shardserve_server import __version__
+    from shardserve_server.cli import build_parser
+
+    ap = build_parser()
+    [sub] = [a for a in ap._actions if isinstance(a, argparse._SubParsersAction)]
+    missing = [f"{name} {a.dest}" for name, p in sub.choices.items() for a in p._actions
+               if not a.help]
+    assert not missing, missing
+    assert set(sub.choices) >= {"import", "reshard", "generate", "serve", "train",
+                                "export-onnx", "export-hf", "quickstart"}
+    out = subprocess.run([sys.executable, "-m", "shardserve_server.cli", "--version"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == f"shardserve {__version__}"
+    shown = " ".join(sub.choices["serve"].format_help().split())
+    assert "KV-cache budget per worker group, in tokens (default: 16384)" in shown
+
+
+def test_damaged_checkpoint_is_one_line_and_exit_2(tiny_llama_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_llama_dir, bad)
+    (bad / "manifest.json").write_text("[1, 2]")
+    for argv in (["generate", "--model", str(bad), "--prompt", "hi"],
+                 ["generate", "--model", str(bad), "--prompt", "hi", "--tp", "2"],
+                 ["reshard", str(bad), str(tmp_path / "out"), "--tp", "2"],
+                 ["export-onnx", str(bad), str(tmp_path / "onnx")]):
+        r = subprocess.run([sys.executable, "-m", "shardserve_server.cli", *argv],
+                           capture_output=True, text=True)
+        assert r.returncode == 2, (argv, r.stderr)
+        assert r.stderr.count("\n") == 1 and "a JSON object is expected" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and r.stdout == ""
+    assert not (tmp_path / "out").exists() and not (tmp_path / "onnx").exists()
+
+
+def test_group_that_cannot_start_is_one_line_and_exit_2(tiny_llama_dir):
+    r = subprocess.run([sys.executable, "-m", "shardserve_server.cli", "generate", "--model",
+                        str(tiny_llama_dir), "--prompt", "hi", "--tp", "3"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "valid tp values" in r.stderr, r.stderr

@@ -32,7 +32,7 @@ class SchedulerConfig:
 
     max_batch_size: int = 32
     """Most sequences in the running batch."""
-    kv_cache_tokens: int = 65536
+    kv_cache_tokens: int = 16384
     """KV-cache budget in tokens (all running sequences together)."""
     block_size: int = 16
     """Tokens per KV block."""

@@ -41,7 +41,7 @@ class WorkerConfig:
     """TCP port of the group's rendezvous on 127.0.0.1 (TP > 1)."""
     pg_timeout_s: float = 10.0
     """A collective waiting longer than this fails the group."""
-    kv_cache_tokens: int = 65536
+    kv_cache_tokens: int = 16384
     block_size: int = 16
     max_batch_size: int = 32
     max_prefill_tokens: int = 512
