@@ -106,6 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
         pg_timeout_s=args.pg_timeout, backend=backend, verify_hashes=not args.no_verify,
+        prefix_caching=not args.no_prefix_caching,
     )
     limits = EngineLimits(max_queued_requests=args.max_queued_requests,
                           max_queued_tokens=args.max_queued_tokens)
@@ -398,6 +399,7 @@ HELP = {
     "kv_cache_tokens": "KV-cache budget per worker group, in tokens",
     "block_size": "tokens per paged KV-cache block",
     "max_prefill_tokens": "prompt tokens computed per step (chunked prefill)",
+    "no_prefix_caching": "do not share the KV blocks of equal prompt prefixes between requests",
     "max_new_tokens_limit": "upper bound on a request's max_new_tokens",
     "drain_timeout": "on SIGTERM, seconds to let in-flight requests finish",
     "tls_cert": "PEM certificate chain (with --tls-key: serve TLS)",
@@ -508,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-tokens", type=int, default=WorkerConfig.kv_cache_tokens)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-prefill-tokens", type=int, default=512)
+    p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--max-new-tokens-limit", type=int, default=2048)
     p.add_argument("--threads", type=int, default=None, help="torch threads per rank")
     p.add_argument("--drain-timeout", type=float, default=30.0)

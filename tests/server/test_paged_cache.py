@@ -1,5 +1,6 @@
-"""Paged decoding state: BlockAllocator accounting, PagedKVCache and ConvStatePool logits equal a
-full forward for ragged steps (prefill chunks, decode rows, chunked prefill, reused blocks)."""
+"""Paged decoding state: BlockAllocator accounting, PagedKVCache (padded and FLAT steps) and
+ConvStatePool logits equal a full forward for ragged steps (prefill chunks, decode rows, chunked
+prefill, reused blocks)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import pytest
 import torch
 from serving_models import random_model, rel_err, tiny_config
 
-from shardserve_server.engine.paged_cache import BlockAllocator, ConvStatePool, PagedKVCache
-from shardserve_server.engine.runner import CacheGeometry, ForwardPlan, ModelRunner
+from shardserve_server.engine.block_pool import BlockAllocator
+from shardserve_server.engine.paged_cache import ConvStatePool, PagedKVCache
+from shardserve_server.engine.runner import FLAT, CacheGeometry, ForwardPlan, ModelRunner
 
 TOL = 1e-5
 
@@ -120,6 +122,58 @@ def test_paged_kv_cache_equals_full_forward(llama, block_size, seed):
         assert alloc.used_blocks == 0
 
 
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_flat_steps_equal_full_forward(llama, block_size, seed):
+    """FLAT steps (all of a step's tokens in one row): prompt chunks from position 0 and from
+    mid-sequence, one-token rows before, between and after them (the trailing ones take the
+    batched decode path, reading whole blocks), garbage in every free slot, a second wave on
+    dirty blocks: every logit equals the full forward's."""
+    rng = random.Random(100 + seed)
+    attn = llama.layers[0].attention
+    num_blocks = 160 // block_size + 8
+    cache = PagedKVCache(n_layers=len(llama.layers), num_blocks=num_blocks,
+                         block_size=block_size, n_kv_heads=attn.n_kv_heads,
+                         head_dim=attn.head_dim, dtype=torch.float32)
+    cache.k.normal_(0, 100.0)
+    cache.v.normal_(0, 100.0)
+    alloc = BlockAllocator(num_blocks, block_size)
+    decode_batches = 0
+    for _wave in range(2):
+        seqs = _prompts(rng, 5, 97)
+        ref = _full_logits(llama, seqs)
+        got = [torch.full_like(r, float("nan")) for r in ref]
+        tables: list[list[int]] = [[] for _ in seqs]
+        for step in _random_steps(rng, [len(s) for s in seqs]):
+            rng.shuffle(step)
+            step.sort(key=lambda r: r[2] == 1)  # mostly chunks first, as the scheduler does
+            if rng.random() < 0.3:
+                rng.shuffle(step)  # any order must work
+            decode_batches += sum(1 for r in step if r[2] == 1) > 1
+            toks, pos, lens = [], [], []
+            for i, start, n in step:
+                alloc.grow(tables[i], start + n)
+                toks += seqs[i][start : start + n]
+                pos += range(start, start + n)
+                lens.append(n)
+            nb = max(len(tables[i]) for i, _, _ in step)
+            bt = torch.full((len(step), nb), -1, dtype=torch.long)
+            for r, (i, _, _) in enumerate(step):
+                bt[r, : len(tables[i])] = torch.tensor(tables[i])
+            cache.set_flat_step(bt, torch.tensor(pos), torch.tensor(lens))
+            with torch.inference_mode():
+                out = llama(torch.tensor([toks]), torch.tensor([pos]), cache)[0]  # [N, V]
+            o = 0
+            for i, start, n in step:
+                got[i][start : start + n] = out[o : o + n]
+                o += n
+        for i in range(len(seqs)):
+            assert rel_err(got[i], ref[i]) <= TOL, i
+        for t in tables:
+            alloc.free(t)
+    assert decode_batches, "some step should batch several one-token rows"
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_conv_state_pool_equals_full_forward(convlm, seed):
     """Same ragged schedules over a slot pool with permuted slots, garbage in free slots and a
@@ -186,6 +240,13 @@ def test_plan_wire_format_round_trips():
     for name in ("tokens", "positions", "num_new", "logits_index", "tables"):
         assert torch.equal(getattr(p, name), getattr(q, name)), name
     assert q.kind == 1
+    flat = ForwardPlan(torch.arange(7).view(1, 7), torch.arange(7).view(1, 7) + 3,
+                       torch.tensor([5, 1, 1]), torch.tensor([4, 5, 6]),
+                       torch.tensor([[4, 2], [0, -1], [7, -1]]), kind=FLAT)
+    g = ForwardPlan.unpack(flat.pack())
+    for name in ("tokens", "positions", "num_new", "logits_index", "tables"):
+        assert torch.equal(getattr(flat, name), getattr(g, name)), name
+    assert g.flat and not q.flat
     assert ForwardPlan.unpack(ForwardPlan.stop().pack()).kind == 0
     assert ForwardPlan.unpack(ForwardPlan.keepalive().pack()).kind == 2
 

@@ -352,18 +352,23 @@ def test_cli_generate_tp2_equals_plain_generate(tiny_llama_dir):
         assert tp2[key] == plain[key], key
 
 
-def test_prefill_first_tokens_go_out_before_the_decode_forward(tiny_llama_dir):
-    """A step with a prefill and decode rows sends the prefill's first token before the decode
-    forward, carrying the last completed step's stats (the front end counts a step's metrics
-    once, when the step count moves); the full step's stats follow with both phases."""
+@pytest.mark.parametrize("flat", [False, True])
+def test_prefill_first_tokens_go_out_before_the_decode_forward(tiny_llama_dir, flat):
+    """Padded plans: a step with a prefill and decode rows sends the prefill's first token
+    before the decode forward, carrying the last completed step's stats (the front end counts a
+    step's metrics once, when the step count moves); the full step's stats follow with both
+    phases. FLAT plans: one forward serves both, so both tokens come out together at its end
+    and nothing is sent mid-step."""
     from shardserve_server.workers.leader import Leader
     from shardserve_sharding.checkpoint.io import load_model
 
     cfg = WorkerConfig(str(tiny_llama_dir), kv_cache_tokens=256, block_size=4, warmup=False)
     loaded = load_model(tiny_llama_dir)
     runner = ModelRunner(loaded.model, CacheGeometry(256, 4, 8), torch.float32)
+    runner.flat_batches = flat
     ours, theirs = mp.Pipe()
     leader = Leader(cfg, runner, None, ours, 0.0)  # TP=1: no collectives
+    assert leader.scheduler.cfg.flat_batches is flat
 
     def req(rid):
         return GenerationRequest((5, 6, 7, 8, 9), SamplingParams(temperature=0.0),
@@ -374,11 +379,17 @@ def test_prefill_first_tokens_go_out_before_the_decode_forward(tiny_llama_dir):
     leader.sent_stats = leader.stats()
     before = leader.sent_stats["steps"]
     leader.scheduler.add(req("b"))
-    events = leader._step()  # b's prefill, then a's decode
+    events = leader._step()  # b's prefill and a's decode
+    last = leader.stats()
+    assert last["steps"] == before + 1
+    if flat:
+        assert not theirs.poll(0.5)  # nothing mid-step
+        assert sorted(e["id"] for e in events) == ["a", "b"]
+        assert last["last_step"]["batch"] == 2 and "prefill_s" in last["last_step"]
+        return
+    assert theirs.poll(10)
     kind, mid_events, mid_stats = theirs.recv()
     assert kind == "events" and [e["id"] for e in mid_events] == ["b"]
     assert mid_stats["steps"] == before  # not this step's partial stats
     assert [e["id"] for e in events] == ["a"]
-    last = leader.stats()
-    assert last["steps"] == before + 1
     assert {"prefill_s", "decode_s", "batch"} <= set(last["last_step"])

@@ -168,7 +168,7 @@ def test_packed_fp32_gemm_matches_reference_and_follows_weight_changes():
             want = (x.float() @ lin.weight.float().T + lin.bias.float()).bfloat16()
         assert got.shape == want.shape and got.dtype == torch.bfloat16
         assert rel_err(got.float(), want.float()) <= 1e-2  # one bf16 rounding apart at most
-    if llama._PACKED_GEMM:
+    if llama.cpu_gemm._PACKED_GEMM:
         assert "_fp32_packed" in lin.__dict__
     with torch.no_grad():
         lin.weight.mul_(2)

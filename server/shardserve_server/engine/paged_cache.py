@@ -1,5 +1,5 @@
-"""Paged decoding state for continuous batching: a block allocator, a paged KV cache (Llama) and
-a slot pool of convolution states (conv LM).
+"""Paged decoding state for continuous batching: a paged KV cache (Llama) and a slot pool of
+convolution states (conv LM); the block allocator and prefix cache are in block_pool.py.
 
 KV memory is a pool of fixed-size blocks, [n_layers, num_blocks * block_size, Hkv, D] per K and
 V; each sequence owns a block table (its blocks in order), so memory is counted in tokens and a
@@ -14,41 +14,7 @@ from __future__ import annotations
 
 import torch
 
-
-class BlockAllocator:
-    """Free list of KV blocks; counts in tokens for admission."""
-
-    def __init__(self, num_blocks: int, block_size: int) -> None:
-        if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, "
-                             f"{block_size}")
-        self.num_blocks, self.block_size = num_blocks, block_size
-        self._free = list(range(num_blocks - 1, -1, -1))
-
-    @property
-    def free_blocks(self) -> int:
-        return len(self._free)
-
-    @property
-    def used_blocks(self) -> int:
-        return self.num_blocks - len(self._free)
-
-    def blocks_for(self, tokens: int) -> int:
-        return -(-tokens // self.block_size)
-
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise MemoryError(f"KV cache exhausted: need {n} blocks, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
-
-    def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
-
-    def grow(self, table: list[int], tokens: int) -> None:
-        """Extend a block table in place so it holds `tokens` tokens."""
-        need = self.blocks_for(tokens) - len(table)
-        if need > 0:
-            table.extend(self.allocate(need))
+from .attention_op import activate
 
 
 class PagedKVCache:
@@ -73,10 +39,13 @@ class PagedKVCache:
         # additive mask dtype: fp32 for 16-bit caches (attention upcasts emulated bf16 to fp32;
         # elsewhere the mask is cast once per layer, a [B, 1, T, S] tensor)
         self._mask_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+        self._flat = False
 
     def set_step(self, block_tables: torch.Tensor, positions: torch.Tensor,
                  num_new: torch.Tensor) -> None:
         """block_tables [B, nb] (long, -1 padded), positions [B, T], num_new [B]."""
+        activate(self)
+        self._flat = False
         bs = self.block_size
         bsz, seqlen = positions.shape
         dev = positions.device
@@ -113,6 +82,101 @@ class PagedKVCache:
 
     def begin_step(self, positions: torch.Tensor, num_new: torch.Tensor) -> None:
         raise RuntimeError("PagedKVCache needs set_step(block_tables, positions, num_new)")
+
+    def set_flat_step(self, block_tables: torch.Tensor, positions: torch.Tensor,
+                      seg_lens: torch.Tensor) -> None:
+        """A flat step (runner.FLAT): block_tables [R, nb] (-1 padded), positions [N], seg_lens
+        [R]; segments of more than one token (prompt chunks) come first, then the decoding
+        sequences, one token each. Computes every token's write slot, each chunk's read slots
+        and mask, and the decode rows' batched read slots and mask."""
+        activate(self)
+        self._flat = True
+        bs, dev = self.block_size, positions.device
+        lens = seg_lens.tolist()
+        tables = block_tables.clamp(min=0)  # [R, nb]
+        last = tables.shape[1] - 1
+        owner = torch.repeat_interleave(torch.arange(len(lens), device=dev), seg_lens)  # [N]
+        blk = tables[owner, (positions // bs).clamp(max=last)]  # [N]
+        self._write = blk * bs + positions % bs  # [N]
+        n_dec = 0
+        while n_dec < len(lens) and lens[len(lens) - 1 - n_dec] == 1:
+            n_dec += 1
+        n_chunks = len(lens) - n_dec
+        starts = positions[torch.tensor([0, *lens[:-1]], device=dev).cumsum(0)].tolist()  # [R]
+        self._chunks = []  # (first token, tokens, read slots [S], mask [1, 1, n, S] | None)
+        o = 0
+        for i in range(n_chunks):
+            n, start = lens[i], starts[i]
+            keys = torch.arange(start + n, device=dev)  # [S]
+            read = tables[i, (keys // bs).clamp(max=last)] * bs + keys % bs  # [S]
+            mask = None  # a chunk from position 0 is plain causal attention
+            if start:
+                visible = keys[None, :] <= torch.arange(start, start + n, device=dev)[:, None]
+                mask = torch.zeros(visible.shape, dtype=self._mask_dtype, device=dev
+                                   ).masked_fill_(~visible, float("-inf"))[None, None]
+            self._chunks.append((o, n, read, mask))
+            o += n
+        self._dec_from, self._dec_rows = o, n_dec
+        if n_dec:
+            # decode rows read whole blocks (16x fewer, 16x longer copies than slot by slot:
+            # 2x faster for SmolLM2 at 32 rows); a row's table is padded with its own last
+            # block, and keys past its position are masked
+            pos = starts[n_chunks:]
+            nblk = (max(pos) + 1 + bs - 1) // bs
+            dt = block_tables[n_chunks:, :nblk]  # [Dn, nblk] (-1 padded)
+            last_valid = dt.gather(1, ((dt >= 0).sum(1, keepdim=True) - 1).clamp(min=0))
+            self._dec_blocks = torch.where(dt >= 0, dt, last_valid).reshape(-1)  # [Dn*nblk]
+            keys = torch.arange(nblk * bs, device=dev)  # [S]
+            visible = keys[None, :] <= torch.tensor(pos, device=dev)[:, None]  # [Dn, S]
+            self._dec_mask = None  # every row at the last key: all visible
+            if not bool(visible.all()):
+                self._dec_mask = torch.zeros(visible.shape, dtype=self._mask_dtype,
+                                             device=dev).masked_fill_(
+                    ~visible, float("-inf"))[:, None, None]  # [Dn, 1, 1, S]
+
+    attends = True
+    """The model hands this cache the whole attention step (`attend`), so a compiled forward
+    sees one opaque op per layer instead of the cache's writes and gathers."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> torch.Tensor:
+        """q [B, H, T, D], k, v [B, Hkv, T, D] -> [B, H, T, D] through the opaque op (which
+        reads this cache: set_step made it the active one); eager forwards call the body
+        directly (the op's Python dispatch costs ~30 us a layer)."""
+        if torch.compiler.is_compiling():
+            return torch.ops.shardserve.paged_attention(q, k, v, layer)
+        return self.run_attention(layer, q, k, v)
+
+    def run_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor) -> torch.Tensor:
+        """The op's body: write k, v into the pool, attend over each row's history."""
+        from shardserve_sharding.models.llama import attention
+
+        gqa = q.shape[1] != k.shape[1]
+        if not self._flat:
+            k_all, v_all, mask = self.update(layer, k, v)  # [B, Hkv, S, D] x2, [B, 1, T, S]
+            return attention(q, k_all, v_all, mask, enable_gqa=gqa)  # [B, H, T, D]
+        _, hkv, _, d = k.shape
+        pool = self.kv[layer]  # [slots, 2, Hkv, D]
+        pool[:, 0].index_copy_(0, self._write, k[0].transpose(0, 1))  # [N, Hkv, D] in
+        pool[:, 1].index_copy_(0, self._write, v[0].transpose(0, 1))
+        outs = []
+        for o, n, read, mask in self._chunks:
+            kv = pool.index_select(0, read)  # [S, 2, Hkv, D]
+            kk = kv[:, 0].transpose(0, 1).unsqueeze(0)  # [1, Hkv, S, D]
+            vv = kv[:, 1].transpose(0, 1).unsqueeze(0)
+            outs.append(attention(q[:, :, o : o + n], kk, vv, mask, is_causal=mask is None,
+                                  enable_gqa=gqa))  # [1, H, n, D]
+        if self._dec_rows:
+            rows = self._dec_rows
+            qd = q[0, :, self._dec_from :].transpose(0, 1).unsqueeze(2)  # [Dn, H, 1, D]
+            blocks = pool.view(-1, self.block_size * 2 * hkv * d)  # [num_blocks, bs*2*Hkv*D]
+            kv = blocks.index_select(0, self._dec_blocks).view(rows, -1, 2, hkv, d)  # [Dn,S,..]
+            kk = kv[:, :, 0].transpose(1, 2)  # [Dn, Hkv, S, D]
+            vv = kv[:, :, 1].transpose(1, 2)
+            od = attention(qd, kk, vv, self._dec_mask, enable_gqa=gqa)  # [Dn, H, 1, D]
+            outs.append(od[:, :, 0].transpose(0, 1).unsqueeze(0))  # [1, H, Dn, D]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # [1, H, N, D]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """k, v [B, Hkv, T, D] -> gathered k, v [B, Hkv, S, D] and mask [B, 1, T, S] or None."""

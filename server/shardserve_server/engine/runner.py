@@ -1,10 +1,18 @@
 """One forward pass of a step, as every TP rank runs it: the plan, its wire form, the runner.
 
-A ForwardPlan says which tokens to run for which sequences (rows): tokens and positions
-[B, T] (right-padded), real tokens per row, the column whose logits are wanted, and where each
-row's decoding state lives (KV block table for Llama, state slot for the conv LM). The leader
-builds plans; with TP > 1 it broadcasts each one as a single int64 tensor so that every rank
-runs the identical forward in lockstep.
+A ForwardPlan says which tokens to run for which sequences (rows). Two layouts:
+
+- padded (kind 1): tokens and positions [B, T] (right-padded), real tokens per row, the column
+  whose logits are wanted, and where each row's decoding state lives (KV block table for
+  Llama, state slot for the conv LM);
+- flat (kind 3, Llama over the paged cache): every token of the step in one row, tokens and
+  positions [1, N], the R sequences' segments in order (prompt chunks first, then one token per
+  decoding sequence), segment lengths [R], the flat index of each segment's last token [R] and
+  the block tables [R, nb]. One forward then serves a step's prefill chunks and decodes
+  together: every GEMM reads its weights once per step, with M = N rows, and no padding.
+
+The leader builds plans; with TP > 1 it broadcasts each one as a single int64 tensor so that
+every rank runs the identical forward in lockstep.
 """
 
 from __future__ import annotations
@@ -17,42 +25,49 @@ import torch.distributed as dist
 
 from .paged_cache import ConvStatePool, PagedKVCache
 
-_HEADER = 6  # kind, B, T, nb, step id, reserved
+_HEADER = 6  # kind, B, T, nb, step id, R (sequences: B, or the segments of a flat plan)
+
+FORWARD, STOP, KEEPALIVE, FLAT = 1, 0, 2, 3
 
 
 @dataclass
 class ForwardPlan:
-    tokens: torch.Tensor  # [B, T] long
-    positions: torch.Tensor  # [B, T] long
-    num_new: torch.Tensor  # [B] long
-    logits_index: torch.Tensor  # [B] long
-    tables: torch.Tensor  # [B, nb] long: KV block tables (-1 padded), or [B, 1] state slots
-    kind: int = 1  # 1 = forward, 0 = stop, 2 = keep-alive (followers run nothing)
+    tokens: torch.Tensor  # [B, T] long ([1, N] flat)
+    positions: torch.Tensor  # [B, T] long ([1, N] flat)
+    num_new: torch.Tensor  # [R] long: real tokens per row / segment lengths (flat)
+    logits_index: torch.Tensor  # [R] long: column per row / flat token index (flat)
+    tables: torch.Tensor  # [R, nb] long: KV block tables (-1 padded), or [R, 1] state slots
+    kind: int = FORWARD  # FORWARD, FLAT, STOP, KEEPALIVE (followers run nothing)
+
+    @property
+    def flat(self) -> bool:
+        return self.kind == FLAT
 
     def pack(self) -> torch.Tensor:
         b, t = self.tokens.shape
         nb = self.tables.shape[1]
-        head = torch.tensor([self.kind, b, t, nb, 0, 0], dtype=torch.long)
+        r = self.num_new.shape[0]
+        head = torch.tensor([self.kind, b, t, nb, 0, r], dtype=torch.long)
         return torch.cat([head, self.tokens.reshape(-1), self.positions.reshape(-1),
                           self.num_new, self.logits_index, self.tables.reshape(-1)])
 
     @staticmethod
     def unpack(buf: torch.Tensor) -> ForwardPlan:
-        kind, b, t, nb = (int(x) for x in buf[:4])
+        kind, b, t, nb, _, r = (int(x) for x in buf[:_HEADER])
         o = _HEADER
         tokens = buf[o : o + b * t].view(b, t)
         o += b * t
         positions = buf[o : o + b * t].view(b, t)
         o += b * t
-        num_new = buf[o : o + b]
-        o += b
-        logits_index = buf[o : o + b]
-        o += b
-        tables = buf[o : o + b * nb].view(b, nb)
+        num_new = buf[o : o + r]
+        o += r
+        logits_index = buf[o : o + r]
+        o += r
+        tables = buf[o : o + r * nb].view(r, nb)
         return ForwardPlan(tokens, positions, num_new, logits_index, tables, kind)
 
     @staticmethod
-    def stop(kind: int = 0) -> ForwardPlan:
+    def stop(kind: int = STOP) -> ForwardPlan:
         z = torch.zeros(0, 0, dtype=torch.long)
         e = torch.zeros(0, dtype=torch.long)  # (z[0] would raise: dimension 0 is empty)
         return ForwardPlan(z, z, e, e, z, kind=kind)
@@ -60,7 +75,7 @@ class ForwardPlan:
     @staticmethod
     def keepalive() -> ForwardPlan:
         """Sent by an idle leader so that waiting followers never hit the collective timeout."""
-        return ForwardPlan.stop(kind=2)
+        return ForwardPlan.stop(kind=KEEPALIVE)
 
 
 def broadcast_plan(plan: ForwardPlan | None, group=None) -> ForwardPlan:
@@ -114,6 +129,8 @@ class ModelRunner:
                 kernel_size=cfg.kernel_size, dtype=dtype,
             )
         self.forward_seconds = 0.0
+        self.flat_batches = self.family == "llama"
+        """This runner takes FLAT plans (the scheduler then builds one forward per step)."""
 
     @property
     def comm_seconds(self) -> float:
@@ -124,7 +141,10 @@ class ModelRunner:
     def forward(self, plan: ForwardPlan) -> torch.Tensor:
         """Logits [B, V] (float32) at each row's logits_index."""
         t0 = time.perf_counter()
-        if self.family == "llama":
+        if plan.flat:
+            self.cache.set_flat_step(plan.tables, plan.positions[0], plan.num_new)
+            logits = self.model(plan.tokens, plan.positions, self.cache, plan.logits_index)
+        elif self.family == "llama":
             self.cache.set_step(plan.tables, plan.positions, plan.num_new)
             logits = self.model(plan.tokens, plan.positions, self.cache, plan.logits_index)
         else:

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from .paged_cache import BlockAllocator
-from .runner import ForwardPlan
+from .block_pool import ROOT_KEY, BlockAllocator
+from .runner import FLAT, ForwardPlan
 from .sampling import Sampler
 from .sequence import GenerationRequest, Sequence
 from .stopping import FinishReason
@@ -38,6 +38,12 @@ class SchedulerConfig:
     """Tokens per KV block."""
     max_prefill_tokens: int = 512
     """Prompt tokens processed per step (chunked prefill)."""
+    prefix_caching: bool = True
+    """Share the KV blocks of equal prompt prefixes between requests (Llama family)."""
+    flat_batches: bool = False
+    """One FLAT forward per step (prompt chunks and decodes together, no padding), for runners
+    that take them (ModelRunner over a Llama model); else a padded prefill forward and a
+    decode forward."""
 
     def validate(self) -> None:
         for name in ("max_batch_size", "kv_cache_tokens", "block_size", "max_prefill_tokens"):
@@ -84,7 +90,13 @@ class Scheduled:
         self.arrival = next(self._arrival)
         self.table: list[int] = []
         self.prefilled = 0
-        self.reserved = 0
+        """Prompt tokens whose K/V are in the cache (or scheduled this step)."""
+        self.need_blocks = 0
+        """Blocks the table may grow to (prompt + max_new_tokens), fixed at admission."""
+        self.cached_tokens = 0
+        """Prompt tokens taken from the prefix cache at admission."""
+        self.registered = 0
+        self.last_key = ROOT_KEY
         self.cancelled = False
         self.enqueued = time.monotonic()
         self.admitted_at: float | None = None
@@ -105,15 +117,18 @@ class GroupScheduler:
         self.max_seq_len = max_seq_len
         if family == "llama":
             self.alloc: Any = BlockAllocator(max(1, cfg.kv_cache_tokens // cfg.block_size),
-                                             cfg.block_size)
+                                             cfg.block_size, prefix_caching=cfg.prefix_caching)
             self.budget = self.alloc.num_blocks * cfg.block_size
-        else:
+        else:  # a conv state is a fixed-size summary of the whole prefix: nothing to share
             self.alloc = SlotAllocator(cfg.max_batch_size)
             self.budget = 1 << 62
         self.pending: deque[Scheduled] = deque()
         self.running: list[Scheduled] = []
         self.by_id: dict[str, Scheduled] = {}
-        self.reserved = 0
+        self.prefix_queries = 0
+        """Prompt tokens looked up in the prefix cache at admission (cumulative)."""
+        self.prefix_hits = 0
+        """Of those, tokens found cached (cumulative)."""
         self.sampler = Sampler()
         self.step_count = 0
 
@@ -145,13 +160,34 @@ class GroupScheduler:
     def _reserve_for(self, tokens: int) -> int:
         return self.alloc.blocks_for(tokens) * self.cfg.block_size
 
+    @property
+    def reserved(self) -> int:
+        """KV tokens committed to running sequences: blocks in use (shared blocks once) plus
+        the blocks their tables may still grow by. Never above the budget, so a running
+        sequence never finds the pool empty."""
+        if self.family != "llama":
+            return 0
+        grow = sum(s.need_blocks - len(s.table) for s in self.running)
+        return (self.alloc.used_blocks + grow) * self.cfg.block_size
+
+    def _computed(self, s: Scheduled) -> list[int]:
+        """The sequence's tokens whose K/V the cache holds once the last forward has run."""
+        seq = s.seq
+        if s.in_prefill:
+            return seq.prompt_ids[: s.prefilled]
+        return seq.prompt_ids + seq.output_ids[:-1]
+
     # ---- one step
     def reap(self) -> list[dict]:
         """Remove finished/cancelled sequences, free their cache; events for cancellations."""
         events = []
         keep = []
         now = time.monotonic()
+        caching = self.family == "llama" and self.alloc.prefix_caching
         for s in self.running:
+            if caching:
+                s.registered, s.last_key = self.alloc.register(
+                    s.table, self._computed(s), s.registered, s.last_key)
             if s.cancelled and not s.seq.finished:
                 s.seq.finish(FinishReason.CANCELLED)
                 events.append(self._final(s))
@@ -178,8 +214,7 @@ class GroupScheduler:
     def _release(self, s: Scheduled) -> None:
         self.alloc.free(s.table)
         s.table = []
-        self.reserved -= s.reserved
-        s.reserved = 0
+        s.need_blocks = 0
         self.by_id.pop(s.id, None)
 
     def admit(self) -> None:
@@ -187,18 +222,32 @@ class GroupScheduler:
             return
         order = sorted(self.pending, key=lambda s: (-s.priority, s.arrival))
         admitted = set()
+        llama = self.family == "llama"
+        committed = self.reserved // self.cfg.block_size if llama else 0  # blocks
         for s in order:
             if len(self.running) >= self.cfg.max_batch_size:
                 break
-            need = len(s.seq.prompt_ids) + s.seq.req.stopping.max_new_tokens
-            reserve = self._reserve_for(need) if self.family == "llama" else 0
-            if self.family != "llama" and self.alloc.free_blocks == 0:
-                break
-            if self.reserved + reserve > self.budget:
-                break  # FCFS within priority: do not let later small requests starve this one
-            s.reserved = reserve
+            if not llama:
+                if self.alloc.free_blocks == 0:
+                    break
+            else:
+                prompt = s.seq.prompt_ids
+                need = self.alloc.blocks_for(len(prompt) + s.seq.req.stopping.max_new_tokens)
+                # at least the prompt's last token is computed: its logits give a token
+                hits, key = self.alloc.lookup(prompt, (len(prompt) - 1) // self.cfg.block_size)
+                extra = self.alloc.revived(hits) + need - len(hits)
+                if committed + extra > self.alloc.num_blocks:
+                    break  # FCFS within priority: do not let later small requests starve this
+                committed += extra
+                self.alloc.acquire(hits)
+                s.need_blocks, s.table = need, list(hits)
+                s.prefilled = s.cached_tokens = len(hits) * self.cfg.block_size
+                s.registered, s.last_key = len(hits), key
+                s.seq.cached_tokens = s.cached_tokens
+                if self.alloc.prefix_caching:
+                    self.prefix_queries += len(prompt)
+                    self.prefix_hits += s.cached_tokens
             s.admitted_at = time.monotonic()
-            self.reserved += reserve
             self.running.append(s)
             admitted.add(id(s))
         if admitted:
@@ -226,12 +275,46 @@ class GroupScheduler:
             chunk_seqs.append(s)
             samples.append(s.prefilled + n == len(s.seq.prompt_ids))
             s.prefilled += n
+        if self.cfg.flat_batches and self.family == "llama":
+            if chunk_rows or decode:
+                plans.append((self._flat_plan(chunk_rows, chunk_seqs, decode),
+                              chunk_seqs + decode, samples + [True] * len(decode)))
+            self.step_count += 1
+            return plans
         if chunk_rows:
             plans.append((self._plan(chunk_rows, chunk_seqs), chunk_seqs, samples))
         if decode:
             plans.append((self._decode_plan(decode), decode, [True] * len(decode)))
         self.step_count += 1
         return plans
+
+    def _flat_plan(self, chunks: list[tuple[list[int], int]], chunk_seqs: list[Scheduled],
+                   decode: list[Scheduled]) -> ForwardPlan:
+        """One FLAT plan: the prompt chunks (tokens, start position), then each decoding
+        sequence's last token at position num_tokens - 1; tokens [1, N], segments [R]."""
+        toks: list[int] = []
+        pos: list[int] = []
+        lens: list[int] = []
+        tables = [s.table for s in chunk_seqs]
+        for ids, start in chunks:
+            toks += ids
+            pos += range(start, start + len(ids))
+            lens.append(len(ids))
+        grow = self.alloc.grow
+        for s in decode:
+            n = s.seq.num_tokens
+            grow(s.table, n)
+            toks.append(s.seq.output_ids[-1])
+            pos.append(n - 1)
+            lens.append(1)
+            tables.append(s.table)
+        r, nb = len(lens), max(1, max(map(len, tables)))
+        flat = [-1] * (r * nb)  # [R, nb] row-major, -1 padded
+        for i, t in enumerate(tables):
+            flat[i * nb : i * nb + len(t)] = t
+        seg = torch.tensor(lens)  # [R]
+        return ForwardPlan(torch.tensor(toks).view(1, -1), torch.tensor(pos).view(1, -1), seg,
+                           seg.cumsum(0) - 1, torch.tensor(flat).view(r, nb), kind=FLAT)
 
     def _decode_plan(self, seqs: list[Scheduled]) -> ForwardPlan:
         """One T = 1 row per decoding sequence: its last token at position num_tokens - 1."""
@@ -361,4 +444,5 @@ class GroupScheduler:
             "kv_used_blocks": used, "kv_total_blocks": self.alloc.num_blocks,
             "kv_usage": used / max(1, self.alloc.num_blocks),
             "reserved_tokens": self.reserved, "steps": self.step_count,
+            "prefix_cache_queries": self.prefix_queries, "prefix_cache_hits": self.prefix_hits,
         }

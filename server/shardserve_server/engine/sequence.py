@@ -54,6 +54,8 @@ class GenerationResult:
     top_logprobs: list[list[tuple[int, float]]] | None = None
     error: str | None = None
     """Why the request failed (finish_reason ERROR only)."""
+    cached_tokens: int = 0
+    """Prompt tokens whose K/V came from the prefix cache (their prefill was skipped)."""
 
 
 class Sequence:
@@ -75,6 +77,7 @@ class Sequence:
         self.logprobs: list[float] = []
         self.top_logprobs: list[list[tuple[int, float]]] = []
         self.created = time.monotonic()
+        self.cached_tokens = 0
 
     @property
     def finished(self) -> bool:
@@ -142,4 +145,5 @@ class Sequence:
             logprobs=list(self.logprobs) if want else None,
             top_logprobs=list(self.top_logprobs) if want and self.req.logprobs else None,
             error=self.error,
+            cached_tokens=self.cached_tokens,
         )

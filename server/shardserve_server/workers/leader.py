@@ -47,7 +47,8 @@ class Leader:
         eos = tuple(getattr(self.tokenizer, "eos_token_ids", ()) or ())
         self.scheduler = GroupScheduler(
             SchedulerConfig(cfg.max_batch_size, cfg.kv_cache_tokens, cfg.block_size,
-                            cfg.max_prefill_tokens),
+                            cfg.max_prefill_tokens, cfg.prefix_caching,
+                            flat_batches=bool(getattr(runner, "flat_batches", False))),
             family=runner.family, tokenizer=self.tokenizer, eos_token_ids=eos,
             max_seq_len=served.max_seq_len,
         )
@@ -169,7 +170,9 @@ class Leader:
             t0 = time.perf_counter()
             logits = self._forward(plan)
             new = self._process(logits, rows, samples)
-            phase = "decode" if plan.tokens.shape[1] == 1 and all(samples) else "prefill"
+            # a step with prompt tokens is a prefill step (a flat one carries decodes too)
+            decoding = int(plan.num_new.max()) == 1 and all(samples)
+            phase = "decode" if decoding else "prefill"
             self.phase_s[phase] += time.perf_counter() - t0
             self.last_step[f"{phase}_s"] = time.perf_counter() - t0
             self.last_step[f"{phase}_rows"] = len(rows)

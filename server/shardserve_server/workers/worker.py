@@ -45,6 +45,8 @@ class WorkerConfig:
     block_size: int = 16
     max_batch_size: int = 32
     max_prefill_tokens: int = 512
+    prefix_caching: bool = True
+    """Share the KV blocks of equal prompt prefixes between requests (Llama family)."""
     backend: str = "torch"
     """'torch' (shard workers over a checkpoint) or 'onnx' (ONNX Runtime over an export)."""
     warmup: bool = True
@@ -118,11 +120,11 @@ def worker_main(cfg: WorkerConfig, rank: int, conn: Any | None) -> None:
 
 
 def follower_loop(runner: Any, cfg: WorkerConfig) -> None:
-    from ..engine.runner import broadcast_plan
+    from ..engine.runner import FLAT, FORWARD, STOP, broadcast_plan
 
     while True:
         plan = broadcast_plan(None)
-        if plan.kind == 0:
+        if plan.kind == STOP:
             return
-        if plan.kind == 1:
+        if plan.kind in (FORWARD, FLAT):
             runner.forward(plan)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +20,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_gemm  # noqa: F401
+from .cpu_gemm import (  # noqa: F401  (re-exported: the CPU GEMM names used to live here)
+    BF16_GEMM_AS_FP32_MIN_ROWS,
+    FP32_SHADOW,
+    bf16_emulated,
+    cpu_linear,
+    fp32_gemm,
+    fp32_shadow,
+    gemm_as_fp32,
+    linear_bf16_as_fp32,
+    opaque_linear,
+    prepare_fp32_shadows,
+)
 from .kv_cache import DenseKVCache
 
 
@@ -119,162 +131,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * F.rms_norm(x, weight.shape, None, eps)
 
 
-BF16_GEMM_AS_FP32_MIN_ROWS = 5
-"""bf16 matmuls with at least this many rows run as fp32 GEMMs where bf16 is emulated. Measured
-on 2 AVX2 cores (Zen 4 without AVX-512 exposed) over SmolLM2's matrices, ms per pass, torch's
-bf16 kernel / oneDNN fp32 over packed weights: 1 row 11/26, 2 rows 17-23/23-30, 3 rows
-23-26/30-34, 4 rows 29-33/30-34, 6 rows 46-62/36-43: the crossover is 4-5 rows. (Over MKL's
-fp32 GEMM it was ~13 rows: 12 rows 198/151, 14 rows 108/161.)"""
-_FP32_BLOCK = 1 << 21
-"""Weight elements upcast at a time by `linear_bf16_as_fp32` (8 MB: stays in the L3 cache)."""
-
-
-_NATIVE_BF16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-"""oneDNN has real bf16 kernels on this CPU (AVX512-BF16, AMX or AVX-NE-CONVERT)."""
-
-
-def bf16_emulated(t: torch.Tensor) -> bool:
-    """True for a bf16 CPU tensor on a CPU without bf16 instructions (no AVX512-BF16/AMX).
-
-    There torch's bf16 matmul and attention kernels convert element by element (about 15
-    GFLOP/s per core), several times slower than fp32 ones; computing in fp32 is faster and
-    at least as accurate (bf16 values are exact in fp32).
-    """
-    return t.dtype == torch.bfloat16 and t.device.type == "cpu" and not _NATIVE_BF16
-
-
-FP32_SHADOW = os.environ.get("SHARDSERVE_FP32_SHADOW", "1") != "0"
-"""Where bf16 is emulated, keep an fp32 copy of each bf16 weight for GEMMs of many rows (built
-on first use, rebuilt if the weight changes), packed for oneDNN's fp32 GEMM where torch has
-it. Measured on 2 AVX2 cores over SmolLM2's matrices, ms per pass: MKL over a plain fp32 copy
-62 at 16 rows, 101 at 32, 314 at 100; oneDNN over the packed copy 45, 69, 222 (upcasting
-blocks every step instead: 270 at 32 rows). Costs 2x the bf16 weight bytes of memory;
-SHARDSERVE_FP32_SHADOW=0 turns it off (blocks are upcast per call)."""
-
-_PACKED_GEMM = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
-                                                                "_linear_pointwise")
-_PACK_ROWS_HINT = 16
-"""Rows oneDNN blocks the packed weight for (measured: 16 as fast as 64 or 256 at 4-100 rows,
-1 is 1.2-2x slower)."""
-
-
-def fp32_shadow(owner: torch.nn.Module, weight: torch.Tensor,
-                packed: bool = False) -> torch.Tensor | None:
-    """owner's cached fp32 copy of `weight`, packed for oneDNN if asked (None when FP32_SHADOW
-    is off)."""
-    if not FP32_SHADOW:
-        return None
-    # inference tensors keep no version counter (and cannot change outside inference mode)
-    version = -1 if weight.is_inference() else weight._version
-    key = (weight.data_ptr(), version, tuple(weight.shape))
-    slot = "_fp32_packed" if packed else "_fp32_shadow"
-    cached = owner.__dict__.get(slot)
-    if cached is None or cached[0] != key:
-        w32 = weight.detach().float()  # [out, in] fp32; not a parameter or buffer
-        if packed:
-            w32 = torch.ops.mkldnn._reorder_linear_weight(w32, _PACK_ROWS_HINT)  # opaque
-        cached = (key, w32)
-        owner.__dict__[slot] = cached
-    return cached[1]
-
-
-def prepare_fp32_shadows(model: torch.nn.Module) -> int:
-    """Build the plain fp32 copy of every bf16 Linear weight where bf16 is emulated, eagerly,
-    for a torch.compile'd model (the compiled graph reads them, see `fp32_gemm`); returns how
-    many. The compiled graph does not notice later weight changes: compile after loading. The
-    eager forwards (prefill) still use the packed copy: 4x the bf16 weight bytes in all."""
-    n = 0
-    for mod in model.modules():
-        if (isinstance(mod, nn.Linear) and bf16_emulated(mod.weight)
-                and fp32_shadow(mod, mod.weight) is not None):
-            n += 1
-    return n
-
-
-def gemm_as_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether x @ weight.T should run as an fp32 GEMM: bf16 inference of at least
-    BF16_GEMM_AS_FP32_MIN_ROWS rows on a CPU that emulates bf16."""
-    return (
-        x.dtype == torch.bfloat16
-        and weight.dtype == torch.bfloat16
-        and not torch.is_grad_enabled()
-        and x.numel() >= BF16_GEMM_AS_FP32_MIN_ROWS * x.shape[-1]
-        and bf16_emulated(x)
-    )
-
-
-def fp32_gemm(owner: torch.nn.Module | None, x: torch.Tensor, weight: torch.Tensor,
-              bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, weight, bias) of bf16 tensors where `gemm_as_fp32` says so: oneDNN over
-    owner's packed fp32 copy (eager), MKL over a plain fp32 copy (inside torch.compile, which
-    cannot lower the packed op), or block-wise upcasts without an owner or FP32_SHADOW.
-
-    Inside torch.compile the copy is only read, never checked or built (data_ptr and version
-    checks break the graph, and the resumed graphs of 30 layers then recompiled past dynamo's
-    limit: bf16 batch-8 decode ran at half speed); `prepare_fp32_shadows` builds it first."""
-    if torch.compiler.is_compiling():
-        cached = getattr(owner, "_fp32_shadow", None) if owner is not None else None
-        return linear_bf16_as_fp32(x, weight, bias, None if cached is None else cached[1])
-    shadow = fp32_shadow(owner, weight, _PACKED_GEMM) if owner is not None else None
-    if shadow is not None and _PACKED_GEMM:
-        b32 = None if bias is None else bias.float()
-        return torch.ops.mkldnn._linear_pointwise(
-            x.float(), shadow, b32, "none", [], "").to(x.dtype)  # [..., out]
-    return linear_bf16_as_fp32(x, weight, bias, shadow)
-
-
-def linear_bf16_as_fp32(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-    weight32: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """F.linear(x, weight, bias) for bf16 tensors, computed by an fp32 GEMM: over weight32 (an fp32
-    copy of weight) when given, else upcasting the weight a block of rows at a time (each block
-    is used while still in cache); the result is bf16."""
-    x32 = x.float()  # [..., in]
-    if weight32 is not None:
-        b32 = None if bias is None else bias.float()
-        return F.linear(x32, weight32, b32).to(x.dtype)  # [..., out]
-    rows = max(1, _FP32_BLOCK // weight.shape[1])
-    if weight.shape[0] <= rows:
-        b32 = None if bias is None else bias.float()
-        return F.linear(x32, weight.float(), b32).to(x.dtype)  # [..., out]
-    out = x.new_empty(*x.shape[:-1], weight.shape[0])  # [..., out]
-    for r in range(0, weight.shape[0], rows):
-        b32 = None if bias is None else bias[r : r + rows].float()
-        out[..., r : r + rows] = F.linear(x32, weight[r : r + rows].float(), b32)
-    return out
-
-
-@torch.library.custom_op("shardserve::gemv", mutates_args=())
-def opaque_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight) as one opaque call inside torch.compile graphs. Inductor lowers a
-    linear to mm over a transposed view of the weight; for SmolLM2's bf16 batch-1 decode step
-    on 2 AVX2 cores that took 0.96 s per 64 tokens against 0.89 s through F.linear (torch's
-    bf16 GEMV kernel), a 7% gain measured once (cProfile, compiled LocalEngine)."""
-    return F.linear(x, weight)
-
-
-@opaque_linear.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
 class Linear(nn.Linear):
-    """nn.Linear that runs bf16 inference GEMMs of several rows in fp32 where bf16 is emulated.
-
-    A bf16 GEMV (one row: batch-1 decode) stays bf16: it is memory-bound and reads half the
-    bytes. From a few rows on, bf16 emulation is compute-bound and `linear_bf16_as_fp32` is
-    several times faster (products exact, sums in fp32 as in a bf16 GEMM). Anything else,
-    training included, is plain nn.Linear; modules swapped in by the TP code need not be this.
+    """nn.Linear whose bf16 inference GEMMs take this CPU's fastest path (cpu_gemm.cpu_linear:
+    packed bf16 weights where bf16 is native, fp32 GEMMs of several rows where it is emulated).
+    Training and fp32 are plain nn.Linear; modules swapped in by the TP code need not be this.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if gemm_as_fp32(x, w):
-            return fp32_gemm(self, x, w, self.bias)
-        if self.bias is None and x.dtype == torch.bfloat16 and torch.compiler.is_compiling():
-            return opaque_linear(x, w)  # [..., out]
-        return F.linear(x, w, self.bias)
+        return cpu_linear(self, x, self.weight, self.bias)  # [..., out]
 
 
 def attention(
@@ -362,6 +226,8 @@ class Attention(nn.Module):
         v = qkv[:, :, h + hkv :].transpose(1, 2)  # [B, Hkv, T, D]
         if cache is None:
             out = attention(q, k, v, is_causal=True, enable_gqa=h != hkv)  # [B, H, T, D]
+        elif getattr(cache, "attends", False):  # the cache runs the whole attention step
+            out = cache.attend(self.layer_id, q, k, v)  # [B, H, T, D]
         else:
             k_all, v_all, mask = cache.update(self.layer_id, k, v)  # [B, Hkv, S, D], [B,1,T,S]
             out = attention(q, k_all, v_all, mask, enable_gqa=h != hkv)  # [B, H, T, D]

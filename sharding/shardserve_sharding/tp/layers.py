@@ -24,19 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.llama import fp32_gemm, gemm_as_fp32
+from ..models.cpu_gemm import cpu_linear
 from .comm import Comm
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             owner: nn.Module | None = None) -> torch.Tensor:
-    """F.linear, except for bf16 inference of several rows on a CPU that emulates bf16: that
-    runs as fp32 GEMMs over owner's cached fp32 copy of the weight, or a block-wise upcast one
-    (as models.llama.Linear does; several times faster, products exact, sums in fp32 as a bf16
-    GEMM's are)."""
-    if gemm_as_fp32(x, weight):
-        return fp32_gemm(owner, x, weight, bias)
-    return F.linear(x, weight, bias)
+    """F.linear by this CPU's fastest bf16 inference path (models.cpu_gemm.cpu_linear, as
+    models.llama.Linear uses): packed bf16 weights where bf16 is native, fp32 GEMMs over a
+    cached fp32 copy where it is emulated; owner holds the cached copies."""
+    return cpu_linear(owner, x, weight, bias)
 
 
 class _CopyToTP(torch.autograd.Function):

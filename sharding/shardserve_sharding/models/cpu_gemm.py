@@ -1,0 +1,205 @@
+"""CPU GEMM paths for bf16 inference, chosen per machine at run time.
+
+Two kinds of CPU run our bf16 models (see ../shared FACTS): those with bf16 instructions
+(AVX512-BF16, AMX), where oneDNN has real bf16 kernels, and AVX2-only ones, where torch
+emulates bf16 element by element. `cpu_linear` is the one entry the model's and the TP code's
+linear layers call:
+
+- native bf16: oneDNN's bf16 GEMM over a copy of the weight packed (reordered) for it once,
+  `packed_bf16`; measured on 2 Xeon cores with AMX (1 thread, SmolLM2's matrices, all 30
+  layers + lm_head, ms): 1 row 36.4 -> 19.0, 32 rows 49.6 -> 41.0, 132 rows 126 -> 96,
+  512 rows 365 -> 315 (loadtest/results/engine.md);
+- emulated bf16: GEMMs of BF16_GEMM_AS_FP32_MIN_ROWS rows or more run in fp32 over a cached
+  (packed) fp32 copy, which is several times faster than the emulation;
+- anything else (fp32, training, autograd): plain F.linear.
+
+The cached copies live in the owning module's __dict__ (never saved, never a parameter) and
+are rebuilt when the weight changes. Inside torch.compile only prepared copies are read.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BF16_GEMM_AS_FP32_MIN_ROWS = 5
+"""bf16 matmuls with at least this many rows run as fp32 GEMMs where bf16 is emulated. Measured
+on 2 AVX2 cores (Zen 4 without AVX-512 exposed) over SmolLM2's matrices, ms per pass, torch's
+bf16 kernel / oneDNN fp32 over packed weights: 1 row 11/26, 2 rows 17-23/23-30, 3 rows
+23-26/30-34, 4 rows 29-33/30-34, 6 rows 46-62/36-43: the crossover is 4-5 rows. (Over MKL's
+fp32 GEMM it was ~13 rows: 12 rows 198/151, 14 rows 108/161.)"""
+_FP32_BLOCK = 1 << 21
+"""Weight elements upcast at a time by `linear_bf16_as_fp32` (8 MB: stays in the L3 cache)."""
+
+
+_NATIVE_BF16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+"""oneDNN has real bf16 kernels on this CPU (AVX512-BF16, AMX or AVX-NE-CONVERT)."""
+
+
+def bf16_emulated(t: torch.Tensor) -> bool:
+    """True for a bf16 CPU tensor on a CPU without bf16 instructions (no AVX512-BF16/AMX).
+
+    There torch's bf16 matmul and attention kernels convert element by element (about 15
+    GFLOP/s per core), several times slower than fp32 ones; computing in fp32 is faster and
+    at least as accurate (bf16 values are exact in fp32).
+    """
+    return t.dtype == torch.bfloat16 and t.device.type == "cpu" and not _NATIVE_BF16
+
+
+FP32_SHADOW = os.environ.get("SHARDSERVE_FP32_SHADOW", "1") != "0"
+"""Where bf16 is emulated, keep an fp32 copy of each bf16 weight for GEMMs of many rows (built
+on first use, rebuilt if the weight changes), packed for oneDNN's fp32 GEMM where torch has
+it. Measured on 2 AVX2 cores over SmolLM2's matrices, ms per pass: MKL over a plain fp32 copy
+62 at 16 rows, 101 at 32, 314 at 100; oneDNN over the packed copy 45, 69, 222 (upcasting
+blocks every step instead: 270 at 32 rows). Costs 2x the bf16 weight bytes of memory;
+SHARDSERVE_FP32_SHADOW=0 turns it off (blocks are upcast per call)."""
+
+_PACKED_GEMM = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
+                                                                "_linear_pointwise")
+_PACK_ROWS_HINT = 16
+"""Rows oneDNN blocks the packed weight for (measured: 16 as fast as 64 or 256 at 4-100 rows,
+1 is 1.2-2x slower)."""
+
+
+def _cached_copy(owner: torch.nn.Module, weight: torch.Tensor, slot: str,
+                build) -> torch.Tensor:
+    """owner's copy of `weight` made by build(weight), cached in owner.__dict__[slot] (not a
+    parameter or buffer, so never saved) and rebuilt when the weight changes."""
+    # inference tensors keep no version counter (and cannot change outside inference mode)
+    version = -1 if weight.is_inference() else weight._version
+    key = (weight.data_ptr(), version, tuple(weight.shape), weight.dtype)
+    cached = owner.__dict__.get(slot)
+    if cached is None or cached[0] != key:
+        cached = (key, build(weight.detach()))
+        owner.__dict__[slot] = cached
+    return cached[1]
+
+
+def fp32_shadow(owner: torch.nn.Module, weight: torch.Tensor,
+                packed: bool = False) -> torch.Tensor | None:
+    """owner's cached fp32 copy of `weight`, packed for oneDNN if asked (None when FP32_SHADOW
+    is off)."""
+    if not FP32_SHADOW:
+        return None
+    if packed:  # [out, in] fp32 reordered for oneDNN: opaque
+        return _cached_copy(owner, weight, "_fp32_packed", lambda w: torch.ops.mkldnn.
+                            _reorder_linear_weight(w.float(), _PACK_ROWS_HINT))
+    return _cached_copy(owner, weight, "_fp32_shadow", lambda w: w.float())  # [out, in]
+
+
+def prepare_fp32_shadows(model: torch.nn.Module) -> int:
+    """Build the plain fp32 copy of every bf16 Linear weight where bf16 is emulated, eagerly,
+    for a torch.compile'd model (the compiled graph reads them, see `fp32_gemm`); returns how
+    many. The compiled graph does not notice later weight changes: compile after loading. The
+    eager forwards (prefill) still use the packed copy: 4x the bf16 weight bytes in all."""
+    n = 0
+    for mod in model.modules():
+        if (isinstance(mod, nn.Linear) and bf16_emulated(mod.weight)
+                and fp32_shadow(mod, mod.weight) is not None):
+            n += 1
+    return n
+
+
+def gemm_as_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x @ weight.T should run as an fp32 GEMM: bf16 inference of at least
+    BF16_GEMM_AS_FP32_MIN_ROWS rows on a CPU that emulates bf16."""
+    return (
+        x.dtype == torch.bfloat16
+        and weight.dtype == torch.bfloat16
+        and not torch.is_grad_enabled()
+        and x.numel() >= BF16_GEMM_AS_FP32_MIN_ROWS * x.shape[-1]
+        and bf16_emulated(x)
+    )
+
+
+def fp32_gemm(owner: torch.nn.Module | None, x: torch.Tensor, weight: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) of bf16 tensors where `gemm_as_fp32` says so: oneDNN over
+    owner's packed fp32 copy (eager), MKL over a plain fp32 copy (inside torch.compile, which
+    cannot lower the packed op), or block-wise upcasts without an owner or FP32_SHADOW.
+
+    Inside torch.compile the copy is only read, never checked or built (data_ptr and version
+    checks break the graph, and the resumed graphs of 30 layers then recompiled past dynamo's
+    limit: bf16 batch-8 decode ran at half speed); `prepare_fp32_shadows` builds it first."""
+    if torch.compiler.is_compiling():
+        cached = getattr(owner, "_fp32_shadow", None) if owner is not None else None
+        return linear_bf16_as_fp32(x, weight, bias, None if cached is None else cached[1])
+    shadow = fp32_shadow(owner, weight, _PACKED_GEMM) if owner is not None else None
+    if shadow is not None and _PACKED_GEMM:
+        b32 = None if bias is None else bias.float()
+        return torch.ops.mkldnn._linear_pointwise(
+            x.float(), shadow, b32, "none", [], "").to(x.dtype)  # [..., out]
+    return linear_bf16_as_fp32(x, weight, bias, shadow)
+
+
+def linear_bf16_as_fp32(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+    weight32: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """F.linear(x, weight, bias) for bf16 tensors, computed by an fp32 GEMM: over weight32 (an fp32
+    copy of weight) when given, else upcasting the weight a block of rows at a time (each block
+    is used while still in cache); the result is bf16."""
+    x32 = x.float()  # [..., in]
+    if weight32 is not None:
+        b32 = None if bias is None else bias.float()
+        return F.linear(x32, weight32, b32).to(x.dtype)  # [..., out]
+    rows = max(1, _FP32_BLOCK // weight.shape[1])
+    if weight.shape[0] <= rows:
+        b32 = None if bias is None else bias.float()
+        return F.linear(x32, weight.float(), b32).to(x.dtype)  # [..., out]
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])  # [..., out]
+    for r in range(0, weight.shape[0], rows):
+        b32 = None if bias is None else bias[r : r + rows].float()
+        out[..., r : r + rows] = F.linear(x32, weight[r : r + rows].float(), b32)
+    return out
+
+
+@torch.library.custom_op("shardserve::gemv", mutates_args=())
+def opaque_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight) as one opaque call inside torch.compile graphs. Inductor lowers a
+    linear to mm over a transposed view of the weight; for SmolLM2's bf16 batch-1 decode step
+    on 2 AVX2 cores that took 0.96 s per 64 tokens against 0.89 s through F.linear (torch's
+    bf16 GEMV kernel), a 7% gain measured once (cProfile, compiled LocalEngine)."""
+    return F.linear(x, weight)
+
+
+@opaque_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+PACKED_BF16 = (_NATIVE_BF16 and _PACKED_GEMM
+               and os.environ.get("SHARDSERVE_PACKED_BF16", "0") == "1")
+"""Native-bf16 CPUs run inference GEMMs over a oneDNN-packed copy of each bf16 weight
+(SHARDSERVE_PACKED_BF16=0 turns it off). Costs one more copy of the weight bytes."""
+
+
+def packed_bf16(owner: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """owner's cached bf16 copy of `weight` reordered for oneDNN's GEMM (opaque layout)."""
+    return _cached_copy(owner, weight, "_bf16_packed", lambda w: torch.ops.mkldnn.
+                        _reorder_linear_weight(w.contiguous(), _PACK_ROWS_HINT))
+
+
+def use_packed_bf16(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x @ weight.T should run over the packed bf16 copy: bf16 inference on a CPU with
+    bf16 instructions, outside torch.compile (which cannot lower the packed op)."""
+    return (PACKED_BF16 and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+            and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling())
+
+
+def cpu_linear(owner: torch.nn.Module | None, x: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) [..., in] -> [..., out] by the fastest path this CPU has
+    (module docstring); `owner` holds the cached weight copies (None: no caching)."""
+    if gemm_as_fp32(x, weight):
+        return fp32_gemm(owner, x, weight, bias)
+    if owner is not None and use_packed_bf16(x, weight):
+        return torch.ops.mkldnn._linear_pointwise(
+            x, packed_bf16(owner, weight), bias, "none", [], "")  # [..., out]
+    if bias is None and x.dtype == torch.bfloat16 and torch.compiler.is_compiling():
+        return opaque_linear(x, weight)  # [..., out]
+    return F.linear(x, weight, bias)
