@@ -4,6 +4,7 @@ shardserve import SRC DST              # GGUF file, HF directory or "bundled" ->
 shardserve reshard SRC DST --tp N      # any checkpoint (ours, HF, GGUF, Megatron, DCP), any layout
 shardserve generate --model DIR --prompt "Hello" [--tp N] [--json]
 shardserve serve --model DIR [--tp N] [--replicas R]    # gRPC API, /metrics
+                 [--http-port 8000]                     # + OpenAI-compatible HTTP API
 shardserve train --out RUN [--dp 2 --tp 2 --pp 2]       # hybrid-parallel trainer
 shardserve export-onnx MODEL_DIR OUT_DIR                # ONNX Runtime replicas
 shardserve export-hf MODEL_DIR OUT_DIR                  # transformers / vLLM directory
@@ -114,6 +115,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token_file=args.auth_token_file,
         drain_timeout_s=args.drain_timeout, max_new_tokens=args.max_new_tokens_limit,
+        http_port=args.http_port, served_model_name=args.served_model_name,
     )
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
@@ -502,6 +504,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told)")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--metrics-port", type=int, default=9400, help="-1 disables /metrics")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve the OpenAI-compatible HTTP API (/v1/completions, "
+                   "/v1/chat/completions, /v1/models, /health, /ready) on this port of --host "
+                   "(0: a free one, printed at start; off unless given)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model's name in the HTTP API (default: the --model directory's "
+                   "name)")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-queued-requests", type=int, default=256)
     p.add_argument("--max-queued-tokens", type=int, default=1 << 20)
