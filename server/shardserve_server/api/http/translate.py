@@ -176,8 +176,9 @@ def openai_error(e: InvalidArgument | ValueError, names: dict[str, str]) -> Http
         m = _FIELD.match(rest)
         field_ = m.group(0) if m else field_
         rest = rest[len(field_):].lstrip() if m else rest
-    leaf = field_.rsplit(".", 1)[-1]
-    param = names.get(leaf, leaf) or None
+    if field_.startswith(("sampling.", "stopping.", "options.")):
+        field_ = field_.split(".", 1)[1]
+    param = names.get(field_, field_) or None
 
     def rename(m: re.Match) -> str:
         return names.get(m.group(0), m.group(0))
