@@ -5,7 +5,8 @@ One server for the module (tiny untied Llama, bearer token on, a small queue so 
 reachable): greedy output equals the gRPC API's, chat applies the template, usage counts,
 every documented error status (400, 401, 404, 413, 429, 503, 504), hostile bodies (never 500,
 the worker group never restarts), a hypothesis property test over request bodies, and, last,
-the drain (503 while draining, the in-flight stream finishes, exit code 0).
+a killed worker group (503 in the stream, ready again after the restart) and, last, the
+drain (503 while draining, the in-flight stream finishes, exit code 0).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
 import signal
 import threading
 import time
@@ -377,6 +379,22 @@ def test_property_bodies_through_the_real_server(server):
     assert statuses.get(200) and statuses.get(400), statuses
     assert server.children() == pids
     assert server.metric("shardserve_worker_group_restarts_total") == 0
+
+
+def test_a_dead_worker_group_is_503_and_ready_comes_back(server, client):
+    """After the property test (which asserts no restart): kill the group mid-stream."""
+    stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=400, stream=True,
+                                       extra_body={"ignore_eos": True})
+    it = iter(stream)
+    next(it)
+    os.kill(max(server.children()), signal.SIGKILL)
+    with pytest.raises(openai.APIError) as e:
+        for _ in it:
+            pass
+    assert e.value.body["code"] == "unavailable"  # the stream's error event: 503's
+    assert poll(lambda: raw(server, "GET", "/ready", token=None)[0] == 200, 60)
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3)
+    assert r.usage.completion_tokens >= 1
 
 
 def test_drain_answers_503_and_finishes_in_flight(server, client):
