@@ -308,12 +308,15 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else
            ["-m", "shardserve_server.cli"]), "serve", "--model", str(model_dir), "--port", "0",
            "--metrics-port", str(metrics_port), "--dtype", args.dtype, "--kv-cache-tokens",
-           "8192"]
-    print(f"$ {' '.join(cmd[-11:])}", flush=True)
+           "8192", "--http-port", "0"]
+    print(f"$ {' '.join(cmd[-13:])}", flush=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
-        target = None
+        target = http_url = None
         for line in proc.stdout:
+            m = re.search(r"HTTP API on (\S+)", line)
+            if m:
+                http_url = m.group(1)
             m = re.search(r"listening on (\S+)", line)
             if m:
                 target = m.group(1)
@@ -339,6 +342,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
                                            temperature=0.7, top_p=0.9, seed=7):
                 print(chunk.text, end="", flush=True)
             print("\n")
+        if http_url:
+            _quickstart_http(http_url, question, args.max_new_tokens)
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as resp:
             lines = resp.read().decode().splitlines()
         keep = ("shardserve_requests_total{", "shardserve_generated_tokens_total",
@@ -354,6 +359,22 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         code = proc.wait(timeout=120)
     print(f"\nserver stopped cleanly (exit code {code})")
     return code
+
+
+def _quickstart_http(url: str, question: str, max_tokens: int) -> None:
+    """The same question through the OpenAI-compatible HTTP API, shown as its curl command."""
+    import urllib.request
+
+    body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
+            "temperature": 0}
+    print(f"$ curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+          f"    -d '{json.dumps(body)}'")
+    req = urllib.request.Request(f"{url}/v1/chat/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        out = json.loads(resp.read())
+    print(f"{out['choices'][0]['message']['content'].strip()}\n[HTTP {resp.status}, "
+          f"finish_reason {out['choices'][0]['finish_reason']}, usage {out['usage']}]\n")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

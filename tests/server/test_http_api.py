@@ -16,9 +16,11 @@ import http.client
 import json
 import os
 import signal
+import sys
 import threading
 import time
 import urllib.parse
+from pathlib import Path
 
 import openai
 import pytest
@@ -262,6 +264,31 @@ def test_metrics_count_http_requests(server, client):
     assert server.metric("shardserve_generated_tokens_total") >= tokens + 5
 
 
+def test_the_vllm_benchmark_harness_drives_us_over_http(server, monkeypatch):
+    """loadtest/bench_vs_vllm.py's SSE client (the one it points at vLLM) and window loop."""
+    import aiohttp
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "loadtest"))
+    import bench_vs_vllm as bench
+    from stream_stats import window_stats
+
+    monkeypatch.setattr(bench, "MODEL_NAME", MODEL)
+    assert bench.shardserve_has_http()
+
+    async def main():
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as s:
+            send = bench.sse_client(s, server.http_url + "/v1/completions")
+            return await bench.run_window(send, [f"{PROMPT} {i}" for i in range(50)], 0, 2,
+                                          2.0)
+
+    reqs, t0, t1, _ = asyncio.run(main())
+    finished = [r for r in reqs if r.done]
+    assert finished and all(r.tokens == bench.NEW_TOKENS for r in finished)
+    assert all(r.prompt_tokens and r.prompt_tokens > 3 for r in finished)
+    st = window_stats(reqs, t0, t1, 0.0, bench.NEW_TOKENS)
+    assert st.wrong_length == 0 and st.tok_s > 0
+
+
 BAD_BODIES = [
     ("not json", None),
     ("{\"prompt\": \"x\"", None),
@@ -402,7 +429,7 @@ def test_drain_answers_503_and_finishes_in_flight(server, client):
     got: list[str] = []
 
     def read():
-        for c in client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=300,
+        for c in client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=150,
                                            stream=True, extra_body={"ignore_eos": True}):
             got.extend(ch.finish_reason or "" for ch in c.choices)
 
