@@ -113,6 +113,17 @@ def test_completions_equal_grpc_sync_and_streaming(server, client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
     assert chunks[-1].usage.prompt_tokens == ref.prompt_token_count
 
+    # a prompt of token ids (vLLM's form) is the same request; streamed logprobs per token
+    with server.client() as c:
+        ids = c.tokenize(PROMPT, add_special_tokens=True)
+    chunks = list(client.completions.create(
+        model=MODEL, prompt=ids, max_tokens=12, temperature=0, stream=True, logprobs=1,
+        extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks) == ref.text
+    lps = [lp for c in chunks if c.choices[0].logprobs
+           for lp in c.choices[0].logprobs.token_logprobs]
+    assert lps == pytest.approx(ref.logprobs, abs=1e-5)
+
 
 def test_chat_applies_the_template_async_and_streaming(server):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
@@ -125,7 +136,7 @@ def test_chat_applies_the_template_async_and_streaming(server):
                                       max_retries=0, timeout=60) as ac:
             r = await ac.chat.completions.create(
                 model=MODEL, messages=messages, max_completion_tokens=10, temperature=0,
-                extra_body={"ignore_eos": True})
+                logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
             stream = await ac.chat.completions.create(
                 model=MODEL, messages=messages, max_tokens=10, temperature=0, stream=True,
                 stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
@@ -138,6 +149,9 @@ def test_chat_applies_the_template_async_and_streaming(server):
     # the template wraps the messages: more prompt tokens than the bare text, as gRPC's Chat
     assert r.usage.prompt_tokens == ref.prompt_token_count > plain.prompt_token_count
     assert r.usage.completion_tokens == 10
+    content = r.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == ref.text
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ref.text
     assert chunks[-1].usage.total_tokens == ref.prompt_token_count + 10

@@ -147,11 +147,11 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
                 async for out in self._stream(p, stream, holder):
                     if "result" in holder:
                         result = holder["result"]
-                        outcome = self._outcome(result)
+                        outcome = self.outcome_of(result)
                     yield out
             else:
                 result = await stream.result()
-                outcome = self._outcome(result)
+                outcome = self.outcome_of(result)
                 if result.finish_reason is FinishReason.ERROR:
                     raise EngineError(result.error or "the request failed in the engine")
                 yield self._response(p, stream, result)
@@ -175,7 +175,8 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
                 self.account(method, p, stream, outcome, result)
 
     @staticmethod
-    def _outcome(result: Any) -> str:
+    def outcome_of(result: Any) -> str:
+        """The metrics outcome of a finished request: ok, cancelled or error."""
         if result.finish_reason is FinishReason.ERROR:
             return "error"
         return "cancelled" if result.finish_reason is FinishReason.CANCELLED else "ok"

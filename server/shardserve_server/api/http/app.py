@@ -287,7 +287,7 @@ class _Run:
                     result = result_task.result()
                 except EngineError as e:
                     return HttpError(503, str(e), None, "unavailable").response()
-                outcome = self.api.s._outcome(result)
+                outcome = self.api.s.outcome_of(result)
                 if result.finish_reason is FinishReason.ERROR:
                     return HttpError(500, result.error or "the request failed in the engine",
                                      None, "engine_error").response()
@@ -384,7 +384,7 @@ class _Run:
                     finish = None
                     if ev.result is not None:
                         result = ev.result
-                        outcome = self.api.s._outcome(result)
+                        outcome = self.api.s.outcome_of(result)
                         if result.finish_reason is FinishReason.ERROR:
                             yield self._error(HttpError(500, result.error or "the request failed"
                                                         " in the engine", None, "engine_error"))
