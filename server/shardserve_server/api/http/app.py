@@ -17,6 +17,7 @@ import asyncio
 import hmac
 import math
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -109,8 +110,9 @@ class HttpApi:
 
     # ---- errors outside the routes' own handling
     async def _http_exception(self, request: Request, exc: HTTPException) -> Response:
-        msg = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on "
-               f"{request.url.path}"}.get(exc.status_code, str(exc.detail))
+        path = request.url.path[:200]
+        msg = {404: f"no route {path}", 405: f"{request.method} is not allowed on {path}"}.get(
+            exc.status_code, str(exc.detail))
         return HttpError(exc.status_code, msg).response()
 
     async def _internal(self, request: Request, exc: Exception) -> Response:
@@ -233,8 +235,6 @@ class HttpApi:
 
 
 def request_id() -> str:
-    import uuid
-
     return uuid.uuid4().hex[:24]
 
 
