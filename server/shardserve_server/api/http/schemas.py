@@ -17,7 +17,6 @@ U32 = Annotated[int, Field(ge=0, le=2**32 - 1)]
 I32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
 U64 = Annotated[int, Field(ge=0, le=2**64 - 1)]
 MAX_STOP_ITEMS = 64  # the wire bound; convert.py allows 16 and says so
-MAX_TEXT = 8 << 20  # strings are bounded by the body limit anyway
 
 
 class _Body(BaseModel):

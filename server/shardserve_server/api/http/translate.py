@@ -50,15 +50,11 @@ class Translated:
     """proto field name -> the body's field name, for error messages."""
 
 
-def _refuse(param: str, message: str) -> HttpError:
-    return invalid(param, message)
-
-
 def _common(msg: Any, b: _Sampling, names: dict[str, str]) -> None:
     if b.n is not None and b.n != 1:
-        raise _refuse("n", f"only n=1 is supported (got {b.n}); send n separate requests")
+        raise invalid("n", f"only n=1 is supported (got {b.n}); send n separate requests")
     if b.logit_bias:
-        raise _refuse("logit_bias", "is not supported")
+        raise invalid("logit_bias", "is not supported")
     s, st = msg.sampling, msg.stopping
     if b.temperature is not None:
         s.temperature = b.temperature
@@ -97,11 +93,11 @@ def _common(msg: Any, b: _Sampling, names: dict[str, str]) -> None:
 
 def completion(b: CompletionRequest) -> Translated:
     if b.best_of not in (None, 1):
-        raise _refuse("best_of", f"only best_of=1 is supported (got {b.best_of})")
+        raise invalid("best_of", f"only best_of=1 is supported (got {b.best_of})")
     if b.echo:
-        raise _refuse("echo", "is not supported")
+        raise invalid("echo", "is not supported")
     if b.suffix:
-        raise _refuse("suffix", "is not supported")
+        raise invalid("suffix", "is not supported")
     msg = pb.GenerateRequest()
     names: dict[str, str] = {}
     _common(msg, b, names)
@@ -114,9 +110,9 @@ def completion(b: CompletionRequest) -> Translated:
     prompt, ids = b.prompt, None
     if isinstance(prompt, list):
         if len(prompt) == 0:
-            raise _refuse("prompt", "must not be empty")
+            raise invalid("prompt", "must not be empty")
         if isinstance(prompt[0], list) or (isinstance(prompt[0], str) and len(prompt) > 1):
-            raise _refuse("prompt", "one prompt per request is supported (got a batch of "
+            raise invalid("prompt", "one prompt per request is supported (got a batch of "
                           f"{len(prompt)}); send one request per prompt")
         if isinstance(prompt[0], str):
             prompt = prompt[0]
@@ -131,18 +127,18 @@ def _content(i: int, m: Any) -> str:
     parts = []
     for j, part in enumerate(m.content):
         if part.type != "text" or part.text is None:
-            raise _refuse(f"messages[{i}].content[{j}]", "only text parts are supported")
+            raise invalid(f"messages[{i}].content[{j}]", "only text parts are supported")
         parts.append(part.text)
     return "\n".join(parts)
 
 
 def chat(b: ChatRequest) -> Translated:
     if b.tools:
-        raise _refuse("tools", "are not supported")
+        raise invalid("tools", "are not supported")
     if b.response_format and b.response_format.get("type", "text") != "text":
-        raise _refuse("response_format", "only {\"type\": \"text\"} is supported")
+        raise invalid("response_format", "only {\"type\": \"text\"} is supported")
     if b.top_logprobs is not None and not b.logprobs:
-        raise _refuse("top_logprobs", "needs logprobs=true")
+        raise invalid("top_logprobs", "needs logprobs=true")
     msg = pb.ChatRequest()
     for i, m in enumerate(b.messages):
         msg.messages.append(pb.ChatMessage(role=m.role, content=_content(i, m)))
