@@ -16,6 +16,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -360,6 +361,14 @@ def test_bad_bodies_are_400_never_500(server):
     status, _ = raw(server, "POST", "/v1/completions", json.dumps({"prompt": "x"}),
                     headers={"X-Request-Timeout": "soon"})
     assert status == 400
+    n = len(server.log)
+    u = urllib.parse.urlsplit(server.http_url)
+    for _ in range(3):  # not HTTP at all: uvicorn's 400, one log line for the three
+        with socket.create_connection((u.hostname, u.port), timeout=10) as sock:
+            sock.sendall(b"GARBAGE \x00\xff\r\n\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.1 400")
+    assert poll(lambda: "Invalid HTTP request" in "".join(server.log[n:]), 5)
+    assert "".join(server.log[n:]).count("Invalid HTTP request") == 1
     status, reply = raw(server, "POST", "/v1/completions",
                         json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 2}))
     assert status == 200 and reply["usage"]["completion_tokens"] == 2

@@ -10,10 +10,13 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import uvicorn
+
+from ..decode_guard import LOG_EVERY_S
 
 log = logging.getLogger("shardserve.http")
 
@@ -34,6 +37,27 @@ class HttpConfig:
     """On stop: seconds to let open connections finish."""
 
 
+class _RateLimit(logging.Filter):
+    """uvicorn's one warning per malformed HTTP request, at most once per `every_s` seconds
+    (as the gRPC side's malformed-protobuf line): a flood of garbage must not flood the log."""
+
+    def __init__(self, every_s: float = LOG_EVERY_S) -> None:
+        super().__init__()
+        self.every_s, self._last, self._dropped = every_s, float("-inf"), 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.WARNING or "Invalid HTTP request" not in record.getMessage():
+            return True
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            self._dropped += 1
+            return False
+        if self._dropped:
+            record.msg = f"{record.msg} (+{self._dropped} more since the last line)"
+        self._last, self._dropped = now, 0
+        return True
+
+
 class _InLoopServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:  # the front end handles signals (drain)
@@ -52,6 +76,9 @@ class HttpServer:
             timeout_keep_alive=30,
         )
         self._server = _InLoopServer(self._config)
+        uv_log = logging.getLogger("uvicorn.error")
+        if not any(isinstance(f, _RateLimit) for f in uv_log.filters):
+            uv_log.addFilter(_RateLimit())
         self._task: asyncio.Task | None = None
         self.port: int | None = None
 
