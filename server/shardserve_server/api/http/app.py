@@ -210,7 +210,10 @@ class HttpApi:
             if body.model is not None and body.model != self.model_name:
                 raise self._unknown_model(body.model)
             deadline = self._deadline(request)
-            t = translate(body)
+            try:
+                t = translate(body)
+            except (ValueError, TypeError) as e:  # a value the protobuf field cannot hold
+                raise HttpError(400, f"unusable value: {str(e)[:200]}") from None
             prefix = "cmpl" if method == COMPLETIONS else "chatcmpl"
             t.msg.request_id = f"{prefix}-{request_id()}"
             try:
