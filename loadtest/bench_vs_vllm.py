@@ -26,7 +26,13 @@ What it does, in order:
    requests sent in it; ITL p50 over gaps between token messages in it.
 5. Repeats interleaved (server order alternates), so that drifts in machine speed hit both;
    medians over the repeats, every run listed, and the 1-minute load average seen by each
-   window. Writes loadtest/results/vs_vllm.md (or --out NAME).
+   window; with both shardserve targets, HTTP's tok/s over gRPC's per stream count (issue
+   15's target: within 5%). Writes loadtest/results/vs_vllm.md (or --out NAME).
+
+The HTTP-vs-gRPC overhead alone, without vLLM:
+
+    .venv/bin/python loadtest/bench_vs_vllm.py --servers shardserve --http on \
+        --streams 1,32 --out http_vs_grpc
 """
 
 from __future__ import annotations
@@ -539,7 +545,8 @@ def report(records: list[RunRecord], args, command: str, versions: dict[str, str
             lines.append(f"| {name} | {streams} | {m['tok_s']:.1f} | {m['ttft_p50'] * 1e3:.0f} "
                          f"| {m['ttft_p99'] * 1e3:.0f} | {m['itl_p50'] * 1e3:.1f} | "
                          f"{ratio(m['tok_s'], base_tok)} | {ratio(m['ttft_p50'], base_ttft)} |")
-    lines += ["", *targets_lines(records, names, args), "", "Every run:", "",
+    lines += ["", *targets_lines(records, names, args), "", *http_lines(records, names, args),
+              "", "Every run:", "",
               "| repeat | target | streams | tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | "
               "TTFTs | done | wrong length | prompt tokens | load avg |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -587,6 +594,28 @@ def targets_lines(records: list[RunRecord], names: list[str], args) -> list[str]
                        f"{b * 1e3:.0f} ms (target <=: {'met' if a <= b else '**missed**'}); "
                        f"p99 {p99 * 1e3:.0f} ms vs 2x vLLM's p50 {2 * b * 1e3:.0f} ms "
                        f"({'met' if p99 <= 2 * b else '**missed**'})")
+    return out
+
+
+HTTP_TARGET = 0.95
+"""Issue 15: the HTTP API within 5% of gRPC's throughput."""
+
+
+def http_lines(records: list[RunRecord], names: list[str], args) -> list[str]:
+    """The HTTP API's overhead: its tok/s over gRPC's, same server, same run (issue 15)."""
+    if not {"shardserve gRPC", "shardserve HTTP"} <= set(names):
+        return ["(shardserve HTTP not run: no HTTP vs gRPC ratio)"]
+    out = ["HTTP (OpenAI SSE) vs gRPC, same server (issue 15: HTTP within 5% of gRPC's "
+           "throughput):", ""]
+    for streams in args.streams:
+        http = median_of(records, "shardserve HTTP", streams, "tok_s")
+        grpc = median_of(records, "shardserve gRPC", streams, "tok_s")
+        r = http / grpc if grpc else math.nan
+        a = median_of(records, "shardserve HTTP", streams, "ttft_p50")
+        b = median_of(records, "shardserve gRPC", streams, "ttft_p50")
+        out.append(f"- {streams} stream(s): tok/s {r:.3f}x gRPC (target >= {HTTP_TARGET:g}x: "
+                   f"{'met' if r >= HTTP_TARGET else '**missed**'}); TTFT p50 "
+                   f"{a * 1e3:.0f} ms vs {b * 1e3:.0f} ms")
     return out
 
 

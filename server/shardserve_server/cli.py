@@ -4,6 +4,7 @@ shardserve import SRC DST              # GGUF file, HF directory or "bundled" ->
 shardserve reshard SRC DST --tp N      # any checkpoint (ours, HF, GGUF, Megatron, DCP), any layout
 shardserve generate --model DIR --prompt "Hello" [--tp N] [--json]
 shardserve serve --model DIR [--tp N] [--replicas R]    # gRPC API, /metrics
+                 [--http-port 8000]                     # + OpenAI-compatible HTTP API
 shardserve train --out RUN [--dp 2 --tp 2 --pp 2]       # hybrid-parallel trainer
 shardserve export-onnx MODEL_DIR OUT_DIR                # ONNX Runtime replicas
 shardserve export-hf MODEL_DIR OUT_DIR                  # transformers / vLLM directory
@@ -115,6 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token_file=args.auth_token_file,
         drain_timeout_s=args.drain_timeout, max_new_tokens=args.max_new_tokens_limit,
+        http_port=args.http_port, served_model_name=args.served_model_name,
     )
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
@@ -307,12 +309,15 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else
            ["-m", "shardserve_server.cli"]), "serve", "--model", str(model_dir), "--port", "0",
            "--metrics-port", str(metrics_port), "--dtype", args.dtype, "--kv-cache-tokens",
-           "8192"]
-    print(f"$ {' '.join(cmd[-11:])}", flush=True)
+           "8192", "--http-port", "0"]
+    print(f"$ {' '.join(cmd[-13:])}", flush=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
-        target = None
+        target = http_url = None
         for line in proc.stdout:
+            m = re.search(r"HTTP API on (\S+)", line)
+            if m:
+                http_url = m.group(1)
             m = re.search(r"listening on (\S+)", line)
             if m:
                 target = m.group(1)
@@ -338,6 +343,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
                                            temperature=0.7, top_p=0.9, seed=7):
                 print(chunk.text, end="", flush=True)
             print("\n")
+        if http_url:
+            _quickstart_http(http_url, question, args.max_new_tokens)
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as resp:
             lines = resp.read().decode().splitlines()
         keep = ("shardserve_requests_total{", "shardserve_generated_tokens_total",
@@ -353,6 +360,22 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         code = proc.wait(timeout=120)
     print(f"\nserver stopped cleanly (exit code {code})")
     return code
+
+
+def _quickstart_http(url: str, question: str, max_tokens: int) -> None:
+    """The same question through the OpenAI-compatible HTTP API, shown as its curl command."""
+    import urllib.request
+
+    body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
+            "temperature": 0}
+    print(f"$ curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+          f"    -d '{json.dumps(body)}'")
+    req = urllib.request.Request(f"{url}/v1/chat/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        out = json.loads(resp.read())
+    print(f"{out['choices'][0]['message']['content'].strip()}\n[HTTP {resp.status}, "
+          f"finish_reason {out['choices'][0]['finish_reason']}, usage {out['usage']}]\n")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -504,6 +527,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told)")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--metrics-port", type=int, default=9400, help="-1 disables /metrics")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve the OpenAI-compatible HTTP API (/v1/completions, "
+                   "/v1/chat/completions, /v1/models, /health, /ready) on this port of --host "
+                   "(0: a free one, printed at start; off unless given)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model's name in the HTTP API (default: the --model directory's "
+                   "name)")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-queued-requests", type=int, default=256)
     p.add_argument("--max-queued-tokens", type=int, default=1 << 20)

@@ -186,3 +186,22 @@ def test_report_lists_every_run_ratios_and_targets():
     alone = [r for r in records if r.target != "vLLM"]
     text = "\n".join(bench.report(alone, args, "CMD", {}, 60.0))
     assert "(vLLM not run: no ratios)" in text and "| - | - |" in text
+
+
+def test_report_gives_http_over_grpc_per_stream_count():
+    import argparse
+
+    args = argparse.Namespace(streams=[1, 32], seconds=45.0, repeats=1, warmup_seconds=10.0,
+                              vllm_bind="0-1", vllm_kv_gib=4.0, vllm_args="",
+                              shardserve_args="", note="", model_label="tiny")
+    records = [_record(0, t, s, tok, ttft)
+               for t, s, tok, ttft in (("shardserve gRPC", 1, 60.0, 0.08),
+                                       ("shardserve gRPC", 32, 400.0, 0.6),
+                                       ("shardserve HTTP", 1, 59.0, 0.09),
+                                       ("shardserve HTTP", 32, 360.0, 0.7))]
+    text = "\n".join(bench.report(records, args, "CMD", {}, 60.0))
+    assert "- 1 stream(s): tok/s 0.983x gRPC (target >= 0.95x: met); TTFT p50 90 ms vs 80 ms" \
+        in text
+    assert "- 32 stream(s): tok/s 0.900x gRPC (target >= 0.95x: **missed**)" in text
+    text = "\n".join(bench.report(records[:2], args, "CMD", {}, 60.0))
+    assert "(shardserve HTTP not run: no HTTP vs gRPC ratio)" in text

@@ -32,6 +32,7 @@ class RunningServer:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, start_new_session=True)
         self.log: list[str] = []
+        self.http_url: str | None = None  # "http://127.0.0.1:PORT" with --http-port
         threading.Thread(target=self._drain_stderr, daemon=True).start()
         self.target = self._wait_listening(timeout)
         self.token, self.tls_ca = token, tls_ca
@@ -59,6 +60,9 @@ class RunningServer:
                 if self.proc.poll() is not None:
                     break
                 continue
+            m = re.search(r"HTTP API on (\S+)", line)
+            if m:  # printed just before "listening on" when --http-port is given
+                self.http_url = m.group(1)
             m = re.search(r"listening on (\S+)", line)
             if m:
                 return m.group(1)

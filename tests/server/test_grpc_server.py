@@ -7,9 +7,11 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -199,9 +201,21 @@ def test_tls_and_token_auth(tiny_llama_dir, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text("s3cret-token\n")
     s = RunningServer(tiny_llama_dir, "--dtype", "fp32", "--tls-cert", str(cert), "--tls-key",
-                      str(key), "--auth-token-file", str(token_file), token="s3cret-token",
-                      tls_ca=cert)
+                      str(key), "--auth-token-file", str(token_file), "--http-port", "0",
+                      token="s3cret-token", tls_ca=cert)
     try:
+        # the HTTP API (api/http) serves HTTPS with the same certificate and token
+        assert s.http_url.startswith("https://127.0.0.1:")
+        ctx = ssl.create_default_context(cafile=str(cert))
+        req = urllib.request.Request(s.http_url + "/v1/models",
+                                     headers={"Authorization": "Bearer s3cret-token"})
+        with urllib.request.urlopen(req, context=ctx, timeout=30) as resp:
+            assert json.loads(resp.read())["data"][0]["id"] == tiny_llama_dir.name
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(s.http_url + "/v1/models", context=ctx, timeout=30)
+        assert e.value.code == 401
+        with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+            urllib.request.urlopen(s.http_url.replace("https", "http") + "/health", timeout=5)
         with s.client() as c:
             assert c.generate("hi", max_new_tokens=3, ignore_eos=True).generated_token_count == 3
         with s.client(token="wrong") as c:

@@ -128,7 +128,7 @@ def nan_model(tiny_llama_untied_dir, tmp_path_factory):
 def test_non_finite_logits_end_the_request_with_an_error(nan_model):
     from shardserve_client import FinishReason, ShardserveError
 
-    s = RunningServer(nan_model, "--dtype", "fp32")
+    s = RunningServer(nan_model, "--dtype", "fp32", "--http-port", "0")
     try:
         pids = s.children()
         with s.client() as c:
@@ -139,6 +139,16 @@ def test_non_finite_logits_end_the_request_with_an_error(nan_model):
                 c.generate("hello", max_new_tokens=4)
             assert e.value.code is grpc.StatusCode.INTERNAL and "non-finite logits" in str(e.value)
             assert c.model_info().family == "llama"  # still serving
+        # the HTTP API: 500 in OpenAI's error shape (unary), an error event (stream)
+        import openai
+
+        with openai.OpenAI(base_url=s.http_url + "/v1", api_key="x", max_retries=0) as oc:
+            with pytest.raises(openai.InternalServerError) as he:
+                oc.completions.create(model=nan_model.name, prompt="hello", max_tokens=4)
+            assert "non-finite logits" in he.value.body["message"]
+            with pytest.raises(openai.APIError, match="non-finite logits"):
+                list(oc.completions.create(model=nan_model.name, prompt="hello",
+                                           max_tokens=4, stream=True))
         assert s.children() == pids
         lines = [json.loads(x.split(" ", 4)[-1]) for x in s.log if '"event": "request"' in x]
         assert any(r["outcome"] == "error" for r in lines)

@@ -4,6 +4,8 @@ Binds 127.0.0.1 unless told otherwise. Health: service "" is liveness (SERVING w
 process runs), service "shardserve.v1.TextGeneration" is readiness (SERVING only while the
 worker group is up and stepping; NOT_SERVING while it restarts, hangs or the server drains).
 Reflection lists every service. Optional TLS and bearer-token auth (health stays open).
+With `http_port`, the OpenAI-compatible HTTP API (api/http/) is served from the same process,
+event loop, servicer and engine (one queue, one set of metrics), with the same TLS and token.
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ class ServerConfig:
     """On SIGTERM: seconds to let in-flight requests finish before stopping."""
     max_new_tokens: int = 2048
     """Upper bound on a request's max_new_tokens."""
+    http_port: int | None = None
+    """OpenAI-compatible HTTP API port on the same host (None: off; 0 picks a free one)."""
+    served_model_name: str | None = None
+    """The model's name in the HTTP API (default: the checkpoint directory's name)."""
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -106,6 +112,8 @@ class Server:
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else \
             health.HealthServicer()
         self.port: int | None = None
+        self.http = None
+        self.http_port: int | None = None
         self._stopping = asyncio.Event()
 
     def _on_stats(self, stats: dict, replica: int = 0) -> None:
@@ -158,6 +166,8 @@ class Server:
         if self.cfg.metrics_port is not None:
             self.metrics.serve(self.cfg.metrics_port, self.cfg.host)
         await self.server.start()
+        if self.cfg.http_port is not None:
+            await self._start_http()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self._ready_task = asyncio.create_task(self._readiness_loop())
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -169,6 +179,20 @@ class Server:
                  self.worker.dtype,
                  self.cfg.metrics_port, time.perf_counter() - t0, info.get("load_s", 0),
                  info.get("warmup_s", 0), info.get("rss_mb", 0), rss)
+
+    async def _start_http(self) -> None:
+        from .http.app import HttpApi
+        from .http.server import HttpConfig, HttpServer
+
+        name = self.cfg.served_model_name or Path(self.worker.model_dir).resolve().name
+        token = read_token(self.cfg.auth_token_file) if self.cfg.auth_token_file else None
+        api = HttpApi(self.servicer, name, token)
+        self.http = HttpServer(api.app(), HttpConfig(
+            host=self.cfg.host, port=self.cfg.http_port, tls_cert=self.cfg.tls_cert,
+            tls_key=self.cfg.tls_key))
+        self.http_port = await self.http.start()
+        log.info("OpenAI-compatible HTTP API on %s://%s:%d (model %r)",
+                 "https" if self.cfg.tls_cert else "http", self.cfg.host, self.http_port, name)
 
     async def _readiness_loop(self) -> None:
         status = None
@@ -188,6 +212,8 @@ class Server:
         await self.health.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         idle = await self.servicer.wait_idle(self.cfg.drain_timeout_s)
         log.info("drain %s; stopping", "complete" if idle else "timed out")
+        if self.http is not None:
+            await self.http.stop()
         await self.server.stop(grace=1.0)
         self._ready_task.cancel()
         await self.engine.shutdown()
@@ -201,6 +227,9 @@ async def serve_forever(cfg: ServerConfig, worker: WorkerConfig, limits: EngineL
                         replicas: int = 1) -> int:
     server = Server(cfg, worker, limits, replicas)
     await server.start()
+    if server.http_port is not None:
+        scheme = "https" if cfg.tls_cert else "http"
+        print(f"shardserve: HTTP API on {scheme}://{cfg.host}:{server.http_port}", flush=True)
     print(f"shardserve: listening on {cfg.host}:{server.port}", flush=True)
     loop = asyncio.get_running_loop()
     stop_task: list[asyncio.Task] = []

@@ -2,6 +2,9 @@
 
 The servicer is thin: convert.py validates and converts, the engine queues and batches, and
 this module maps outcomes to gRPC status codes, metrics and one structured log line each.
+`admit` and `account` are the one admission and accounting path: the OpenAI-compatible HTTP
+API (api/http/) calls them too, so both protocols share validation, the queue, the drain
+state, the in-flight count and the metrics.
 """
 
 from __future__ import annotations
@@ -70,8 +73,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
             raise InvalidArgument("messages", f"chat template rejected them: {e}") from e
 
     async def _abort(self, context, method: str, outcome: str, code, message: str):
-        self.metrics.on_request_done(method, outcome)
-        self._log(method, None, outcome, message=message)
+        self.reject(method, outcome, message)
         await context.abort(code, message)
 
     def _log(self, method: str, p: Prepared | None, outcome: str, **kw: Any) -> None:
@@ -85,15 +87,50 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
             raise Draining("server is draining")
         return self.engine.submit(p.request, p.priority)
 
-    async def _run(self, method: str, msg: Any, prompt: str | None, context, streaming: bool):
-        try:
-            # Overload answers before any work: a full queue must not wait behind tokenizing
-            # (or templating) this request, which a flood of requests would make slow.
-            self.engine.check_capacity()
+    def admit(self, msg: Any, prompt: str | None,
+              prompt_ids: list[int] | None = None) -> tuple[Prepared, RequestStream]:
+        """Validate, tokenize (or template, when `prompt` is None: a ChatRequest) and queue a
+        request. Raises InvalidArgument / ValueError (bad input), QueueFull, Draining or
+        EngineError; on success the caller owns one unit of `active` until `account`."""
+        if self.draining:
+            raise Draining("server is draining")
+        # Overload answers before any work: a full queue must not wait behind tokenizing
+        # (or templating) this request, which a flood of requests would make slow.
+        self.engine.check_capacity()
+        if prompt_ids is not None:  # token ids instead of text (the HTTP API's prompt)
+            bad = [t for t in prompt_ids if not 0 <= t < self.tokenizer.vocab_size]
+            if bad:
+                raise InvalidArgument("prompt", f"token ids must be in [0, "
+                                      f"{self.tokenizer.vocab_size}), got {bad[0]}")
+            rid = msg.request_id or uuid.uuid4().hex[:16]
+            p = prepare(msg, prompt_ids, self.limits, rid, self.tokenizer.vocab_size)
+        else:
             if prompt is None:
                 prompt = self._chat_prompt(msg)
             p = self._prepare(msg, prompt)
-            stream = self._submit(p)
+        stream = self._submit(p)
+        self.active += 1
+        return p, stream
+
+    def account(self, method: str, p: Prepared, stream: RequestStream, outcome: str,
+                result: Any, **log: Any) -> None:
+        """Metrics and the log line of an admitted request that ended; releases `active`."""
+        n = len(result.token_ids) if result else 0
+        self.metrics.on_request_done(method, outcome, prompt_tokens=len(
+            p.request.prompt_ids), generated=n, timing=stream.timing)
+        self._log(method, p, outcome, generated_tokens=n,
+                  finish_reason=result.finish_reason.value if result else None,
+                  **{k: round(v, 4) for k, v in stream.timing.items() if v is not None}, **log)
+        self.active -= 1
+
+    def reject(self, method: str, outcome: str, message: str) -> None:
+        """Metrics and the log line of a request refused before (or failed after) admission."""
+        self.metrics.on_request_done(method, outcome)
+        self._log(method, None, outcome, message=message)
+
+    async def _run(self, method: str, msg: Any, prompt: str | None, context, streaming: bool):
+        try:
+            p, stream = self.admit(msg, prompt)
         except InvalidArgument as e:
             await self._abort(context, method, "invalid", grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except ValueError as e:
@@ -103,7 +140,6 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
                               str(e))
         except (Draining, EngineError) as e:
             await self._abort(context, method, "error", grpc.StatusCode.UNAVAILABLE, str(e))
-        self.active += 1
         outcome, result = "error", None
         holder: dict[str, Any] = {}
         try:
@@ -111,11 +147,11 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
                 async for out in self._stream(p, stream, holder):
                     if "result" in holder:
                         result = holder["result"]
-                        outcome = self._outcome(result)
+                        outcome = self.outcome_of(result)
                     yield out
             else:
                 result = await stream.result()
-                outcome = self._outcome(result)
+                outcome = self.outcome_of(result)
                 if result.finish_reason is FinishReason.ERROR:
                     raise EngineError(result.error or "the request failed in the engine")
                 yield self._response(p, stream, result)
@@ -136,16 +172,11 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
             await context.abort(grpc.StatusCode.INTERNAL, str(e))
         finally:
             if outcome != "error" or result is not None:
-                n = len(result.token_ids) if result else 0
-                self.metrics.on_request_done(method, outcome, prompt_tokens=len(
-                    p.request.prompt_ids), generated=n, timing=stream.timing)
-                self._log(method, p, outcome, generated_tokens=n,
-                          finish_reason=result.finish_reason.value if result else None,
-                          **{k: round(v, 4) for k, v in stream.timing.items() if v is not None})
-                self.active -= 1
+                self.account(method, p, stream, outcome, result)
 
     @staticmethod
-    def _outcome(result: Any) -> str:
+    def outcome_of(result: Any) -> str:
+        """The metrics outcome of a finished request: ok, cancelled or error."""
         if result.finish_reason is FinishReason.ERROR:
             return "error"
         return "cancelled" if result.finish_reason is FinishReason.CANCELLED else "ok"
