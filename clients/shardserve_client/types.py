@@ -63,6 +63,8 @@ class GenerationResult:
     top_logprobs: list[list[tuple[int, str, float]]] | None
     prompt_tokens: list[Token]
     timing: Timing
+    cached_prompt_token_count: int = 0
+    """Of prompt_token_count, the tokens served from the server's prefix cache."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,8 @@ class StreamChunk:
     timing: Timing | None = None
     error: str | None = None
     """With FinishReason.ERROR: why the request failed."""
+    cached_prompt_token_count: int | None = None
+    """Last message: prompt tokens served from the server's prefix cache."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,7 @@ def result_from_pb(r: pb.GenerateResponse) -> GenerationResult:
         finish_reason=finish_reason(r.finish_reason), prompt_token_count=r.prompt_token_count,
         generated_token_count=r.generated_token_count, logprobs=logprobs, top_logprobs=top,
         prompt_tokens=[_token(t) for t in r.prompt_tokens], timing=_timing(r.timing),
+        cached_prompt_token_count=r.cached_prompt_token_count,
     )
 
 
@@ -125,7 +130,7 @@ def chunk_from_pb(m: pb.GenerateStreamResponse) -> StreamChunk:
         d = m.details
         return StreamChunk(m.text, [t.id for t in m.tokens], lps, finish_reason(d.finish_reason),
                            d.prompt_token_count, d.generated_token_count, _timing(d.timing),
-                           d.error or None)
+                           d.error or None, d.cached_prompt_token_count)
     return StreamChunk(m.text, [t.id for t in m.tokens], lps)
 
 

@@ -126,6 +126,33 @@ def test_completions_equal_grpc_sync_and_streaming(server, client):
     assert lps == pytest.approx(ref.logprobs, abs=1e-5)
 
 
+def test_prefix_cache_hits_are_reported_by_both_apis(server, client):
+    """A prompt of several KV blocks (block size 8 here) sent again is served from the prefix
+    cache: the same greedy text, and the cached prompt tokens in the gRPC response (unary and
+    stream) and in OpenAI usage.prompt_tokens_details (unary and streamed usage)."""
+    prompt = " ".join(["shared system prompt words"] * 12) + " and then"
+    with server.client() as c:
+        first = c.generate(prompt, max_new_tokens=6, temperature=0, ignore_eos=True)
+        again = c.generate(prompt, max_new_tokens=6, temperature=0, ignore_eos=True)
+        last = list(c.generate_stream(prompt, max_new_tokens=6, temperature=0,
+                                      ignore_eos=True))[-1]
+    n = first.prompt_token_count
+    assert n >= 24
+    assert again.text == first.text
+    # every full block but the one holding the last prompt token (its logits are needed)
+    assert again.cached_prompt_token_count == (n - 1) // 8 * 8 > 0
+    assert last.cached_prompt_token_count == again.cached_prompt_token_count
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].text == first.text
+    assert r.usage.prompt_tokens_details.cached_tokens == again.cached_prompt_token_count
+    chunks = list(client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=6, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    cached = r.usage.prompt_tokens_details.cached_tokens
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == cached
+
+
 def test_chat_applies_the_template_async_and_streaming(server):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
     with server.client() as c:

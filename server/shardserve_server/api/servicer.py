@@ -186,6 +186,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
             request_id=p.request.request_id, text=r.text, token_ids=r.token_ids,
             finish_reason=FINISH_TO_PB[r.finish_reason], prompt_token_count=r.prompt_tokens,
             generated_token_count=len(r.token_ids), timing=timing_msg(stream.timing),
+            cached_prompt_token_count=r.cached_tokens,
         )
         if p.logprobs and r.logprobs is not None:
             tops = r.top_logprobs or [None] * len(r.token_ids)
@@ -211,7 +212,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
                 d = pb.StreamDetails(
                     finish_reason=FINISH_TO_PB[r.finish_reason], prompt_token_count=r.prompt_tokens,
                     generated_token_count=len(r.token_ids), timing=timing_msg(stream.timing),
-                    error=r.error or "")
+                    error=r.error or "", cached_prompt_token_count=r.cached_tokens)
                 if p.return_prompt_tokens:
                     d.prompt_tokens.extend(token_msgs(self.tokenizer, list(p.request.prompt_ids)))
                 msg.details.CopyFrom(d)

@@ -262,6 +262,7 @@ class _Run:
         self.tok = api.s.tokenizer
         self.prompt_tokens = len(p.request.prompt_ids)
         self.outcome, self.result = "cancelled", None
+        self._cached = 0  # prompt tokens the prefix cache served (from the result)
         self._accounted = False
 
     def finish(self) -> None:
@@ -275,7 +276,7 @@ class _Run:
                            **self._log_extra())
 
     def _usage(self, n: int):
-        return tr.usage(self.prompt_tokens, n)
+        return tr.usage(self.prompt_tokens, n, self._cached)
 
     # ---- unary
     async def unary(self, request: Request) -> Response:
@@ -291,6 +292,7 @@ class _Run:
                 except EngineError as e:
                     return HttpError(503, str(e), None, "unavailable").response()
                 outcome = self.api.s.outcome_of(result)
+                self._cached = result.cached_tokens
                 if result.finish_reason is FinishReason.ERROR:
                     return HttpError(500, result.error or "the request failed in the engine",
                                      None, "engine_error").response()
@@ -388,6 +390,7 @@ class _Run:
                     if ev.result is not None:
                         result = ev.result
                         outcome = self.api.s.outcome_of(result)
+                        self._cached = result.cached_tokens
                         if result.finish_reason is FinishReason.ERROR:
                             yield self._error(HttpError(500, result.error or "the request failed"
                                                         " in the engine", None, "engine_error"))

@@ -24,6 +24,7 @@ from .schemas import (
     ChatRequest,
     CompletionLogprobs,
     CompletionRequest,
+    PromptTokensDetails,
     TokenLogprob,
     TopLogprob,
     Usage,
@@ -191,9 +192,10 @@ def finish_reason(r: Any) -> str:
     return FINISH.get(r.finish_reason, "stop")
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                 total_tokens=prompt_tokens + completion_tokens)
+                 total_tokens=prompt_tokens + completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
 
 
 def _tok(tokenizer: Any, tid: int) -> str:

@@ -123,7 +123,7 @@ class Timing(_message.Message):
     def __init__(self, queue_s: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., total_s: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "finish_reason", "prompt_token_count", "generated_token_count", "tokens", "prompt_tokens", "timing")
+    __slots__ = ("request_id", "text", "token_ids", "finish_reason", "prompt_token_count", "generated_token_count", "tokens", "prompt_tokens", "timing", "cached_prompt_token_count")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +133,7 @@ class GenerateResponse(_message.Message):
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PROMPT_TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -142,23 +143,26 @@ class GenerateResponse(_message.Message):
     tokens: _containers.RepeatedCompositeFieldContainer[Token]
     prompt_tokens: _containers.RepeatedCompositeFieldContainer[Token]
     timing: Timing
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_token_count: _Optional[int] = ..., generated_token_count: _Optional[int] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., prompt_tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+    cached_prompt_token_count: int
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_token_count: _Optional[int] = ..., generated_token_count: _Optional[int] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., prompt_tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., cached_prompt_token_count: _Optional[int] = ...) -> None: ...
 
 class StreamDetails(_message.Message):
-    __slots__ = ("finish_reason", "prompt_token_count", "generated_token_count", "prompt_tokens", "timing", "error")
+    __slots__ = ("finish_reason", "prompt_token_count", "generated_token_count", "prompt_tokens", "timing", "error", "cached_prompt_token_count")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PROMPT_TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
     finish_reason: FinishReason
     prompt_token_count: int
     generated_token_count: int
     prompt_tokens: _containers.RepeatedCompositeFieldContainer[Token]
     timing: Timing
     error: str
-    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_token_count: _Optional[int] = ..., generated_token_count: _Optional[int] = ..., prompt_tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+    cached_prompt_token_count: int
+    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_token_count: _Optional[int] = ..., generated_token_count: _Optional[int] = ..., prompt_tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., error: _Optional[str] = ..., cached_prompt_token_count: _Optional[int] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
     __slots__ = ("request_id", "text", "tokens", "details")
