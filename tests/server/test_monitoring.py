@@ -109,7 +109,7 @@ def test_dashboard_is_import_ready_with_a_datasource_variable():
     titles = " | ".join(p["title"] for p in dash["panels"]).lower()
     for want in ("tokens / s", "time to first token", "inter-token", "end-to-end", "queue",
                  "kv-cache", "step duration by phase", "batch size", "all-reduce",
-                 "per-replica", "worker groups", "process"):
+                 "per-replica", "worker groups", "memory", "cpu"):
         assert want in titles, want
 
 
@@ -145,6 +145,7 @@ def _poll(fn, timeout=15.0):
 def test_every_metric_in_dashboard_and_rules_is_exported(server):
     _exercise(server)
     assert _poll(lambda: server.metric("shardserve_requests_total", 'outcome="cancelled"') >= 1)
+    assert _poll(lambda: "shardserve_worker_cpu_seconds_total{" in server.metrics())
     samples = {s.name for fam in text_string_to_metric_families(server.metrics())
                for s in fam.samples}
     rule_list, recorded = rule_exprs()
@@ -172,6 +173,9 @@ def test_new_series_move(server):
     assert m("shardserve_model_info", 'family="llama"') == 1
     assert m("shardserve_build_info") == 1
     assert m("process_resident_memory_bytes") > 0 and m("python_gc_collections_total") > 0
+    # every worker process (one here: TP=1) by replica and rank
+    assert m("shardserve_worker_resident_memory_bytes", 'rank="0",replica="0"') > 50e6
+    assert m("shardserve_worker_cpu_seconds_total", 'rank="0",replica="0"') > 0
     text = server.metrics()
     for name in ("shardserve_worker_group_up", "shardserve_worker_group_restarts_total",
                  "shardserve_replica_inflight_requests", "shardserve_kv_cache_reserved_tokens",

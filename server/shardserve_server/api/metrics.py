@@ -7,8 +7,9 @@ latency per token as it reaches the front end. A worker group is a replica: ever
 series is labelled `replica`. Latency and TTFT are labelled by outcome, so cancelled and
 timed-out requests are counted too (slow failures are not hidden); requests carry the
 `finish_reason` of their result (`none` when they ended without one). The default process,
-platform and GC collectors describe the front-end process. The recording and alert rules and
-the Grafana dashboard over these series are in `shardserve_server/monitoring/`.
+platform and GC collectors describe the front-end process, worker_processes.py the workers.
+The recording and alert rules and the Grafana dashboard over these series are in
+`shardserve_server/monitoring/`.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from prometheus_client import (
     start_http_server,
 )
 
+from .worker_processes import WorkerProcessCollector
+
 OUTCOMES = ("ok", "invalid", "overloaded", "cancelled", "deadline", "error", "unauthenticated")
-FINISH_REASONS = ("max_tokens", "eos", "stop_sequence", "time_limit", "cancelled", "error", "none")
 # outcomes of requests that reached the engine: their latency (and TTFT, if a token came) counts
 TIMED_OUTCOMES = ("ok", "cancelled", "deadline", "error")
 _LAT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -45,6 +47,8 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             r.register(collector)  # process_* (RSS, CPU, fds), python_info, python_gc_*
+        self._worker_pids: tuple[tuple[int, int, int], ...] = ()
+        r.register(WorkerProcessCollector(lambda: self._worker_pids))
         self.build_info = Info("shardserve_build", "Server version and runtime", registry=r)
         self.model_info = Info("shardserve_model", "The served model and its layout", registry=r)
         self.requests = Counter("shardserve_requests", "Requests by outcome and finish reason",
@@ -167,6 +171,8 @@ class Metrics:
         self.queued_tokens.set(s.get("queued_tokens", 0))
         self.running.set(s["running"])
         self.kv_usage.set(s["kv_usage"])
+        self._worker_pids = tuple((rep["replica"], rank, pid) for rep in s["replicas"]
+                                  for rank, pid in enumerate(rep.get("pids", ())))
         for rep in s["replicas"]:
             i = rep["replica"]
             label = str(i)
