@@ -17,7 +17,7 @@ import yaml
 from grpc_servers import RunningServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from shardserve_client import InvalidArgument
+from shardserve_client import DeadlineExceeded, InvalidArgument
 from shardserve_server.monitoring import dashboard_path, rules_path
 
 HERE = Path(__file__).resolve().parent
@@ -122,7 +122,8 @@ def server(tiny_llama_dir):
 
 
 def _exercise(server) -> None:
-    """A finished stream, a finished chat, a cancelled stream and an invalid request."""
+    """A finished stream, a finished chat, a cancelled stream, an invalid request and one
+    past its deadline."""
     with server.client() as c:
         list(c.generate_stream("the quick brown fox", max_new_tokens=6, ignore_eos=True))
         c.chat([{"role": "user", "content": "hi"}], max_new_tokens=4, ignore_eos=True)
@@ -131,6 +132,8 @@ def _exercise(server) -> None:
         stream.close()
         with pytest.raises(InvalidArgument):
             c.generate("x", temperature=-1.0)
+        with pytest.raises(DeadlineExceeded):
+            c.generate("hello", max_new_tokens=400, ignore_eos=True, timeout=0.3)
 
 
 def _poll(fn, timeout=15.0):
@@ -165,6 +168,7 @@ def test_new_series_move(server):
     # latency and TTFT of cancelled requests are recorded, labelled by outcome
     assert m("shardserve_request_duration_seconds_count", 'outcome="cancelled"') >= 1
     assert m("shardserve_time_to_first_token_seconds_count", 'outcome="cancelled"') >= 1
+    assert _poll(lambda: m("shardserve_request_duration_seconds_count", 'outcome="deadline"') >= 1)
     assert m("shardserve_request_duration_seconds_count", 'outcome="ok"') >= 2
     # one ITL observation per token after the first: the 6-token stream alone gives 5
     assert m("shardserve_inter_token_latency_seconds_count") >= 5
