@@ -24,6 +24,17 @@ def cpu_flags() -> str:
     return " ".join(sorted(flags & keep)) or "none of " + " ".join(sorted(keep))
 
 
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write path whole: a temp file beside it, then rename (readers never see half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data)
+    os.replace(tmp, path)
+
+
 def write_results(name: str, lines: list[str]) -> str:
     """Write loadtest/results/NAME.md whole (temp file, then rename); returns the text."""
     RESULTS.mkdir(exist_ok=True)

@@ -151,6 +151,15 @@ def test_prefix_cache_hits_are_reported_by_both_apis(server, client):
         stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
     cached = r.usage.prompt_tokens_details.cached_tokens
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens == cached
+    deadline = time.monotonic() + 10  # the front end reads the group's stats every step
+    while True:
+        text = server.metrics()
+        hits = [float(line.split()[-1]) for line in text.splitlines()
+                if line.startswith("shardserve_prefix_cache_hits_total")]
+        if sum(hits) >= 4 * cached or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert sum(hits) >= 4 * cached, hits
 
 
 def test_chat_applies_the_template_async_and_streaming(server):

@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from shardserve_client._pb.shardserve.v1 import generate_pb2 as pb
 from shardserve_client._pb.shardserve.v1 import generate_pb2_grpc as pb_grpc
 
+from .. import __version__
 from ..engine.async_engine import AsyncEngine, EngineLimits
 from ..workers.worker import WorkerConfig
 from .convert import RequestLimits
@@ -108,7 +109,8 @@ class Server:
         self.cfg, self.worker, self.limits = cfg, worker, limits
         self.replicas = replicas
         self.metrics = Metrics()
-        self.engine = AsyncEngine(worker, limits, on_stats=self._on_stats, replicas=replicas)
+        self.engine = AsyncEngine(worker, limits, on_stats=self._on_stats, replicas=replicas,
+                                  on_token_gap=self.metrics.on_token_gap)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else \
             health.HealthServicer()
         self.port: int | None = None
@@ -139,11 +141,17 @@ class Server:
              "max_batch_size": self.worker.max_batch_size,
              "max_queued_requests": self.limits.max_queued_requests},
         )
-        interceptors: list[Any] = [DecodeGuard(lambda method: self.metrics.requests.labels(
-            method, "invalid").inc())]
+        self.metrics.describe(
+            version=__version__, max_queued_requests=self.limits.max_queued_requests,
+            max_queued_tokens=self.limits.max_queued_tokens, block_size=self.worker.block_size,
+            model={"model": Path(self.worker.model_dir).name, "family": manifest.family,
+                   "dtype": self.worker.dtype, "backend": served.backend, "tp": self.worker.tp,
+                   "replicas": self.replicas, "max_batch_size": self.worker.max_batch_size})
+        interceptors: list[Any] = [DecodeGuard(lambda method: self.metrics.count(
+            method, "invalid"))]
         if self.cfg.auth_token_file:
-            reject = lambda method: self.metrics.requests.labels(  # noqa: E731
-                method.rsplit("/", 1)[-1], "unauthenticated").inc()
+            reject = lambda method: self.metrics.count(  # noqa: E731
+                method.rsplit("/", 1)[-1], "unauthenticated")
             interceptors.append(AuthInterceptor(read_token(self.cfg.auth_token_file), reject))
         self.server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", 16 << 20),

@@ -2,38 +2,74 @@
 
 Names follow Prometheus conventions: `shardserve_` prefix, base units (seconds, tokens,
 ratio), `_total` for counters. Step-level series are fed from the group leader's stats that
-arrive with every step's events; request-level series when a request ends.
+arrive with every step's events; request-level series when a request ends; the inter-token
+latency per token as it reaches the front end. A worker group is a replica: every per-group
+series is labelled `replica`. Latency and TTFT are labelled by outcome, so cancelled and
+timed-out requests are counted too (slow failures are not hidden); requests carry the
+`finish_reason` of their result (`none` when they ended without one). The default process,
+platform and GC collectors describe the front-end process, worker_processes.py the workers.
+The recording and alert rules and the Grafana dashboard over these series are in
+`shardserve_server/monitoring/`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    start_http_server,
+)
+
+from .worker_processes import WorkerProcessCollector
 
 OUTCOMES = ("ok", "invalid", "overloaded", "cancelled", "deadline", "error", "unauthenticated")
+# outcomes of requests that reached the engine: their latency (and TTFT, if a token came) counts
+TIMED_OUTCOMES = ("ok", "cancelled", "deadline", "error")
 _LAT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TOK = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 _STEP = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_ITL = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
+        1.0, 2.5, 5.0)
 
 
 class Metrics:
+    """Every series the server exports, in one registry; the servicer and app feed it."""
+
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("shardserve_requests", "Requests by outcome", ["method", "outcome"],
-                                registry=r)
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(collector)  # process_* (RSS, CPU, fds), python_info, python_gc_*
+        self._worker_pids: tuple[tuple[int, int, int], ...] = ()
+        r.register(WorkerProcessCollector(lambda: self._worker_pids))
+        self.build_info = Info("shardserve_build", "Server version and runtime", registry=r)
+        self.model_info = Info("shardserve_model", "The served model and its layout", registry=r)
+        self.requests = Counter("shardserve_requests", "Requests by outcome and finish reason",
+                                ["method", "outcome", "finish_reason"], registry=r)
         self.request_duration = Histogram(
-            "shardserve_request_duration_seconds", "Submission to completion", buckets=_LAT,
-            registry=r)
+            "shardserve_request_duration_seconds",
+            "Submission to completion (cancelled / timed out: to when the server noticed)",
+            ["outcome"], buckets=_LAT, registry=r)
         self.queue_time = Histogram(
             "shardserve_request_queue_seconds", "Submission to admission into a running batch",
             buckets=_LAT, registry=r)
         self.ttft = Histogram(
             "shardserve_time_to_first_token_seconds", "Submission to first generated token",
-            buckets=_LAT, registry=r)
+            ["outcome"], buckets=_LAT, registry=r)
         self.tpot = Histogram(
             "shardserve_time_per_output_token_seconds", "Mean inter-token time of a request",
             buckets=_STEP, registry=r)
+        self.itl = Histogram(
+            "shardserve_inter_token_latency_seconds",
+            "Time between two consecutive tokens of a request, one observation per token",
+            buckets=_ITL, registry=r)
         self.prompt_tokens = Counter("shardserve_prompt_tokens", "Prompt tokens processed",
                                      registry=r)
         self.generated_tokens = Counter("shardserve_generated_tokens", "Tokens generated",
@@ -56,14 +92,31 @@ class Metrics:
             buckets=_STEP, registry=r)
         self.queue_depth = Gauge("shardserve_queue_depth", "Requests waiting for a group",
                                  registry=r)
+        self.queue_capacity = Gauge("shardserve_queue_capacity_requests",
+                                    "Requests the waiting queue holds before refusing",
+                                    registry=r)
+        self.queued_tokens = Gauge("shardserve_queued_prompt_tokens",
+                                   "Prompt tokens of the requests waiting for a group", registry=r)
+        self.queued_tokens_capacity = Gauge(
+            "shardserve_queued_prompt_tokens_capacity",
+            "Prompt tokens the waiting queue holds before refusing", registry=r)
+        self.reserved_tokens = Gauge(
+            "shardserve_kv_cache_reserved_tokens",
+            "KV-cache tokens reserved by admitted requests (worst case: prompt + max_new_tokens)",
+            ["replica"], registry=r)
+        self.kv_capacity = Gauge("shardserve_kv_cache_capacity_tokens",
+                                 "KV-cache tokens of each replica", ["replica"], registry=r)
+        self.replica_kv_usage = Gauge("shardserve_replica_kv_cache_usage_ratio",
+                                      "Used / total KV blocks per replica", ["replica"],
+                                      registry=r)
         self.running = Gauge("shardserve_running_requests", "Requests in running batches",
                              registry=r)
         self.kv_usage = Gauge("shardserve_kv_cache_usage_ratio", "Used / total KV blocks",
                               registry=r)
         self.group_up = Gauge("shardserve_worker_group_up", "1 when the worker group serves",
-                              ["group"], registry=r)
+                              ["replica"], registry=r)
         self.restarts = Counter("shardserve_worker_group_restarts", "Worker group restarts",
-                                ["group"], registry=r)
+                                ["replica"], registry=r)
         self._last_steps: dict[int, int] = {}
         self._restarts_seen: dict[int, int] = {}
         self.replica_tokens = Counter("shardserve_replica_generated_tokens",
@@ -71,8 +124,31 @@ class Metrics:
         self.replica_inflight = Gauge("shardserve_replica_inflight_requests",
                                       "Requests handed to each replica", ["replica"], registry=r)
         self._tokens_seen: dict[int, int] = {}
+        self.prefix_queries = Counter(
+            "shardserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache at "
+            "admission", ["replica"], registry=r)
+        self.prefix_hits = Counter(
+            "shardserve_prefix_cache_hits", "Prompt tokens found in the prefix cache (their "
+            "prefill skipped)", ["replica"], registry=r)
+        self._prefix_seen: dict[tuple[str, int], int] = {}
+        self._block_size = 0
         for o in OUTCOMES:  # export zeros so every outcome series exists from the start
-            self.requests.labels("Generate", o)
+            self.requests.labels("Generate", o, "none")
+
+    def describe(self, *, version: str, model: dict[str, str], max_queued_requests: int,
+                 max_queued_tokens: int, block_size: int) -> None:
+        """Set the info series and the fixed capacities (once, at start)."""
+        import platform
+
+        self.build_info.info({"version": version, "python": platform.python_version()})
+        self.model_info.info({k: str(v) for k, v in model.items()})
+        self.queue_capacity.set(max_queued_requests)
+        self.queued_tokens_capacity.set(max_queued_tokens)
+        self._block_size = block_size
+
+    def count(self, method: str, outcome: str, finish_reason: str = "none") -> None:
+        """Count a request that ended (finish_reason `none`: it ended without a result)."""
+        self.requests.labels(method, outcome, finish_reason).inc()
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)
@@ -94,15 +170,25 @@ class Metrics:
         if tp > 1:
             self.allreduce.observe(last.get("comm_s", 0.0))
 
+    def on_token_gap(self, seconds: float) -> None:
+        self.itl.observe(seconds)
+
     def on_engine_stats(self, s: dict[str, Any]) -> None:
         self.queue_depth.set(s["queue_depth"])
+        self.queued_tokens.set(s.get("queued_tokens", 0))
         self.running.set(s["running"])
         self.kv_usage.set(s["kv_usage"])
+        self._worker_pids = tuple((rep["replica"], rank, pid) for rep in s["replicas"]
+                                  for rank, pid in enumerate(rep.get("pids", ())))
         for rep in s["replicas"]:
             i = rep["replica"]
             label = str(i)
             self.group_up.labels(label).set(1 if rep["up"] else 0)
             self.replica_inflight.labels(label).set(rep["inflight"])
+            self.replica_kv_usage.labels(label).set(rep.get("kv_usage", 0.0))
+            self.reserved_tokens.labels(label).set(rep.get("reserved_tokens", 0))
+            if rep.get("kv_total_blocks"):
+                self.kv_capacity.labels(label).set(rep["kv_total_blocks"] * self._block_size)
             seen = self._restarts_seen.get(i, 0)
             self.restarts.labels(label)  # export the series at 0 from the start
             self.replica_tokens.labels(label)
@@ -114,22 +200,38 @@ class Metrics:
             if tok > prev:
                 self.replica_tokens.labels(label).inc(tok - prev)
             self._tokens_seen[i] = tok
+            for key, counter in (("prefix_cache_queries", self.prefix_queries),
+                                 ("prefix_cache_hits", self.prefix_hits)):
+                counter.labels(label)  # export the series at 0 from the start
+                now, prev = rep.get(key, 0), self._prefix_seen.get((key, i), 0)
+                if now > prev:  # a restarted group counts from 0 again
+                    counter.labels(label).inc(now - prev)
+                self._prefix_seen[(key, i)] = now
 
-    def on_request_done(self, method: str, outcome: str, *, prompt_tokens: int = 0,
-                        generated: int = 0, timing: dict | None = None) -> None:
-        self.requests.labels(method, outcome).inc()
+    def on_request_done(self, method: str, outcome: str, *, finish_reason: str = "none",
+                        prompt_tokens: int = 0, generated: int = 0,
+                        timing: dict | None = None, elapsed_s: float | None = None) -> None:
+        """Account a request that ended. `timing` (queue_s, ttft_s, total_s) comes from its
+        stream; `elapsed_s` is its age when it ended without finishing (cancel, deadline)."""
+        self.count(method, outcome, finish_reason)
+        if outcome not in TIMED_OUTCOMES:
+            return
+        t = timing or {}
+        total = t.get("total_s")
+        if total is None:
+            total = elapsed_s
+        if total is not None:
+            self.request_duration.labels(outcome).observe(total)
+        if t.get("ttft_s") is not None:
+            self.ttft.labels(outcome).observe(t["ttft_s"])
+        if prompt_tokens or generated:
+            self.prompt_tokens.inc(prompt_tokens)
+            self.generated_tokens.inc(generated)
         if outcome != "ok":
             return
-        self.prompt_tokens.inc(prompt_tokens)
-        self.generated_tokens.inc(generated)
         self.request_prompt_tokens.observe(prompt_tokens)
         self.request_generated_tokens.observe(generated)
-        t = timing or {}
-        if t.get("total_s") is not None:
-            self.request_duration.observe(t["total_s"])
         if t.get("queue_s") is not None:
             self.queue_time.observe(t["queue_s"])
-        if t.get("ttft_s") is not None:
-            self.ttft.observe(t["ttft_s"])
-            if generated > 1 and t.get("total_s") is not None:
-                self.tpot.observe((t["total_s"] - t["ttft_s"]) / (generated - 1))
+        if t.get("ttft_s") is not None and generated > 1 and t.get("total_s") is not None:
+            self.tpot.observe((t["total_s"] - t["ttft_s"]) / (generated - 1))

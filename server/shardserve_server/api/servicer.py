@@ -115,9 +115,11 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
     def account(self, method: str, p: Prepared, stream: RequestStream, outcome: str,
                 result: Any, **log: Any) -> None:
         """Metrics and the log line of an admitted request that ended; releases `active`."""
-        n = len(result.token_ids) if result else 0
-        self.metrics.on_request_done(method, outcome, prompt_tokens=len(
-            p.request.prompt_ids), generated=n, timing=stream.timing)
+        n = len(result.token_ids) if result else stream.generated
+        self.metrics.on_request_done(
+            method, outcome, finish_reason=result.finish_reason.value if result else "none",
+            prompt_tokens=len(p.request.prompt_ids), generated=n, timing=stream.timing,
+            elapsed_s=stream.elapsed())
         self._log(method, p, outcome, generated_tokens=n,
                   finish_reason=result.finish_reason.value if result else None,
                   **{k: round(v, 4) for k, v in stream.timing.items() if v is not None}, **log)
@@ -166,7 +168,9 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
             raise
         except EngineError as e:
             outcome, result = "error", None
-            self.metrics.on_request_done(method, outcome)
+            self.metrics.on_request_done(
+                method, outcome, finish_reason="error", prompt_tokens=len(p.request.prompt_ids),
+                generated=stream.generated, timing=stream.timing, elapsed_s=stream.elapsed())
             self._log(method, p, outcome, message=str(e))
             self.active -= 1
             await context.abort(grpc.StatusCode.INTERNAL, str(e))

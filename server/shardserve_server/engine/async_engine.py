@@ -71,6 +71,7 @@ class _Request:
     submitted: float = field(default_factory=time.monotonic)
     dispatched: float | None = None
     first_token: float | None = None
+    last_token: float | None = None
     generated: int = 0
     replica: int | None = None
     requeues: int = 0
@@ -114,6 +115,15 @@ class RequestStream:
         return {"queue_s": since(r.admitted), "ttft_s": since(r.first_token),
                 "total_s": since(r.finished)}
 
+    def elapsed(self) -> float:
+        """Seconds since submission, now (a request that never finished still has an age)."""
+        return max(0.0, time.monotonic() - self._r.submitted)
+
+    @property
+    def generated(self) -> int:
+        """Tokens generated so far (also those of a request cancelled midway)."""
+        return self._r.generated
+
     async def result(self) -> GenerationResult:
         async for ev in self:
             if ev.result is not None:
@@ -144,11 +154,13 @@ class _Replica:
 
 class AsyncEngine:
     def __init__(self, worker: WorkerConfig, limits: EngineLimits | None = None,
-                 on_stats: Any = None, replicas: int = 1) -> None:
+                 on_stats: Any = None, replicas: int = 1, on_token_gap: Any = None) -> None:
         if replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {replicas}")
         self.worker_cfg = worker
         self.on_stats = on_stats  # called with (stats, replica index) per leader message
+        # called with the seconds between two consecutive tokens of one request, per token
+        self.on_token_gap = on_token_gap
         self.limits = limits or EngineLimits()
         self.waiting: deque[_Request] = deque()
         self.queued_tokens = 0
@@ -332,6 +344,9 @@ class AsyncEngine:
         if "token" in ev:
             if r.first_token is None:
                 r.first_token = now
+            elif self.on_token_gap is not None and r.last_token is not None:
+                self.on_token_gap(now - r.last_token)
+            r.last_token = now
             r.started_streaming = True
             r.generated += 1
         result = ev.get("result")
@@ -420,7 +435,11 @@ class AsyncEngine:
             "inflight": len(rep.inflight), "running": rep.stats.get("running", 0),
             "kv_usage": rep.stats.get("kv_usage", 0.0),
             "kv_used_blocks": rep.stats.get("kv_used_blocks", 0),
+            "kv_total_blocks": rep.stats.get("kv_total_blocks", 0),
+            "reserved_tokens": rep.stats.get("reserved_tokens", 0),
             "tokens_out": rep.stats.get("tokens_out", 0), "steps": rep.stats.get("steps", 0),
+            "prefix_cache_queries": rep.stats.get("prefix_cache_queries", 0),
+            "prefix_cache_hits": rep.stats.get("prefix_cache_hits", 0),
             "pids": rep.group.pids if rep.group else [],
         } for rep in self.replicas]
 
@@ -434,6 +453,7 @@ class AsyncEngine:
             "running": sum(r["running"] for r in reps),
             "kv_usage": sum(r["kv_usage"] for r in reps) / n,
             "kv_used_blocks": sum(r["kv_used_blocks"] for r in reps),
+            "reserved_tokens": sum(r["reserved_tokens"] for r in reps),
             "steps": sum(r["steps"] for r in reps), "last_step": first.get("last_step", {}),
             "phase_s": first.get("phase_s", {}), "comm_s": first.get("comm_s", 0.0),
             "group_up": self.group_up, "restarts": self.restarts, "requeued": self.requeued,
