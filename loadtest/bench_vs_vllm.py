@@ -24,7 +24,8 @@ What it does, in order:
    the first 20% of each window is not counted, requests still running at its end are
    cancelled. tok/s = tokens arriving in the counted part / its length; TTFT p50/p99 over
    requests sent in it; ITL p50 over gaps between token messages in it.
-5. Repeats interleaved (server order alternates), so that drifts in machine speed hit both;
+5. Repeats interleaved (server order alternates, and so does the order of one server's gRPC
+   and HTTP targets), so that drifts in machine speed hit both;
    medians over the repeats, every run listed, and the 1-minute load average seen by each
    window; with both shardserve targets, HTTP's tok/s over gRPC's per stream count (issue
    15's target: within 5%). Writes loadtest/results/vs_vllm.md (or --out NAME).
@@ -468,7 +469,9 @@ class RunRecord:
 async def measure_server(targets: list[Target], prompts: list[str], args,
                          repeat: int) -> list[RunRecord]:
     out = []
-    for target in targets:
+    # the targets of one server alternate too: a drift over the server's life (or the
+    # machine's) then favours neither protocol
+    for target in (targets if repeat % 2 == 0 else targets[::-1]):
         send, close = await target.make_send()
         try:
             used = 0
