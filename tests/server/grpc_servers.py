@@ -113,3 +113,13 @@ class RunningServer:
                 self.proc.wait()
                 return -9
         return self.proc.returncode
+
+
+def poll(fn, timeout: float = 15.0) -> bool:
+    """Call fn every 0.1 s until it is true or `timeout` seconds pass; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if fn():
+            return True
+        time.sleep(0.1)
+    return bool(fn())

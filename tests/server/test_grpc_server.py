@@ -17,7 +17,7 @@ import urllib.request
 
 import grpc
 import pytest
-from grpc_servers import RunningServer, free_port
+from grpc_servers import RunningServer, free_port, poll
 
 from shardserve_client import (
     READINESS,
@@ -49,14 +49,6 @@ def server(tiny_llama_dir):
     yield s
     assert s.stop() == 0
 
-
-def poll(fn, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if fn():
-            return True
-        time.sleep(0.1)
-    return fn()
 
 
 def test_outputs_match_local_engine_and_stream(server, tiny_llama_dir):

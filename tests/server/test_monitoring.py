@@ -9,12 +9,11 @@ import json
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from grpc_servers import RunningServer
+from grpc_servers import RunningServer, poll
 from prometheus_client.parser import text_string_to_metric_families
 
 from shardserve_client import DeadlineExceeded, InvalidArgument
@@ -136,19 +135,11 @@ def _exercise(server) -> None:
             c.generate("hello", max_new_tokens=400, ignore_eos=True, timeout=0.3)
 
 
-def _poll(fn, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if fn():
-            return True
-        time.sleep(0.1)
-    return fn()
-
 
 def test_every_metric_in_dashboard_and_rules_is_exported(server):
     _exercise(server)
-    assert _poll(lambda: server.metric("shardserve_requests_total", 'outcome="cancelled"') >= 1)
-    assert _poll(lambda: "shardserve_worker_cpu_seconds_total{" in server.metrics())
+    assert poll(lambda: server.metric("shardserve_requests_total", 'outcome="cancelled"') >= 1)
+    assert poll(lambda: "shardserve_worker_cpu_seconds_total{" in server.metrics())
     samples = {s.name for fam in text_string_to_metric_families(server.metrics())
                for s in fam.samples}
     rule_list, recorded = rule_exprs()
@@ -163,12 +154,12 @@ def test_every_metric_in_dashboard_and_rules_is_exported(server):
 def test_new_series_move(server):
     _exercise(server)
     m = server.metric
-    assert _poll(lambda: m("shardserve_requests_total", 'finish_reason="max_tokens"') >= 2)
+    assert poll(lambda: m("shardserve_requests_total", 'finish_reason="max_tokens"') >= 2)
     assert m("shardserve_requests_total", 'outcome="invalid"') >= 1
     # latency and TTFT of cancelled requests are recorded, labelled by outcome
     assert m("shardserve_request_duration_seconds_count", 'outcome="cancelled"') >= 1
     assert m("shardserve_time_to_first_token_seconds_count", 'outcome="cancelled"') >= 1
-    assert _poll(lambda: m("shardserve_request_duration_seconds_count", 'outcome="deadline"') >= 1)
+    assert poll(lambda: m("shardserve_request_duration_seconds_count", 'outcome="deadline"') >= 1)
     assert m("shardserve_request_duration_seconds_count", 'outcome="ok"') >= 2
     # one ITL observation per token after the first: the 6-token stream alone gives 5
     assert m("shardserve_inter_token_latency_seconds_count") >= 5
