@@ -103,7 +103,13 @@ class Engines:
                 self.stop(name)
             except Exception:
                 pass
+        # a rank the group has just SIGKILLed can take a moment to be reaped on a loaded
+        # machine (CI saw one still alive right after stop); one that outlives 15 s is a leak
+        deadline = time.monotonic() + 15
         left = _ours()
+        while left and time.monotonic() < deadline:
+            time.sleep(0.2)
+            left = _ours()
         _kill_all(left)
         return left
 
