@@ -174,6 +174,41 @@ def test_flat_steps_equal_full_forward(llama, block_size, seed):
     assert decode_batches, "some step should batch several one-token rows"
 
 
+def test_compiled_forward_sees_one_opaque_attention_op_per_layer(llama):
+    """Under torch.compile (fullgraph: no break) the paged attention of each layer is the
+    shardserve::paged_attention op, not the cache's writes and gathers, and a FLAT step (a
+    prompt, then a decode row on top of it) gives the eager logits."""
+    attn = llama.layers[0].attention
+
+    def new_cache():
+        return PagedKVCache(n_layers=len(llama.layers), num_blocks=8, block_size=4,
+                            n_kv_heads=attn.n_kv_heads, head_dim=attn.head_dim,
+                            dtype=torch.float32)
+
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    compiled = torch.compile(llama, backend=backend, fullgraph=True, dynamic=True)
+    prompt = [5, 9, 2, 7, 7, 1]
+    outs = {}
+    for name, fn in (("eager", llama), ("compiled", compiled)):
+        cache, got = new_cache(), []
+        for ids, start in ((prompt, 0), ([3], len(prompt))):
+            n = len(ids)
+            cache.set_flat_step(torch.tensor([[2, 0]]), torch.arange(start, start + n),
+                                torch.tensor([n]))
+            with torch.inference_mode():
+                got.append(fn(torch.tensor([ids]), torch.arange(start, start + n)[None],
+                              cache)[0])
+        outs[name] = torch.cat(got)
+    assert torch.allclose(outs["compiled"], outs["eager"], atol=1e-6)
+    assert sum("shardserve.paged_attention" in t for t in seen) >= len(llama.layers)
+    assert not any("index_copy" in t or "index_select" in t for t in seen)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_conv_state_pool_equals_full_forward(convlm, seed):
     """Same ragged schedules over a slot pool with permuted slots, garbage in free slots and a

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shardserve_sharding.models.llama import LLAMA_CONFIGS, LlamaConfig, Transformer
+from shardserve_sharding.models.llama import LLAMA_CONFIGS, Linear, LlamaConfig, Transformer
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -111,7 +111,7 @@ def test_bf16_close_to_fp32():
 def test_compiled_bf16_decode_keeps_the_gemv_opaque_and_equal():
     """Under torch.compile a bf16 batch-1 linear goes through the opaque shardserve::gemv op
     (dynamo traces it through its fake kernel); the step equals the eager one bitwise."""
-    from shardserve_sharding.models.llama import opaque_linear
+    from shardserve_sharding.models.cpu_gemm import opaque_linear
 
     torch.manual_seed(0)
     x, w = torch.randn(1, 1, 64).bfloat16(), torch.randn(96, 64).bfloat16()
@@ -135,21 +135,21 @@ def test_compiled_bf16_decode_keeps_the_gemv_opaque_and_equal():
 def test_fp32_shadow_gemm_matches_blockwise_and_follows_weight_changes():
     """bf16 GEMMs of many rows over the cached fp32 copy of the weight equal the block-upcast
     ones; changing the weight in place rebuilds the copy."""
-    from shardserve_sharding.models import llama
+    from shardserve_sharding.models import cpu_gemm
 
     torch.manual_seed(0)
-    lin = llama.Linear(64, 300, bias=False).to(torch.bfloat16)
+    lin = Linear(64, 300, bias=False).to(torch.bfloat16)
     x = torch.randn(32, 64).bfloat16()
     with torch.inference_mode():
-        blockwise = llama.linear_bf16_as_fp32(x, lin.weight)
-        shadow = llama.fp32_shadow(lin, lin.weight)
+        blockwise = cpu_gemm.linear_bf16_as_fp32(x, lin.weight)
+        shadow = cpu_gemm.fp32_shadow(lin, lin.weight)
         assert shadow.dtype == torch.float32 and torch.equal(shadow, lin.weight.float())
-        got = llama.linear_bf16_as_fp32(x, lin.weight, None, shadow)
+        got = cpu_gemm.linear_bf16_as_fp32(x, lin.weight, None, shadow)
         assert rel_err(got.float(), blockwise.float()) <= 1e-2  # both round to bf16 at the end
         assert torch.equal(got.float(), (x.float() @ lin.weight.float().T).bfloat16().float())
     with torch.no_grad():
         lin.weight.mul_(2)
-    assert torch.equal(llama.fp32_shadow(lin, lin.weight), lin.weight.float())
+    assert torch.equal(cpu_gemm.fp32_shadow(lin, lin.weight), lin.weight.float())
     assert "_fp32_shadow" not in dict(lin.named_buffers()) and len(lin.state_dict()) == 1
 
 
@@ -157,23 +157,23 @@ def test_packed_fp32_gemm_matches_reference_and_follows_weight_changes():
     """The eager fp32 GEMM of bf16 weights (oneDNN over a packed fp32 copy where torch has it)
     equals x.float() @ w.float().T rounded to bf16, for 2-D and 3-D inputs with a bias, and a
     changed weight is repacked."""
-    from shardserve_sharding.models import llama
+    from shardserve_sharding.models import cpu_gemm
 
     torch.manual_seed(0)
-    lin = llama.Linear(64, 300, bias=True).to(torch.bfloat16)
+    lin = Linear(64, 300, bias=True).to(torch.bfloat16)
     for shape in ((32, 64), (2, 7, 64)):
         x = torch.randn(*shape).bfloat16()
         with torch.inference_mode():
-            got = llama.fp32_gemm(lin, x, lin.weight, lin.bias)
+            got = cpu_gemm.fp32_gemm(lin, x, lin.weight, lin.bias)
             want = (x.float() @ lin.weight.float().T + lin.bias.float()).bfloat16()
         assert got.shape == want.shape and got.dtype == torch.bfloat16
         assert rel_err(got.float(), want.float()) <= 1e-2  # one bf16 rounding apart at most
-    if llama.cpu_gemm._PACKED_GEMM:
+    if cpu_gemm._PACKED_GEMM:
         assert "_fp32_packed" in lin.__dict__
     with torch.no_grad():
         lin.weight.mul_(2)
     with torch.inference_mode():
-        again = llama.fp32_gemm(lin, x, lin.weight, lin.bias)
+        again = cpu_gemm.fp32_gemm(lin, x, lin.weight, lin.bias)
     want2 = (x.float() @ lin.weight.float().T + lin.bias.float()).bfloat16()
     assert rel_err(again.float(), want2.float()) <= 1e-2
 
@@ -181,16 +181,16 @@ def test_packed_fp32_gemm_matches_reference_and_follows_weight_changes():
 def test_compiled_bf16_gemm_reads_the_prepared_fp32_copy_without_a_graph_break():
     """Inside torch.compile a bf16 GEMM of many rows is one graph (fullgraph=True fails on a
     break): the fp32 copy comes from prepare_fp32_shadows, not from a data_ptr check."""
-    from shardserve_sharding.models import llama
+    from shardserve_sharding.models import cpu_gemm
 
     torch.manual_seed(0)
-    lin = llama.Linear(64, 300, bias=False).to(torch.bfloat16)
+    lin = Linear(64, 300, bias=False).to(torch.bfloat16)
     x = torch.randn(8, 64).bfloat16()
-    if not llama.bf16_emulated(x):
+    if not cpu_gemm.bf16_emulated(x):
         pytest.skip("bf16 is native on this CPU: GEMMs stay bf16")
-    assert llama.prepare_fp32_shadows(lin) == (1 if llama.FP32_SHADOW else 0)
+    assert cpu_gemm.prepare_fp32_shadows(lin) == (1 if cpu_gemm.FP32_SHADOW else 0)
     with torch.inference_mode():
-        assert llama.gemm_as_fp32(x, lin.weight)
+        assert cpu_gemm.gemm_as_fp32(x, lin.weight)
         want = (x.float() @ lin.weight.float().T).bfloat16()
         got = torch.compile(lin, backend="eager", fullgraph=True)(x)
     assert got.dtype == torch.bfloat16

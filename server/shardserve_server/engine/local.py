@@ -69,7 +69,7 @@ class LocalEngine:
         self.stats = StepStats()
         self._decode_model = self.model
         if self.config.compile:
-            from shardserve_sharding.models.llama import prepare_fp32_shadows
+            from shardserve_sharding.models.cpu_gemm import prepare_fp32_shadows
 
             prepare_fp32_shadows(self.model)  # the compiled graph only reads them
             self._decode_model = torch.compile(self.model, dynamic=True)

@@ -300,40 +300,33 @@ class GroupScheduler:
             toks += ids
             pos += range(start, start + len(ids))
             lens.append(len(ids))
-        grow = self.alloc.grow
-        for s in decode:
-            n = s.seq.num_tokens
-            grow(s.table, n)
-            toks.append(s.seq.output_ids[-1])
-            pos.append(n - 1)
-            lens.append(1)
-            tables.append(s.table)
-        r, nb = len(lens), max(1, max(map(len, tables)))
-        flat = [-1] * (r * nb)  # [R, nb] row-major, -1 padded
-        for i, t in enumerate(tables):
-            flat[i * nb : i * nb + len(t)] = t
+        d_toks, d_pos, d_tables = self._decode_rows(decode)
+        toks += d_toks
+        pos += d_pos
+        lens += [1] * len(decode)
         seg = torch.tensor(lens)  # [R]
         return ForwardPlan(torch.tensor(toks).view(1, -1), torch.tensor(pos).view(1, -1), seg,
-                           seg.cumsum(0) - 1, torch.tensor(flat).view(r, nb), kind=FLAT)
+                           seg.cumsum(0) - 1, _table_tensor(tables + d_tables), kind=FLAT)
 
-    def _decode_plan(self, seqs: list[Scheduled]) -> ForwardPlan:
-        """One T = 1 row per decoding sequence: its last token at position num_tokens - 1."""
-        grow = self.alloc.grow
+    def _decode_rows(self, seqs: list[Scheduled]) -> tuple[list[int], list[int], list]:
+        """Each decoding sequence's last token, its position (num_tokens - 1) and its block
+        table, grown to hold that position."""
         toks, pos, tables = [], [], []
         for s in seqs:
             n = s.seq.num_tokens
-            grow(s.table, n)
+            self.alloc.grow(s.table, n)
             toks.append(s.seq.output_ids[-1])
             pos.append(n - 1)
             tables.append(s.table)
+        return toks, pos, tables
+
+    def _decode_plan(self, seqs: list[Scheduled]) -> ForwardPlan:
+        """One T = 1 row per decoding sequence: its last token at position num_tokens - 1."""
+        toks, pos, tables = self._decode_rows(seqs)
         b = len(seqs)
-        nb = max(map(len, tables))
-        flat = [-1] * (b * nb)  # [B, nb] row-major, -1 padded
-        for i, t in enumerate(tables):
-            flat[i * nb : i * nb + len(t)] = t
         return ForwardPlan(torch.tensor(toks).view(b, 1), torch.tensor(pos).view(b, 1),
                            torch.ones(b, dtype=torch.long), torch.zeros(b, dtype=torch.long),
-                           torch.tensor(flat).view(b, nb))
+                           _table_tensor(tables))
 
     def _plan(self, rows: list[tuple[list[int], int]], seqs: list[Scheduled]) -> ForwardPlan:
         """Prefill chunks (tokens, start position) right-padded to the longest."""
@@ -446,3 +439,12 @@ class GroupScheduler:
             "reserved_tokens": self.reserved, "steps": self.step_count,
             "prefix_cache_queries": self.prefix_queries, "prefix_cache_hits": self.prefix_hits,
         }
+
+
+def _table_tensor(tables: list[list[int]]) -> torch.Tensor:
+    """Block tables as one [R, nb] long tensor, each row padded with -1."""
+    nb = max(1, max(map(len, tables)))
+    flat = [-1] * (len(tables) * nb)  # [R, nb] row-major
+    for i, t in enumerate(tables):
+        flat[i * nb : i * nb + len(t)] = t
+    return torch.tensor(flat).view(len(tables), nb)

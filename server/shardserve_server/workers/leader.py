@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from shardserve_sharding.models.llama import BF16_GEMM_AS_FP32_MIN_ROWS
+from shardserve_sharding.models.cpu_gemm import BF16_GEMM_AS_FP32_MIN_ROWS
 
 from ..engine.runner import ForwardPlan, broadcast_plan
 from ..engine.sampling import SamplingParams

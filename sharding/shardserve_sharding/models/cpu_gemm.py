@@ -5,10 +5,11 @@ Two kinds of CPU run our bf16 models (see ../shared FACTS): those with bf16 inst
 emulates bf16 element by element. `cpu_linear` is the one entry the model's and the TP code's
 linear layers call:
 
-- native bf16: oneDNN's bf16 GEMM over a copy of the weight packed (reordered) for it once,
-  `packed_bf16`; measured on 2 Xeon cores with AMX (1 thread, SmolLM2's matrices, all 30
-  layers + lm_head, ms): 1 row 36.4 -> 19.0, 32 rows 49.6 -> 41.0, 132 rows 126 -> 96,
-  512 rows 365 -> 315 (loadtest/results/engine.md);
+- native bf16: torch's bf16 GEMM (oneDNN); opt-in (SHARDSERVE_PACKED_BF16=1), the same over
+  a copy of the weight packed (reordered) for oneDNN once, `packed_bf16`: on one thread of a
+  Xeon with AMX, SmolLM2's GEMMs per forward, ms, 1 row 34.4 -> 21.0, 32 rows 46.1 -> 27.9,
+  132 rows 99.1 -> 77.1, 512 rows 180 -> 152 (loadtest/bench_cpu_gemm.py), but the 2-thread
+  server served 15-30% fewer tok/s with it (loadtest/results/engine.md);
 - emulated bf16: GEMMs of BF16_GEMM_AS_FP32_MIN_ROWS rows or more run in fp32 over a cached
   (packed) fp32 copy, which is several times faster than the emulation;
 - anything else (fp32, training, autograd): plain F.linear.
@@ -173,8 +174,9 @@ def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 PACKED_BF16 = (_NATIVE_BF16 and _PACKED_GEMM
                and os.environ.get("SHARDSERVE_PACKED_BF16", "0") == "1")
-"""Native-bf16 CPUs run inference GEMMs over a oneDNN-packed copy of each bf16 weight
-(SHARDSERVE_PACKED_BF16=0 turns it off). Costs one more copy of the weight bytes."""
+"""With SHARDSERVE_PACKED_BF16=1, native-bf16 CPUs run inference GEMMs over a oneDNN-packed
+copy of each bf16 weight (off by default: slower in the 2-thread server, see the module
+docstring). Costs one more copy of the weight bytes."""
 
 
 def packed_bf16(owner: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:

@@ -20,19 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_gemm  # noqa: F401
-from .cpu_gemm import (  # noqa: F401  (re-exported: the CPU GEMM names used to live here)
-    BF16_GEMM_AS_FP32_MIN_ROWS,
-    FP32_SHADOW,
-    bf16_emulated,
-    cpu_linear,
-    fp32_gemm,
-    fp32_shadow,
-    gemm_as_fp32,
-    linear_bf16_as_fp32,
-    opaque_linear,
-    prepare_fp32_shadows,
-)
+from .cpu_gemm import bf16_emulated, cpu_linear
 from .kv_cache import DenseKVCache
 
 
