@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .detokenizer import IncrementalDetokenizer
+from .grammar import Constraint
 from .sampling import SamplingParams, make_generator
 from .stopping import FinishReason, StopChecker, StoppingParams
 
@@ -31,6 +32,8 @@ class GenerationRequest:
     """Caller's id for logs and cancellation."""
     logprobs: int | None = None
     """None: no logprobs; 0: the chosen token's; N: also the top-N alternatives."""
+    constraint: Constraint | None = None
+    """Structured output: the language the generated text must stay in (None: free)."""
 
 
 @dataclass
@@ -56,6 +59,9 @@ class GenerationResult:
     """Why the request failed (finish_reason ERROR only)."""
     cached_tokens: int = 0
     """Prompt tokens whose K/V came from the prefix cache (their prefill was skipped)."""
+    stop_reason: str | int | None = None
+    """With STOP_SEQUENCE: the stop string or stop token id that matched (vLLM's
+    stop_reason); None otherwise."""
 
 
 class Sequence:
@@ -78,6 +84,9 @@ class Sequence:
         self.top_logprobs: list[list[tuple[int, float]]] = []
         self.created = time.monotonic()
         self.cached_tokens = 0
+        self.matcher: Any = None
+        """The grammar matcher of a constrained request (set by the scheduler), fed every
+        generated token."""
 
     @property
     def finished(self) -> bool:
@@ -116,6 +125,11 @@ class Sequence:
         self.text += emitted
         if reason is not None:
             self.finish_reason = reason
+        if self.matcher is not None and not self.finished:
+            if not self.matcher.accept_token(token_id):
+                self.fail(f"token {token_id} breaks the response format (grammar rejected it)")
+            elif self.matcher.is_terminated():  # it took an EOS id (ignore_eos was set)
+                self.finish(FinishReason.EOS)
         return TokenEvent(token_id, emitted, logprob, top)
 
     def _is_stop_token(self, token_id: int) -> bool:
@@ -146,4 +160,6 @@ class Sequence:
             top_logprobs=list(self.top_logprobs) if want and self.req.logprobs else None,
             error=self.error,
             cached_tokens=self.cached_tokens,
+            stop_reason=self.stop.matched_stop
+            if self.finish_reason is FinishReason.STOP_SEQUENCE else None,
         )
