@@ -70,6 +70,21 @@ class Constraint:
                 raise ValueError("json_schema must be a JSON object (or true/false)")
 
 
+_LOOSE_CHAR = r'[^\"\\\r\n]'
+_JSON_CHAR = r'[^\0-\x1f\"\\\r\n]'
+
+
+def _json_grammar(xgr: Any, schema: str) -> Any:
+    """The schema's grammar, compact (no optional whitespace, "," and ":" separators).
+
+    xgrammar 0.2.9 writes a length-bounded string (maxLength/minLength) as characters
+    `[^"\\\r\n]`, which lets raw control characters through (invalid JSON: strict parsers
+    reject them); its unbounded strings exclude \0-\x1f as JSON requires. The EBNF is
+    patched to exclude them everywhere."""
+    g = xgr.Grammar.from_json_schema(schema, any_whitespace=False, separators=(",", ":"))
+    return xgr.Grammar.from_ebnf(str(g).replace(_LOOSE_CHAR, _JSON_CHAR))
+
+
 def _choice_grammar(choices: tuple[str, ...]) -> str:
     """EBNF whose root is exactly one of the strings (JSON string escapes are EBNF's)."""
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
@@ -106,12 +121,9 @@ class GrammarBackend:
         c.validate()
         try:
             with self._lock:
-                if c.kind == "json_schema":
-                    return self._compiler.compile_json_schema(
-                        c.spec, any_whitespace=False, separators=(",", ":"))
-                if c.kind == "json_object":
-                    return self._compiler.compile_json_schema(
-                        '{"type": "object"}', any_whitespace=False, separators=(",", ":"))
+                if c.kind in ("json_schema", "json_object"):
+                    schema = c.spec if c.kind == "json_schema" else '{"type": "object"}'
+                    return self._compiler.compile_grammar(_json_grammar(self._xgr, schema))
                 if c.kind == "regex":
                     return self._compiler.compile_regex(c.spec)
                 return self._compiler.compile_grammar(_choice_grammar(c.spec))

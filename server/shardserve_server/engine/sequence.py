@@ -110,7 +110,11 @@ class Sequence:
         if top is not None:
             self.top_logprobs.append(top)
         n = len(self.output_ids)
-        stops_here = n >= self.req.stopping.min_new_tokens and self._is_stop_token(token_id)
+        # a grammar that took EOS is complete: EOS ends the request even before
+        # min_new_tokens (the mask allowed nothing else) or with ignore_eos
+        grammar_end = self.matcher is not None and token_id in self.eos_token_ids
+        stops_here = grammar_end or (
+            n >= self.req.stopping.min_new_tokens and self._is_stop_token(token_id))
         piece = "" if stops_here else self.detok.add_token(token_id)  # EOS text is not output
         if stops_here or n >= self.req.stopping.max_new_tokens:
             # The last token: release what the detokenizer still holds back (an unfinished
@@ -120,6 +124,8 @@ class Sequence:
         # order would drop the last token's text when it reaches max_new_tokens.
         emitted, text_reason = self.stop.process_text(piece)
         reason = text_reason or self.stop.check_token(token_id, n)
+        if grammar_end and text_reason is None:
+            reason = FinishReason.EOS
         if reason is not None and text_reason is None:
             emitted += self.stop.flush()
         self.text += emitted
@@ -128,8 +134,6 @@ class Sequence:
         if self.matcher is not None and not self.finished:
             if not self.matcher.accept_token(token_id):
                 self.fail(f"token {token_id} breaks the response format (grammar rejected it)")
-            elif self.matcher.is_terminated():  # it took an EOS id (ignore_eos was set)
-                self.finish(FinishReason.EOS)
         return TokenEvent(token_id, emitted, logprob, top)
 
     def _is_stop_token(self, token_id: int) -> bool:
