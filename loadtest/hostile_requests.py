@@ -16,7 +16,6 @@ UNKNOWN.
 from __future__ import annotations
 
 import json
-
 from dataclasses import dataclass
 from typing import Any
 

@@ -277,7 +277,11 @@ class AsyncEngine:
 
     def check_capacity(self, n: int = 1) -> None:
         """Raise QueueFull if a request of n samples submitted now would be refused for queue
-        space (the token limit is checked at submit, once the prompt is tokenized)."""
+        space (the token limit is checked at submit, once the prompt is tokenized). ValueError
+        when n alone exceeds the queue: such a request could never be admitted."""
+        if n > self.limits.max_queued_requests:
+            raise ValueError(f"n = {n} samples exceed the server's max_queued_requests "
+                             f"({self.limits.max_queued_requests})")
         if len(self.waiting) + n > self.limits.max_queued_requests:
             raise QueueFull(f"queue full: {len(self.waiting)} requests waiting "
                             f"(max_queued_requests={self.limits.max_queued_requests})")
