@@ -15,7 +15,7 @@ import pytest
 import torch
 from serving_models import random_model, tiny_config, tokenizer, write_model
 
-from shardserve_server.engine.grammar import Constraint, GrammarBackend, allowed_from_bitmask
+from shardserve_server.engine.grammar import Constraint, GrammarBackend
 from shardserve_server.engine.runner import CacheGeometry, ModelRunner
 from shardserve_server.engine.sampling import Sampler, SamplingParams, make_generator
 from shardserve_server.engine.scheduler import GroupScheduler, SchedulerConfig
@@ -150,12 +150,18 @@ def test_bad_constraints_raise_value_error(env, c):
         backend.check(c)
 
 
-def test_bitmask_unpacking():
-    bitmask = torch.tensor([[0b101, -1], [0, -(2**31)]], dtype=torch.int32)  # [2, 2]
-    allowed = allowed_from_bitmask(bitmask, 70)  # [2, 70]: 64 bits, 6 padded columns
-    assert allowed[0, :3].tolist() == [True, False, True] and allowed[0, 32:64].all()
-    assert allowed[1].nonzero().flatten().tolist() == [63]
-    assert not allowed[:, 64:].any()
+def test_masks_apply_to_their_rows_only(env):
+    tok, _ = env
+    backend = GrammarBackend(tok.tokenizer.to_str(), tok.vocab_size, tok.eos_token_ids)
+    m = backend.matcher(Constraint("choice", ("the",)))
+    bitmask = backend.fill([m], [1], 3)  # [3, W]
+    x = torch.zeros(3, tok.vocab_size + 5)  # 5 padded columns
+    backend.apply(x, [1], bitmask)
+    assert not torch.isinf(x[[0, 2]]).any()
+    allowed = torch.isfinite(x[1]).nonzero().flatten().tolist()
+    assert allowed and all(tok.decode([t]) and "the".startswith(tok.decode([t]))
+                           for t in allowed)
+    assert torch.isneginf(x[1, tok.vocab_size:]).all()
 
 
 def test_logit_bias_in_the_sampler():

@@ -3,7 +3,8 @@
     backend = GrammarBackend(tokenizer.tokenizer.to_str(), vocab_size=49152, stop_token_ids=(2,))
     backend.check(Constraint("json_schema", schema_text))     # ValueError names what is wrong
     matcher = backend.matcher(constraint)                      # per sequence, in the leader
-    x = apply_masks(x, rows=[0, 3], matchers=[m0, m3])         # x [B, V]: banned tokens -inf
+    bitmask = backend.fill([m0, m3], rows=[0, 3], batch=B)      # int32 [B, ceil(V / 32)]
+    backend.apply(x, [0, 3], bitmask)                           # x [B, V]: banned tokens -inf
 
 A constraint (a JSON schema, any JSON object, a regex, or a choice of strings) becomes a
 grammar compiled against the served tokenizer; its matcher follows the sequence's tokens and
@@ -139,43 +140,32 @@ class GrammarBackend:
         """A fresh matcher (per sequence) at the start of the language."""
         return self._xgr.GrammarMatcher(self.compile(c))
 
-    def fill(self, matchers: Sequence[Any]) -> torch.Tensor:
-        """The next-token bitmasks of `matchers`: int32 [R, ceil(V / 32)], bit t of row r set
-        when token t is allowed."""
-        bitmask = self._xgr.allocate_token_bitmask(len(matchers), self.vocab_size)  # [R, W]
-        for r, m in enumerate(matchers):
+    def fill(self, matchers: Sequence[Any], rows: Sequence[int], batch: int) -> torch.Tensor:
+        """The batch's next-token bitmask: int32 [batch, ceil(V / 32)], bit t of row r set
+        when token t is allowed; row rows[i] from matchers[i], the other rows allow all."""
+        bitmask = self._xgr.allocate_token_bitmask(batch, self.vocab_size)  # [B, W], all set
+        for r, m in zip(rows, matchers, strict=True):
             m.fill_next_token_bitmask(bitmask, r)
         return bitmask
 
+    def apply(self, x: torch.Tensor, rows: list[int], bitmask: torch.Tensor,
+              before: torch.Tensor | None = None) -> None:
+        """Set x [B, V] (float32, written in place) to -inf at every token the bitmask bans
+        in `rows` (xgrammar's CPU kernel: one pass, no [B, V] temporaries). Columns past the
+        grammar's vocabulary (a vocabulary padded for tensor parallelism) are banned too.
 
-_BITS = torch.arange(32, dtype=torch.int32)  # [32]
-
-
-def allowed_from_bitmask(bitmask: torch.Tensor, width: int) -> torch.Tensor:
-    """bitmask int32 [R, W] -> bool [R, width]; columns past the bitmask's vocabulary (a
-    vocabulary padded for tensor parallelism) are not allowed."""
-    rows = bitmask.shape[0]
-    bits = (bitmask[:, :, None] >> _BITS) & 1  # [R, W, 32]
-    allowed = bits.view(rows, -1).bool()  # [R, 32 W]
-    if allowed.shape[1] >= width:
-        return allowed[:, :width]  # [R, width]
-    pad = torch.zeros((rows, width - allowed.shape[1]), dtype=torch.bool)
-    return torch.cat([allowed, pad], dim=1)  # [R, width]
-
-
-def apply_masks(x: torch.Tensor, rows: list[int], bitmask: torch.Tensor,
-                before: torch.Tensor | None = None) -> torch.Tensor:
-    """x [B, V] float (written in place) with every token the row's grammar bans at -inf.
-
-    `before` [B, V]: the logits before the min_new_tokens suppression. A row whose mask would
-    leave nothing (its grammar wants EOS while min_new_tokens still bans it) is masked from
-    `before` instead: the grammar wins, since any other token would break the format."""
-    allowed = allowed_from_bitmask(bitmask, x.shape[1]).to(x.device)  # [R, V]
-    masked = x[rows].masked_fill(~allowed, float("-inf"))  # [R, V]
-    if before is not None:
-        empty = torch.isneginf(masked).all(dim=1)  # [R]
-        if bool(empty.any()):
-            again = before[rows].masked_fill(~allowed, float("-inf"))  # [R, V]
-            masked = torch.where(empty[:, None], again, masked)  # [R, V]
-    x[rows] = masked
-    return x
+        `before` [B, V]: the logits before the min_new_tokens suppression. A row the mask
+        would leave empty (its grammar wants EOS while min_new_tokens still bans it) is masked
+        from `before` instead: the grammar wins, since any other token would break the
+        format."""
+        vocab = min(self.vocab_size, x.shape[1])
+        self._xgr.apply_token_bitmask_inplace(x, bitmask, vocab_size=vocab, indices=rows)
+        if x.shape[1] > vocab:
+            x[rows, vocab:] = float("-inf")
+        if before is not None:
+            empty = torch.isneginf(x[rows]).all(dim=1).tolist()  # [R]
+            redo = [r for r, e in zip(rows, empty, strict=True) if e]
+            if redo:
+                x[redo] = before[redo].float()
+                self._xgr.apply_token_bitmask_inplace(x, bitmask, vocab_size=vocab,
+                                                      indices=redo)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from .block_pool import ROOT_KEY, BlockAllocator, block_key, prefix_keys
-from .grammar import GrammarBackend, apply_masks
+from .grammar import GrammarBackend
 from .runner import FLAT, ForwardPlan
 from .sampling import Sampler
 from .sequence import GenerationRequest, Sequence
@@ -416,10 +416,13 @@ class GroupScheduler:
         lg = self._suppress(lg, seqs)
         constrained = [j for j, s in enumerate(seqs) if s.seq.matcher is not None]
         if constrained:
-            bitmask = self.grammar().fill([seqs[j].seq.matcher for j in constrained])  # [R, W]
+            grammar = self.grammar()
+            bitmask = grammar.fill([seqs[j].seq.matcher for j in constrained], constrained,
+                                   len(seqs))  # [B', W]
             before = unsuppressed if lg is not unsuppressed else None
-            lg = lg.to(torch.float32, copy=True)  # [B', V]
-            apply_masks(lg, constrained, bitmask, before=before)
+            # a copy: lg may be the forward's (inference-mode) logits
+            lg = lg.to(torch.float32, copy=lg is unsuppressed)  # [B', V]
+            grammar.apply(lg, constrained, bitmask, before=before)
         want_top = any(s.seq.req.logprobs for s in seqs)
         params = [s.seq.req.sampling for s in seqs]
         gens = [s.seq.generator for s in seqs]
