@@ -113,6 +113,31 @@ async def measure(url: str, workloads: dict[str, list[str]], args) -> dict[str, 
     return out
 
 
+def hashing_cost(tok, n: int = 64) -> list[str]:
+    """What prefix caching adds per request with no hit possible: the scheduler's lookup at
+    admission, the keys of the blocks it will prefill, and their registration once computed
+    (BlockAllocator, as GroupScheduler calls it), timed on the unique workload's prompts."""
+    from shardserve_server.engine.block_pool import BlockAllocator, prefix_keys
+
+    bs = 16
+    ids = [tok.encode(p) for p in prompts(tok, n, False)]
+    alloc = BlockAllocator(4096, bs, prefix_caching=True)
+    times = []
+    for x in ids:
+        full = (len(x) - 1) // bs
+        table = alloc.allocate(alloc.blocks_for(len(x)))
+        t0 = time.perf_counter()
+        hits, key = alloc.lookup(x, full)
+        prefix_keys(x[len(hits) * bs:], bs, full - len(hits), parent=key)
+        alloc.register(table, x, len(hits), key)
+        times.append(time.perf_counter() - t0)
+        alloc.free(table)
+    per = statistics.median(times)
+    return [f"Prefix-cache bookkeeping per request on the unique workload (lookup, keys, "
+            f"registration of ~{statistics.mean(map(len, ids)):.0f}-token prompts, "
+            f"{bs}-token blocks, median of {n}): {per * 1e6:.0f} us."]
+
+
 def make_servers(names: list[str], model: Path, args) -> dict[str, bv.Server]:
     servers = {}
     base = args.shardserve_args
@@ -204,7 +229,8 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n", 1)[1])
     ap.add_argument("--servers", default="on,off",
-                    help="comma-separated: on (cache on), off (--no-prefix-caching), vllm")
+                    help="comma-separated: on (cache on), off (--no-prefix-caching), vllm; "
+                    "none: only the bookkeeping timing")
     ap.add_argument("--model", help="shardserve checkpoint (default: the bundled SmolLM2)")
     ap.add_argument("--streams", type=int, default=16, help="closed-loop streams")
     ap.add_argument("--seconds", type=float, default=40.0, help="measured window per workload")
@@ -238,7 +264,10 @@ def main() -> int:
     wls = args.workloads.split(",")
     n = 4000
     workloads = {w: prompts(tok, n, w == "shared") for w in wls}
-    servers = make_servers(args.servers.split(","), model, args)
+    hashing = hashing_cost(tok)
+    print(hashing[0], flush=True)
+    names = [x for x in args.servers.split(",") if x and x != "none"]
+    servers = make_servers(names, model, args)
     runs = []
     order = list(servers)
     for rep in range(args.repeats):
@@ -256,7 +285,9 @@ def main() -> int:
                 print(f"  {wl:7s}: TTFT p50 {st.ttft_p50 * 1e3:7.0f} ms p99 "
                       f"{st.ttft_p99 * 1e3:7.0f} ms, {st.tok_s:6.1f} tok/s, "
                       f"{st.completed} done (load {load:.1f})", flush=True)
-    text = write_results(args.out, report(runs, args, command, time.monotonic() - t_start))
+    lines = report(runs, args, command, time.monotonic() - t_start) if runs else header(
+        "Prefix caching: bookkeeping cost", command)
+    text = write_results(args.out, lines + ["", *hashing])
     print(text)
     return 0
 
