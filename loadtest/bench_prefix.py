@@ -138,6 +138,71 @@ def hashing_cost(tok, n: int = 64) -> list[str]:
             f"{bs}-token blocks, median of {n}): {per * 1e6:.0f} us."]
 
 
+def engine_ab(model_dir: Path, tok, args) -> list[str]:
+    """The unique workload inside one process: a cache-on and a cache-off GroupScheduler
+    (their own KV caches, one model) side by side, one step each in turn (order swapped every
+    step), each keeping --streams requests running until it has served --engine-requests;
+    the same prompts and greedy tokens, so their step times compare the same work."""
+    import torch
+
+    from shardserve_server.engine.runner import CacheGeometry, ModelRunner
+    from shardserve_server.engine.sampling import SamplingParams
+    from shardserve_server.engine.scheduler import GroupScheduler, SchedulerConfig
+    from shardserve_server.engine.sequence import GenerationRequest
+    from shardserve_server.engine.stopping import StoppingParams
+    from shardserve_sharding.sharded_load import load_sharded_model
+    from shardserve_sharding.tp.comm import ThreadGroup
+
+    torch.set_num_threads(args.engine_threads)
+    model = load_sharded_model(model_dir, ThreadGroup(1).comm(0), dtype=torch.bfloat16)
+    ids = [tuple(tok.encode(p)) for p in prompts(tok, args.engine_requests, False)]
+    stop = StoppingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
+    rows = []
+    for window in range(args.engine_windows):
+        side = {}
+        for caching in (True, False):
+            cfg = SchedulerConfig(max_batch_size=args.streams, kv_cache_tokens=32768,
+                                  block_size=16, prefix_caching=caching, flat_batches=True)
+            sched = GroupScheduler(cfg, family="llama", tokenizer=tok,
+                                   eos_token_ids=tuple(tok.eos_token_ids), max_seq_len=2048)
+            runner = ModelRunner(model, CacheGeometry(32768, 16, args.streams), torch.bfloat16)
+            side[caching] = {"sched": sched, "runner": runner, "next": 0, "done": 0, "s": 0.0}
+        k = 0
+        while any(x["done"] < len(ids) for x in side.values()):
+            for caching in ((True, False) if k % 2 == 0 else (False, True)):
+                x = side[caching]
+                sched = x["sched"]
+                while x["next"] < len(ids) and x["next"] - x["done"] < args.streams:
+                    sched.add(GenerationRequest(ids[x["next"]], SamplingParams(temperature=0),
+                                                stop, f"r{x['next']}"))
+                    x["next"] += 1
+                if not sched.has_work():
+                    continue
+                t0 = time.perf_counter()
+                sched.reap()
+                for plan, rws, samples in sched.schedule():
+                    for ev in sched.process(x["runner"].forward(plan), rws, samples):
+                        x["done"] += "result" in ev
+                sched.reap()
+                x["s"] += time.perf_counter() - t0
+            k += 1
+        on, off = side[True]["s"], side[False]["s"]
+        rows.append((window, on, off))
+        print(f"  engine window {window + 1}: cache on {on:.1f} s, off {off:.1f} s, "
+              f"off/on {off / on:.3f}", flush=True)
+    ratio = statistics.median(off / on for _, on, off in rows)
+    out = ["## The no-shared-prefix workload in one process, cache on and off side by side",
+           "", f"{args.engine_requests} requests of the unique workload, {args.streams} at a "
+           f"time, {args.new_tokens} new tokens, greedy; bf16, {args.engine_threads} "
+           "thread(s); the schedulers alternate steps, so the machine's drifts hit both. "
+           "Step time for the same work, cache on vs off (throughput ratio = off/on time):",
+           "", f"Median throughput cache on / off = {ratio:.3f} (target within 3%: "
+           f"{'met' if ratio >= 0.97 else '**missed**'}).", "",
+           "| window | cache on s | cache off s | on / off throughput |", "|---|---|---|---|"]
+    out += [f"| {w + 1} | {on:.2f} | {off:.2f} | {off / on:.3f} |" for w, on, off in rows]
+    return out
+
+
 def make_servers(names: list[str], model: Path, args) -> dict[str, bv.Server]:
     servers = {}
     base = args.shardserve_args
@@ -250,6 +315,12 @@ def main() -> int:
     ap.add_argument("--vllm-bind", default=bv.cpu_bind(), help="VLLM_CPU_OMP_THREADS_BIND")
     ap.add_argument("--vllm-kv-gib", type=float, default=4.0, help="VLLM_CPU_KVCACHE_SPACE")
     ap.add_argument("--start-timeout", type=float, default=600.0, help="server start limit")
+    ap.add_argument("--engine-windows", type=int, default=0,
+                    help="also run the unique workload in-process, cache on and off side by "
+                    "side, this many windows (0: skip)")
+    ap.add_argument("--engine-requests", type=int, default=32,
+                    help="requests per in-process window")
+    ap.add_argument("--engine-threads", type=int, default=1, help="torch threads in-process")
     ap.add_argument("--note", default="", help="a line for the results file")
     ap.add_argument("--out", default="prefix_cache", help="results file name")
     args = ap.parse_args()
@@ -266,6 +337,8 @@ def main() -> int:
     workloads = {w: prompts(tok, n, w == "shared") for w in wls}
     hashing = hashing_cost(tok)
     print(hashing[0], flush=True)
+    if args.engine_windows:
+        hashing += ["", *engine_ab(model, tok, args)]
     names = [x for x in args.servers.split(",") if x and x != "none"]
     servers = make_servers(names, model, args)
     runs = []
