@@ -107,7 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
         pg_timeout_s=args.pg_timeout, backend=backend, verify_hashes=not args.no_verify,
-        prefix_caching=not args.no_prefix_caching,
+        prefix_caching=not args.no_prefix_caching, nice=args.worker_nice,
     )
     limits = EngineLimits(max_queued_requests=args.max_queued_requests,
                           max_queued_tokens=args.max_queued_tokens)
@@ -543,6 +543,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--max-new-tokens-limit", type=int, default=2048)
     p.add_argument("--threads", type=int, default=None, help="torch threads per rank")
+    p.add_argument("--worker-nice", type=int, default=WorkerConfig.nice,
+                   help="niceness added to the worker processes, so that admission and "
+                   "streaming in the front end run first when the cores are busy "
+                   "(default: %(default)s)")
     p.add_argument("--drain-timeout", type=float, default=30.0)
     p.add_argument("--pg-timeout", type=float, default=10.0, help="collective timeout (s)")
     p.add_argument("--tls-cert")

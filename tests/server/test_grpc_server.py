@@ -174,7 +174,14 @@ def test_queue_full_is_resource_exhausted(tiny_llama_dir):
             with pytest.raises(Overloaded, match="queue full"):
                 c.generate("hi", max_new_tokens=4)
             assert time.monotonic() - t0 < 2  # answered at once, not queued
-        assert poll(lambda: s.metric("shardserve_requests_total", 'outcome="overloaded"') >= 1)
+            t0 = time.monotonic()
+            for _ in range(20):  # a flood: each counted, logged one line a second at most
+                with pytest.raises(Overloaded):
+                    c.generate("hi", max_new_tokens=4)
+            elapsed = time.monotonic() - t0
+        assert poll(lambda: s.metric("shardserve_requests_total", 'outcome="overloaded"') == 21)
+        lines = [ln for ln in s.log if '"outcome": "overloaded"' in ln]
+        assert 1 <= len(lines) <= 2 + elapsed, lines
     finally:
         assert s.stop() == 0
 

@@ -39,14 +39,22 @@ class RateLimitedLog:
         self._last = float("-inf")
         self._suppressed = 0
 
-    def __call__(self, message: str) -> bool:
+    def due(self) -> int | None:
+        """None while the last line is younger than `every_s` (the call is counted); else the
+        number of calls not logged since that line (and this call may log)."""
         now = time.monotonic()
         if now - self._last < self.every_s:
             self._suppressed += 1
+            return None
+        skipped, self._last, self._suppressed = self._suppressed, now, 0
+        return skipped
+
+    def __call__(self, message: str) -> bool:
+        skipped = self.due()
+        if skipped is None:
             return False
-        more = f" (+{self._suppressed} more since the last line)" if self._suppressed else ""
+        more = f" (+{skipped} more since the last line)" if skipped else ""
         log.warning("%s%s", message, more)
-        self._last, self._suppressed = now, 0
         return True
 
 

@@ -35,6 +35,7 @@ from .convert import (
     token_msgs,
     top_msgs,
 )
+from .decode_guard import RateLimitedLog
 from .metrics import Metrics
 
 log = logging.getLogger("shardserve.requests")
@@ -51,6 +52,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
         self.limits, self.metrics, self.info = limits, metrics, info
         self.draining = False
         self.active = 0
+        self._overload_log = RateLimitedLog(every_s=1.0)
 
     # ---- helpers
     def _prepare(self, msg: Any, prompt: str) -> Prepared:
@@ -126,8 +128,16 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
         self.active -= 1
 
     def reject(self, method: str, outcome: str, message: str) -> None:
-        """Metrics and the log line of a request refused before (or failed after) admission."""
+        """Metrics and the log line of a request refused before (or failed after) admission.
+        Overload refusals log one line a second at most (with the count since the last): a
+        flood must not cost a log write per call, and the metrics count each one."""
         self.metrics.on_request_done(method, outcome)
+        if outcome == "overloaded":
+            skipped = self._overload_log.due()
+            if skipped is None:
+                return
+            self._log(method, None, outcome, message=message, more_since_last_line=skipped)
+            return
         self._log(method, None, outcome, message=message)
 
     async def _run(self, method: str, msg: Any, prompt: str | None, context, streaming: bool):

@@ -54,6 +54,9 @@ class WorkerConfig:
     verify_hashes: bool = True
     """Check the checkpoint's sha256s before loading (the front end has usually done it: the
     stamp file then makes this a stat per file)."""
+    nice: int = 0
+    """Added to the rank's niceness at start: with the cores busy, the front end (admission,
+    refusals, streaming) then runs ahead of the forward passes (bench_overload.py)."""
 
 
 def _init_group(cfg: WorkerConfig, rank: int) -> Any:
@@ -72,6 +75,8 @@ def _init_group(cfg: WorkerConfig, rank: int) -> Any:
 def worker_main(cfg: WorkerConfig, rank: int, conn: Any | None) -> None:
     """Process body; conn is the leader's pipe to the front end (None on followers)."""
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
+    if cfg.nice:
+        os.nice(cfg.nice)
     torch.set_num_threads(cfg.threads)
     try:
         t0 = time.perf_counter()
