@@ -83,7 +83,7 @@ def main() -> int:
             s0 = time.perf_counter()
             logits = runner.forward(plan)
             s1 = time.perf_counter()
-            sched.process(logits, rows, samples)
+            sched.run([(plan, rows, samples)], lambda _plan, x=logits: x)  # process only
             s2 = time.perf_counter()
             tf += s1 - s0
             tp += s2 - s1

@@ -88,19 +88,20 @@ class Trace:
         self.steps: list[list[tuple]] = []  # per step: (plan, [ids], samples)
         self.finish: dict[str, str] = {}
 
-    def record(self, events) -> None:
-        for ev in events:
-            if "token" in ev:
-                self.tokens[ev["id"]].append(ev["token"])
-            if "result" in ev:
-                self.results[ev["id"]] = ev["result"]
-                self.finish[ev["id"]] = ev["finish"]
+    def record(self, outputs) -> None:
+        for out in outputs:
+            if out.token_id is not None:
+                self.tokens[out.request_id].append(out.token_id)
+            if out.result is not None:
+                self.results[out.request_id] = out.result
+                self.finish[out.request_id] = out.result.finish_reason.value
 
 
 def drive(sched, runner, arrivals=None, on_schedule=None, before_step=None,
           max_steps=2000) -> Trace:
-    """The leader's loop in-process: reap, schedule, forward, process; `arrivals` maps a step
-    number to requests (req, priority) added before it; hooks see the scheduler each step."""
+    """The leader's step in-process (reap, schedule, then the scheduler's own forward ->
+    process loop); `arrivals` maps a step number to requests (req, priority) added before it;
+    hooks see the scheduler each step."""
     arrivals = dict(arrivals or {})
     tr = Trace()
     step = 0
@@ -115,8 +116,7 @@ def drive(sched, runner, arrivals=None, on_schedule=None, before_step=None,
         tr.steps.append([(p, [s.id for s in rows], list(sm)) for p, rows, sm in plans])
         if on_schedule:
             on_schedule(step, sched, plans)
-        for plan, rows, samples in plans:
-            tr.record(sched.process(runner.forward(plan), rows, samples))
+        tr.record(sched.run(plans, runner.forward))
         step += 1
     tr.record(sched.reap())
     return tr
@@ -270,8 +270,8 @@ def test_cancel_frees_cache_at_once_and_usage_returns_to_zero(setup):
             for rid in ("dec", "pre", "pend"):
                 assert s.cancel(rid)
             ev = state["events"] = s.reap()
-            assert {e["id"] for e in ev} == {"dec", "pre", "pend"}
-            assert all(e["finish"] == "cancelled" for e in ev)
+            assert {e.request_id for e in ev} == {"dec", "pre", "pend"}
+            assert all(e.result.finish_reason.value == "cancelled" for e in ev)
             assert s.alloc.used_blocks == state["used"] - state["freed"]
             assert {x.id for x in s.running} == {"keep"}
             assert not s.cancel("dec")  # gone
@@ -281,15 +281,15 @@ def test_cancel_frees_cache_at_once_and_usage_returns_to_zero(setup):
 
     tr = drive(sched, runner, {0: [(r, 0) for r in reqs]}, on_schedule, before_step)
     assert state["freed"] > 0
-    results = {e["id"]: e["result"] for e in state["events"]}
+    results = {e.request_id: e.result for e in state["events"]}
     assert results["pend"].token_ids == [] and results["pre"].token_ids == []
     assert results["dec"].token_ids == tr.tokens["dec"] and 0 < len(tr.tokens["dec"]) < 40
     for rid in ("keep", "keep2"):
         r = next(x for x in reqs if x.request_id == rid)
         assert tr.tokens[rid] == alone(setup, r, **kw)
     st = sched.stats()
-    assert st["kv_used_blocks"] == 0 and st["reserved_tokens"] == 0
-    assert st["running"] == 0 and st["pending"] == 0 and not sched.by_id
+    assert st.kv_used_blocks == 0 and st.reserved_tokens == 0
+    assert st.running == 0 and st.pending == 0 and not sched.by_id
 
 
 def test_higher_priority_pending_request_is_admitted_first(setup):

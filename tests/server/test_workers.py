@@ -29,6 +29,7 @@ from shardserve_server.engine.runner import CacheGeometry, ForwardPlan, ModelRun
 from shardserve_server.engine.sampling import SamplingParams
 from shardserve_server.engine.sequence import GenerationRequest
 from shardserve_server.engine.stopping import StoppingParams
+from shardserve_server.workers.protocol import StepOutputs
 from shardserve_server.workers.worker import WorkerConfig
 
 pytestmark = pytest.mark.slow
@@ -376,26 +377,28 @@ def test_prefill_first_tokens_go_out_before_the_decode_forward(tiny_llama_dir, f
     leader = Leader(cfg, runner, None, ours, 0.0)  # TP=1: no collectives
     assert leader.scheduler.cfg.flat_batches is flat
 
-    def req(rid):
-        return GenerationRequest((5, 6, 7, 8, 9), SamplingParams(temperature=0.0),
+    def req(rid):  # distinct prompts: b must not find a's blocks in the prefix cache
+        first = 5 if rid == "a" else 15
+        return GenerationRequest((first, 6, 7, 8, 9), SamplingParams(temperature=0.0),
                                  StoppingParams(8, ignore_eos=True), rid)
 
     leader.scheduler.add(req("a"))
     leader._step()  # a's prefill
     leader.sent_stats = leader.stats()
-    before = leader.sent_stats["steps"]
+    before = leader.sent_stats.steps
     leader.scheduler.add(req("b"))
-    events = leader._step()  # b's prefill and a's decode
+    outputs = leader._step()  # b's prefill and a's decode
     last = leader.stats()
-    assert last["steps"] == before + 1
+    assert last.steps == before + 1
     if flat:
         assert not theirs.poll(0.5)  # nothing mid-step
-        assert sorted(e["id"] for e in events) == ["a", "b"]
-        assert last["last_step"]["batch"] == 2 and "prefill_s" in last["last_step"]
+        assert sorted(o.request_id for o in outputs) == ["a", "b"]
+        assert last.last_step.batch == 2 and last.last_step.prefill_s is not None
         return
     assert theirs.poll(10)
-    kind, mid_events, mid_stats = theirs.recv()
-    assert kind == "events" and [e["id"] for e in mid_events] == ["b"]
-    assert mid_stats["steps"] == before  # not this step's partial stats
-    assert [e["id"] for e in events] == ["a"]
-    assert {"prefill_s", "decode_s", "batch"} <= set(last["last_step"])
+    mid = theirs.recv()
+    assert isinstance(mid, StepOutputs) and [o.request_id for o in mid.outputs] == ["b"]
+    assert mid.stats.steps == before  # not this step's partial stats
+    assert [o.request_id for o in outputs] == ["a"]
+    step = last.last_step
+    assert step.prefill_s is not None and step.decode_s is not None and step.batch == 2, step

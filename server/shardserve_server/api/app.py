@@ -30,6 +30,7 @@ from shardserve_client._pb.shardserve.v1 import generate_pb2_grpc as pb_grpc
 
 from .. import __version__
 from ..engine.async_engine import AsyncEngine, EngineLimits
+from ..workers.protocol import GroupStats
 from ..workers.worker import WorkerConfig
 from .convert import RequestLimits
 from .decode_guard import DecodeGuard
@@ -118,7 +119,7 @@ class Server:
         self.http_port: int | None = None
         self._stopping = asyncio.Event()
 
-    def _on_stats(self, stats: dict, replica: int = 0) -> None:
+    def _on_stats(self, stats: GroupStats, replica: int = 0) -> None:
         self.metrics.on_step_stats(stats, self.worker.tp, replica)
 
     async def start(self) -> None:
@@ -185,8 +186,8 @@ class Server:
                  manifest.family, self.cfg.host, self.port,
                  "TLS" if self.cfg.tls_cert else "plaintext", self.worker.tp, self.replicas,
                  self.worker.dtype,
-                 self.cfg.metrics_port, time.perf_counter() - t0, info.get("load_s", 0),
-                 info.get("warmup_s", 0), info.get("rss_mb", 0), rss)
+                 self.cfg.metrics_port, time.perf_counter() - t0, info.load_s,
+                 info.warmup_s, info.rss_mb, rss)
 
     async def _start_http(self) -> None:
         from .http.app import HttpApi

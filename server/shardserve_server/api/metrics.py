@@ -14,7 +14,7 @@ The recording and alert rules and the Grafana dashboard over these series are in
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -29,6 +29,9 @@ from prometheus_client import (
 )
 
 from .worker_processes import WorkerProcessCollector
+
+if TYPE_CHECKING:
+    from ..workers.protocol import GroupStats
 
 OUTCOMES = ("ok", "invalid", "overloaded", "cancelled", "deadline", "error", "unauthenticated")
 # outcomes of requests that reached the engine: their latency (and TTFT, if a token came) counts
@@ -153,22 +156,22 @@ class Metrics:
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)
 
-    def on_step_stats(self, stats: dict[str, Any], tp: int, replica: int = 0) -> None:
-        steps = stats.get("steps", 0)
-        if steps == self._last_steps.get(replica):
+    def on_step_stats(self, stats: GroupStats, tp: int, replica: int = 0) -> None:
+        """Observe a replica's last step, once per step (a heartbeat repeats the stats)."""
+        if stats.steps == self._last_steps.get(replica):
             return
-        self._last_steps[replica] = steps
-        last = stats.get("last_step") or {}
-        if "batch" not in last:
+        self._last_steps[replica] = stats.steps
+        last = stats.last_step
+        if last is None or not last.batch:
             return
-        self.batch_size.observe(last["batch"])
-        tokens = last.get("decode_tokens", 0) + last.get("prefill_tokens", 0)
-        self.batch_tokens.observe(tokens)
-        for phase in ("prefill", "decode"):
-            if f"{phase}_s" in last:
-                self.step_duration.labels(phase).observe(last[f"{phase}_s"])
+        self.batch_size.observe(last.batch)
+        self.batch_tokens.observe(last.decode_tokens + last.prefill_tokens)
+        if last.prefill_s is not None:
+            self.step_duration.labels("prefill").observe(last.prefill_s)
+        if last.decode_s is not None:
+            self.step_duration.labels("decode").observe(last.decode_s)
         if tp > 1:
-            self.allreduce.observe(last.get("comm_s", 0.0))
+            self.allreduce.observe(last.comm_s)
 
     def on_token_gap(self, seconds: float) -> None:
         self.itl.observe(seconds)

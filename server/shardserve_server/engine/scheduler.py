@@ -11,19 +11,25 @@ so a running sequence never runs out of cache and nothing needs preempting.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ..workers.protocol import GroupStats, TokenOutput
 from .block_pool import ROOT_KEY, BlockAllocator
 from .runner import FLAT, ForwardPlan
 from .sampling import Sampler
 from .sequence import GenerationRequest, Sequence
 from .stopping import FinishReason
+
+log = logging.getLogger("shardserve.leader")
 
 
 @dataclass(frozen=True)
@@ -131,6 +137,8 @@ class GroupScheduler:
         """Of those, tokens found cached (cumulative)."""
         self.sampler = Sampler()
         self.step_count = 0
+        self.tokens_out = 0
+        """Tokens sampled (cumulative)."""
 
     # ---- requests in and out
     def add(self, req: GenerationRequest, priority: int = 0) -> None:
@@ -178,7 +186,7 @@ class GroupScheduler:
         return seq.prompt_ids + seq.output_ids[:-1]
 
     # ---- one step
-    def reap(self) -> list[dict]:
+    def reap(self) -> list[TokenOutput]:
         """Remove finished/cancelled sequences, free their cache; events for cancellations."""
         events = []
         keep = []
@@ -347,7 +355,7 @@ class GroupScheduler:
                            num_new, num_new - 1, torch.tensor(tables).view(b, nb))
 
     def process(self, logits: torch.Tensor, rows: list[Scheduled], samples: list[bool]
-                ) -> list[dict]:
+                ) -> list[TokenOutput]:
         """Sample the rows that finished their prompt or are decoding; token events out.
 
         `logits` [B, V] is the forward's output, usually an inference-mode tensor: it is
@@ -359,7 +367,7 @@ class GroupScheduler:
             return []
         lg = logits[idx] if len(idx) != len(rows) else logits  # [B', V]
         seqs = [rows[i] for i in idx]
-        events: list[dict] = []
+        events: list[TokenOutput] = []
         finite = torch.isfinite(lg.sum(dim=-1, dtype=torch.float32)).tolist()  # [B']
         if not all(finite):
             keep = [j for j, ok in enumerate(finite) if ok]
@@ -385,6 +393,7 @@ class GroupScheduler:
                 lg, params, gens, prompts, outs,
                 logprobs=any(s.seq.req.logprobs is not None for s in seqs))
         tok_list = tokens.tolist()
+        self.tokens_out += len(tok_list)
         lp_list = lps.tolist() if lps is not None else [None] * len(seqs)
         now = time.monotonic()
         for j, (s, tok, lp) in enumerate(zip(seqs, tok_list, lp_list, strict=True)):
@@ -396,10 +405,10 @@ class GroupScheduler:
             if s.first_token_at is None:
                 s.first_token_at = now
             ev = s.seq.append(tok, lp if s.seq.req.logprobs is not None else None, top)
-            d = {"id": s.id, "token": tok, "text": ev.text, "logprob": ev.logprob, "top": top}
+            out = TokenOutput(s.id, tok, ev.text, ev.logprob, top)
             if s.seq.finished:
-                d.update(self._final(s))
-            events.append(d)
+                out = self._final(s, out)
+            events.append(out)
         return events
 
     @staticmethod
@@ -420,25 +429,67 @@ class GroupScheduler:
         return lg.index_put((torch.tensor(rows), torch.tensor(cols)),
                             torch.tensor(float("-inf"), dtype=lg.dtype))  # [B, V]
 
-    def fail(self, s: Scheduled, message: str) -> dict:
+    def fail(self, s: Scheduled, message: str) -> TokenOutput:
         """End one sequence with FinishReason.ERROR (its blocks are freed at the next reap)."""
         s.seq.fail(message)
         return self._final(s)
 
-    def _final(self, s: Scheduled) -> dict:
-        r = s.seq.result()
-        return {"id": s.id, "finish": r.finish_reason.value, "result": r,
-                "admitted_at": s.admitted_at, "prompt_tokens": r.prompt_tokens}
+    def _final(self, s: Scheduled, out: TokenOutput | None = None) -> TokenOutput:
+        """The request's last output: `out` (its last token) or an empty one, with the result."""
+        return dataclasses.replace(out or TokenOutput(s.id), result=s.seq.result(),
+                                   admitted_at=s.admitted_at)
 
-    def stats(self) -> dict:
-        used = self.alloc.used_blocks
-        return {
-            "pending": len(self.pending), "running": len(self.running),
-            "kv_used_blocks": used, "kv_total_blocks": self.alloc.num_blocks,
-            "kv_usage": used / max(1, self.alloc.num_blocks),
-            "reserved_tokens": self.reserved, "steps": self.step_count,
-            "prefix_cache_queries": self.prefix_queries, "prefix_cache_hits": self.prefix_hits,
-        }
+    def stats(self) -> GroupStats:
+        """The scheduler's part of the group's stats (the leader adds its timings)."""
+        return GroupStats(
+            steps=self.step_count, pending=len(self.pending), running=len(self.running),
+            kv_used_blocks=self.alloc.used_blocks, kv_total_blocks=self.alloc.num_blocks,
+            reserved_tokens=self.reserved, prefix_cache_queries=self.prefix_queries,
+            prefix_cache_hits=self.prefix_hits, tokens_out=self.tokens_out)
+
+    # ---- the step loop (the leader, its warm-up, the tests and the profiler all use it)
+    def step(self, forward: Callable[[ForwardPlan], torch.Tensor],
+             flush: Callable[[list[TokenOutput]], None] | None = None,
+             on_forward: Callable[[ForwardPlan, list[bool], float], None] | None = None,
+             ) -> list[TokenOutput]:
+        """One engine step: reap -> schedule -> forward -> process, for each of the step's
+        forwards. `flush(outputs)` (when given) receives the outputs so far before a second
+        forward runs (a new request's first token goes out before the decode forward);
+        `on_forward(plan, samples, seconds)` times each forward with its sampling. Returns
+        the outputs not flushed."""
+        outputs = self.reap()
+        return self.run(self.schedule(), forward, outputs, flush, on_forward)
+
+    def run(self, plans: list[tuple[ForwardPlan, list[Scheduled], list[bool]]],
+            forward: Callable[[ForwardPlan], torch.Tensor],
+            outputs: list[TokenOutput] | None = None,
+            flush: Callable[[list[TokenOutput]], None] | None = None,
+            on_forward: Callable[[ForwardPlan, list[bool], float], None] | None = None,
+            ) -> list[TokenOutput]:
+        """The forward -> process half of step() over `plans` (from schedule()), appended to
+        `outputs`; tests call it between their own schedule() and their checks."""
+        outputs = [] if outputs is None else outputs
+        for k, (plan, rows, samples) in enumerate(plans):
+            if k > 0 and outputs and flush is not None:
+                flush(outputs)
+                outputs = []
+            t0 = time.perf_counter()
+            outputs += self.process_safely(forward(plan), rows, samples)
+            if on_forward is not None:
+                on_forward(plan, samples, time.perf_counter() - t0)
+        return outputs
+
+    def process_safely(self, logits: torch.Tensor, rows: list[Scheduled], samples: list[bool]
+                       ) -> list[TokenOutput]:
+        """process(), where a failure ends those rows and never the group (the forward itself
+        completed, so the cache and every other sequence are intact)."""
+        try:
+            return self.process(logits, rows, samples)
+        except Exception as e:
+            log.error("internal error in sampling: %s: %s", type(e).__name__, e)
+            log.debug("traceback", exc_info=e)
+            return [self.fail(s, f"internal error while sampling: {type(e).__name__}: {e}")
+                    for s in rows if not s.seq.finished]
 
 
 def _table_tensor(tables: list[list[int]]) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Front-end side of one worker group: spawn its TP ranks, talk to the leader, notice death.
 
-A reader thread forwards every leader message to `on_message`; a monitor thread polls the
-processes and reports ("dead", reason) as soon as any rank exits, after killing the others (a
-group with a missing rank cannot step). Restarting is the caller's decision (AsyncEngine).
+A reader thread forwards every leader message (protocol.StepOutputs, Fatal) to `on_message`;
+a monitor thread polls the processes and reports protocol.GroupDead as soon as any rank exits,
+after killing the others (a group with a missing rank cannot step). Restarting is the caller's
+decision (AsyncEngine).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .protocol import Fatal, FromLeader, GroupDead, Ready, StopGroup, ToLeader
 from .worker import WorkerConfig, worker_main
 
 
@@ -28,12 +30,12 @@ class GroupDied(RuntimeError):
 
 
 class WorkerGroup:
-    def __init__(self, cfg: WorkerConfig, on_message: Callable[[tuple], None],
+    def __init__(self, cfg: WorkerConfig, on_message: Callable[[FromLeader | GroupDead], None],
                  name: str = "group0") -> None:
         self.cfg, self.on_message, self.name = cfg, on_message, name
         self.procs: list[Any] = []
         self.conn: Any = None
-        self.ready_info: dict | None = None
+        self.ready_info: Ready | None = None
         self._dead = threading.Event()
         self._ready = threading.Event()
         self._lock = threading.Lock()
@@ -43,7 +45,7 @@ class WorkerGroup:
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
 
-    def start(self, timeout: float = 300.0) -> dict:
+    def start(self, timeout: float = 300.0) -> Ready:
         """Spawn the ranks and wait for the leader's ready message (blocking)."""
         ctx = mp.get_context("spawn")
         cfg = self.cfg
@@ -68,7 +70,8 @@ class WorkerGroup:
             if time.monotonic() > deadline:
                 self.kill()
                 raise GroupDied(f"{self.name}: not ready after {timeout:.0f} s")
-        return self.ready_info or {}
+        assert self.ready_info is not None
+        return self.ready_info
 
     death_reason = ""
 
@@ -80,7 +83,7 @@ class WorkerGroup:
             self._dead.set()
         self.kill()
         if not self._closing:
-            self.on_message(("dead", reason))
+            self.on_message(GroupDead(reason))
 
     def _read(self) -> None:
         fatal = None
@@ -89,12 +92,13 @@ class WorkerGroup:
                 msg = self.conn.recv()
             except (EOFError, OSError):
                 break
-            if msg[0] == "ready":
-                self.ready_info = msg[1]
+            if isinstance(msg, Ready):
+                self.ready_info = msg
                 self._ready.set()
-            elif msg[0] == "fatal":
-                fatal = msg[1]
-            self.on_message(msg) if msg[0] != "ready" else None
+                continue
+            if isinstance(msg, Fatal):
+                fatal = msg.message
+            self.on_message(msg)
         self._die(fatal or "leader connection closed")
 
     def _monitor(self) -> None:
@@ -105,7 +109,7 @@ class WorkerGroup:
                     return
             time.sleep(0.1)
 
-    def send(self, msg: tuple) -> None:
+    def send(self, msg: ToLeader) -> None:
         if self._dead.is_set():
             raise GroupDied(f"{self.name}: {self.death_reason}")
         try:
@@ -130,7 +134,7 @@ class WorkerGroup:
         self._closing = True
         try:
             if not self._dead.is_set():
-                self.conn.send(("stop",))
+                self.conn.send(StopGroup())
         except (OSError, BrokenPipeError):
             pass
         deadline = time.monotonic() + timeout

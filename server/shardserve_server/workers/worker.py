@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .protocol import Fatal
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -111,8 +113,8 @@ def worker_main(cfg: WorkerConfig, rank: int, conn: Any | None) -> None:
     except BaseException as e:  # report to the front end, then die: the group is restarted
         if conn is not None:
             try:
-                conn.send(("fatal", f"rank {rank}: {type(e).__name__}: {e}",
-                           traceback.format_exc()))
+                conn.send(Fatal(f"rank {rank}: {type(e).__name__}: {e}",
+                                traceback.format_exc()))
             except Exception:
                 pass
         raise SystemExit(1) from None
