@@ -20,7 +20,6 @@ import torch
 
 from .sampling import Sampler
 from .sequence import GenerationRequest, GenerationResult, Sequence, TokenEvent
-from .stopping import FinishReason
 
 TokenCallback = Callable[[int, TokenEvent], None]
 
@@ -194,10 +193,6 @@ class LocalEngine:
         if on_token is not None:
             for i, e in zip(ids, events, strict=True):
                 on_token(i, e)
-
-
-def finish_reason_name(reason: FinishReason) -> str:
-    return reason.value
 
 
 if __name__ == "__main__":

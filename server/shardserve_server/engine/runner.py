@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from .paged_cache import ConvStatePool, PagedKVCache
 
-_HEADER = 6  # kind, B, T, nb, step id, R (sequences: B, or the segments of a flat plan)
+_HEADER = 5  # kind, B, T, nb, R (sequences: B, or the segments of a flat plan)
 
 FORWARD, STOP, KEEPALIVE, FLAT = 1, 0, 2, 3
 
@@ -47,13 +47,13 @@ class ForwardPlan:
         b, t = self.tokens.shape
         nb = self.tables.shape[1]
         r = self.num_new.shape[0]
-        head = torch.tensor([self.kind, b, t, nb, 0, r], dtype=torch.long)
+        head = torch.tensor([self.kind, b, t, nb, r], dtype=torch.long)
         return torch.cat([head, self.tokens.reshape(-1), self.positions.reshape(-1),
                           self.num_new, self.logits_index, self.tables.reshape(-1)])
 
     @staticmethod
     def unpack(buf: torch.Tensor) -> ForwardPlan:
-        kind, b, t, nb, _, r = (int(x) for x in buf[:_HEADER])
+        kind, b, t, nb, r = (int(x) for x in buf[:_HEADER])
         o = _HEADER
         tokens = buf[o : o + b * t].view(b, t)
         o += b * t

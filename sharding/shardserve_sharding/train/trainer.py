@@ -15,7 +15,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -309,10 +309,6 @@ class RankTrainer:
         if bar is not None:
             bar.close()
         return self.records
-
-
-def config_to_json(cfg: TrainConfig) -> str:
-    return json.dumps(asdict(cfg), sort_keys=True)
 
 
 def rank_main(cfg: TrainConfig, rank: int, world: int, port: int, progress: bool) -> None:
