@@ -153,12 +153,11 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
         except (Draining, EngineError) as e:
             await self._abort(context, method, "error", grpc.StatusCode.UNAVAILABLE, str(e))
         outcome, result = "error", None
-        holder: dict[str, Any] = {}
         try:
             if streaming:
-                async for out in self._stream(p, stream, holder):
-                    if "result" in holder:
-                        result = holder["result"]
+                async for out in self._stream(p, stream):
+                    if stream.final is not None:
+                        result = stream.final
                         outcome = self.outcome_of(result)
                     yield out
             else:
@@ -211,7 +210,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
             out.prompt_tokens.extend(token_msgs(self.tokenizer, list(p.request.prompt_ids)))
         return out
 
-    async def _stream(self, p: Prepared, stream: RequestStream, holder: dict[str, Any]):
+    async def _stream(self, p: Prepared, stream: RequestStream):
         async for ev in stream:
             msg = pb.GenerateStreamResponse(request_id=p.request.request_id, text=ev.text)
             if ev.token_id is not None:
@@ -222,7 +221,6 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
                 msg.tokens.append(tok)
             if ev.result is not None:
                 r = ev.result
-                holder["result"] = r
                 d = pb.StreamDetails(
                     finish_reason=FINISH_TO_PB[r.finish_reason], prompt_token_count=r.prompt_tokens,
                     generated_token_count=len(r.token_ids), timing=timing_msg(stream.timing),

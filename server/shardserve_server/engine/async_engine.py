@@ -89,6 +89,8 @@ class RequestStream:
     def __init__(self, engine: AsyncEngine, r: _Request) -> None:
         self._engine, self._r = engine, r
         self.request_id = r.req.request_id
+        self.final: GenerationResult | None = None
+        """The result, once the stream has yielded it."""
 
     def __aiter__(self) -> AsyncIterator[TokenOutput]:
         return self._iter()
@@ -99,6 +101,8 @@ class RequestStream:
                 item = await self._r.queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                if item.result is not None:
+                    self.final = item.result
                 yield item
                 if item.result is not None:
                     return
