@@ -430,7 +430,8 @@ HELP = {
     "auth_token_file": "file holding the bearer token every call must send",
     "replicas": "data-parallel replicas (worker groups) behind one queue",
     "backend": "auto: onnx for an ONNX export directory, torch for a checkpoint",
-    "family": "model family to train",
+    "family": "model family to train (a ModelSpec name: llama, convlm, ...; an unknown name "
+              "is refused with the list)",
     "dp": "data-parallel ranks",
     "pp": "pipeline stages",
     "steps": "optimizer steps",
@@ -558,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="hybrid-parallel (DP x TP x PP) training on CPU/gloo")
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl)")
-    p.add_argument("--family", choices=("llama", "convlm"), default="llama")
+    p.add_argument("--family", default="llama")
     p.add_argument("--config", default="tiny", help="named model config (vocab from tokenizer)")
     p.add_argument("--dp", type=int, default=1)
     p.add_argument("--tp", type=int, default=1)

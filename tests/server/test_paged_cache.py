@@ -1,5 +1,5 @@
 """Paged decoding state: BlockAllocator accounting, PagedKVCache (padded and FLAT steps) and
-ConvStatePool logits equal a full forward for ragged steps (prefill chunks, decode rows, chunked
+StateSlotPool logits equal a full forward for ragged steps (prefill chunks, decode rows, chunked
 prefill, reused blocks)."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import torch
 from serving_models import random_model, rel_err, tiny_config
 
 from shardserve_server.engine.block_pool import BlockAllocator
-from shardserve_server.engine.paged_cache import ConvStatePool, PagedKVCache
+from shardserve_server.engine.paged_cache import PagedKVCache, StateSlotPool
 from shardserve_server.engine.runner import FLAT, CacheGeometry, ForwardPlan, ModelRunner
+from shardserve_sharding.models import model_spec
 
 TOL = 1e-5
 
@@ -214,9 +215,8 @@ def test_conv_state_pool_equals_full_forward(convlm, seed):
     """Same ragged schedules over a slot pool with permuted slots, garbage in free slots and a
     second wave reusing the slots (a sequence at position 0 starts from a zero state)."""
     rng = random.Random(seed)
-    cfg = convlm.config
-    pool = ConvStatePool(n_layers=cfg.n_layers, max_slots=12, dim=cfg.dim,
-                         kernel_size=cfg.kernel_size, dtype=torch.float32)
+    pool = StateSlotPool(model_spec("convlm").cache_spec(convlm), max_slots=12,
+                         dtype=torch.float32)
     pool.pool.normal_(0, 100.0)
     for _wave in range(2):
         seqs = _prompts(rng, 5, 97)

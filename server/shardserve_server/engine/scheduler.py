@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from shardserve_sharding.models import CacheKind, model_spec
+
 from ..workers.protocol import GroupStats, TokenOutput
 from .block_pool import ROOT_KEY, BlockAllocator
 from .runner import FLAT, ForwardPlan
@@ -45,10 +47,10 @@ class SchedulerConfig:
     max_prefill_tokens: int = 512
     """Prompt tokens processed per step (chunked prefill)."""
     prefix_caching: bool = True
-    """Share the KV blocks of equal prompt prefixes between requests (Llama family)."""
+    """Share the KV blocks of equal prompt prefixes between requests (paged-KV families)."""
     flat_batches: bool = False
     """One FLAT forward per step (prompt chunks and decodes together, no padding), for runners
-    that take them (ModelRunner over a Llama model); else a padded prefill forward and a
+    that take them (ModelRunner over a paged-KV model); else a padded prefill forward and a
     decode forward."""
 
     def validate(self) -> None:
@@ -58,7 +60,7 @@ class SchedulerConfig:
 
 
 class SlotAllocator:
-    """Free list of conv-state slots (the conv LM's per-sequence state)."""
+    """Free list of state slots (a StateSlotSpec family's per-sequence state)."""
 
     def __init__(self, n: int) -> None:
         self.num_blocks = n
@@ -121,11 +123,13 @@ class GroupScheduler:
         self.family = family
         self.tokenizer, self.eos = tokenizer, eos_token_ids
         self.max_seq_len = max_seq_len
-        if family == "llama":
+        self.paged = model_spec(family).cache_kind is CacheKind.PAGED_KV
+        """KV blocks reserved per token (else one fixed-size state slot per sequence)."""
+        if self.paged:
             self.alloc: Any = BlockAllocator(max(1, cfg.kv_cache_tokens // cfg.block_size),
                                              cfg.block_size, prefix_caching=cfg.prefix_caching)
             self.budget = self.alloc.num_blocks * cfg.block_size
-        else:  # a conv state is a fixed-size summary of the whole prefix: nothing to share
+        else:  # a state is a fixed-size summary of the whole prefix: nothing to share
             self.alloc = SlotAllocator(cfg.max_batch_size)
             self.budget = 1 << 62
         self.pending: deque[Scheduled] = deque()
@@ -146,7 +150,7 @@ class GroupScheduler:
         if need > self.max_seq_len:
             raise ValueError(f"prompt + max_new_tokens = {need} exceeds max_seq_len "
                              f"{self.max_seq_len}")
-        if self.family == "llama" and self._reserve_for(need) > self.budget:
+        if self.paged and self._reserve_for(need) > self.budget:
             raise ValueError(f"request needs {need} tokens of KV cache; the budget is "
                              f"{self.budget}")
         if req.request_id in self.by_id:
@@ -173,7 +177,7 @@ class GroupScheduler:
         """KV tokens committed to running sequences: blocks in use (shared blocks once) plus
         the blocks their tables may still grow by. Never above the budget, so a running
         sequence never finds the pool empty."""
-        if self.family != "llama":
+        if not self.paged:
             return 0
         grow = sum(s.need_blocks - len(s.table) for s in self.running)
         return (self.alloc.used_blocks + grow) * self.cfg.block_size
@@ -191,7 +195,7 @@ class GroupScheduler:
         events = []
         keep = []
         now = time.monotonic()
-        caching = self.family == "llama" and self.alloc.prefix_caching
+        caching = self.paged and self.alloc.prefix_caching
         for s in self.running:
             if caching:
                 s.registered, s.last_key = self.alloc.register(
@@ -230,12 +234,11 @@ class GroupScheduler:
             return
         order = sorted(self.pending, key=lambda s: (-s.priority, s.arrival))
         admitted = set()
-        llama = self.family == "llama"
-        committed = self.reserved // self.cfg.block_size if llama else 0  # blocks
+        committed = self.reserved // self.cfg.block_size if self.paged else 0  # blocks
         for s in order:
             if len(self.running) >= self.cfg.max_batch_size:
                 break
-            if not llama:
+            if not self.paged:
                 if self.alloc.free_blocks == 0:
                     break
             else:
@@ -283,7 +286,7 @@ class GroupScheduler:
             chunk_seqs.append(s)
             samples.append(s.prefilled + n == len(s.seq.prompt_ids))
             s.prefilled += n
-        if self.cfg.flat_batches and self.family == "llama":
+        if self.cfg.flat_batches and self.paged:
             if chunk_rows or decode:
                 plans.append((self._flat_plan(chunk_rows, chunk_seqs, decode),
                               chunk_seqs + decode, samples + [True] * len(decode)))
