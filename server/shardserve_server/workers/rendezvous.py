@@ -90,8 +90,12 @@ class Rendezvous:
 
         host, port = split_addr(addr)
         self.addr = addr
-        self.store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False,
-                                   timeout=timedelta(seconds=30))
+        try:
+            self.store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False,
+                                       timeout=timedelta(seconds=30))
+        except RuntimeError as e:  # DistNetworkError: port in use, address not ours
+            raise OSError(f"cannot serve the rendezvous at {addr}: "
+                          f"{str(e).strip().splitlines()[-1]}") from None
         # joined workers notice a restarted front end (whose generations start over) by this
         self.store.set("session", uuid.uuid4().hex)
 
