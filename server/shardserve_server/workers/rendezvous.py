@@ -126,10 +126,11 @@ class Rendezvous:
         return [r for r in ranks if not self.store.check([f"g{gen}/joined/{r}"])]
 
 
-def check_in(store: Any, cfg: Any, rank: int, should_stop: Any = None) -> None:
+def check_in(store: Any, cfg: Any, rank: int, latest: Any = None) -> None:
     """Join generation cfg.generation on store (a PrefixStore of it): refuse on a manifest
-    mismatch, else announce and wait (no limit: the front end's start timeout bounds it) until
-    all cfg.tp ranks have joined."""
+    mismatch, else announce and wait until all cfg.tp ranks have joined (no limit: the front
+    end's start timeout bounds it; a rank left over from an older generation gives up when
+    `latest`, the unprefixed store, shows a newer one)."""
     try:
         mine = manifest_fingerprint(cfg.model_dir)
         if cfg.manifest_sha256 and mine != cfg.manifest_sha256:
@@ -142,6 +143,8 @@ def check_in(store: Any, cfg: Any, rank: int, should_stop: Any = None) -> None:
     store.set(f"joined/{rank}", mine)
     keys = [f"joined/{r}" for r in range(cfg.tp)]
     while not store.check(keys):
+        if latest is not None and int(latest.get("gen")) > cfg.generation:
+            raise RankRefused(f"rank {rank}: generation {cfg.generation} was superseded")
         for r in range(cfg.tp):
             if store.check([f"refused/{r}"]):  # the group cannot form: say why
                 raise RankRefused(store.get(f"refused/{r}").decode())

@@ -77,9 +77,9 @@ def _init_group(cfg: WorkerConfig, rank: int) -> Any:
     if cfg.rendezvous:
         from .rendezvous import check_in, client_store
 
-        store = dist.PrefixStore(f"g{cfg.generation}/",
-                                 client_store(cfg.rendezvous, max(cfg.pg_timeout_s, 30.0)))
-        check_in(store, cfg, rank)
+        base = client_store(cfg.rendezvous, max(cfg.pg_timeout_s, 30.0))
+        store = dist.PrefixStore(f"g{cfg.generation}/", base)
+        check_in(store, cfg, rank, latest=base)
         dist.init_process_group(backend, store=store, rank=rank, world_size=cfg.tp,
                                 timeout=timedelta(seconds=cfg.pg_timeout_s))
         return ProcessGroupComm()
