@@ -96,8 +96,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     backend = served.backend if args.backend == "auto" else args.backend
     if backend == "torch":
         check_checkpoint(args.model, hashes=not args.no_verify)
+    if args.local_ranks and not args.rendezvous:
+        raise ValueError("--local-ranks needs --rendezvous (a multi-host group)")
+    if args.rendezvous:
+        from shardserve_server.workers.rendezvous import split_addr
+
+        split_addr(args.rendezvous)
+        if backend != "torch" or args.tp < 2:
+            raise ValueError("--rendezvous serves a torch group with --tp >= 2")
+        if not 1 <= args.local_ranks <= args.tp:
+            raise ValueError(f"--local-ranks must be in 1..{args.tp} (rank 0, the leader, runs "
+                             "here)")
+    local = args.local_ranks or args.tp
     cores = os.cpu_count() or 2
-    threads = args.threads or max(1, cores // (args.tp * args.replicas))
+    threads = args.threads or max(1, cores // (local * args.replicas))
     dtype = "float32" if backend == "onnx" else {"fp32": "float32", "bf16": "bfloat16"}[args.dtype]
     # ONNX Runtime's threads spin between kernels only where every replica has its own cores
     spin = backend == "onnx" and threads > 1 and threads * args.replicas <= cores
@@ -108,6 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
         pg_timeout_s=args.pg_timeout, backend=backend, verify_hashes=not args.no_verify,
         prefix_caching=not args.no_prefix_caching, nice=args.worker_nice,
+        rendezvous=args.rendezvous or "", local_ranks=args.local_ranks,
     )
     limits = EngineLimits(max_queued_requests=args.max_queued_requests,
                           max_queued_tokens=args.max_queued_tokens)
@@ -121,6 +134,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
     return run(cfg, worker, limits, replicas=args.replicas)
+
+
+def _join_args(args: argparse.Namespace) -> tuple[str, list[int]]:
+    """--join and --ranks, or torchrun's MASTER_ADDR/MASTER_PORT and RANK."""
+    addr = args.join
+    if not addr:
+        host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+        if not host or not port:
+            raise ValueError("give --join HOST:PORT (or set MASTER_ADDR and MASTER_PORT)")
+        addr = f"{host}:{port}"
+    text = args.ranks or os.environ.get("RANK")
+    if not text:
+        raise ValueError("give --ranks (or set RANK)")
+    try:
+        ranks = sorted({int(r) for r in text.split(",")})
+    except ValueError:
+        raise ValueError(f"--ranks must be comma-separated integers, got {text!r}") from None
+    if ranks[0] < 1:
+        raise ValueError("rank 0 is the leader and runs with `shardserve serve`; join ranks >= 1")
+    return addr, ranks
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from shardserve_server.workers.model_dir import describe
+    from shardserve_server.workers.rendezvous import main_join, split_addr
+
+    addr, ranks = _join_args(args)
+    split_addr(addr)
+    if describe(args.model).backend != "torch":
+        raise ValueError(f"{args.model}: multi-host groups serve shardserve checkpoints")
+    check_checkpoint(args.model, hashes=not args.no_verify)
+    return main_join(addr, args.model, ranks, args.threads)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -550,12 +595,31 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: %(default)s)")
     p.add_argument("--drain-timeout", type=float, default=30.0)
     p.add_argument("--pg-timeout", type=float, default=10.0, help="collective timeout (s)")
+    p.add_argument("--rendezvous", default=None, metavar="HOST:PORT",
+                   help="multi-host group: serve a TCPStore here for `shardserve worker --join` "
+                   "(bind address reachable from the other hosts)")
+    p.add_argument("--local-ranks", type=int, default=0,
+                   help="multi-host group: ranks 0..N-1 run here, the rest join (0: all local)")
     p.add_argument("--tls-cert")
     p.add_argument("--tls-key")
     p.add_argument("--auth-token-file")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the sha256 check of the checkpoint's files (sizes are still checked)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run follower ranks of a multi-host group: join a "
+                       "front end's --rendezvous and serve every group generation it starts")
+    p.add_argument("--join", default=None, metavar="HOST:PORT",
+                   help="the front end's --rendezvous (default: $MASTER_ADDR:$MASTER_PORT)")
+    p.add_argument("--model", required=True,
+                   help="this host's copy of the served checkpoint (same manifest)")
+    p.add_argument("--ranks", default=None,
+                   help="comma-separated ranks run here, each >= 1 (default: $RANK)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per rank (default: the front end's)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of the checkpoint's files (sizes are still checked)")
+    p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("train", help="hybrid-parallel (DP x TP x PP) training on CPU/gloo")
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl)")

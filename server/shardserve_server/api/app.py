@@ -163,7 +163,10 @@ class Server:
         reflection.enable_server_reflection(
             (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self.server)
-        addr = f"{self.cfg.host}:{self.cfg.port}"
+        # "unix:PATH" serves gRPC on a Unix socket (a sidecar, or a client outside the
+        # network namespace); metrics and HTTP then bind loopback
+        unix = self.cfg.host.startswith("unix:")
+        addr = self.cfg.host if unix else f"{self.cfg.host}:{self.cfg.port}"
         if self.cfg.tls_cert and self.cfg.tls_key:
             creds = grpc.ssl_server_credentials(
                 [(Path(self.cfg.tls_key).read_bytes(), Path(self.cfg.tls_cert).read_bytes())])
@@ -173,7 +176,7 @@ class Server:
         if not self.port:
             raise OSError(f"cannot bind {addr}")
         if self.cfg.metrics_port is not None:
-            self.metrics.serve(self.cfg.metrics_port, self.cfg.host)
+            self.metrics.serve(self.cfg.metrics_port, "127.0.0.1" if unix else self.cfg.host)
         await self.server.start()
         if self.cfg.http_port is not None:
             await self._start_http()
@@ -239,7 +242,8 @@ async def serve_forever(cfg: ServerConfig, worker: WorkerConfig, limits: EngineL
     if server.http_port is not None:
         scheme = "https" if cfg.tls_cert else "http"
         print(f"shardserve: HTTP API on {scheme}://{cfg.host}:{server.http_port}", flush=True)
-    print(f"shardserve: listening on {cfg.host}:{server.port}", flush=True)
+    where = cfg.host if cfg.host.startswith("unix:") else f"{cfg.host}:{server.port}"
+    print(f"shardserve: listening on {where}", flush=True)
     loop = asyncio.get_running_loop()
     stop_task: list[asyncio.Task] = []
 

@@ -74,9 +74,15 @@ async def _result(value: Any) -> Any:
 
 
 async def _aiter(items: Any) -> Any:
-    """A behaviour's stream, whether it was written as an async or a plain generator."""
+    """A behaviour's stream, whether it was written as an async or a plain generator, or as a
+    coroutine that writes its messages with context.write (grpc_health's Health/Watch, which
+    gRPC's client-side health checking calls)."""
     if hasattr(items, "__aiter__"):
         async for item in items:
+            yield item
+    elif inspect.isawaitable(items):
+        rest = await items
+        for item in rest or ():
             yield item
     else:
         for item in items:

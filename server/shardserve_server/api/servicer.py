@@ -23,7 +23,7 @@ from shardserve_client._pb.shardserve.v1 import generate_pb2 as pb
 from shardserve_client._pb.shardserve.v1 import generate_pb2_grpc as pb_grpc
 
 from .. import __version__
-from ..engine.async_engine import EngineError, QueueFull, RequestStream
+from ..engine.async_engine import EngineError, GroupFailed, QueueFull, RequestStream
 from ..engine.stopping import FinishReason
 from .convert import (
     FINISH_TO_PB,
@@ -175,14 +175,15 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
                 outcome = "deadline" if remaining is not None and remaining <= 0 else "cancelled"
                 self.engine.cancel(p.request.request_id)
             raise
-        except EngineError as e:
+        except EngineError as e:  # a dead group is retryable; a failed request is not
             outcome, result = "error", None
             self.metrics.on_request_done(
                 method, outcome, finish_reason="error", prompt_tokens=len(p.request.prompt_ids),
                 generated=stream.generated, timing=stream.timing, elapsed_s=stream.elapsed())
             self._log(method, p, outcome, message=str(e))
             self.active -= 1
-            await context.abort(grpc.StatusCode.INTERNAL, str(e))
+            await context.abort(grpc.StatusCode.UNAVAILABLE if isinstance(e, GroupFailed)
+                                else grpc.StatusCode.INTERNAL, str(e))
         finally:
             if outcome != "error" or result is not None:
                 self.account(method, p, stream, outcome, result)

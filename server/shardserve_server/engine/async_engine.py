@@ -49,6 +49,11 @@ class EngineError(RuntimeError):
     """A request failed inside the engine (e.g. its worker group died)."""
 
 
+class GroupFailed(EngineError):
+    """The request's worker group died (a crashed or unreachable rank) while it ran: the group
+    restarts, so the same request may succeed again (gRPC UNAVAILABLE, HTTP 503)."""
+
+
 @dataclass(frozen=True)
 class EngineLimits:
     """Front-end admission limits."""
@@ -377,7 +382,7 @@ class AsyncEngine:
                 r.requeues += 1
                 back.append(r)
             else:
-                self._fail(r, EngineError(f"worker group {rep.index} failed: {reason}"))
+                self._fail(r, GroupFailed(f"worker group {rep.index} failed: {reason}"))
         rep.inflight.clear()
         for r in reversed(back):
             r.dispatched = None

@@ -1,5 +1,9 @@
 """Front-end side of one worker group: spawn its TP ranks, talk to the leader, notice death.
 
+A multi-host group (cfg.rendezvous set) starts only its local ranks here and opens a new
+generation of the rendezvous (rendezvous.py) for the others to join; a refusal (another
+checkpoint) fails the start with the refusing rank's reason.
+
 A reader thread forwards every leader message (protocol.StepOutputs, Fatal) to `on_message`;
 a monitor thread polls the processes and reports protocol.GroupDead as soon as any rank exits,
 after killing the others (a group with a missing rank cannot step). Restarting is the caller's
@@ -8,15 +12,19 @@ decision (AsyncEngine).
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from .protocol import Fatal, FromLeader, GroupDead, Ready, StopGroup, ToLeader
 from .worker import WorkerConfig, worker_main
+
+log = logging.getLogger("shardserve.group")
 
 
 def free_port() -> int:
@@ -49,13 +57,22 @@ class WorkerGroup:
         """Spawn the ranks and wait for the leader's ready message (blocking)."""
         ctx = mp.get_context("spawn")
         cfg = self.cfg
-        if cfg.tp > 1 and not cfg.master_port:
-            from dataclasses import replace
-
+        if cfg.tp > 1 and not cfg.master_port and not cfg.rendezvous:
             cfg = replace(cfg, master_port=free_port())
+        rdv, gen, local = None, 0, range(cfg.tp)
+        if cfg.rendezvous:  # a multi-host group: open the next generation, start our ranks
+            from .rendezvous import Rendezvous, manifest_fingerprint
+
+            rdv = Rendezvous.at(cfg.rendezvous)
+            if not cfg.manifest_sha256:
+                cfg = replace(cfg, manifest_sha256=manifest_fingerprint(cfg.model_dir))
+            gen = rdv.publish(cfg)
+            cfg = replace(cfg, generation=gen)
+            local = range(cfg.local_ranks or cfg.tp)
+        remote = range(len(local), cfg.tp)
         parent, child = ctx.Pipe(duplex=True)
         self.conn = parent
-        for rank in range(cfg.tp):
+        for rank in local:
             p = ctx.Process(target=worker_main, args=(cfg, rank, child if rank == 0 else None),
                             name=f"shardserve-{self.name}-rank{rank}", daemon=True)
             p.start()
@@ -63,13 +80,25 @@ class WorkerGroup:
         child.close()
         threading.Thread(target=self._read, name=f"{self.name}-reader", daemon=True).start()
         threading.Thread(target=self._monitor, name=f"{self.name}-monitor", daemon=True).start()
-        deadline = time.monotonic() + timeout
+        t0 = time.monotonic()
+        deadline, next_note = t0 + timeout, t0 + 5.0
         while not self._ready.wait(0.1):
+            refusal = rdv.refused(gen, range(cfg.tp)) if rdv is not None else None
+            if refusal:
+                self._closing = True  # a start failure, raised here, not a death report
+                self._die(refusal)
+                raise GroupDied(f"{self.name}: {refusal}")
             if self._dead.is_set():
                 raise GroupDied(f"{self.name}: failed to start: {self.death_reason}")
             if time.monotonic() > deadline:
                 self.kill()
                 raise GroupDied(f"{self.name}: not ready after {timeout:.0f} s")
+            if rdv is not None and time.monotonic() > next_note:
+                missing = rdv.missing(gen, remote)
+                if missing:
+                    log.info("%s generation %d: waiting for ranks %s to join %s",
+                             self.name, gen, missing, cfg.rendezvous)
+                next_note = time.monotonic() + 5.0
         assert self.ready_info is not None
         return self.ready_info
 
