@@ -18,6 +18,7 @@ from .types import (
     InvalidArgument,
     ModelInfo,
     Overloaded,
+    Sample,
     ShardserveError,
     StreamChunk,
     Timing,
@@ -31,5 +32,5 @@ __version__ = "0.1.0"
 __all__ = [
     "READINESS", "AsyncClient", "Cancelled", "Client", "DeadlineExceeded", "FinishReason",
     "GenerationResult", "InternalError", "InvalidArgument", "ModelInfo", "Overloaded",
-    "ShardserveError", "StreamChunk", "Timing", "Token", "Unauthenticated", "Unavailable",
+    "Sample", "ShardserveError", "StreamChunk", "Timing", "Token", "Unauthenticated", "Unavailable",
 ]

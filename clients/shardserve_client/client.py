@@ -16,6 +16,7 @@ Errors are raised as ShardserveError subclasses carrying the gRPC status code.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,12 +41,14 @@ _SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
 _STOPPING = ("max_new_tokens", "min_new_tokens", "stop_sequences", "stop_token_ids",
              "ignore_eos", "time_limit_s", "include_stop_sequence")
 _OPTIONS = ("return_prompt_tokens", "logprobs", "top_logprobs")
-_TOP = ("truncate_prompt_tokens", "priority", "request_id")
-
+_TOP = ("truncate_prompt_tokens", "priority", "request_id", "n")
+_SPECIAL = ("logit_bias", "response_format")
+"""logit_bias: {token id: bias}; response_format: {"json_schema": schema (dict or JSON
+text)} | {"json_object": True} | {"regex": pattern} | {"choice": [strings]}."""
 
 
 def _fill(msg: Any, params: dict[str, Any]) -> Any:
-    unknown = sorted(set(params) - set(_SAMPLING + _STOPPING + _OPTIONS + _TOP))
+    unknown = sorted(set(params) - set(_SAMPLING + _STOPPING + _OPTIONS + _TOP + _SPECIAL))
     if unknown:
         raise TypeError(f"unknown generation parameter(s): {', '.join(unknown)}")
     for group, names in (("sampling", _SAMPLING), ("stopping", _STOPPING),
@@ -62,6 +65,20 @@ def _fill(msg: Any, params: dict[str, Any]) -> Any:
     for n in _TOP:
         if params.get(n) is not None:
             setattr(msg, n, params[n])
+    if params.get("logit_bias"):
+        msg.sampling.logit_bias.update({int(k): float(v) for k, v in params["logit_bias"].items()})
+    rf = params.get("response_format")
+    if rf:
+        if not isinstance(rf, dict) or len(rf) != 1:
+            raise TypeError("response_format must be a dict with one of json_schema, "
+                            "json_object, regex, choice")
+        (kind, value), = rf.items()
+        if kind == "choice":
+            msg.response_format.choice.choices.extend(value)
+        elif kind == "json_schema" and not isinstance(value, str):
+            msg.response_format.json_schema = json.dumps(value)
+        else:
+            setattr(msg.response_format, kind, value)
     return msg
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import ssl
@@ -81,6 +82,13 @@ def test_outputs_match_local_engine_and_stream(server, tiny_llama_dir):
     ({"top_logprobs": 21}, "top_logprobs"),
     ({"stop_sequences": ["x"] * 17}, "stop_sequences"),
     ({"min_new_tokens": 9, "max_new_tokens": 4}, "min_new_tokens"),
+    ({"n": 17}, "n"),
+    ({"logit_bias": {100000: 1.0}}, "logit_bias"),
+    ({"logit_bias": {1: 200.0}}, "logit_bias"),
+    ({"response_format": {"regex": "("}}, "response_format.regex"),
+    ({"response_format": {"json_schema": "{"}}, "response_format.json_schema"),
+    ({"response_format": {"json_schema": '{"type": "nope"}'}}, "response_format.json_schema"),
+    ({"response_format": {"choice": []}}, "response_format.choice"),
 ])
 def test_validation_names_the_field(server, params, field):
     with server.client() as c, pytest.raises(InvalidArgument, match=field) as e:
@@ -110,9 +118,50 @@ def test_deadline_and_cancel_free_the_cache(server):
         stream = c.generate_stream("hello", max_new_tokens=400, ignore_eos=True)
         next(stream)
         stream.close()  # client cancel mid-stream
+        stream = c.generate_stream("hello", max_new_tokens=400, ignore_eos=True, n=3)
+        next(stream)
+        stream.close()  # cancels all three samples
     assert poll(lambda: server.metric("shardserve_kv_cache_usage_ratio") == 0.0, 15)
     assert poll(lambda: server.metric("shardserve_requests_total", 'outcome="deadline"') >= 1)
     assert poll(lambda: server.metric("shardserve_requests_total", 'outcome="cancelled"') >= 1)
+
+
+def test_n_samples_structured_output_logit_bias_and_stop_echo(server):
+    kw = {"temperature": 1.0, "seed": 7, "max_new_tokens": 8, "ignore_eos": True}
+    with server.client() as c:
+        one = c.generate("the quick", **kw)
+        r = c.generate("the quick", n=3, **kw)
+        assert [s.index for s in r.samples] == [0, 1, 2]
+        assert r.samples[0].token_ids == r.token_ids == one.token_ids  # seed + 0
+        assert len({tuple(s.token_ids) for s in r.samples}) > 1
+        got: dict[int, list[int]] = {0: [], 1: [], 2: []}
+        finals = []
+        for ch in c.generate_stream("the quick", n=3, **kw):
+            got[ch.index] += ch.token_ids
+            if ch.finish_reason is not None:
+                finals.append(ch.index)
+        assert sorted(finals) == [0, 1, 2]
+        assert [got[i] for i in range(3)] == [s.token_ids for s in r.samples]
+
+        pattern = "[a-z]{2,6}!"
+        fmt = c.generate("hello", n=4, temperature=1.0, seed=1, max_new_tokens=40,
+                         response_format={"regex": pattern})
+        assert all(re.fullmatch(pattern, s.text) for s in fmt.samples), fmt.samples
+        assert all(s.finish_reason is FinishReason.EOS for s in fmt.samples)
+        pick = c.generate("hello", temperature=1.0, max_new_tokens=10,
+                          response_format={"choice": ["red", "green"]})
+        assert pick.text in ("red", "green")
+
+        biased = c.generate("hello", temperature=0.0, max_new_tokens=4, ignore_eos=True,
+                            logit_bias={5: 100.0})
+        assert biased.token_ids == [5] * 4
+
+        free = c.generate("hello", temperature=0.0, max_new_tokens=10, ignore_eos=True)
+        stop_id = free.token_ids[3]
+        by_id = c.generate("hello", temperature=0.0, max_new_tokens=10, ignore_eos=True,
+                           stop_token_ids=[stop_id])
+        assert by_id.stop_reason == stop_id and by_id.finish_reason is FinishReason.STOP_SEQUENCE
+        assert free.stop_reason is None
 
 
 METRICS = [

@@ -4,6 +4,8 @@
     await engine.start()
     async for out in engine.submit(request):     # TokenOutput per token, last one has .result
         ...
+    stream = engine.submit(request, n=4)          # 4 samples: events carry .index 0..3
+    results = await stream.results()              # one GenerationResult per sample
     engine.cancel(request_id); engine.stats(); await engine.shutdown()
 
 The waiting queue lives here, in the front-end process, bounded by requests and by queued
@@ -12,6 +14,12 @@ it has room (running + handed-over < max_batch_size + lookahead), so queued work
 moved elsewhere; the group's leader does the step-level batching. When the group dies (a rank
 crashed, was killed, or stopped making progress), its in-flight requests fail with
 EngineError, the group is restarted (counted in `restarts`) and the queue continues.
+
+Parallel sampling (n > 1) fans one request out here, as vLLM v1 does: n child requests
+(ids `ID#i`, seeds `seed + i` mod 2^64 when seeded, so sample 0 is the n = 1 answer) that
+count n times against the queue limits, share one event queue and one RequestStream, and are
+cancelled together. The group's prefix cache shares the prompt's full blocks between them
+(the scheduler holds the later children back until the first has prefilled them).
 """
 
 from __future__ import annotations
@@ -39,6 +47,16 @@ from ..workers.protocol import (
 )
 from ..workers.worker import WorkerConfig
 from .sequence import GenerationRequest, GenerationResult
+
+MAX_N = 16
+"""Most samples per request (n)."""
+_SEED_MOD = 2**64
+
+
+def child_seed(seed: int | None, index: int) -> int | None:
+    """Sample `index`'s seed: seed + index (mod 2^64); None stays None (each child then
+    draws its own generator from the OS entropy pool)."""
+    return None if seed is None else (seed + index) % _SEED_MOD
 
 
 class QueueFull(RuntimeError):
@@ -75,6 +93,8 @@ class _Request:
     req: GenerationRequest
     priority: int
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    index: int = 0
+    """Sample index within its parent (n > 1)."""
     submitted: float = field(default_factory=time.monotonic)
     dispatched: float | None = None
     first_token: float | None = None
@@ -89,57 +109,80 @@ class _Request:
 
 
 class RequestStream:
-    """Async iterator over one request's TokenOutputs; raises EngineError on failure."""
+    """Async iterator over one request's TokenOutputs (of all its n samples, interleaved,
+    each tagged with its index); raises EngineError on failure. Ends once every sample has
+    its result; leaving early cancels the samples still running."""
 
-    def __init__(self, engine: AsyncEngine, r: _Request) -> None:
-        self._engine, self._r = engine, r
-        self.request_id = r.req.request_id
-        self.final: GenerationResult | None = None
-        """The result, once the stream has yielded it."""
+    def __init__(self, engine: AsyncEngine, rs: list[_Request], request_id: str) -> None:
+        self._engine, self._rs = engine, rs
+        self.request_id = request_id
+        self.n = len(rs)
+        self._done: list[GenerationResult | None] = [None] * self.n
+        self.final: GenerationResult | list[GenerationResult] | None = None
+        """Once the stream has yielded every sample's result: the result (n == 1) or the
+        list of results by sample index."""
 
     def __aiter__(self) -> AsyncIterator[TokenOutput]:
         return self._iter()
 
     async def _iter(self) -> AsyncIterator[TokenOutput]:
+        queue = self._rs[0].queue  # shared by the samples
+        left = self.n
         try:
-            while True:
-                item = await self._r.queue.get()
+            while left:
+                item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
                 if item.result is not None:
-                    self.final = item.result
+                    left -= 1
+                    self._done[item.index] = item.result
+                    if not left:
+                        self.final = self._done[0] if self.n == 1 else list(self._done)
                 yield item
-                if item.result is not None:
-                    return
         finally:
-            if not self._r.done:  # consumer went away: cancel in the group
-                self._engine.cancel(self.request_id)
+            for r in self._rs:
+                if not r.done:  # consumer went away (or a sibling failed): cancel in the group
+                    self._engine.cancel(r.req.request_id)
+            self._engine._families.pop(self.request_id, None)
 
     @property
     def timing(self) -> dict[str, float | None]:
-        """Seconds from submission: queue (to admission), first token, total."""
-        r = self._r
+        """Seconds from submission: queue (to the first admission), first token (of any
+        sample), total (the last sample's end)."""
+        submitted = self._rs[0].submitted
 
-        def since(t: float | None) -> float | None:
-            return None if t is None else max(0.0, t - r.submitted)
+        def since(ts: list[float | None], pick: Any) -> float | None:
+            got = [t for t in ts if t is not None]
+            if not got or (pick is max and len(got) < len(ts)):
+                return None
+            return max(0.0, pick(got) - submitted)
 
-        return {"queue_s": since(r.admitted), "ttft_s": since(r.first_token),
-                "total_s": since(r.finished)}
+        return {"queue_s": since([r.admitted for r in self._rs], min),
+                "ttft_s": since([r.first_token for r in self._rs], min),
+                "total_s": since([r.finished for r in self._rs], max)}
 
     def elapsed(self) -> float:
         """Seconds since submission, now (a request that never finished still has an age)."""
-        return max(0.0, time.monotonic() - self._r.submitted)
+        return max(0.0, time.monotonic() - self._rs[0].submitted)
 
     @property
     def generated(self) -> int:
-        """Tokens generated so far (also those of a request cancelled midway)."""
-        return self._r.generated
+        """Tokens generated so far by all samples (also those cancelled midway)."""
+        return sum(r.generated for r in self._rs)
 
-    async def result(self) -> GenerationResult:
+    async def results(self) -> list[GenerationResult]:
+        """Every sample's result, by index."""
+        out: list[GenerationResult | None] = [None] * self.n
         async for ev in self:
             if ev.result is not None:
-                return ev.result
-        raise EngineError(f"{self.request_id}: stream ended without a result")
+                out[ev.index] = ev.result
+        if any(r is None for r in out):
+            raise EngineError(f"{self.request_id}: stream ended without a result")
+        return out  # type: ignore[return-value]
+
+    async def result(self) -> GenerationResult:
+        """The result of a single-sample request (sample 0's with n > 1)."""
+        return (await self.results())[0]
 
 
 class _Replica:
@@ -185,6 +228,8 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._watchdog: asyncio.Task | None = None
+        self._families: dict[str, list[str]] = {}
+        """Parent request id -> its samples' ids (n > 1), for cancelling them together."""
 
     # ---- views over the replicas
     @property
@@ -240,39 +285,61 @@ class AsyncEngine:
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"
 
-    def check_capacity(self) -> None:
-        """Raise QueueFull if a request submitted now would be refused for queue space (the
-        token limit is checked at submit, once the prompt is tokenized)."""
-        if len(self.waiting) >= self.limits.max_queued_requests:
+    def check_capacity(self, n: int = 1) -> None:
+        """Raise QueueFull if a request of n samples submitted now would be refused for queue
+        space (the token limit is checked at submit, once the prompt is tokenized). ValueError
+        when n alone exceeds the queue: such a request could never be admitted."""
+        if n > self.limits.max_queued_requests:
+            raise ValueError(f"n = {n} samples exceed the server's max_queued_requests "
+                             f"({self.limits.max_queued_requests})")
+        if len(self.waiting) + n > self.limits.max_queued_requests:
             raise QueueFull(f"queue full: {len(self.waiting)} requests waiting "
                             f"(max_queued_requests={self.limits.max_queued_requests})")
 
-    def submit(self, req: GenerationRequest, priority: int = 0) -> RequestStream:
-        """Queue a request (validated here); QueueFull when the queue is at its limits."""
+    def submit(self, req: GenerationRequest, priority: int = 0, n: int = 1) -> RequestStream:
+        """Queue a request of n samples (validated here); QueueFull when the queue is at its
+        limits (each sample counts as one request and its prompt tokens)."""
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+            raise ValueError(f"n must be an integer in [1, {MAX_N}], got {n!r}")
         req.sampling.validate()
         req.stopping.validate()
         if not req.prompt_ids:
             raise ValueError("prompt must not be empty")
         if not req.request_id:  # the caller gave none: the engine names it
             req = dataclasses.replace(req, request_id=self.new_request_id())
-        if req.request_id in self.inflight or any(
-            w.req.request_id == req.request_id for w in self.waiting
+        parent = req.request_id
+        if n == 1:
+            reqs = [req]
+        else:
+            reqs = [dataclasses.replace(req, request_id=f"{parent}#{i}", sampling=dataclasses
+                                        .replace(req.sampling, seed=child_seed(
+                                            req.sampling.seed, i))) for i in range(n)]
+        ids = {r.request_id for r in reqs} | {parent}
+        if parent in self._families or any(i in self.inflight for i in ids) or any(
+            w.req.request_id in ids for w in self.waiting
         ):
-            raise ValueError(f"duplicate request id {req.request_id!r}")
+            raise ValueError(f"duplicate request id {parent!r}")
         if self._closing:
             raise EngineError("engine is shutting down")
-        n = len(req.prompt_ids)
-        self.check_capacity()
-        if self.queued_tokens + n > self.limits.max_queued_tokens:
+        tokens = len(req.prompt_ids) * n
+        self.check_capacity(n)
+        if self.queued_tokens + tokens > self.limits.max_queued_tokens:
             raise QueueFull(f"queue full: {self.queued_tokens} prompt tokens waiting "
                             f"(max_queued_tokens={self.limits.max_queued_tokens})")
-        r = _Request(req, priority)
-        self.waiting.append(r)
-        self.queued_tokens += n
+        queue: asyncio.Queue = asyncio.Queue()
+        rs = [_Request(r, priority, queue, index=i) for i, r in enumerate(reqs)]
+        self.waiting.extend(rs)
+        self.queued_tokens += tokens
+        if n > 1:
+            self._families[parent] = [r.request_id for r in reqs]
         self._dispatch()
-        return RequestStream(self, r)
+        return RequestStream(self, rs, parent)
 
     def cancel(self, request_id: str) -> bool:
+        """Cancel a request (all n samples when given the id of a request with n > 1)."""
+        children = self._families.get(request_id)
+        if children is not None:
+            return any([self.cancel(c) for c in children])
         for r in self.waiting:
             if r.req.request_id == request_id:
                 self.waiting.remove(r)
@@ -294,7 +361,7 @@ class AsyncEngine:
         res = GenerationResult(r.req.request_id, "", [], FinishReason.CANCELLED,
                                len(r.req.prompt_ids))
         r.done = True
-        r.queue.put_nowait(TokenOutput(r.req.request_id, result=res))
+        r.queue.put_nowait(TokenOutput(r.req.request_id, result=res, index=r.index))
 
     def _dispatch(self) -> None:
         """Hand waiting requests (priority first) to the least-loaded replica with room."""
@@ -364,7 +431,7 @@ class AsyncEngine:
             r.finished = now
             r.done = True
         if out.token_id is not None or out.result is not None:
-            r.queue.put_nowait(out)
+            r.queue.put_nowait(dataclasses.replace(out, index=r.index) if r.index else out)
 
     def _fail(self, r: _Request, exc: BaseException) -> None:
         if not r.done:

@@ -7,6 +7,14 @@ sequence (T = 1), and prefill chunks for sequences still reading their prompt, c
 max_prefill_tokens per step so a long prompt never stalls the running decodes. Blocks are
 allocated as tokens arrive (waste < one block per sequence); admission reserves the worst case,
 so a running sequence never runs out of cache and nothing needs preempting.
+
+With prefix caching, a pending request whose next uncached prompt block is being prefilled by
+a running sequence waits (later requests may pass it) until that prefill is done and its
+blocks are cached: the n samples of one request, or streams that share a system prompt and
+arrive together, then prefill the shared prefix once instead of once each.
+
+Structured output: a constrained request gets a grammar matcher at `add` (GrammarBackend,
+compiled lazily on the first one); `process` masks those rows of the batch before sampling.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ import torch
 from shardserve_sharding.models import CacheKind, model_spec
 
 from ..workers.protocol import GroupStats, TokenOutput
-from .block_pool import ROOT_KEY, BlockAllocator
+from .block_pool import ROOT_KEY, BlockAllocator, block_key, prefix_keys
+from .grammar import GrammarBackend
 from .runner import FLAT, ForwardPlan
 from .sampling import Sampler
 from .sequence import GenerationRequest, Sequence
@@ -105,6 +114,9 @@ class Scheduled:
         """Prompt tokens taken from the prefix cache at admission."""
         self.registered = 0
         self.last_key = ROOT_KEY
+        self.prefill_keys: frozenset[int] = frozenset()
+        """Keys of the prompt's full blocks this sequence computes itself (not cache hits);
+        pending requests that need one of them wait for this prefill."""
         self.cancelled = False
         self.enqueued = time.monotonic()
         self.admitted_at: float | None = None
@@ -117,8 +129,12 @@ class Scheduled:
 
 class GroupScheduler:
     def __init__(self, cfg: SchedulerConfig, *, family: str, tokenizer: Any,
-                 eos_token_ids: tuple[int, ...], max_seq_len: int) -> None:
+                 eos_token_ids: tuple[int, ...], max_seq_len: int,
+                 vocab_size: int | None = None) -> None:
         cfg.validate()
+        self.vocab_size = vocab_size or tokenizer.vocab_size
+        """The logits' width (the model's vocabulary), for grammar masks."""
+        self._grammar: GrammarBackend | None = None
         self.cfg = cfg
         self.family = family
         self.tokenizer, self.eos = tokenizer, eos_token_ids
@@ -155,9 +171,19 @@ class GroupScheduler:
                              f"{self.budget}")
         if req.request_id in self.by_id:
             raise ValueError(f"duplicate request id {req.request_id!r}")
-        s = Scheduled(Sequence(req, self.tokenizer, self.eos), priority)
+        seq = Sequence(req, self.tokenizer, self.eos)
+        if req.constraint is not None:
+            seq.matcher = self.grammar().matcher(req.constraint)  # ValueError: refused
+        s = Scheduled(seq, priority)
         self.by_id[s.id] = s
         self.pending.append(s)
+
+    def grammar(self) -> GrammarBackend:
+        """The group's grammar compiler, built on the first constrained request."""
+        if self._grammar is None:
+            inner = getattr(self.tokenizer, "tokenizer", self.tokenizer)  # a TokenizerBundle
+            self._grammar = GrammarBackend(inner.to_str(), self.vocab_size, self.eos)
+        return self._grammar
 
     def cancel(self, req_id: str) -> bool:
         s = self.by_id.get(req_id)
@@ -235,6 +261,13 @@ class GroupScheduler:
         order = sorted(self.pending, key=lambda s: (-s.priority, s.arrival))
         admitted = set()
         committed = self.reserved // self.cfg.block_size if self.paged else 0  # blocks
+        bs = self.cfg.block_size
+        sharing = self.paged and self.alloc.prefix_caching
+        busy: set[int] = set()  # block keys a running sequence is prefilling now
+        if sharing:
+            for r in self.running:
+                if r.in_prefill:
+                    busy |= r.prefill_keys
         for s in order:
             if len(self.running) >= self.cfg.max_batch_size:
                 break
@@ -245,7 +278,12 @@ class GroupScheduler:
                 prompt = s.seq.prompt_ids
                 need = self.alloc.blocks_for(len(prompt) + s.seq.req.stopping.max_new_tokens)
                 # at least the prompt's last token is computed: its logits give a token
-                hits, key = self.alloc.lookup(prompt, (len(prompt) - 1) // self.cfg.block_size)
+                full = (len(prompt) - 1) // bs
+                hits, key = self.alloc.lookup(prompt, full)
+                h = len(hits)
+                if sharing and h < full and busy and block_key(
+                        key, tuple(prompt[h * bs : (h + 1) * bs])) in busy:
+                    continue  # its next block is being prefilled: take it from the cache soon
                 extra = self.alloc.revived(hits) + need - len(hits)
                 if committed + extra > self.alloc.num_blocks:
                     break  # FCFS within priority: do not let later small requests starve this
@@ -255,6 +293,10 @@ class GroupScheduler:
                 s.prefilled = s.cached_tokens = len(hits) * self.cfg.block_size
                 s.registered, s.last_key = len(hits), key
                 s.seq.cached_tokens = s.cached_tokens
+                if sharing:
+                    own = prefix_keys(prompt[h * bs :], bs, full - h, parent=key)
+                    s.prefill_keys = frozenset(own)
+                    busy.update(own)
                 if self.alloc.prefix_caching:
                     self.prefix_queries += len(prompt)
                     self.prefix_hits += s.cached_tokens
@@ -381,7 +423,17 @@ class GroupScheduler:
             if not keep:
                 return events
             lg, seqs = lg[keep], [seqs[j] for j in keep]
+        unsuppressed = lg
         lg = self._suppress(lg, seqs)
+        constrained = [j for j, s in enumerate(seqs) if s.seq.matcher is not None]
+        if constrained:
+            grammar = self.grammar()
+            bitmask = grammar.fill([seqs[j].seq.matcher for j in constrained], constrained,
+                                   len(seqs))  # [B', W]
+            before = unsuppressed if lg is not unsuppressed else None
+            # a copy: lg may be the forward's (inference-mode) logits
+            lg = lg.to(torch.float32, copy=lg is unsuppressed)  # [B', V]
+            grammar.apply(lg, constrained, bitmask, before=before)
         want_top = any(s.seq.req.logprobs for s in seqs)
         params = [s.seq.req.sampling for s in seqs]
         gens = [s.seq.generator for s in seqs]

@@ -58,7 +58,7 @@ class Leader:
                             cfg.max_prefill_tokens, cfg.prefix_caching,
                             flat_batches=bool(getattr(runner, "flat_batches", False))),
             family=runner.family, tokenizer=self.tokenizer, eos_token_ids=eos,
-            max_seq_len=served.max_seq_len,
+            max_seq_len=served.max_seq_len, vocab_size=served.config.get("vocab_size"),
         )
         self.stopping = False
         self.tp = cfg.tp

@@ -68,6 +68,9 @@ class TokenOutput:
     """time.monotonic() in the leader when the request got its cache (last output only)."""
     error: str | None = None
     """The leader refused the request at AddRequest (e.g. it can never fit the KV budget)."""
+    index: int = 0
+    """The sample this output belongs to (n > 1; the front end sets it, the leader sees each
+    sample as a request of its own)."""
 
 
 @dataclass(frozen=True)
