@@ -591,8 +591,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads per rank")
     p.add_argument("--worker-nice", type=int, default=WorkerConfig.nice,
                    help="niceness added to the worker processes, so that admission and "
-                   "streaming in the front end run first when the cores are busy "
-                   "(default: %(default)s)")
+                   "streaming in the front end run first when the cores are busy (0: same "
+                   "priority as the front end)")
     p.add_argument("--drain-timeout", type=float, default=30.0)
     p.add_argument("--pg-timeout", type=float, default=10.0, help="collective timeout (s)")
     p.add_argument("--rendezvous", default=None, metavar="HOST:PORT",

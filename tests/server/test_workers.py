@@ -178,6 +178,10 @@ def test_tp1_and_tp2_groups_match_the_local_engine(engines, local_llama):
     assert [r.token_ids for r in got] == want[:2]
     st = engines["llama2"].stats()
     assert st["restarts"] == 0 and st["group_up"] and len(st["pids"]) == 2
+    # the ranks run below the front end's priority (WorkerConfig.nice)
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    assert [os.getpriority(os.PRIO_PROCESS, p) for p in st["pids"]] == [
+        min(19, mine + WorkerConfig.nice)] * 2
 
 
 def test_convlm_at_tp2_matches_the_local_engine(engines, tiny_convlm_dir):

@@ -57,9 +57,10 @@ class WorkerConfig:
     verify_hashes: bool = True
     """Check the checkpoint's sha256s before loading (the front end has usually done it: the
     stamp file then makes this a stat per file)."""
-    nice: int = 0
+    nice: int = 10
     """Added to the rank's niceness at start: with the cores busy, the front end (admission,
-    refusals, streaming) then runs ahead of the forward passes (bench_overload.py)."""
+    refusals, streaming) then runs ahead of the forward passes, which get every cycle it does
+    not use (loadtest/results/overload.md: refusal p99 under 10x overload)."""
     rendezvous: str = ""
     """HOST:PORT of a multi-host group's TCPStore (workers/rendezvous.py); empty: every rank
     runs on this host and rank 0 hosts the rendezvous on 127.0.0.1:master_port."""
