@@ -301,8 +301,6 @@ class AsyncEngine:
         limits (each sample counts as one request and its prompt tokens)."""
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
             raise ValueError(f"n must be an integer in [1, {MAX_N}], got {n!r}")
-        req.sampling.validate()
-        req.stopping.validate()
         if not req.prompt_ids:
             raise ValueError("prompt must not be empty")
         if not req.request_id:  # the caller gave none: the engine names it

@@ -90,8 +90,6 @@ class LocalEngine:
     ) -> list[GenerationResult]:
         """Run all requests to completion; on_token(i, event) streams each new token."""
         for r in requests:
-            r.sampling.validate()
-            r.stopping.validate()
             total = len(r.prompt_ids) + r.stopping.max_new_tokens
             if total > self.max_seq_len:
                 raise ValueError(
