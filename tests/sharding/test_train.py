@@ -39,7 +39,7 @@ def small(out: Path, family: str, **kw) -> TrainConfig:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "convlm"])
+@pytest.mark.parametrize("family", ["llama", "convlm", "rnnlm"])
 def test_2x2x2_matches_1x1x1(tmp_path, family):
     train(small(tmp_path / "one", family), progress=False)
     train(small(tmp_path / "eight", family, dp=2, tp=2, pp=2, micro_batches=2), progress=False)
