@@ -20,7 +20,7 @@ from shardserve_server.engine.stopping import StoppingParams
 from shardserve_sharding.sharded_load import load_sharded_model
 from shardserve_sharding.tp.comm import ThreadGroup
 
-FAMILIES = ["llama", "llama-padded", "convlm"]
+FAMILIES = ["llama", "llama-padded", "convlm", "rnnlm"]
 """llama: one FLAT forward per step (the torch runner's layout); llama-padded: a padded prefill
 forward and a decode forward (the layout the ONNX runner takes)."""
 
@@ -134,7 +134,7 @@ def check_invariants(sched: GroupScheduler) -> None:
     cfg = sched.cfg
     assert len(sched.running) <= cfg.max_batch_size
     assert sched.reserved <= sched.budget
-    if sched.family == "llama":
+    if sched.paged:
         assert sched.alloc.used_blocks * cfg.block_size <= sched.reserved
         owned = {b for s in sched.running for b in s.table}
         assert len(owned) == sched.alloc.used_blocks  # shared blocks counted once

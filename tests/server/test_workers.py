@@ -136,7 +136,7 @@ async def wait_for(pred, timeout: float, what: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_llama_dir, tiny_convlm_dir):
+def engines(tiny_llama_dir, tiny_convlm_dir, tiny_rnnlm_dir):
     lt = LoopThread()
     reg = Engines(lt)
     base = {"threads": 1, "kv_cache_tokens": 4096, "max_batch_size": 8}
@@ -147,6 +147,7 @@ def engines(tiny_llama_dir, tiny_convlm_dir):
             "llama2": (WorkerConfig(str(tiny_llama_dir), tp=2, pg_timeout_s=5, **base),
                        EngineLimits(hang_timeout_s=8)),
             "conv2": (WorkerConfig(str(tiny_convlm_dir), tp=2, **base), None),
+            "rnn2": (WorkerConfig(str(tiny_rnnlm_dir), tp=2, **base), None),
         })
         yield reg
     finally:
@@ -184,11 +185,15 @@ def test_tp1_and_tp2_groups_match_the_local_engine(engines, local_llama):
         min(19, mine + WorkerConfig.nice)] * 2
 
 
-def test_convlm_at_tp2_matches_the_local_engine(engines, tiny_convlm_dir):
-    local = LocalEngine.from_checkpoint(str(tiny_convlm_dir))
-    reqs = _reqs(local, 10, "c")
+@pytest.mark.parametrize("name,model_dir", [("conv2", "tiny_convlm_dir"),
+                                            ("rnn2", "tiny_rnnlm_dir")])
+def test_state_slot_families_at_tp2_match_the_local_engine(engines, request, name, model_dir):
+    """The conv LM and the recurrent LM (per-sequence state slots) served by a TP=2 group give
+    the greedy tokens of the TP=1 local engine."""
+    local = LocalEngine.from_checkpoint(str(request.getfixturevalue(model_dir)))
+    reqs = _reqs(local, 10, name)
     want = [r.token_ids for r in local.generate(reqs)]
-    got = engines.lt.run(run_all(engines["conv2"], reqs), 90)
+    got = engines.lt.run(run_all(engines[name], reqs), 90)
     assert [r.token_ids for r in got] == want
 
 

@@ -86,6 +86,16 @@ class PagedKVCache:
     def begin_step(self, positions: torch.Tensor, num_new: torch.Tensor) -> None:
         raise RuntimeError("PagedKVCache needs set_step(block_tables, positions, num_new)")
 
+    def step(self, tables: torch.Tensor, positions: torch.Tensor,
+             num_new: torch.Tensor) -> PagedKVCache:
+        """The pool contract shared with StateSlotPool: prepare a padded step (tables [B, nb])
+        and return what the model takes as its cache, this pool itself."""
+        self.set_step(tables, positions, num_new)
+        return self
+
+    def end_step(self) -> None:
+        """Nothing to write back: the model wrote its K/V into the pool."""
+
     def set_flat_step(self, block_tables: torch.Tensor, positions: torch.Tensor,
                       seg_lens: torch.Tensor) -> None:
         """A flat step (runner.FLAT): block_tables [R, nb] (-1 padded), positions [N], seg_lens
@@ -225,5 +235,11 @@ class StateSlotPool:
         state.begin_step(positions, num_new)
         return state
 
+    def step(self, tables: torch.Tensor, positions: torch.Tensor, num_new: torch.Tensor):
+        """The pool contract shared with PagedKVCache: tables [B, 1] holds each row's slot;
+        returns the rows' state for the model (end_step writes it back)."""
+        return self.set_step(tables[:, 0], positions, num_new)
+
     def end_step(self) -> None:
+        """Scatter the advanced states back into their slots."""
         self.pool.index_copy_(1, self._slots, self.state.state)

@@ -143,12 +143,9 @@ class ModelRunner:
         if plan.flat:
             self.cache.set_flat_step(plan.tables, plan.positions[0], plan.num_new)
             logits = self.model(plan.tokens, plan.positions, self.cache, plan.logits_index)
-        elif self.paged:
-            self.cache.set_step(plan.tables, plan.positions, plan.num_new)
-            logits = self.model(plan.tokens, plan.positions, self.cache, plan.logits_index)
-        else:
-            state = self.cache.set_step(plan.tables[:, 0], plan.positions, plan.num_new)
-            logits = self.model(plan.tokens, plan.positions, state, plan.logits_index)
+        else:  # a padded plan, over either kind of pool
+            cache = self.cache.step(plan.tables, plan.positions, plan.num_new)
+            logits = self.model(plan.tokens, plan.positions, cache, plan.logits_index)
             self.cache.end_step()
         self.forward_seconds += time.perf_counter() - t0
         return logits.float()

@@ -10,6 +10,7 @@ from torch import nn
 
 from .convlm import CONVLM_CONFIGS, ConvLM, ConvLMConfig, ConvState
 from .llama import LLAMA_CONFIGS, LlamaConfig, Transformer
+from .rnnlm import RNNLM, RNNLM_CONFIGS, RecurrentState, RNNLMConfig
 from .spec import CacheKind, ModelSpec, PagedKVSpec, StateSlotSpec
 
 # ---- llama: decoder transformer over a paged KV cache
@@ -94,13 +95,38 @@ CONVLM = ModelSpec(
 )
 
 
+# ---- rnnlm: stacked LSTM / GRU over a per-sequence recurrent state
+
+
+def _rnnlm_cache(model: nn.Module) -> StateSlotSpec:
+    return StateSlotSpec(len(model.layers), (model.state_width(),), RecurrentState)
+
+
+def _rnnlm_stage_layers(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return model.run_layers(h, None)
+
+
+def _rnnlm_onnx(model: nn.Module, path: Path, opset: int) -> int:
+    from .rnnlm_onnx import export_rnnlm
+
+    return export_rnnlm(model, path, opset)
+
+
+RNNLM_SPEC = ModelSpec(
+    name="rnnlm", config_cls=RNNLMConfig, model_cls=RNNLM, configs=RNNLM_CONFIGS,
+    config_prefix="rnnlm-", cache_spec=_rnnlm_cache, cache_kind=CacheKind.STATE_SLOT,
+    tp_geometry=_vocab_geometry, onnx_export=_rnnlm_onnx, onnx_meta=lambda model: {},
+    stage_layers=_rnnlm_stage_layers,
+)
+
+
 def _layers(model: nn.Module):
     """A model's blocks, whether a ModuleList or a pipeline stage's ModuleDict."""
     layers = model.layers
     return layers.values() if isinstance(layers, nn.ModuleDict) else layers
 
 
-SPECS: dict[str, ModelSpec] = {s.name: s for s in (LLAMA, CONVLM)}
+SPECS: dict[str, ModelSpec] = {s.name: s for s in (LLAMA, CONVLM, RNNLM_SPEC)}
 
 
 def model_spec(family: str) -> ModelSpec:
