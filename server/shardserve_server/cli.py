@@ -509,6 +509,14 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _nice(text: str) -> int:
+    """--worker-nice: 0..19 (workers only ever yield to the front end)."""
+    value = int(text)
+    if not 0 <= value <= 19:
+        raise argparse.ArgumentTypeError(f"must be in [0, 19], got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from shardserve_server import __version__
     from shardserve_server.workers.worker import WorkerConfig
@@ -589,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--max-new-tokens-limit", type=int, default=2048)
     p.add_argument("--threads", type=int, default=None, help="torch threads per rank")
-    p.add_argument("--worker-nice", type=int, default=WorkerConfig.nice,
+    p.add_argument("--worker-nice", type=_nice, default=WorkerConfig.nice,
                    help="niceness added to the worker processes, so that admission and "
                    "streaming in the front end run first when the cores are busy (0: same "
                    "priority as the front end)")

@@ -201,8 +201,16 @@ def test_reflection_lists_the_service(server):
 
 def test_queue_full_is_resource_exhausted(tiny_llama_dir):
     s = RunningServer(tiny_llama_dir, "--dtype", "fp32", "--max-batch-size", "1",
-                      "--max-queued-requests", "1", "--drain-timeout", "1")
+                      "--max-queued-requests", "1", "--drain-timeout", "1",
+                      "--kv-cache-tokens", "448")
     try:
+        # a request longer than the KV budget (448 < the model's 512) could never run: it is
+        # refused at the edge, not accepted and then lost in the worker group
+        with s.client() as c:
+            with pytest.raises(InvalidArgument, match="max_new_tokens"):
+                c.generate("hi", max_new_tokens=460)
+            with pytest.raises(InvalidArgument, match="KV budget"):
+                c.generate("hi " * 300, max_new_tokens=300)
         results: list = []
 
         def long_call():

@@ -331,3 +331,30 @@ def test_ragged_prefill_near_max_seq_len(setup):
     for r in (a, b):
         assert tr.tokens[r.request_id] == alone(setup, r, **kw)
         assert tr.tokens[r.request_id] == greedy_no_cache(setup.model, list(r.prompt_ids), 8)
+
+
+def test_a_sampling_failure_still_ends_every_row_of_the_forward(llama_setup, monkeypatch):
+    """When sampling raises midway, each row of that forward gets exactly one final output:
+    a row already ended by non-finite logits keeps its own, a running row fails, and no
+    stream is left waiting for a result that never comes."""
+    sched, runner = llama_setup.make()
+    sched.add(greedy([5, 6, 7], 8, "nan"))
+    sched.add(greedy([8, 9, 10], 8, "ok"))
+    for _ in range(3):  # prefills and a decode or two: both rows decoding
+        sched.step(runner.forward)
+    plans = sched.schedule()
+    (plan, rows, samples), = plans
+    logits = runner.forward(plan).clone()  # [2, V]
+    logits[[s.id for s in rows].index("nan")] = float("nan")
+
+    def boom(*a, **kw):
+        raise RuntimeError("sampler bug")
+
+    monkeypatch.setattr(sched.sampler, "sample", boom)
+    monkeypatch.setattr(sched.sampler, "sample_with_full_logprobs", boom)
+    outs = sched.process_safely(logits, rows, samples)
+    finals = {o.request_id: o.result for o in outs if o.result is not None}
+    assert sorted(finals) == ["nan", "ok"] and len(outs) == 2
+    assert "non-finite" in finals["nan"].error and "sampler bug" in finals["ok"].error
+    sched.reap()
+    assert not sched.running and sched.alloc.used_blocks == 0

@@ -155,8 +155,15 @@ class Server:
 
     def _make_servicer(self, served: Any) -> TextGenerationServicer:
         """The request limits from the model and the flags, and the servicer over the engine."""
-        limit = min(self.cfg.max_new_tokens, served.max_seq_len - 1)
-        limits = RequestLimits(max_seq_len=served.max_seq_len, max_new_tokens=limit,
+        from shardserve_sharding.models import CacheKind, model_spec
+
+        max_seq = served.max_seq_len
+        if model_spec(served.family).cache_kind is CacheKind.PAGED_KV:
+            # a request longer than one group's KV budget could never run: refused at the edge
+            bs = self.worker.block_size
+            max_seq = min(max_seq, max(1, self.worker.kv_cache_tokens // bs) * bs)
+        limit = min(self.cfg.max_new_tokens, max_seq - 1)
+        limits = RequestLimits(max_seq_len=max_seq, max_new_tokens=limit,
                                default_max_new_tokens=min(64, limit))
         return TextGenerationServicer(
             self.engine, served.tokenizer, served.manifest, limits, self.metrics,

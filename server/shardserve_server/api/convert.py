@@ -177,7 +177,8 @@ def prepare(msg: Any, prompt_ids: list[int], limits: RequestLimits, request_id: 
     elif len(prompt_ids) > room:
         raise InvalidArgument(
             "prompt", f"{len(prompt_ids)} tokens + max_new_tokens {stopping.max_new_tokens} "
-            f"exceeds the model's {limits.max_seq_len}; set truncate_prompt_tokens to truncate")
+            f"exceeds the server's limit of {limits.max_seq_len} (the model's context or the "
+            "KV budget); set truncate_prompt_tokens to truncate")
     logprobs = None
     if opts.logprobs:
         logprobs = opts.top_logprobs

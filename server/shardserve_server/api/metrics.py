@@ -200,15 +200,15 @@ class Metrics:
                 self._restarts_seen[i] = rep["restarts"]
             tok = rep["tokens_out"]
             prev = self._tokens_seen.get(i, 0)
-            if tok > prev:
-                self.replica_tokens.labels(label).inc(tok - prev)
+            if tok != prev:  # a smaller count: the group restarted and counts from 0 again
+                self.replica_tokens.labels(label).inc(tok - prev if tok > prev else tok)
             self._tokens_seen[i] = tok
             for key, counter in (("prefix_cache_queries", self.prefix_queries),
                                  ("prefix_cache_hits", self.prefix_hits)):
                 counter.labels(label)  # export the series at 0 from the start
                 now, prev = rep.get(key, 0), self._prefix_seen.get((key, i), 0)
-                if now > prev:  # a restarted group counts from 0 again
-                    counter.labels(label).inc(now - prev)
+                if now != prev:  # a smaller count: the group restarted and counts from 0 again
+                    counter.labels(label).inc(now - prev if now > prev else now)
                 self._prefix_seen[(key, i)] = now
 
     def on_request_done(self, method: str, outcome: str, *, finish_reason: str = "none",

@@ -23,7 +23,14 @@ from shardserve_client._pb.shardserve.v1 import generate_pb2 as pb
 from shardserve_client._pb.shardserve.v1 import generate_pb2_grpc as pb_grpc
 
 from .. import __version__
-from ..engine.async_engine import MAX_N, EngineError, GroupFailed, QueueFull, RequestStream
+from ..engine.async_engine import (
+    MAX_N,
+    EngineError,
+    GroupFailed,
+    QueueFull,
+    RequestRefused,
+    RequestStream,
+)
 from ..engine.grammar import GrammarBackend
 from ..engine.stopping import FinishReason
 from .convert import (
@@ -209,14 +216,17 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
                 self.engine.cancel(p.request.request_id)
             raise
         except EngineError as e:  # a dead group is retryable; a failed request is not
-            outcome, result = "error", None
+            outcome = "invalid" if isinstance(e, RequestRefused) else "error"
+            result = None
             self.metrics.on_request_done(
                 method, outcome, finish_reason="error", prompt_tokens=len(p.request.prompt_ids),
                 generated=stream.generated, timing=stream.timing, elapsed_s=stream.elapsed())
             self._log(method, p, outcome, message=str(e))
             self.active -= 1
-            await context.abort(grpc.StatusCode.UNAVAILABLE if isinstance(e, GroupFailed)
-                                else grpc.StatusCode.INTERNAL, str(e))
+            code = (grpc.StatusCode.UNAVAILABLE if isinstance(e, GroupFailed)
+                    else grpc.StatusCode.INVALID_ARGUMENT if isinstance(e, RequestRefused)
+                    else grpc.StatusCode.INTERNAL)
+            await context.abort(code, str(e))
         finally:
             if outcome != "error" or result is not None:
                 self.account(method, p, stream, outcome, result)

@@ -72,6 +72,11 @@ class GroupFailed(EngineError):
     restarts, so the same request may succeed again (gRPC UNAVAILABLE, HTTP 503)."""
 
 
+class RequestRefused(EngineError):
+    """The worker group refused the request (it can never fit there, or its constraint does
+    not compile): the caller's request, not the engine, is at fault."""
+
+
 @dataclass(frozen=True)
 class EngineLimits:
     """Front-end admission limits."""
@@ -411,7 +416,7 @@ class AsyncEngine:
             return
         if out.error is not None:
             del rep.inflight[out.request_id]
-            self._fail(r, ValueError(out.error))
+            self._fail(r, RequestRefused(out.error))
             return
         now = time.monotonic()
         if out.token_id is not None:

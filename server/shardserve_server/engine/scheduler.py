@@ -159,6 +159,11 @@ class GroupScheduler:
         self.step_count = 0
         self.tokens_out = 0
         """Tokens sampled (cumulative)."""
+        self._partial: list[TokenOutput] = []
+
+    def reset_counters(self) -> None:
+        """Zero the cumulative counters (steps, tokens, prefix-cache queries and hits)."""
+        self.step_count = self.tokens_out = self.prefix_queries = self.prefix_hits = 0
 
     # ---- requests in and out
     def add(self, req: GenerationRequest, priority: int = 0) -> None:
@@ -413,6 +418,7 @@ class GroupScheduler:
         lg = logits[idx] if len(idx) != len(rows) else logits  # [B', V]
         seqs = [rows[i] for i in idx]
         events: list[TokenOutput] = []
+        self._partial = events  # what process_safely salvages if sampling raises midway
         finite = torch.isfinite(lg.sum(dim=-1, dtype=torch.float32)).tolist()  # [B']
         if not all(finite):
             keep = [j for j, ok in enumerate(finite) if ok]
@@ -538,13 +544,22 @@ class GroupScheduler:
                        ) -> list[TokenOutput]:
         """process(), where a failure ends those rows and never the group (the forward itself
         completed, so the cache and every other sequence are intact)."""
+        self._partial = []
         try:
             return self.process(logits, rows, samples)
         except Exception as e:
             log.error("internal error in sampling: %s: %s", type(e).__name__, e)
             log.debug("traceback", exc_info=e)
-            return [self.fail(s, f"internal error while sampling: {type(e).__name__}: {e}")
-                    for s in rows if not s.seq.finished]
+            # keep what was already made (tokens, non-finite failures); every row of this
+            # forward then ends once: failed if still running, else with its final output
+            out = list(self._partial)
+            ended = {o.request_id for o in out if o.result is not None}
+            msg = f"internal error while sampling: {type(e).__name__}: {e}"
+            for s in rows:
+                if s.id in ended:
+                    continue
+                out.append(self._final(s) if s.seq.finished else self.fail(s, msg))
+            return out
 
 
 def _table_tensor(tables: list[list[int]]) -> torch.Tensor:

@@ -86,7 +86,7 @@ class Leader:
         while self.scheduler.has_work():
             self.scheduler.step(self._forward)
         self.scheduler.reap()
-        self.scheduler.step_count = 0
+        self.scheduler.reset_counters()  # the warm-up's steps and tokens are not served work
         return time.perf_counter() - t0
 
     def _handle(self, msg: ToLeader) -> list[TokenOutput]:

@@ -99,10 +99,10 @@ def _init_group(cfg: WorkerConfig, rank: int) -> Any:
 def worker_main(cfg: WorkerConfig, rank: int, conn: Any | None) -> None:
     """Process body; conn is the leader's pipe to the front end (None on followers)."""
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
-    if cfg.nice:
-        os.nice(cfg.nice)
     torch.set_num_threads(cfg.threads)
     try:
+        if cfg.nice > 0:  # only ever lowered: raising a priority needs privileges
+            os.nice(cfg.nice)
         t0 = time.perf_counter()
         if cfg.backend == "onnx":
             if cfg.tp != 1:
