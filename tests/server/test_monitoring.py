@@ -181,7 +181,7 @@ def test_new_series_move(server):
 
 
 def test_comm_share_and_imbalance_arithmetic():
-    """The per-replica step/comm counters follow the group's running totals (a restarted
+    """The per-replica forward/comm counters follow the group's running totals (a restarted
     group starts again from 0); the comm share moves towards each new window's share; the
     imbalance is the busiest serving replica's in-flight count over the mean."""
     from shardserve_server.api.metrics import Metrics
@@ -190,18 +190,18 @@ def test_comm_share_and_imbalance_arithmetic():
     m = Metrics()
     step = StepTiming(step_s=0.1, comm_s=0.04, batch=1, decode_s=0.1, decode_rows=1,
                       decode_tokens=1)
-    m.on_step_stats(GroupStats(steps=1, decode_s_total=1.0, comm_s_total=0.4,
+    m.on_step_stats(GroupStats(steps=1, forward_s_total=1.0, comm_s_total=0.4,
                                last_step=step), tp=2, replica=1)
     val = m.registry.get_sample_value
-    assert val("shardserve_replica_step_seconds_total", {"replica": "1"}) == pytest.approx(1.0)
+    assert val("shardserve_replica_forward_seconds_total", {"replica": "1"}) == pytest.approx(1.0)
     assert val("shardserve_replica_comm_seconds_total", {"replica": "1"}) == pytest.approx(0.4)
     assert val("shardserve_replica_comm_share_ratio", {"replica": "1"}) == pytest.approx(0.4)
-    m.on_step_stats(GroupStats(steps=2, decode_s_total=2.0, comm_s_total=0.4,
+    m.on_step_stats(GroupStats(steps=2, forward_s_total=2.0, comm_s_total=0.4,
                                last_step=step), tp=2, replica=1)  # a window with no comm
     assert val("shardserve_replica_comm_share_ratio", {"replica": "1"}) == pytest.approx(0.38)
-    m.on_step_stats(GroupStats(steps=1, decode_s_total=0.5, comm_s_total=0.5,
+    m.on_step_stats(GroupStats(steps=1, forward_s_total=0.5, comm_s_total=0.5,
                                last_step=step), tp=2, replica=1)  # restarted group
-    assert val("shardserve_replica_step_seconds_total", {"replica": "1"}) == pytest.approx(2.5)
+    assert val("shardserve_replica_forward_seconds_total", {"replica": "1"}) == pytest.approx(2.5)
     assert val("shardserve_replica_comm_seconds_total", {"replica": "1"}) == pytest.approx(0.9)
     reps = [{"replica": i, "up": up, "inflight": n, "restarts": 0, "tokens_out": 0}
             for i, (up, n) in enumerate([(True, 3), (True, 1), (False, 9)])]
@@ -236,7 +236,7 @@ def test_comm_share_and_imbalance_from_a_tp2_x2_server(tiny_llama_dir):
         for rep in ("0", "1"):
             label = f'replica="{rep}"'
             assert s.metric("shardserve_replica_comm_seconds_total", label) > 0
-            step = s.metric("shardserve_replica_step_seconds_total", label)
+            step = s.metric("shardserve_replica_forward_seconds_total", label)
             assert step > s.metric("shardserve_replica_comm_seconds_total", label)
             assert 0 < s.metric("shardserve_replica_comm_share_ratio", label) < 1
     finally:

@@ -135,8 +135,9 @@ class Metrics:
             "prefill skipped)", ["replica"], registry=r)
         self._prefix_seen: dict[tuple[str, int], int] = {}
         # where a layout's step time goes (issue 20: is it communication-bound?)
-        self.replica_step_seconds = Counter(
-            "shardserve_replica_step_seconds", "Step time (forward + sampling) per replica",
+        self.replica_forward_seconds = Counter(
+            "shardserve_replica_forward_seconds", "Time in the model's forward per replica "
+            "(collectives included; the warm-up step too)",
             ["replica"], registry=r)
         self.replica_comm_seconds = Counter(
             "shardserve_replica_comm_seconds", "Time in TP collectives inside steps per replica",
@@ -190,17 +191,18 @@ class Metrics:
             self.allreduce.observe(last.comm_s)
 
     def _observe_comm(self, stats: GroupStats, replica: int) -> None:
-        """Feed the per-replica step and collective counters from the group's running totals
-        (a restarted group counts from 0 again) and decay the comm share towards the share
-        of the steps since the last stats (weight 1/20 per step)."""
+        """Feed the per-replica forward and collective counters from the group's running
+        totals (a restarted group counts from 0 again) and move the comm share towards the
+        share of the steps since the last stats (weight 1/20). Both totals are the runner's,
+        warm-up included, so their ratio is never skewed by one side counting it."""
         label = str(replica)
-        step_total = stats.prefill_s_total + stats.decode_s_total
+        step_total = stats.forward_s_total
         prev_step, prev_comm = self._step_totals.get(replica, (0.0, 0.0))
         if step_total < prev_step or stats.comm_s_total < prev_comm:
             prev_step = prev_comm = 0.0  # a new group
         d_step, d_comm = step_total - prev_step, stats.comm_s_total - prev_comm
         self._step_totals[replica] = (step_total, stats.comm_s_total)
-        self.replica_step_seconds.labels(label).inc(d_step)
+        self.replica_forward_seconds.labels(label).inc(d_step)
         self.replica_comm_seconds.labels(label).inc(d_comm)
         if d_step > 0:
             share = min(1.0, d_comm / d_step)
@@ -224,7 +226,7 @@ class Metrics:
         for rep in s["replicas"]:
             i = rep["replica"]
             label = str(i)
-            self.replica_step_seconds.labels(label)  # export the series at 0 from the start
+            self.replica_forward_seconds.labels(label)  # export the series at 0 from the start
             self.replica_comm_seconds.labels(label)
             self.comm_share.labels(label)
             self.group_up.labels(label).set(1 if rep["up"] else 0)
