@@ -28,9 +28,9 @@ import sys
 import time
 from pathlib import Path
 
+import bench_vs_vllm
 from bench_vs_vllm import (
     CACHE,
-    NEW_TOKENS,
     SKIP,
     Process,
     bundled_checkpoint,
@@ -86,7 +86,7 @@ def serve(model: Path, onnx: Path, cfg: tuple[str, str, int, int], run: int) -> 
 
 
 async def measure(target: str, prompts: list[str], streams: list[int], seconds: float,
-                  warmup: float) -> list[tuple[int, object, float]]:
+                  warmup: float, new_tokens: int) -> list[tuple[int, object, float]]:
     from shardserve_client import AsyncClient
 
     client = AsyncClient(target)
@@ -101,20 +101,20 @@ async def measure(target: str, prompts: list[str], streams: list[int], seconds: 
             load = loadavg()
             reqs, t0, t1, n = await run_window(send, prompts, used, s, seconds)
             used += n
-            out.append((s, window_stats(reqs, t0, t1, SKIP, NEW_TOKENS), max(load, loadavg())))
+            out.append((s, window_stats(reqs, t0, t1, SKIP, new_tokens), max(load, loadavg())))
     finally:
         await client.close()
     return out
 
 
 def predicted(costs_path: Path, cfg: tuple[str, str, int, int], streams: int,
-              prompt_tokens: int) -> dict:
+              prompt_tokens: int, new_tokens: int) -> dict:
     from shardserve_server.plan import costs as plan_costs
     from shardserve_server.plan.predict import LayoutChoice, Workload, predict, resolve_model
 
     backend, dtype, tp, reps = cfg
     lay = LayoutChoice(backend, dtype, tp, 1, reps)
-    work = Workload(streams=streams, prompt_tokens=prompt_tokens, new_tokens=NEW_TOKENS)
+    work = Workload(streams=streams, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
     (p,) = predict(resolve_model("smollm2-135m"), plan_costs.load(costs_path), lay.devices,
                    work, [lay])
     if not p.valid:
@@ -132,6 +132,8 @@ def main() -> int:
     ap.add_argument("--costs", help="costs file (default: measure now into the bench cache)")
     ap.add_argument("--streams", default="1,4", help="comma-separated stream counts")
     ap.add_argument("--seconds", type=float, default=12.0, help="window per stream count")
+    ap.add_argument("--new-tokens", type=int, default=bench_vs_vllm.NEW_TOKENS,
+                    help="tokens generated per request (EOS ignored)")
     ap.add_argument("--warmup-seconds", type=float, default=4.0, help="unrecorded first window")
     ap.add_argument("--configs", default="all",
                     help=f"comma-separated, of: {', '.join(CONFIGS)}")
@@ -140,6 +142,7 @@ def main() -> int:
     ap.add_argument("--out", default="plan", help="results file name (loadtest/results/)")
     args = ap.parse_args()
     streams = [int(s) for s in args.streams.split(",")]
+    bench_vs_vllm.NEW_TOKENS = args.new_tokens  # what the harness's gRPC client asks for
     names = list(CONFIGS) if args.configs == "all" else args.configs.split(",")
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
@@ -165,12 +168,12 @@ def main() -> int:
         print(f"{name}: up in {time.perf_counter() - t0:.0f} s", flush=True)
         try:
             got = asyncio.run(measure(target, prompts, streams, args.seconds,
-                                      args.warmup_seconds))
+                                      args.warmup_seconds, args.new_tokens))
         finally:
             proc.stop()
         for s, st, load in got:
             # the planner is told the prompt length the server counted
-            pred = predicted(costs, cfg, s, 100)
+            pred = predicted(costs, cfg, s, 100, args.new_tokens)
             rows.append((name, s, pred, st, load))
             print(f"  {s} streams: tok/s {st.tok_s:.1f} (predicted {pred['tok_s']:.1f}), "
                   f"TTFT {st.ttft_p50 * 1e3:.0f} ms ({pred['ttft_ms']:.0f}), ITL "
@@ -182,7 +185,7 @@ def main() -> int:
     lines += [f"**{args.note}**", "", f"CPU flags: {cpu_flags()}; total "
               f"{time.perf_counter() - t_start:.0f} s", "",
               "Model: SmolLM2-135M-Instruct (bundled, fp32 checkpoint; bf16 cast at load), "
-              f"~100-token prompts, {NEW_TOKENS} new tokens, greedy, EOS ignored, closed-loop "
+              f"~100-token prompts, {args.new_tokens} new tokens, greedy, EOS ignored, closed-loop "
               f"streams, {args.seconds:g} s windows (first {SKIP:.0%} not counted). Prediction: "
               "`shardserve plan` (server/shardserve_server/plan/predict.py) on the costs "
               "below; ratio = predicted / measured; target: every ratio in "

@@ -55,43 +55,48 @@ def _layer_shapes(config: Any) -> list[tuple[int, int]]:
 
 
 def measure_gemm(config: Any, dtypes: tuple[str, ...], thread_counts: tuple[int, ...],
-                 budget_s: float = 2.0) -> dict[str, dict[int, dict[int, float]]]:
-    """dtype -> threads -> rows -> FLOP/s of one layer's GEMMs, weights cold."""
+                 rounds: int = 2) -> dict[str, dict[int, dict[int, float]]]:
+    """dtype -> threads -> rows -> FLOP/s of one layer's GEMMs, weights cold.
+
+    Every (dtype, threads, rows) point is timed once per round and the rounds interleave, so
+    a burst of load from other processes on a shared machine lands on one sample of many
+    points rather than on every sample of one; the median of the rounds is kept."""
     from shardserve_sharding.models.llama import Linear
 
-    out: dict[str, dict[int, dict[int, float]]] = {}
     shapes = _layer_shapes(config)
-    for dname in dtypes:
-        dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dname]
-        layer_bytes = sum(o * i for o, i in shapes) * (4 if dt == torch.float32 else 2)
-        copies = max(2, -(-WEIGHT_BYTES_COLD // layer_bytes))
-        layers = []
-        with torch.no_grad():
+    stacks, xs = {}, {}
+    with torch.no_grad():
+        for dname in dtypes:
+            dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dname]
+            layer_bytes = sum(o * i for o, i in shapes) * (4 if dt == torch.float32 else 2)
+            copies = max(2, -(-WEIGHT_BYTES_COLD // layer_bytes))
+            stack = []
             for _ in range(copies):
-                lins = []
                 for o, i in shapes:
                     lin = Linear(i, o, bias=False, dtype=dt)
                     lin.requires_grad_(False)
-                    lins.append(lin)
-                layers.append(lins)
-        flops_per_row = 2 * sum(o * i for o, i in shapes) * copies
-        out[dname] = {}
-        for th in thread_counts:
-            torch.set_num_threads(th)
-            out[dname][th] = {}
+                    stack.append(lin)
+            stacks[dname] = stack
             for rows in ROWS:
-                xs = {i: torch.randn(rows, i, dtype=dt) for _, i in shapes}
-                times = []
-                t_end = time.perf_counter() + budget_s / len(ROWS)
-                with torch.no_grad():
-                    while len(times) < 2 or (time.perf_counter() < t_end and len(times) < 7):
+                xs[dname, rows] = {i: torch.randn(rows, i, dtype=dt) for _, i in shapes}
+    samples: dict[tuple[str, int, int], list[float]] = {}
+    with torch.no_grad():
+        for r in range(rounds + 1):  # round 0 warms every path (packing, thread pools)
+            for dname in dtypes:
+                for th in thread_counts:
+                    torch.set_num_threads(th)
+                    for rows in ROWS:
+                        x = xs[dname, rows]
                         t0 = time.perf_counter()
-                        for lins in layers:
-                            for lin in lins:
-                                lin(xs[lin.in_features])  # [rows, out]
-                        times.append(time.perf_counter() - t0)
-                out[dname][th][rows] = flops_per_row * rows / statistics.median(times[1:])
-        del layers
+                        for lin in stacks[dname]:
+                            lin(x[lin.in_features])  # [rows, out]
+                        if r:
+                            samples.setdefault((dname, th, rows), []).append(
+                                time.perf_counter() - t0)
+    out: dict[str, dict[int, dict[int, float]]] = {}
+    for (dname, th, rows), times in samples.items():
+        flops = 2 * sum(lin.in_features * lin.out_features for lin in stacks[dname]) * rows
+        out.setdefault(dname, {}).setdefault(th, {})[rows] = flops / statistics.median(times)
     return out
 
 
