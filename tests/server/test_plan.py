@@ -181,3 +181,19 @@ def test_costs_round_trip(tmp_path, costs_file):
     c.save(tmp_path / "again.json")
     assert plan_costs.load(tmp_path / "again.json") == c
     assert c.allreduce_s(0, 1) == 0.0 and c.allreduce_s(0, 2) == pytest.approx(1e-4)
+
+
+def test_a_backend_with_its_own_gemm_table_uses_it(tmp_path):
+    """ONNX Runtime's measured GEMM rates (its own kernels and thread pool) drive the ONNX
+    layouts; torch layouts keep torch's; rates interpolate log-linearly in rows."""
+    d = {**COSTS, "backend_gemm_flops": {"onnx": {"fp32": {"1": {"1": 4e9, "100": 4e11}}}}}
+    p = tmp_path / "costs.json"
+    p.write_text(json.dumps(d))
+    c = plan_costs.load(p)
+    assert c.gemm_rate("fp32", 10, 1, "onnx") == pytest.approx(4e10)
+    assert c.gemm_rate("fp32", 10, 0.5, "onnx") == pytest.approx(2e10)  # half a core
+    assert c.gemm_rate("fp32", 10, 1, "torch") == RATE
+    model = resolve_model("tiny")
+    lays = [LayoutChoice("onnx", "fp32", 1, 1, 1), LayoutChoice("torch", "fp32", 1, 1, 1)]
+    onnx, torch_ = predict(model, c, 1, Workload(streams=1), lays)
+    assert onnx.itl_ms < torch_.itl_ms

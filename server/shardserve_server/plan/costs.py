@@ -55,21 +55,28 @@ class MachineCosts:
     """Bus bandwidth of a large all-reduce (bytes/s)."""
     overhead: dict[str, StepOverhead]
     """backend (torch, onnx) -> per-step overhead of our engine."""
-    backend_gemm_scale: dict[str, float] = field(default_factory=dict)
-    """backend -> its GEMM time over torch's (ONNX Runtime's MLAS vs torch), 1 if absent."""
+    backend_gemm_flops: dict[str, dict[str, dict[int, dict[int, float]]]] = field(
+        default_factory=dict)
+    """backend -> dtype -> threads -> rows -> FLOP/s where a backend has its own kernels
+    (ONNX Runtime's MLAS and thread pool); absent: gemm_flops (torch's)."""
     source: str = ""
     """How the figures were obtained (the command, or the published sources)."""
     measured_at: str = ""
 
     # ---- lookups the planner uses
 
-    def gemm_rate(self, dtype: str, rows: float, threads: float) -> float:
+    def gemm_rate(self, dtype: str, rows: float, threads: float, backend: str = "torch"
+                  ) -> float:
         """FLOP/s of one rank's GEMMs over `rows` rows with `threads` threads (log-linear in
-        rows between measured points, linear in threads; below one thread: a time share)."""
-        if dtype not in self.gemm_flops:
+        rows between measured points, linear in threads; below one thread: a time share),
+        from the backend's own table where it has one."""
+        table = self.backend_gemm_flops.get(backend, {})
+        if dtype not in table:
+            table = self.gemm_flops
+        if dtype not in table:
             raise CostsError(f"no GEMM rate for dtype {dtype!r}; measured: "
                              f"{sorted(self.gemm_flops)}")
-        by_threads = self.gemm_flops[dtype]
+        by_threads = table[dtype]
         return _interp_threads({t: _interp_log(by_rows, rows) for t, by_rows in
                                 by_threads.items()}, threads)
 
@@ -172,9 +179,10 @@ def from_dict(d: Any, where: str = "costs") -> MachineCosts:
     overhead = d.get("overhead")
     if not isinstance(overhead, dict) or not overhead:
         raise CostsError(f"{where}: overhead must be a non-empty table")
-    scale = d.get("backend_gemm_scale", {})
-    if not isinstance(scale, dict):
-        raise CostsError(f"{where}: backend_gemm_scale must be a table")
+    per_backend = d.get("backend_gemm_flops", {})
+    if not isinstance(per_backend, dict) or not all(
+            isinstance(v, dict) for v in per_backend.values()):
+        raise CostsError(f"{where}: backend_gemm_flops must be a table of tables")
     threads = d.get("host_threads")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
         raise CostsError(f"{where}: host_threads must be a non-negative integer")
@@ -192,8 +200,9 @@ def from_dict(d: Any, where: str = "costs") -> MachineCosts:
                                             positive=False))
                   if isinstance(v, dict) else _bad(f"{where}: overhead[{k}] is not a table")
                   for k, v in overhead.items()},
-        backend_gemm_scale={str(k): _num({"v": v}, "v", f"{where}: backend_gemm_scale[{k}]")
-                            for k, v in scale.items()},
+        backend_gemm_flops={str(b): {str(k): _table(v, f"{where}: backend_gemm_flops[{b}][{k}]",
+                                                    2) for k, v in t.items()}
+                            for b, t in per_backend.items()},
         source=str(d.get("source", "")),
         measured_at=str(d.get("measured_at", "")),
     )

@@ -100,6 +100,54 @@ def measure_gemm(config: Any, dtypes: tuple[str, ...], thread_counts: tuple[int,
     return out
 
 
+def measure_gemm_onnx(config: Any, thread_counts: tuple[int, ...], work: Path,
+                      rounds: int = 2) -> dict[int, dict[int, float]]:
+    """threads -> rows -> FLOP/s of one layer's fp32 GEMMs in ONNX Runtime (the ONNX
+    backend's own MLAS kernels and thread pool, made by runtime.make_session as the backend
+    makes its sessions), weights cold: MatMuls over enough copies of the layer's weights."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from shardserve_sharding.onnx_export.runtime import make_session
+
+    shapes = _layer_shapes(config)
+    copies = max(2, -(-WEIGHT_BYTES_COLD // (sum(o * i for o, i in shapes) * 4)))
+    ins = sorted({i for _, i in shapes})
+    rng = np.random.default_rng(0)
+    inits, nodes, outputs = [], [], []
+    for c in range(copies):
+        for k, (o, i) in enumerate(shapes):
+            w, y, r = f"w{c}_{k}", f"y{c}_{k}", f"r{c}_{k}"
+            inits.append(numpy_helper.from_array(
+                rng.standard_normal((i, o), dtype=np.float32) * 0.02, w))  # [in, out]
+            nodes.append(helper.make_node("MatMul", [f"x{i}", w], [y]))  # [rows, out]
+            nodes.append(helper.make_node("ReduceSum", [y], [r], keepdims=0))
+            outputs.append(helper.make_tensor_value_info(r, TensorProto.FLOAT, []))
+    graph = helper.make_graph(
+        nodes, "gemms", [helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, ["rows", i])
+                         for i in ins], outputs, inits)
+    path = work / "gemms.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                    str(path))
+    flops_per_row = 2 * sum(o * i for o, i in shapes) * copies
+    sessions = {th: make_session(path, threads=th, spin=False) for th in thread_counts}
+    feeds = {rows: {f"x{i}": rng.standard_normal((rows, i), dtype=np.float32) for i in ins}
+             for rows in ROWS}
+    samples: dict[tuple[int, int], list[float]] = {}
+    for r in range(rounds + 1):  # interleaved as in measure_gemm; round 0 warms
+        for th, sess in sessions.items():
+            for rows in ROWS:
+                t0 = time.perf_counter()
+                sess.run(None, feeds[rows])
+                if r:
+                    samples.setdefault((th, rows), []).append(time.perf_counter() - t0)
+    out: dict[int, dict[int, float]] = {}
+    for (th, rows), times in samples.items():
+        out.setdefault(th, {})[rows] = flops_per_row * rows / statistics.median(times)
+    return out
+
+
 def measure_bandwidth(thread_counts: tuple[int, ...], nbytes: int = 256 * 2**20
                       ) -> dict[int, float]:
     """threads -> read bandwidth (bytes/s) of summing a buffer past the caches."""
@@ -280,7 +328,12 @@ def measure(config: Any, *, backends: tuple[str, ...] = ("torch", "onnx"),
     lat, arbw = measure_allreduce()
     log(f"  all-reduce: {lat * 1e3:.2f} ms latency, {arbw / 1e9:.2f} GB/s")
     overhead = {}
+    backend_gemm = {}
     with tempfile.TemporaryDirectory(prefix="shardserve-plan-") as d:
+        if "onnx" in backends:
+            t1 = time.perf_counter()
+            backend_gemm["onnx"] = {"fp32": measure_gemm_onnx(config, counts, Path(d))}
+            log(f"  ONNX Runtime GEMMs: {time.perf_counter() - t1:.1f} s")
         for b in backends:
             overhead[b] = measure_overhead(b, Path(d))
             log(f"  {b} step overhead: {overhead[b].fixed_s * 1e3:.2f} ms + "
@@ -290,6 +343,7 @@ def measure(config: Any, *, backends: tuple[str, ...] = ("torch", "onnx"),
         device=cpu_description(), host_threads=cores,
         memory_per_device_gib=round(mem / cores, 2), gemm_flops=gemm, mem_bw=bw,
         allreduce_latency_s=lat, allreduce_bw=arbw, overhead=overhead,
+        backend_gemm_flops=backend_gemm,
         source=f"shardserve plan --measure ({time.perf_counter() - t0:.0f} s)",
         measured_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )

@@ -147,8 +147,7 @@ def _step_s(fp: Footprint, costs: MachineCosts, lay: LayoutChoice, threads: floa
     """(step seconds, of which collectives) for one replica."""
     wbytes = DTYPE_BYTES[lay.dtype]
     act = ACT_BYTES[lay.dtype]
-    rate = costs.gemm_rate(lay.dtype, tokens, threads) / costs.backend_gemm_scale.get(
-        lay.backend, 1.0)
+    rate = costs.gemm_rate(lay.dtype, tokens, threads, lay.backend)
     bw = costs.bandwidth(threads)
     total = comm = 0.0
     for st in fp.stages:
