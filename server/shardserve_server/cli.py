@@ -8,6 +8,7 @@ shardserve serve --model DIR [--tp N] [--replicas R]    # gRPC API, /metrics
 shardserve train --out RUN [--dp 2 --tp 2 --pp 2]       # hybrid-parallel trainer
 shardserve export-onnx MODEL_DIR OUT_DIR                # ONNX Runtime replicas
 shardserve export-hf MODEL_DIR OUT_DIR                  # transformers / vLLM directory
+shardserve plan --model DIR --devices N [--measure] [--json]  # which layout to serve with
 shardserve quickstart [--workdir DIR]  # import the bundled SmolLM2, serve it, query it
 
 `shardserve COMMAND --help` lists every option of a command with its default.
@@ -329,6 +330,43 @@ def _report(args: argparse.Namespace, res, load_s: float, gen_s: float) -> int:
             f"load {load_s:.1f} s]",
             file=sys.stderr,
         )
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from shardserve_server.plan import costs as plan_costs
+    from shardserve_server.plan.predict import Workload, predict, recommend, resolve_model
+    from shardserve_server.plan.report import plan_json, plan_table
+
+    model = resolve_model(args.model)
+    if args.measure:
+        from shardserve_server.plan.measure import measure
+
+        if model.family != "llama":
+            raise ValueError("--measure times Llama-family layer shapes; give a Llama model")
+        log = (lambda *_: None) if args.json else print
+        log(f"measuring this machine at {model.name}'s shapes (about a minute)")
+        costs = measure(model.config, log=log)
+        costs.save(args.costs)
+        log(f"stored {args.costs}")
+    else:
+        costs = plan_costs.load(args.costs)
+    for name in ("devices", "streams", "prompt_tokens", "new_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("memory_per_device", "target_ttft_ms", "target_itl_ms"):
+        v = getattr(args, name)
+        if v is not None and not v > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0")
+    work = Workload(streams=args.streams, prompt_tokens=args.prompt_tokens,
+                    new_tokens=args.new_tokens, target_ttft_ms=args.target_ttft_ms,
+                    target_itl_ms=args.target_itl_ms,
+                    memory_per_device_gib=args.memory_per_device,
+                    kv_tokens=args.kv_cache_tokens)
+    preds = predict(model, costs, args.devices, work)
+    best, why = recommend(preds, work)
+    render = plan_json if args.json else plan_table
+    print(render(model, args.devices, work, costs, preds, best, why))
     return 0
 
 
@@ -677,6 +715,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true",
                    help="skip the sha256 check of the checkpoint's files (sizes are still checked)")
     p.set_defaults(func=cmd_export_hf)
+
+    p = sub.add_parser("plan", help="predict and recommend a serving layout (TP x PP x "
+                       "replicas, dtype, KV budget) from this machine's measured costs")
+    p.add_argument("--model", required=True,
+                   help="checkpoint dir, named config (smollm2-135m) or JSON file "
+                   "{family, config}")
+    p.add_argument("--devices", type=int, default=os.cpu_count() or 1,
+                   help="devices (here: CPU cores / ranks) the layouts may use")
+    p.add_argument("--memory-per-device", type=float, default=None,
+                   help="GiB per device (default: the costs file's)")
+    p.add_argument("--target-ttft-ms", type=float, default=None,
+                   help="time-to-first-token target (ms)")
+    p.add_argument("--target-itl-ms", type=float, default=None,
+                   help="inter-token latency target (ms)")
+    p.add_argument("--streams", type=int, default=8, help="concurrent request streams")
+    p.add_argument("--prompt-tokens", type=int, default=100, help="prompt tokens per request")
+    p.add_argument("--new-tokens", type=int, default=64, help="generated tokens per request")
+    p.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="fixed KV budget per replica (default: all the memory left)")
+    p.add_argument("--costs", default=str(Path.home() / ".cache" / "shardserve" /
+                                          "plan-costs.json"),
+                   help="costs file: read, or written by --measure")
+    p.add_argument("--measure", action="store_true",
+                   help="time this machine (GEMMs at the model's shapes, bandwidth, "
+                   "all-reduce, engine step overhead; < 1 min) and store the costs first")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("quickstart", help="import the bundled SmolLM2, serve it, query it")
     p.add_argument("--workdir", default=os.environ.get("SHARDSERVE_HOME", "models"))
