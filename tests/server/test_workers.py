@@ -386,9 +386,8 @@ def test_prefill_first_tokens_go_out_before_the_decode_forward(tiny_llama_dir, f
     leader = Leader(cfg, runner, None, ours, 0.0)  # TP=1: no collectives
     assert leader.scheduler.cfg.flat_batches is flat
 
-    def req(rid):  # distinct prompts: b must not find a's blocks in the prefix cache
-        first = 5 if rid == "a" else 15
-        return GenerationRequest((first, 6, 7, 8, 9), SamplingParams(temperature=0.0),
+    def req(rid):  # b finds a's first block cached: its prompt chunk is one token, a prefill
+        return GenerationRequest((5, 6, 7, 8, 9), SamplingParams(temperature=0.0),
                                  StoppingParams(8, ignore_eos=True), rid)
 
     leader.scheduler.add(req("a"))

@@ -40,6 +40,7 @@ class ForwardPlan:
     logits_index: torch.Tensor  # [R] long: column per row / flat token index (flat)
     tables: torch.Tensor  # [R, nb] long: KV block tables (-1 padded), or [R, 1] state slots
     kind: int = FORWARD  # FORWARD, FLAT, STOP, KEEPALIVE (followers run nothing)
+    decode_only: bool = False  # every row decodes one token (timing labels; not broadcast)
 
     @property
     def flat(self) -> bool:

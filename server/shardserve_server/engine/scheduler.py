@@ -364,7 +364,8 @@ class GroupScheduler:
         lens += [1] * len(decode)
         seg = torch.tensor(lens)  # [R]
         return ForwardPlan(torch.tensor(toks).view(1, -1), torch.tensor(pos).view(1, -1), seg,
-                           seg.cumsum(0) - 1, _table_tensor(tables + d_tables), kind=FLAT)
+                           seg.cumsum(0) - 1, _table_tensor(tables + d_tables), kind=FLAT,
+                           decode_only=not chunks)
 
     def _decode_rows(self, seqs: list[Scheduled]) -> tuple[list[int], list[int], list]:
         """Each decoding sequence's last token, its position (num_tokens - 1) and its block
@@ -384,7 +385,7 @@ class GroupScheduler:
         b = len(seqs)
         return ForwardPlan(torch.tensor(toks).view(b, 1), torch.tensor(pos).view(b, 1),
                            torch.ones(b, dtype=torch.long), torch.zeros(b, dtype=torch.long),
-                           _table_tensor(tables))
+                           _table_tensor(tables), decode_only=True)
 
     def _plan(self, rows: list[tuple[list[int], int]], seqs: list[Scheduled]) -> ForwardPlan:
         """Prefill chunks (tokens, start position) right-padded to the longest."""

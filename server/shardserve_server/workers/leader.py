@@ -156,12 +156,14 @@ class Leader:
         t_step = time.perf_counter()
 
         def on_forward(plan: ForwardPlan, samples: list[bool], seconds: float) -> None:
-            # a step with prompt tokens is a prefill step (a flat one carries decodes too)
-            phase = "decode" if int(plan.num_new.max()) == 1 and all(samples) else "prefill"
+            # a forward with prompt tokens is a prefill (a flat one carries decodes too; a
+            # prompt chunk may be one token, e.g. the rest of a prompt found in the cache)
+            phase = "decode" if plan.decode_only else "prefill"
             self.phase_s[phase] += seconds
-            timing[f"{phase}_s"] = seconds
-            timing[f"{phase}_rows"] = len(samples)
-            timing[f"{phase}_tokens"] = int(plan.num_new.sum())
+            timing[f"{phase}_s"] = timing.get(f"{phase}_s", 0.0) + seconds
+            timing[f"{phase}_rows"] = timing.get(f"{phase}_rows", 0) + len(samples)
+            timing[f"{phase}_tokens"] = (timing.get(f"{phase}_tokens", 0)
+                                         + int(plan.num_new.sum()))
             timing["batch"] += len(samples)
 
         outputs = self.scheduler.step(self._forward, flush=self._send, on_forward=on_forward)
