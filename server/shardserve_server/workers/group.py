@@ -46,6 +46,8 @@ class WorkerGroup:
         self.ready_info: Ready | None = None
         self._dead = threading.Event()
         self._ready = threading.Event()
+        self._eof = threading.Event()  # the reader reached the end of the leader's pipe
+        self._fatal: str | None = None  # the leader's Fatal message, if it sent one
         self._lock = threading.Lock()
         self._closing = False
 
@@ -128,13 +130,22 @@ class WorkerGroup:
             if isinstance(msg, Fatal):
                 fatal = msg.message
             self.on_message(msg)
+        # every message the leader sent is delivered (ahead of GroupDead); give the monitor a
+        # moment to name the rank that exited and its code
+        self._fatal = fatal
+        self._eof.set()
+        time.sleep(0.3)
         self._die(fatal or "leader connection closed")
 
     def _monitor(self) -> None:
         while not self._dead.is_set():
             for rank, p in enumerate(self.procs):
                 if not p.is_alive():
-                    self._die(f"rank {rank} (pid {p.pid}) exited with code {p.exitcode}")
+                    # let the reader drain what the leader sent before it went (finished
+                    # results, its Fatal message) so that GroupDead comes after them
+                    self._eof.wait(0.5)
+                    self._die(self._fatal or f"rank {rank} (pid {p.pid}) exited with code "
+                              f"{p.exitcode}")
                     return
             time.sleep(0.1)
 
