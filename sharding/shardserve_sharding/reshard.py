@@ -7,6 +7,12 @@ safetensors_stream.py); peak memory is a few chunks. Other sources hand over one
 at a time, cut the same way. The output directory appears only when complete.
 
     shardserve reshard SRC DST --tp 3 [--pp 2] [--source-format auto] [--dtype fp32] [--verify]
+        [--quantize int8|int4 [--group-size 32]]
+
+--quantize stores the Llama linear weights (and the tied embedding / lm_head, int8) as
+weight-only int8 or int4 (quant/scheme.py): each float weight is read whole, quantized, and
+its integers and scales are cut by the split table like any tensor. A quantized source is
+resharded as it is (its integers and scales are cut, never requantized).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from .partition import (
     stage_layers,
     tensor_stage,
 )
+from .quant.scheme import QuantConfig, quantize_weight, stored_tensors
 from .split_table import split_kind
 
 SOURCE_FORMATS = ("auto", "shardserve", "hf", "gguf", "megatron", "dcp")
@@ -100,11 +107,15 @@ def reshard(
     overwrite: bool = False,
     config: str | os.PathLike[str] | None = None,
     verify_hashes: bool = True,
+    quantize: str | None = None,
+    group_size: int = 32,
+    quantize_embedding: str = "int8",
 ) -> ReshardReport:
     """Write src at layout (tp, pp) into dst; see the module docstring.
 
     tokenizer: a path (see load_tokenizer_from); config: DCP's params.json; verify_hashes:
-    check a shardserve source's sha256s first (checkpoint/verify.py).
+    check a shardserve source's sha256s first (checkpoint/verify.py); quantize: "int8" or
+    "int4" (group_size input columns per int4 group; quantize_embedding "int8" or "none").
     """
     t0 = time.perf_counter()
     given_tok = load_tokenizer_from(tokenizer) if tokenizer else None
@@ -130,18 +141,26 @@ def reshard(
             f"vocabulary has {mcfg.vocab_size} rows"
         )
     geo = TPGeometry.of(family, mcfg)
-    names = source.names_and_shapes()
-    plan = []  # (name, global shape, stage, [spec per tp rank])
-    for name, shape in names:
-        kind = split_kind(family, name)
-        specs = [shard_spec(kind, shape, geo, tp, r) for r in range(tp)]
-        plan.append((name, tuple(shape), tensor_stage(name, n_layers, pp), specs))
+    qcfg, requantize = _quant_plan(source, quantize, group_size, quantize_embedding, src)
+    plan = []  # (stored name, global shape, dtype, stage, [spec per tp rank], float source name)
+    for name, shape in source.names_and_shapes():
+        stored = [(name, tuple(shape), _stored_dtype(source, name, out_dtype))]
+        if requantize:
+            stored = stored_tensors(name, tuple(shape), out_dtype, qcfg)
+        for sname, sshape, sdtype in stored:
+            specs = [shard_spec(split_kind(family, sname), sshape, geo, tp, r) for r in range(tp)]
+            plan.append((sname, sshape, sdtype, tensor_stage(name, n_layers, pp), specs,
+                         name if sname == name else None))
+    if qcfg is not None:
+        from .quant.apply import check_quantized_tp
+
+        check_quantized_tp(family, mcfg, [(p[0], p[1]) for p in plan], qcfg, tp)
     file_specs: dict[tuple[int, int], list[TensorSpec]] = {
         (t, s): [] for t in range(tp) for s in range(pp)
     }
-    for name, shape, stage, specs in plan:
+    for name, shape, sdtype, stage, specs, _ in plan:
         for t in range(tp):
-            file_specs[(t, stage)].append(TensorSpec(name, out_dtype, local_shape(shape, specs[t])))
+            file_specs[(t, stage)].append(TensorSpec(name, sdtype, local_shape(shape, specs[t])))
     info = {**source.source_info(), "resharded_by": "shardserve reshard"}
     try:
         with CheckpointBuilder(
@@ -152,6 +171,7 @@ def reshard(
             dtype=out_dtype,
             source=info,
             overwrite=overwrite,
+            quantization=None if qcfg is None else qcfg.to_dict(),
         ) as b:
             writers = {k: b.open_rank_file(k[0], k[1], v) for k, v in file_specs.items()}
             it = plan
@@ -159,10 +179,15 @@ def reshard(
                 from tqdm import tqdm
 
                 it = tqdm(plan, desc=f"reshard -> tp{tp} pp{pp}", unit="tensor")
-            for name, shape, stage, specs in it:
+            stored: dict[str, torch.Tensor] = {}  # a quantized weight's other stored tensors
+            for name, shape, sdtype, stage, specs, src_name in it:
+                full = stored.pop(name, None)
+                if requantize and src_name is not None and qcfg.scheme_of(src_name):
+                    stored = quantize_weight(src_name, source.tensor(src_name), qcfg)
+                    full = stored.pop(name)
                 _stream_tensor(source, name, shape, specs, [writers[(t, stage)] for t in range(tp)],
-                               out_dtype)
-                b.add_tensor_entry(name, shape, stage)
+                               sdtype, full)
+                b.add_tensor_entry(name, shape, stage, sdtype)
             for (t, s), w in writers.items():
                 b.close_rank_file(w, t, s)
             if tok_dir is not None:
@@ -193,35 +218,68 @@ def _ascending(pieces: tuple[tuple[int, int], ...]) -> bool:
     return all(a[1] <= b[0] for a, b in zip(pieces, pieces[1:], strict=False))
 
 
+def _quant_plan(source: Any, quantize: str | None, group_size: int, embedding: str,
+                src: Any) -> tuple[QuantConfig | None, bool]:
+    """(the destination's QuantConfig or None, whether float weights are quantized here)."""
+    have = getattr(source, "quant", None)
+    if quantize is None:
+        return have, False
+    want = QuantConfig(quantize, group_size if quantize == "int4" else 0, embedding)
+    if have is None:
+        return want, True
+    if (have.scheme, have.group_size, have.embedding) != (want.scheme, want.group_size,
+                                                         want.embedding):
+        raise CheckpointError(
+            f"{src}: already quantized ({have.scheme}, group {have.group_size}, embedding "
+            f"{have.embedding}); reshard it without --quantize, or quantize a float checkpoint")
+    return have, False
+
+
+def _stored_dtype(source: Any, name: str, out_dtype: torch.dtype) -> torch.dtype:
+    """A quantized source's integers and scales keep their dtype; floats become out_dtype."""
+    quant = getattr(source, "quant", None)
+    if quant is not None:
+        from .quant.scheme import component_of
+
+        base, suffix = component_of(name)
+        if suffix or quant.scheme_of(base):
+            return source.tensor_dtype(name)
+    return out_dtype
+
+
 def _stream_tensor(source: Any, name: str, shape: tuple[int, ...], specs: list[ShardSpec],
-                   writers: list[Any], out_dtype: torch.dtype) -> None:
+                   writers: list[Any], out_dtype: torch.dtype,
+                   full: torch.Tensor | None = None) -> None:
     """Write every target rank's slice of `name`, streaming global rows in chunks.
 
     A source that can read row ranges (our own format, at any layout) never materialises the
     tensor: each chunk of global rows is read straight from its rank files into a fresh buffer
     and each target rank's rows (dim-0 cuts, ascending pieces) or columns (dim-1 cuts) of it go
-    to that rank's file. Other sources hand over the whole tensor; it is cut the same way.
+    to that rank's file. Other sources hand over the whole tensor (or the caller does: `full`,
+    a tensor quantized here); it is cut the same way.
     """
     rows = shape[0] if shape else 1
     inner = tuple(shape[1:])
     if not all(s.dim != 0 or _ascending(s.pieces) for s in specs):  # the split table's promise
         raise ValueError(f"{name}: a rank's dim-0 pieces are not in ascending order")
-    full = None
-    if not hasattr(source, "read_rows"):
+    if full is None and not hasattr(source, "read_rows"):
         full = source.tensor(name)
+    if full is not None:
         if tuple(full.shape) != shape:
             raise CheckpointError(f"{name} is {list(full.shape)}, expected {list(shape)}")
         full = full.to(out_dtype).reshape(rows, *inner)  # [rows, *inner]
     for w in writers:
         w.begin(name, out_dtype)
-    item = (full.dtype if full is not None else source.dtype).itemsize
+    src_dtype = (full.dtype if full is not None else source.tensor_dtype(name)
+                 if hasattr(source, "tensor_dtype") else source.dtype)
+    item = src_dtype.itemsize
     step = max(1, CHUNK_BYTES // max(1, math.prod(inner) * item))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         if full is not None:
             buf = full[r0:r1]  # [r1 - r0, *inner], a view
         else:
-            buf = torch.empty((r1 - r0, *inner), dtype=source.dtype)  # [r1 - r0, *inner]
+            buf = torch.empty((r1 - r0, *inner), dtype=src_dtype)  # [r1 - r0, *inner]
             source.read_rows(name, r0, r1, buf)
             buf = buf.to(out_dtype)
         for w, spec in zip(writers, specs, strict=True):
