@@ -142,19 +142,21 @@ def reshard(
         )
     geo = TPGeometry.of(family, mcfg)
     qcfg, requantize = _quant_plan(source, quantize, group_size, quantize_embedding, src)
-    plan = []  # (stored name, global shape, dtype, stage, [spec per tp rank], float source name)
+    stored = []  # (stored name, global shape, dtype, float source name)
     for name, shape in source.names_and_shapes():
-        stored = [(name, tuple(shape), _stored_dtype(source, name, out_dtype))]
         if requantize:
-            stored = stored_tensors(name, tuple(shape), out_dtype, qcfg)
-        for sname, sshape, sdtype in stored:
-            specs = [shard_spec(split_kind(family, sname), sshape, geo, tp, r) for r in range(tp)]
-            plan.append((sname, sshape, sdtype, tensor_stage(name, n_layers, pp), specs,
-                         name if sname == name else None))
+            stored += [(*t, name) for t in stored_tensors(name, tuple(shape), out_dtype, qcfg)]
+        else:
+            stored.append((name, tuple(shape), _stored_dtype(source, name, out_dtype), name))
     if qcfg is not None:
         from .quant.apply import check_quantized_tp
 
-        check_quantized_tp(family, mcfg, [(p[0], p[1]) for p in plan], qcfg, tp)
+        check_quantized_tp(family, mcfg, [(t[0], t[1]) for t in stored], qcfg, tp)
+    plan = []  # (stored name, global shape, dtype, stage, [spec per tp rank], float source name)
+    for sname, sshape, sdtype, name in stored:
+        specs = [shard_spec(split_kind(family, sname), sshape, geo, tp, r) for r in range(tp)]
+        plan.append((sname, sshape, sdtype, tensor_stage(name, n_layers, pp), specs,
+                     name if sname == name else None))
     file_specs: dict[tuple[int, int], list[TensorSpec]] = {
         (t, s): [] for t in range(tp) for s in range(pp)
     }

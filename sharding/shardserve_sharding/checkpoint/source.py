@@ -168,7 +168,8 @@ class ShardserveSource:
                                       f"[{r0}, {r1}) of {name}")
             return
         for r, spec in enumerate(specs):  # dim 1: every rank holds some columns of each row
-            local = torch.empty((r1 - r0, spec.local_len), dtype=out.dtype)  # [rows, cols/tp]
+            # [rows, cols/tp, *rest] (int4 scales: [rows, groups/tp, 2])
+            local = torch.empty((r1 - r0, spec.local_len, *out.shape[2:]), dtype=out.dtype)
             self._raw(name, r, spec).read_rows(name, r0, r1, local)
             offset = 0
             for a, b in spec.pieces:

@@ -10,10 +10,9 @@ models.cpu_gemm.cpu_linear and tp.layers.VocabParallelEmbedding call it. A tied 
 the embedding's Int8Weight: one int8 copy of the matrix serves both the lookup and the
 output projection.
 
-`quantize_state` turns a rank's float tensors into its stored tensors: because every row and
-group is quantized on its own, quantizing a slice gives exactly that slice of the quantized
-global tensor (quantize-then-shard == shard-then-quantize), so a float checkpoint can also be
-quantized at load.
+`quantize_state` turns float tensors (global, or a rank's rows) into stored tensors: every
+row and group is quantized on its own, so quantizing a slice of rows gives exactly that slice
+of the quantized global tensor (scheme.py says what a rowwise int8 slice needs besides).
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from .scheme import QuantConfig, quantize_weight
 
 
 def quantize_state(state: dict[str, torch.Tensor], qcfg: QuantConfig) -> dict[str, torch.Tensor]:
-    """Float tensors (names as in a checkpoint, global or one rank's) -> the stored tensors."""
+    """Float tensors (names as in a checkpoint) -> the stored tensors."""
     out: dict[str, torch.Tensor] = {}
     for name, t in state.items():
         out.update(quantize_weight(name, t, qcfg))

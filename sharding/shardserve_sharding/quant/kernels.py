@@ -32,8 +32,11 @@ from torch import nn
 from ..models.cpu_gemm import cpu_linear
 from .scheme import dequantize_int4, dequantize_int8, unpack_int4
 
-DENSE_MIN_ROWS = int(os.environ.get("SHARDSERVE_QUANT_DENSE_MIN_ROWS", "8"))
-"""Matmuls of at least this many rows run over the cached dense copy (0: never)."""
+DENSE_MIN_ROWS = int(os.environ.get("SHARDSERVE_QUANT_DENSE_MIN_ROWS", "6"))
+"""Matmuls of at least this many rows run over the cached dense copy (0: never). Measured on
+2 Zen 4 cores with AMX/AVX512-BF16 over SmolLM2's weights streamed from memory, kernel time /
+bf16 F.linear time: int8 0.32-0.44 at 1 row, 0.59-0.84 at 4, 1.18-1.47 at 8; int4 (group 32)
+0.32-0.38, 0.54-0.70, 1.05-1.39 (loadtest/results/quant.md): the crossover is 5-7 rows."""
 
 
 def _use_dense(x2: torch.Tensor) -> bool:

@@ -12,9 +12,13 @@ Two schemes, both over [out, in] linear weights (rows are output channels):
   gpt-fast's "zeros") and llama.cpp's Q4_0/Q4_1 blocks map onto it exactly (gguf_blocks.py).
 
 Every row, and every group of a row, is quantized on its own, so cutting rows (colwise,
-vocabulary) or whole groups (rowwise) before or after quantizing gives the same bytes; a
-row or group of zeros quantizes to all-zero bytes, so vocabulary padding rows are zeros in
-every stored tensor too. Everything is computed in float32 whatever the input dtype.
+vocabulary) or whole int4 groups (rowwise) before or after quantizing gives the same bytes.
+The one statistic that spans ranks is an int8 row's maximum under a rowwise cut (the row's
+input columns are spread over the ranks): shard-then-quantize takes it as the MAX over the
+ranks' local row maxima (`row_amax`, one all-reduce of N floats in a TP group), and then
+gives the same bytes too. A row or group of zeros quantizes to all-zero bytes, so vocabulary
+padding rows are zeros in every stored tensor. Everything is computed in float32 whatever
+the input dtype.
 """
 
 from __future__ import annotations
@@ -80,10 +84,12 @@ class QuantConfig:
         return None
 
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [N, K] -> (q int8 [N, K], scale float32 [N]); w ~= q * scale[:, None]."""
+def quantize_int8(w: torch.Tensor, row_amax: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (q int8 [N, K], scale float32 [N]); w ~= q * scale[:, None]. row_amax [N]:
+    max |w| of each whole row when w holds only some of its columns (a rowwise slice)."""
     w = w.float()
-    amax = w.abs().amax(dim=1)  # [N]
+    amax = w.abs().amax(dim=1) if row_amax is None else row_amax.float()  # [N]
     scale = amax / 127.0  # [N]
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(w / safe[:, None]).clamp_(-127, 127).to(torch.int8)  # [N, K]
@@ -137,13 +143,15 @@ def dequantize_int4(packed: torch.Tensor, qparams: torch.Tensor) -> torch.Tensor
     return (v * qp[..., 0:1] + qp[..., 1:2]).reshape(n, k)
 
 
-def quantize_weight(name: str, w: torch.Tensor, qcfg: QuantConfig) -> dict[str, torch.Tensor]:
-    """The stored tensors of weight `name` (w [N, K], global or one rank's slice)."""
+def quantize_weight(name: str, w: torch.Tensor, qcfg: QuantConfig,
+                    row_amax: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The stored tensors of weight `name` (w [N, K], global or one rank's slice; row_amax:
+    see quantize_int8)."""
     scheme = qcfg.scheme_of(name)
     if scheme is None:
         return {name: w}
     if scheme == "int8":
-        q, scale = quantize_int8(w)
+        q, scale = quantize_int8(w, row_amax)
         return {name: q, name + SCALE_SUFFIX: scale}
     packed, qparams = quantize_int4(w, qcfg.group_size)
     return {name: packed, name + QPARAMS_SUFFIX: qparams}
