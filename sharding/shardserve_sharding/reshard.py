@@ -12,11 +12,14 @@ at a time, cut the same way. The output directory appears only when complete.
 --quantize stores the Llama linear weights (and the tied embedding / lm_head, int8) as
 weight-only int8 or int4 (quant/scheme.py): each float weight is read whole, quantized, and
 its integers and scales are cut by the split table like any tensor. A quantized source is
-resharded as it is (its integers and scales are cut, never requantized).
+resharded as it is (its integers and scales are cut, never requantized). From a GGUF whose
+linear weights are Q4_0 / Q4_1, --quantize int4 --group-size 32 takes those blocks as they
+are (quant/gguf_blocks.py; the manifest's quantization.origin says "gguf:Q4_1").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -142,6 +145,12 @@ def reshard(
         )
     geo = TPGeometry.of(family, mcfg)
     qcfg, requantize = _quant_plan(source, quantize, group_size, quantize_embedding, src)
+    blocks = requantize and _gguf_blocks_apply(source, qcfg)
+    if blocks:  # the GGUF's own Q4 blocks are the int4 g32 weights (quant/gguf_blocks.py)
+        from .quant.gguf_blocks import gguf_block_types, gguf_int4
+
+        qcfg = dataclasses.replace(qcfg, origin="gguf:" + "+".join(
+            sorted(gguf_block_types(source))))
     stored = []  # (stored name, global shape, dtype, float source name)
     for name, shape in source.names_and_shapes():
         if requantize:
@@ -185,7 +194,8 @@ def reshard(
             for name, shape, sdtype, stage, specs, src_name in it:
                 full = stored.pop(name, None)
                 if requantize and src_name is not None and qcfg.scheme_of(src_name):
-                    stored = quantize_weight(src_name, source.tensor(src_name), qcfg)
+                    stored = (blocks and gguf_int4(source, src_name)) or quantize_weight(
+                        src_name, source.tensor(src_name), qcfg)
                     full = stored.pop(name)
                 _stream_tensor(source, name, shape, specs, [writers[(t, stage)] for t in range(tp)],
                                sdtype, full)
@@ -235,6 +245,17 @@ def _quant_plan(source: Any, quantize: str | None, group_size: int, embedding: s
             f"{src}: already quantized ({have.scheme}, group {have.group_size}, embedding "
             f"{have.embedding}); reshard it without --quantize, or quantize a float checkpoint")
     return have, False
+
+
+def _gguf_blocks_apply(source: Any, qcfg: QuantConfig) -> bool:
+    """int4 g32 from a GGUF whose linear weights are all Q4_0 / Q4_1: take the blocks."""
+    from .importers.gguf_reader import GGUFLlamaSource
+
+    if not isinstance(source, GGUFLlamaSource) or (qcfg.scheme, qcfg.group_size) != ("int4", 32):
+        return False
+    from .quant.gguf_blocks import TYPES, gguf_block_types
+
+    return gguf_block_types(source) <= set(TYPES)
 
 
 def _stored_dtype(source: Any, name: str, out_dtype: torch.dtype) -> torch.dtype:

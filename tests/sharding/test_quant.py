@@ -232,3 +232,60 @@ def test_quantize_state_of_a_slice_is_the_slice_of_the_quantized_state():
     for name, t in glob.items():
         cut = shard_tensor(t, shard_spec(split_kind("llama", name), tuple(t.shape), geo, 2, 1))
         assert torch.equal(cut, local[name])
+
+
+def _write_q4_gguf(path) -> None:
+    """A one-layer Llama GGUF whose linear weights are Q4_1 (Q4_0 for V), dim 64."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, v in ((w.add_block_count, 1), (w.add_embedding_length, 64),
+                   (w.add_feed_forward_length, 64), (w.add_head_count, 2),
+                   (w.add_head_count_kv, 1), (w.add_context_length, 64),
+                   (w.add_layer_norm_rms_eps, 1e-5), (w.add_rope_freq_base, 10000.0)):
+        add(v)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([chr(ord("a") + i) for i in range(16)])
+    w.add_token_types([1] * 16)
+    w.add_token_merges([])
+    rng = np.random.default_rng(0)
+    Q = gguf.GGMLQuantizationType
+    for name, shape, qt in (("token_embd.weight", (16, 64), None),
+                            ("blk.0.attn_norm.weight", (64,), None),
+                            ("blk.0.attn_q.weight", (64, 64), Q.Q4_1),
+                            ("blk.0.attn_k.weight", (32, 64), Q.Q4_1),
+                            ("blk.0.attn_v.weight", (32, 64), Q.Q4_0),
+                            ("blk.0.attn_output.weight", (64, 64), Q.Q4_1),
+                            ("blk.0.ffn_norm.weight", (64,), None),
+                            ("blk.0.ffn_gate.weight", (64, 64), Q.Q4_1),
+                            ("blk.0.ffn_up.weight", (64, 64), Q.Q4_1),
+                            ("blk.0.ffn_down.weight", (64, 64), Q.Q4_1),
+                            ("output_norm.weight", (64,), None)):
+        arr = rng.standard_normal(shape).astype(np.float32)
+        if qt is None:
+            w.add_tensor(name, arr)
+        else:
+            w.add_tensor(name, gguf.quants.quantize(arr, qt), raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_q4_blocks_are_taken_over_without_a_float_round_trip(tmp_path):
+    """int4 g32 from a Q4_1/Q4_0 GGUF: the manifest says where it came from, and every linear
+    weight dequantizes to exactly what the float import dequantizes (rotary rows included)."""
+    from shardserve_sharding.checkpoint.source import ShardserveSource
+
+    src = tmp_path / "m.gguf"
+    _write_q4_gguf(src)
+    fl = reshard(src, tmp_path / "float", tp=1).dst
+    q = reshard(src, tmp_path / "q", tp=1, quantize="int4", group_size=32).dst
+    assert read_manifest(q).quantization["origin"] == "gguf:Q4_0+Q4_1"
+    f, s = ShardserveSource(fl), ShardserveSource(q)
+    for name in ("layers.0.attention.wqkv.weight", "layers.0.attention.wo.weight",
+                 "layers.0.feed_forward.w13.weight", "layers.0.feed_forward.w2.weight"):
+        ref = f.tensor(name)
+        got = dequantize_int4(s.tensor(name), s.tensor(name + "_qparams"))
+        assert rel_err(got, ref) <= 1e-6, name
