@@ -3,7 +3,7 @@ greedy agreement, in one run; llama.cpp on the Q4_1 GGUF as the batch-1 peer whe
 package is there.
 
     .venv/bin/python loadtest/bench_quant.py [--batches 1,32] [--new-tokens 64] [--repeats 3]
-        [--threads 2] [--llamacpp-python PY] [--out quant]
+        [--threads 2] [--llamacpp-python PY] [--wait-quiet S] [--out quant]
 
 Checkpoints: the bundled model imported once (bench_decode.py's cache), then
 `reshard --quantize int8` and `--quantize int4 --group-size 32|64` beside it (once).
@@ -80,6 +80,7 @@ def speed(args, dirs: dict[str, Path], gguf: Path) -> tuple[dict, dict, list[str
             order = list(SPEED_VARIANTS) if rep % 2 == 0 else list(reversed(SPEED_VARIANTS))
             for b in args.batch_list:
                 for v in order:
+                    bd._wait_quiet(args.wait_quiet)
                     r1 = bd._timed(engines[v], b, 1)
                     rn = bd._timed(engines[v], b, args.new_tokens, tokens=b == 32)
                     rate = b * (args.new_tokens - 1) / (rn["seconds"] - r1["seconds"])
@@ -154,6 +155,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads per engine")
     ap.add_argument("--llamacpp-python", default="",
                     help="a Python with llama-cpp-python: llama.cpp runs in the same rotation")
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                    help="before each run, wait up to S seconds for idle CPUs")
     ap.add_argument("--out", default="quant", help="results file name (loadtest/results/)")
     args = ap.parse_args()
     args.batch_list = [int(b) for b in args.batches.split(",")]
