@@ -84,11 +84,14 @@ def speed(args, dirs: dict[str, Path], gguf: Path) -> tuple[dict, dict, list[str
                     r1 = bd._timed(engines[v], b, 1)
                     rn = bd._timed(engines[v], b, args.new_tokens, tokens=b == 32)
                     rate = b * (args.new_tokens - 1) / (rn["seconds"] - r1["seconds"])
+                    cpu_rate = b * (args.new_tokens - 1) / (rn["cpu_s"] - r1["cpu_s"])
                     rates.setdefault((v, b), []).append(rate)
+                    rates.setdefault((v + " cpu", b), []).append(cpu_rate)
                     if rn.get("tokens") is not None:
                         tokens[v] = rn["tokens"]
-                    log.append(f"repeat {rep} batch {b} {v}: {rate:.1f} tok/s "
-                               f"(other load {rn['other']:.2f} cores)")
+                    log.append(f"repeat {rep} batch {b} {v}: {rate:.1f} tok/s wall, "
+                               f"{cpu_rate:.1f} per CPU second (other load "
+                               f"{rn['other']:.2f} cores)")
                     print(log[-1], file=sys.stderr, flush=True)
                 if b == 1 and args.llamacpp_python:
                     rate = llamacpp_rate(args.llamacpp_python, gguf, 1, args.new_tokens,
@@ -178,6 +181,13 @@ def main() -> int:
               "|---|" + "---|" * (len(SPEED_VARIANTS) + 2)]
     for b in args.batch_list:
         vals = [med.get((v, b), float("nan")) for v in SPEED_VARIANTS]
+        lines.append(f"| {b} | " + " | ".join(f"{x:.1f}" for x in vals)
+                     + f" | {vals[1] / vals[0]:.2f} | {vals[2] / vals[0]:.2f} |")
+    lines += ["", "Decode tokens per CPU second of the engine process (with 1 thread: the rate of "
+              "an otherwise idle core, robust to other load; with more, spin-waits count too):",
+              "", lines[-len(args.batch_list) - 2], lines[-len(args.batch_list) - 1]]
+    for b in args.batch_list:
+        vals = [med.get((v + " cpu", b), float("nan")) for v in SPEED_VARIANTS]
         lines.append(f"| {b} | " + " | ".join(f"{x:.1f}" for x in vals)
                      + f" | {vals[1] / vals[0]:.2f} | {vals[2] / vals[0]:.2f} |")
     lines.append("")

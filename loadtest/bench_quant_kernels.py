@@ -11,7 +11,8 @@ weights stream from memory as in a real forward, not from cache), for bf16 F.lin
 which switch to a dense bf16 copy at DENSE_MIN_ROWS rows), and, with --torchao,
 torchao's Int8WeightOnlyConfig / Int4WeightOnlyConfig on the same
 weights. Prints a markdown table of microseconds per matmul (best of --repeats) and the
-ratio to bf16; the paths are timed interleaved, shape by shape.
+ratio to bf16; the paths are timed interleaved, shape by shape. Writes
+loadtest/results/quant_kernels.md (--out).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from results_io import cpu_flags
+from results_io import cpu_flags, header, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sharding"))
 from shardserve_sharding.quant.kernels import Int4Weight, Int8Weight  # noqa: E402
@@ -78,18 +79,26 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=8,
                     help="distinct copies of each weight cycled through (defeats the cache)")
     ap.add_argument("--torchao", default="", help="folder with torchao to compare (optional)")
+    ap.add_argument("--out", default="quant_kernels", help="results file name (results/)")
     a = ap.parse_args()
+    lines = header("torch CPU weight-only kernels vs bf16 F.linear (SmolLM2 shapes)",
+                   "python loadtest/bench_quant_kernels.py " + " ".join(sys.argv[1:]))
+
+    def out(line: str = "") -> None:
+        print(line, flush=True)
+        lines.append(line)
+
     if a.torchao:
         sys.path.insert(0, a.torchao)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    print(f"cpu: {cpu_flags()}  capability {torch.backends.cpu.get_cpu_capability()}  "
-          f"torch {torch.__version__}  threads {a.threads}  layers {a.layers}")
+    out(f"cpu: {cpu_flags()}  capability {torch.backends.cpu.get_cpu_capability()}  "
+        f"torch {torch.__version__}  threads {a.threads}  layers {a.layers}")
     cols = ["bf16", "int8", "int4 g32", "int4 g64"] + (
         ["ao int8", "ao int4 g32"] if a.torchao else [])
-    print("| M | in | out | " + " | ".join(f"{c} us" for c in cols) + " | int8/bf16 | "
-          "int4 g32/bf16 |")
-    print("|" + "---|" * (len(cols) + 5))
+    out("| M | in | out | " + " | ".join(f"{c} us" for c in cols) + " | int8/bf16 | "
+        "int4 g32/bf16 |")
+    out("|" + "---|" * (len(cols) + 5))
     totals: dict[tuple[int, str], float] = {}
     with torch.inference_mode():
         for k, n in SHAPES:
@@ -114,13 +123,15 @@ def main() -> int:
                 times = 30 if (k, n) in SHAPES[:4] else 1 if (k, n) == SHAPES[4] else 0
                 for c in cols:
                     totals[(m, c)] = totals.get((m, c), 0.0) + us[c] * times
-                print(f"| {m} | {k} | {n} | " + " | ".join(f"{us[c]:.0f}" for c in cols)
-                      + f" | {us['int8'] / us['bf16']:.2f} | {us['int4 g32'] / us['bf16']:.2f} |",
-                      flush=True)
-    print()
-    print("Whole-model GEMM time per forward (30 layers + lm_head), ms:")
+                out(f"| {m} | {k} | {n} | " + " | ".join(f"{us[c]:.0f}" for c in cols)
+                    + f" | {us['int8'] / us['bf16']:.2f} | {us['int4 g32'] / us['bf16']:.2f} |")
+    out()
+    out("Whole-model GEMM time per forward (30 layers + lm_head), ms:")
     for m in sorted({m for m, _ in totals}):
-        print(f"- M={m}: " + ", ".join(f"{c} {totals[(m, c)] / 1e3:.1f}" for c in cols))
+        out(f"- M={m}: " + ", ".join(f"{c} {totals[(m, c)] / 1e3:.1f}" for c in cols))
+    out()
+    out("The machine was shared with other work; the paths alternate shape by shape.")
+    write_results(a.out, lines)
     return 0
 
 

@@ -333,11 +333,16 @@ def verify_reshard(
     config: str | os.PathLike[str] | None = None,
 ) -> float:
     """Logits of src (merged, one process) and dst (its own TP, simulated with threads) on the
-    same random tokens; raises CheckpointError unless max|a-b| <= tolerance * max|ref|."""
+    same random tokens; raises CheckpointError unless max|a-b| <= tolerance * max|ref|. A
+    quantized dst is compared with itself served at TP=1 (its integers and scales are the
+    source's by construction; tests/sharding/test_quant.py checks that)."""
+    from .checkpoint.manifest import read_manifest
     from .models import build_model
     from .sharded_load import load_sharded_model
     from .tp.comm import run_ranks
 
+    if read_manifest(dst).quantization is not None:
+        return _verify_quantized(dst, tolerance, seed)
     source = open_any_source(src, source_format, tokenizer=tokenizer, config=config)
     torch.manual_seed(seed)
     with torch.device("meta"):
@@ -372,4 +377,29 @@ def verify_reshard(
             f"{dst}: verification failed, logits differ from {src} by {err:.3g} (relative), "
             f"tolerance {tolerance:g}"
         )
+    return err
+
+
+def _verify_quantized(dst: str | os.PathLike[str], tolerance: float, seed: int) -> float:
+    """Logits of a quantized dst at its own TP (threads) against dst at TP=1 (fp32)."""
+    from .checkpoint.manifest import read_manifest
+    from .sharded_load import load_sharded_model
+    from .tp.comm import ThreadGroup, run_ranks
+
+    m = read_manifest(dst)
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, int(m.config["vocab_size"]), (2, 16), generator=gen)
+    positions = torch.arange(16).expand(2, 16)
+
+    def run(comm, rank):
+        model = load_sharded_model(dst, comm, dtype=torch.float32)
+        with torch.no_grad():
+            return model(tokens, positions)
+
+    ref = run(ThreadGroup(1).comm(0), 0)
+    out = run_ranks(m.layout.tp, run)[0]
+    err = float((out - ref).abs().max() / ref.abs().max())
+    if not err <= tolerance:
+        raise CheckpointError(f"{dst}: verification failed, TP={m.layout.tp} logits differ from "
+                              f"TP=1 by {err:.3g} (relative), tolerance {tolerance:g}")
     return err

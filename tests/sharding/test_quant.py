@@ -106,7 +106,9 @@ def test_reshard_quantize_at_tp3_then_back_equals_quantize_at_tp1(float_dir, tmp
     manifest records the scheme and the integer dtypes; the TP=3 files hold the slices."""
     kw = {"quantize": qcfg.scheme, "group_size": qcfg.group_size or 32}
     direct = reshard(float_dir, tmp_path / "q1", tp=1, **kw).dst
-    tp3 = reshard(float_dir, tmp_path / "q3", tp=3, **kw).dst
+    rep = reshard(float_dir, tmp_path / "q3", tp=3, verify=True, **kw)  # TP=3 vs TP=1 logits
+    assert rep.verify_error is not None and rep.verify_error <= 1e-5
+    tp3 = rep.dst
     back = reshard(tp3, tmp_path / "back", tp=1).dst
     again = reshard(tp3, tmp_path / "again", tp=1, **kw).dst  # same scheme: passes through
     m = read_manifest(direct)
