@@ -200,6 +200,8 @@ def test_kernels_equal_their_dequantized_weights(rows, dtype):
     i4 = Int4Weight(packed, qp, dtype)
     ref4 = x.float() @ dequantize_int4(packed, qp.to(dtype)).T
     assert rel_err(i4(x), ref4) <= tol
+    odd = Int4Weight(packed[:37], qp[:37], dtype)  # 37 rows: padded to 48 for the kernel
+    assert odd(x).shape == (rows, 37) and rel_err(odd(x), ref4[:, :37]) <= tol
     ids = torch.tensor([[0, 95, 7]])
     assert rel_err(i8.rows(ids), dequantize_int8(i8.q, i8.scale.float())[ids]) <= tol
 
@@ -214,7 +216,9 @@ def test_manifest_hashes_cover_the_quantized_tensors(float_dir, tmp_path):
         load_sharded_model(dst, ThreadGroup(1).comm(0))
 
 
-def test_bad_quantization_requests_are_clear_errors(float_dir, tmp_path):
+def test_bad_quantization_requests_are_clear_errors(float_dir, tmp_path, tiny_convlm_dir):
+    with pytest.raises(CheckpointError, match="Llama family only"):
+        reshard(tiny_convlm_dir, tmp_path / "c", tp=1, quantize="int8")
     q1 = reshard(float_dir, tmp_path / "q1", tp=1, quantize="int4", group_size=64).dst
     with pytest.raises(CheckpointError, match="already quantized"):
         reshard(q1, tmp_path / "x", tp=1, quantize="int8")

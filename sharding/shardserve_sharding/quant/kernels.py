@@ -97,11 +97,14 @@ class Int4Weight(nn.Module):
         self.in_features = k
         # the stored bytes [N, K/2], kept (not a buffer) for the dense copy
         self.__dict__["_stored"] = packed if DENSE_MIN_ROWS > 0 else None
-        q = (unpack_int4(packed).to(torch.int32) + 8).contiguous()  # [N, K] in [0, 15]
+        pad = -n % 16  # the repacking wants N divisible by 16: zero rows, sliced off
+        q = unpack_int4(packed).to(torch.int32) + 8  # [N, K] in [0, 15]
+        q = F.pad(q, (0, 0, 0, pad), value=8).contiguous()  # [N + pad, K]
         self.register_buffer(
             "packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))  # opaque
-        # [K/G, N, 2] (scale, offset): the kernel's layout
-        self.register_buffer("qparams", qparams.to(dtype).transpose(0, 1).contiguous())
+        qp = F.pad(qparams.float(), (0, 0, 0, 0, 0, pad))  # [N + pad, K/G, 2]
+        # [K/G, N + pad, 2] (scale, offset): the kernel's layout
+        self.register_buffer("qparams", qp.to(dtype).transpose(0, 1).contiguous())
         self._n = n
 
     @property
@@ -115,12 +118,12 @@ class Int4Weight(nn.Module):
         if x2.dtype != self.qparams.dtype:
             x2 = x2.to(self.qparams.dtype)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x2.contiguous(), self.packed, self.group_size, self.qparams)  # [M, N]
-        return y.view(*x.shape[:-1], -1).to(x.dtype)
+            x2.contiguous(), self.packed, self.group_size, self.qparams)  # [M, N + pad]
+        return y[:, : self._n].reshape(*x.shape[:-1], self._n).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
         """float32 [N, K] (needs the unpacked values kept at load, see DENSE_MIN_ROWS)."""
         packed = self.__dict__.get("_stored")
         if packed is None:
             raise RuntimeError("the int4 bytes were not kept (SHARDSERVE_QUANT_DENSE_MIN_ROWS=0)")
-        return dequantize_int4(packed, self.qparams.transpose(0, 1))
+        return dequantize_int4(packed, self.qparams.transpose(0, 1)[: self._n])
