@@ -45,6 +45,24 @@ LLAMACPP_FACTS = 99.0
 """llama.cpp Q4_1, batch 1, tok/s on 2 cores (shared/FACTS.md, measured 2026-11-28)."""
 
 
+NOTES = [
+    "- The float checkpoint is the bundled GGUF dequantized: its linear weights are Q4_1 values "
+    "(groups of 32) and its embedding Q8_0 values. int4 g32 reproduces those weights exactly "
+    "(requantizing them finds the same blocks; `reshard --quantize int4` from the GGUF itself "
+    "copies them), so its perplexity moves only by the int8 embedding and bf16 scales; int8 "
+    "per row must approximate 32-wide 4-bit blocks with one step per row, and int4 g64 merges "
+    "two blocks' ranges (about 8-9% weight error here, hence its perplexity).",
+    "- The embedding / lm_head (tied) is int8 per vocabulary row in every quantized variant: "
+    "one copy serves the lookup and the output GEMM.",
+    "- Kernels: torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` for fewer than "
+    "6 rows, a dequantized bf16 copy from 6 rows up (quant/kernels.py), so batch 32 runs "
+    "the same bf16 GEMMs as the float model; loadtest/results/quant_kernels.md has the "
+    "per-shape timings and torchao's (0.18: int8 only on CPU, slower than the aten op).",
+    "- Batch-1 wall rates here are dominated by other processes on the 2 cores; the "
+    "per-CPU-second rates of 1-thread engines are the comparable figures.",
+]
+
+
 def checkpoints(model: Path) -> dict[str, Path]:
     """variant -> checkpoint directory; quantized ones made from `model` once."""
     from shardserve_sharding.reshard import reshard
@@ -198,7 +216,8 @@ def main() -> int:
     if 1 in args.batch_list:
         lines.append(f"Batch 1, int4 g32 / llama.cpp Q4_1 ({peer:.1f} tok/s, {note}): "
                      f"{med[('int4-g32', 1)] / peer:.2f}")
-    lines += ["", "## Quality", "", *qrows, "", "## Every run", "", *[f"- {x}" for x in log]]
+    lines += ["", "## Quality", "", *qrows, "", "## How to read this", "", *NOTES, "",
+              "## Every run", "", *[f"- {x}" for x in log]]
     print(write_results(args.out, lines))
     return 0
 

@@ -11,7 +11,8 @@ weights stream from memory as in a real forward, not from cache), for bf16 F.lin
 which switch to a dense bf16 copy at DENSE_MIN_ROWS rows), and, with --torchao,
 torchao's Int8WeightOnlyConfig / Int4WeightOnlyConfig on the same
 weights. Prints a markdown table of microseconds per matmul (best of --repeats) and the
-ratio to bf16; the paths are timed interleaved, shape by shape. Writes
+ratio to bf16; the paths are timed interleaved, shape by shape; with --threads 1 the clock
+is the thread's CPU time (robust to other load), else wall time. Writes
 loadtest/results/quant_kernels.md (--out).
 """
 
@@ -39,15 +40,15 @@ I8MM = torch.ops.aten._weight_int8pack_mm
 I4MM = torch.ops.aten._weight_int4pack_mm_for_cpu
 
 
-def best_us(fns, repeats: int) -> float:
+def best_us(fns, repeats: int, clock=time.perf_counter) -> float:
     for f in fns[:2]:
         f()
     runs = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         for f in fns:
             f()
-        runs.append((time.perf_counter() - t0) / len(fns) * 1e6)
+        runs.append((clock() - t0) / len(fns) * 1e6)
     return min(runs)
 
 
@@ -92,8 +93,11 @@ def main() -> int:
         sys.path.insert(0, a.torchao)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
+    # one thread: its own CPU time, which other processes on the machine barely disturb
+    clock = time.thread_time if a.threads == 1 else time.perf_counter
     out(f"cpu: {cpu_flags()}  capability {torch.backends.cpu.get_cpu_capability()}  "
-        f"torch {torch.__version__}  threads {a.threads}  layers {a.layers}")
+        f"torch {torch.__version__}  threads {a.threads}  layers {a.layers}  clock "
+        f"{'thread CPU time' if a.threads == 1 else 'wall'}")
     cols = ["bf16", "int8", "int4 g32", "int4 g64"] + (
         ["ao int8", "ao int4 g32"] if a.torchao else [])
     out("| M | in | out | " + " | ".join(f"{c} us" for c in cols) + " | int8/bf16 | "
@@ -118,7 +122,7 @@ def main() -> int:
                     "ao int8": [lambda x=x, q=q: q(x) for q in ao8] if ao8 else None,
                     "ao int4 g32": [lambda x=x, q=q: q(x) for q in ao4] if ao4 else None,
                 }
-                us = {c: (best_us(paths[c], a.repeats) if paths.get(c) else float("nan"))
+                us = {c: (best_us(paths[c], a.repeats, clock) if paths.get(c) else float("nan"))
                       for c in cols}
                 times = 30 if (k, n) in SHAPES[:4] else 1 if (k, n) == SHAPES[4] else 0
                 for c in cols:

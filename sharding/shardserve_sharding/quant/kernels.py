@@ -8,14 +8,16 @@
 
 Both take bf16 or fp32 activations (scales are cast to the activation dtype at load). They
 win where a GEMM streams its weight (few rows: decode); at many rows torch's bf16 GEMM
-(oneDNN, AMX where present) is several times faster than either (loadtest/results/quant.md:
-32 rows, int8 ~4x slower than bf16). So calls of DENSE_MIN_ROWS rows or more go through
-cpu_gemm.cpu_linear over a dense copy of the weight in the run dtype, dequantized once on
-first use and cached (never saved): prefill and large decode batches run as fast as bf16, at
-the cost of that copy's memory once such a batch has been seen
+(oneDNN, AMX where present) is several times faster than either (results/quant_kernels.md:
+at 32 rows int8 takes 3.6-4.2x and int4 2.9-3.9x bf16's time). So calls of DENSE_MIN_ROWS
+rows or more go through cpu_gemm.cpu_linear over a dense copy of the weight in the run
+dtype, dequantized once on first use and cached (never saved): prefill and large decode
+batches run as fast as bf16, at the cost of that copy's memory once such a batch has been
+seen
 (SHARDSERVE_QUANT_DENSE_MIN_ROWS=0 turns the copy off).
-torchao is not used: its wheels pin torch versions and none supports torch 2.13 here; these
-are the ops torchao's CPU int4/int8 weight-only paths call (loadtest/results/quant.md).
+torchao is not used: 0.18 (the release for torch 2.13) runs Int8WeightOnlyConfig on CPU
+about 2-6x slower than the aten op at 1 row, and has no CPU int4 packing any more ("opaque"
+was removed) (loadtest/bench_quant_kernels.py --torchao, results/quant_kernels.md).
 
 A module whose weight is quantized keeps `weight = None` and holds one of these as
 `qweight`; models.cpu_gemm.cpu_linear calls it (quant/apply.py wires them in).
@@ -34,9 +36,10 @@ from .scheme import dequantize_int4, dequantize_int8, unpack_int4
 
 DENSE_MIN_ROWS = int(os.environ.get("SHARDSERVE_QUANT_DENSE_MIN_ROWS", "6"))
 """Matmuls of at least this many rows run over the cached dense copy (0: never). Measured on
-2 Zen 4 cores with AMX/AVX512-BF16 over SmolLM2's weights streamed from memory, kernel time /
-bf16 F.linear time: int8 0.32-0.44 at 1 row, 0.59-0.84 at 4, 1.18-1.47 at 8; int4 (group 32)
-0.32-0.38, 0.54-0.70, 1.05-1.39 (loadtest/results/quant.md): the crossover is 5-7 rows."""
+a Zen 4 core with AMX/AVX512-BF16 (1 thread, thread CPU time) over SmolLM2's four layer
+weights streamed from memory, kernel time / bf16 F.linear time: int8 0.37-0.60 at 1 row,
+0.59-0.80 at 4, 1.08-1.33 at 8; int4 g32 0.27-0.36, 0.41-0.61, 0.87-1.25
+(loadtest/results/quant_kernels.md): the crossover is 5-8 rows."""
 
 
 def _use_dense(x2: torch.Tensor) -> bool:
