@@ -191,7 +191,7 @@ def main() -> int:
     lines = header("Weight-only int8 / int4 against bf16 (SmolLM2-135M)",
                    "python loadtest/bench_quant.py " + " ".join(sys.argv[1:]))
     lines += [f"CPU flags: {cpu_flags()}; torch {torch.__version__}, capability "
-              f"{torch.backends.cpu.get_cpu_capability()}; {args.threads} threads per engine; "
+              f"{torch.backends.cpu.get_cpu_capability()}; {args.threads} thread(s) per engine; "
               f"{args.new_tokens} new tokens; {args.repeats} repeats; "
               f"{time.time() - t0:.0f} s. The machine was shared with other work.", ""]
     lines += ["## Decode tok/s (median; prefill excluded)", "",
