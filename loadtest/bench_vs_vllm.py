@@ -242,6 +242,8 @@ def wait_http(proc: Process, url: str, timeout: float) -> None:
 class Target:
     name: str
     make_send: Callable[..., Awaitable[tuple[Send, Callable[[], Awaitable[None]]]]]
+    url: str | None = None
+    """The /v1/completions URL of an HTTP target (loadtest/bench_prefix.py drives it)."""
 
 
 @dataclass
@@ -268,7 +270,8 @@ def vllm_server(venv: Path, hf_dir: Path, args) -> Server:
         except BaseException:
             proc.stop()
             raise
-        return proc, [Target("vLLM", http_target(f"http://127.0.0.1:{port}/v1/completions"))]
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        return proc, [Target("vLLM", http_target(url), url)]
 
     return Server("vLLM", start)
 
@@ -310,7 +313,7 @@ def shardserve_server(model: Path, http: bool, args) -> Server:
         targets = [Target("shardserve gRPC", grpc_target(target))]
         if http:
             url = f"http://127.0.0.1:{http_port}/v1/completions"
-            targets.append(Target("shardserve HTTP", http_target(url)))
+            targets.append(Target("shardserve HTTP", http_target(url), url))
         return proc, targets
 
     return Server("shardserve", start)

@@ -15,6 +15,7 @@ UNKNOWN.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,21 @@ PROMPTS = st.one_of(st.sampled_from(("hello", "the quick brown fox", "def add(a,
 _unit = lambda lo, hi: st.floats(lo, hi)  # noqa: E731 - sent as float32
 
 
+SCHEMA = json.dumps({"type": "object", "properties": {
+    "ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "required": ["ok", "n"], "additionalProperties": False})
+GOOD_FORMATS = st.one_of(st.none(), st.sampled_from((
+    {"json_object": True}, {"json_schema": SCHEMA}, {"regex": "[a-z]{1,6}"},
+    {"choice": ["yes", "no", "maybe"]}, {"json_object": False})))
+HOSTILE_FORMATS = st.one_of(
+    st.builds(lambda t: {"json_schema": t}, st.one_of(text(40), st.sampled_from((
+        "{", "[]", "null", '{"type": "nope"}', '{"$ref": "#/x"}', '{"pattern": "("}',
+        '{"type": "string", "minLength": 5, "maxLength": 2}')))),
+    st.builds(lambda t: {"regex": t}, st.one_of(text(20), st.sampled_from(
+        ("(", "[", "a{2,1}", "*", "(?P<x>a)", "\\", "a" * 70_000)))),
+    st.builds(lambda c: {"choice": c}, st.lists(text(8), max_size=300)))
+
+
 def _fields(limit: int) -> dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]]:
     """Every request field: (a value in its documented range, a hostile value). `None` means
     the optional field is left unset."""
@@ -108,6 +124,10 @@ def _fields(limit: int) -> dict[str, tuple[st.SearchStrategy[Any], st.SearchStra
         "request_id": (st.one_of(st.just(""), st.just("dup"), st.text(max_size=20)),
                        st.one_of(text(40), st.just("r" * 128), st.just("r" * 129))),
         "prompt": (PROMPTS, st.one_of(text(), HUGE)),
+        "n": (st.integers(0, 3), uint32(16, 17)),
+        "logit_bias": (st.dictionaries(st.integers(0, 319), _unit(-100, 100), max_size=3),
+                       st.dictionaries(uint32(320, 49151, 49152), FLOATS, max_size=4)),
+        "response_format": (GOOD_FORMATS, HOSTILE_FORMATS),
     }
 
 
@@ -145,13 +165,25 @@ def _set(msg: Any, values: dict[str, Any], names: tuple[str, ...]) -> Any:
 
 
 def _common(msg: Any, v: dict[str, Any]) -> Any:
+    if v.get("n"):
+        msg.n = v["n"]
+    if v.get("logit_bias"):
+        msg.sampling.logit_bias.update(v["logit_bias"])
+    rf = v.get("response_format")
+    if rf:
+        for key, value in rf.items():
+            if key == "choice":
+                msg.response_format.choice.choices.extend(value)
+            else:
+                setattr(msg.response_format, key, value)
     _set(msg.sampling, v, SAMPLING)
     _set(msg.stopping, v, STOPPING)
     _set(msg.options, v, OPTIONS)
     return _set(msg, v, ("truncate_prompt_tokens", "priority", "request_id"))
 
 
-ALL = SAMPLING + STOPPING + OPTIONS + ("truncate_prompt_tokens", "priority", "request_id")
+ALL = SAMPLING + STOPPING + OPTIONS + ("truncate_prompt_tokens", "priority", "request_id", "n",
+                                       "logit_bias", "response_format")
 
 
 def generate_requests(limit: int) -> st.SearchStrategy[pb.GenerateRequest]:

@@ -7,7 +7,8 @@ Installs without torch (see clients/pyproject.toml); depends only on grpcio and 
         print(c.generate("Hello", max_new_tokens=16, temperature=0).text)
 """
 
-from .client import READINESS, AsyncClient, Client
+from .client import AsyncClient, Client
+from .targets import READINESS
 from .types import (
     Cancelled,
     DeadlineExceeded,
@@ -17,6 +18,7 @@ from .types import (
     InvalidArgument,
     ModelInfo,
     Overloaded,
+    Sample,
     ShardserveError,
     StreamChunk,
     Timing,
@@ -30,5 +32,5 @@ __version__ = "0.1.0"
 __all__ = [
     "READINESS", "AsyncClient", "Cancelled", "Client", "DeadlineExceeded", "FinishReason",
     "GenerationResult", "InternalError", "InvalidArgument", "ModelInfo", "Overloaded",
-    "ShardserveError", "StreamChunk", "Timing", "Token", "Unauthenticated", "Unavailable",
+    "Sample", "ShardserveError", "StreamChunk", "Timing", "Token", "Unauthenticated", "Unavailable",
 ]

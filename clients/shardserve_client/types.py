@@ -52,6 +52,21 @@ class Token:
 
 
 @dataclass(frozen=True)
+class Sample:
+    """One of the n samples of a request (GenerationResult.samples)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    generated_token_count: int
+    logprobs: list[float] | None = None
+    stop_reason: str | int | None = None
+    """The stop string or stop token id that ended it (None for EOS, length, ...)."""
+    cached_prompt_token_count: int = 0
+
+
+@dataclass(frozen=True)
 class GenerationResult:
     request_id: str
     text: str
@@ -65,6 +80,10 @@ class GenerationResult:
     timing: Timing
     cached_prompt_token_count: int = 0
     """Of prompt_token_count, the tokens served from the server's prefix cache."""
+    stop_reason: str | int | None = None
+    """The stop string or stop token id that ended generation (None for EOS, length, ...)."""
+    samples: list[Sample] = field(default_factory=list)
+    """With n > 1: every sample by index (sample 0 is also the fields above)."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +101,10 @@ class StreamChunk:
     """With FinishReason.ERROR: why the request failed."""
     cached_prompt_token_count: int | None = None
     """Last message: prompt tokens served from the server's prefix cache."""
+    index: int = 0
+    """The sample this chunk belongs to (n > 1)."""
+    stop_reason: str | int | None = None
+    """Last message of a sample: the stop string or stop token id that ended it."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +134,12 @@ def _token(t: pb.Token) -> Token:
                  [(x.id, x.text, x.logprob) for x in t.top_logprobs])
 
 
+def _stop_reason(m: Any) -> str | int | None:
+    if m.matched_stop_sequence:
+        return m.matched_stop_sequence
+    return m.matched_stop_token_id if m.HasField("matched_stop_token_id") else None
+
+
 def result_from_pb(r: pb.GenerateResponse) -> GenerationResult:
     logprobs = [t.logprob for t in r.tokens] if r.tokens else None
     top = [[(x.id, x.text, x.logprob) for x in t.top_logprobs] for t in r.tokens] \
@@ -120,7 +149,10 @@ def result_from_pb(r: pb.GenerateResponse) -> GenerationResult:
         finish_reason=finish_reason(r.finish_reason), prompt_token_count=r.prompt_token_count,
         generated_token_count=r.generated_token_count, logprobs=logprobs, top_logprobs=top,
         prompt_tokens=[_token(t) for t in r.prompt_tokens], timing=_timing(r.timing),
-        cached_prompt_token_count=r.cached_prompt_token_count,
+        cached_prompt_token_count=r.cached_prompt_token_count, stop_reason=_stop_reason(r),
+        samples=[Sample(x.index, x.text, list(x.token_ids), finish_reason(x.finish_reason),
+                        x.generated_token_count, [t.logprob for t in x.tokens] or None,
+                        _stop_reason(x), x.cached_prompt_token_count) for x in r.samples],
     )
 
 
@@ -130,8 +162,9 @@ def chunk_from_pb(m: pb.GenerateStreamResponse) -> StreamChunk:
         d = m.details
         return StreamChunk(m.text, [t.id for t in m.tokens], lps, finish_reason(d.finish_reason),
                            d.prompt_token_count, d.generated_token_count, _timing(d.timing),
-                           d.error or None, d.cached_prompt_token_count)
-    return StreamChunk(m.text, [t.id for t in m.tokens], lps)
+                           d.error or None, d.cached_prompt_token_count, m.index,
+                           _stop_reason(d))
+    return StreamChunk(m.text, [t.id for t in m.tokens], lps, index=m.index)
 
 
 def info_from_pb(i: pb.ModelInfoResponse) -> ModelInfo:

@@ -52,6 +52,15 @@ _TABLE: dict[str, list[tuple[str, SplitKind]]] = {
         (r"layers\.\d+\.proj\.weight", SplitKind.ROWWISE),
         (r"(layers\.\d+\.norm|norm)\.weight", SplitKind.REPLICATED),
     ],
+    "rnnlm": [
+        (r"tok_embeddings\.weight", SplitKind.VOCAB),
+        (r"output\.weight", SplitKind.VOCAB),
+        # fused gate rows are unit-major (models/rnnlm.py): colwise keeps whole hidden units,
+        # all their gates, on one rank; w_hh's input (every unit's h) is gathered per step
+        (r"layers\.\d+\.(w_ih|w_hh)\.(weight|bias)", SplitKind.COLWISE),
+        (r"layers\.\d+\.proj\.weight", SplitKind.ROWWISE),
+        (r"(layers\.\d+\.norm|norm)\.weight", SplitKind.REPLICATED),
+    ],
 }
 
 

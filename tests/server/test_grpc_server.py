@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import ssl
@@ -81,6 +82,13 @@ def test_outputs_match_local_engine_and_stream(server, tiny_llama_dir):
     ({"top_logprobs": 21}, "top_logprobs"),
     ({"stop_sequences": ["x"] * 17}, "stop_sequences"),
     ({"min_new_tokens": 9, "max_new_tokens": 4}, "min_new_tokens"),
+    ({"n": 17}, "n"),
+    ({"logit_bias": {100000: 1.0}}, "logit_bias"),
+    ({"logit_bias": {1: 200.0}}, "logit_bias"),
+    ({"response_format": {"regex": "("}}, "response_format.regex"),
+    ({"response_format": {"json_schema": "{"}}, "response_format.json_schema"),
+    ({"response_format": {"json_schema": '{"type": "nope"}'}}, "response_format.json_schema"),
+    ({"response_format": {"choice": []}}, "response_format.choice"),
 ])
 def test_validation_names_the_field(server, params, field):
     with server.client() as c, pytest.raises(InvalidArgument, match=field) as e:
@@ -110,9 +118,50 @@ def test_deadline_and_cancel_free_the_cache(server):
         stream = c.generate_stream("hello", max_new_tokens=400, ignore_eos=True)
         next(stream)
         stream.close()  # client cancel mid-stream
+        stream = c.generate_stream("hello", max_new_tokens=400, ignore_eos=True, n=3)
+        next(stream)
+        stream.close()  # cancels all three samples
     assert poll(lambda: server.metric("shardserve_kv_cache_usage_ratio") == 0.0, 15)
     assert poll(lambda: server.metric("shardserve_requests_total", 'outcome="deadline"') >= 1)
     assert poll(lambda: server.metric("shardserve_requests_total", 'outcome="cancelled"') >= 1)
+
+
+def test_n_samples_structured_output_logit_bias_and_stop_echo(server):
+    kw = {"temperature": 1.0, "seed": 7, "max_new_tokens": 8, "ignore_eos": True}
+    with server.client() as c:
+        one = c.generate("the quick", **kw)
+        r = c.generate("the quick", n=3, **kw)
+        assert [s.index for s in r.samples] == [0, 1, 2]
+        assert r.samples[0].token_ids == r.token_ids == one.token_ids  # seed + 0
+        assert len({tuple(s.token_ids) for s in r.samples}) > 1
+        got: dict[int, list[int]] = {0: [], 1: [], 2: []}
+        finals = []
+        for ch in c.generate_stream("the quick", n=3, **kw):
+            got[ch.index] += ch.token_ids
+            if ch.finish_reason is not None:
+                finals.append(ch.index)
+        assert sorted(finals) == [0, 1, 2]
+        assert [got[i] for i in range(3)] == [s.token_ids for s in r.samples]
+
+        pattern = "[a-z]{2,6}!"
+        fmt = c.generate("hello", n=4, temperature=1.0, seed=1, max_new_tokens=40,
+                         response_format={"regex": pattern})
+        assert all(re.fullmatch(pattern, s.text) for s in fmt.samples), fmt.samples
+        assert all(s.finish_reason is FinishReason.EOS for s in fmt.samples)
+        pick = c.generate("hello", temperature=1.0, max_new_tokens=10,
+                          response_format={"choice": ["red", "green"]})
+        assert pick.text in ("red", "green")
+
+        biased = c.generate("hello", temperature=0.0, max_new_tokens=4, ignore_eos=True,
+                            logit_bias={5: 100.0})
+        assert biased.token_ids == [5] * 4
+
+        free = c.generate("hello", temperature=0.0, max_new_tokens=10, ignore_eos=True)
+        stop_id = free.token_ids[3]
+        by_id = c.generate("hello", temperature=0.0, max_new_tokens=10, ignore_eos=True,
+                           stop_token_ids=[stop_id])
+        assert by_id.stop_reason == stop_id and by_id.finish_reason is FinishReason.STOP_SEQUENCE
+        assert free.stop_reason is None
 
 
 METRICS = [
@@ -152,8 +201,16 @@ def test_reflection_lists_the_service(server):
 
 def test_queue_full_is_resource_exhausted(tiny_llama_dir):
     s = RunningServer(tiny_llama_dir, "--dtype", "fp32", "--max-batch-size", "1",
-                      "--max-queued-requests", "1", "--drain-timeout", "1")
+                      "--max-queued-requests", "1", "--drain-timeout", "1",
+                      "--kv-cache-tokens", "448")
     try:
+        # a request longer than the KV budget (448 < the model's 512) could never run: it is
+        # refused at the edge, not accepted and then lost in the worker group
+        with s.client() as c:
+            with pytest.raises(InvalidArgument, match="max_new_tokens"):
+                c.generate("hi", max_new_tokens=460)
+            with pytest.raises(InvalidArgument, match="KV budget"):
+                c.generate("hi " * 300, max_new_tokens=300)
         results: list = []
 
         def long_call():
@@ -174,7 +231,14 @@ def test_queue_full_is_resource_exhausted(tiny_llama_dir):
             with pytest.raises(Overloaded, match="queue full"):
                 c.generate("hi", max_new_tokens=4)
             assert time.monotonic() - t0 < 2  # answered at once, not queued
-        assert poll(lambda: s.metric("shardserve_requests_total", 'outcome="overloaded"') >= 1)
+            t0 = time.monotonic()
+            for _ in range(20):  # a flood: each counted, logged one line a second at most
+                with pytest.raises(Overloaded):
+                    c.generate("hi", max_new_tokens=4)
+            elapsed = time.monotonic() - t0
+        assert poll(lambda: s.metric("shardserve_requests_total", 'outcome="overloaded"') == 21)
+        lines = [ln for ln in s.log if '"outcome": "overloaded"' in ln]
+        assert 1 <= len(lines) <= 2 + elapsed, lines
     finally:
         assert s.stop() == 0
 

@@ -22,6 +22,7 @@ import threading
 import urllib.parse
 from pathlib import Path
 
+import jsonschema
 import openai
 import pytest
 from grpc_servers import RunningServer, poll
@@ -200,6 +201,60 @@ def test_stop_sequences_and_vllm_extensions(client):
     assert r.usage.completion_tokens == 6 and r.choices[0].text == again.choices[0].text
 
 
+SCHEMA = {"type": "object", "properties": {
+    "city": {"type": "string", "pattern": "^[A-Z][a-z]{1,8}$"},
+    "days": {"type": "integer", "minimum": 1, "maximum": 14},
+    "kind": {"enum": ["beach", "city", "hike"]},
+    "ok": {"type": "boolean"}},
+    "required": ["city", "days", "kind", "ok"], "additionalProperties": False}
+
+
+def test_n_structured_output_logit_bias_and_stop_reason(client):
+    kw = {"model": MODEL, "prompt": PROMPT, "max_tokens": 6, "temperature": 1.0, "seed": 3,
+          "extra_body": {"ignore_eos": True}}
+    r = client.completions.create(n=2, **kw)
+    assert [c.index for c in r.choices] == [0, 1] and r.usage.completion_tokens == 12
+    assert r.choices[0].text == client.completions.create(**kw).choices[0].text  # seed + 0
+    texts = {0: "", 1: ""}
+    for chunk in client.completions.create(n=2, stream=True, **kw):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == {0: r.choices[0].text, 1: r.choices[1].text}
+
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "plan a trip"}], n=2,
+        max_tokens=60, temperature=1.0, seed=1,
+        response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": SCHEMA}})
+    for c in chat.choices:
+        jsonschema.validate(json.loads(c.message.content), SCHEMA)
+        assert c.finish_reason == "stop"
+    pick = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=1.0,
+                                     extra_body={"structured_outputs": {"choice": ["a b", "c"]}})
+    assert pick.choices[0].text in ("a b", "c")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], response_format={
+                "type": "json_schema", "json_schema": {"name": "t", "schema": {"type": "no"}}})
+    assert e.value.body["param"] == "response_format"
+
+    biased = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0,
+                                       logprobs=0, logit_bias={"7": 100},
+                                       extra_body={"ignore_eos": True})
+    assert len(set(biased.choices[0].logprobs.tokens)) == 1
+
+    free = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0]
+    stop = free.text[2:5]
+    assert stop and free.model_extra["stop_reason"] is None
+    hit = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0,
+                                    stop=[stop], extra_body={"ignore_eos": True}).choices[0]
+    assert hit.finish_reason == "stop" and hit.model_extra["stop_reason"] == stop
+    last = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10,
+                                          temperature=0, stop=[stop], stream=True,
+                                          extra_body={"ignore_eos": True}))[-1].choices[0]
+    assert last.model_extra["stop_reason"] == stop
+
+
 def test_models_health_ready(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert client.models.retrieve(MODEL).id == MODEL
@@ -212,7 +267,9 @@ def test_models_health_ready(server, client):
     ({"top_p": 0.0}, "top_p"),
     ({"max_tokens": 10**6}, "max_tokens"),
     ({"max_tokens": 0}, "max_tokens"),
-    ({"n": 2}, "n"),
+    ({"n": 17}, "n"),
+    ({"logit_bias": {"999999": 5}}, "logit_bias"),
+    ({"logit_bias": {"1": 101}}, "logit_bias"),
     ({"logprobs": 21}, "logprobs"),
     ({"stop": ["x"] * 17}, "stop"),
     ({"extra_body": {"min_p": 1.5}}, "min_p"),
@@ -313,8 +370,9 @@ def test_the_vllm_benchmark_harness_drives_us_over_http(server, monkeypatch):
     async def main():
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as s:
             send = bench.sse_client(s, server.http_url + "/v1/completions")
+            # 5 s: a 64-token request takes up to ~2 s on 2 cores shared with other work
             return await bench.run_window(send, [f"{PROMPT} {i}" for i in range(50)], 0, 2,
-                                          2.0)
+                                          5.0)
 
     reqs, t0, t1, _ = asyncio.run(main())
     finished = [r for r in reqs if r.done]
@@ -405,7 +463,8 @@ FIELDS = ["model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed
           "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "user", "n",
           "stream", "stream_options", "top_k", "min_p", "repetition_penalty", "min_tokens",
           "ignore_eos", "stop_token_ids", "truncate_prompt_tokens", "priority", "messages",
-          "max_completion_tokens", "echo", "logit_bias", "include_stop_str_in_output"]
+          "max_completion_tokens", "echo", "logit_bias", "include_stop_str_in_output",
+          "response_format", "structured_outputs"]
 SMALL = st.integers(1, 24)
 
 

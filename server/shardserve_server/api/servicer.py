@@ -23,7 +23,15 @@ from shardserve_client._pb.shardserve.v1 import generate_pb2 as pb
 from shardserve_client._pb.shardserve.v1 import generate_pb2_grpc as pb_grpc
 
 from .. import __version__
-from ..engine.async_engine import EngineError, QueueFull, RequestStream
+from ..engine.async_engine import (
+    MAX_N,
+    EngineError,
+    GroupFailed,
+    QueueFull,
+    RequestRefused,
+    RequestStream,
+)
+from ..engine.grammar import GrammarBackend
 from ..engine.stopping import FinishReason
 from .convert import (
     FINISH_TO_PB,
@@ -31,10 +39,12 @@ from .convert import (
     Prepared,
     RequestLimits,
     prepare,
+    stop_fields,
     timing_msg,
     token_msgs,
     top_msgs,
 )
+from .decode_guard import RateLimitedLog
 from .metrics import Metrics
 
 log = logging.getLogger("shardserve.requests")
@@ -44,6 +54,29 @@ class Draining(RuntimeError):
     pass
 
 
+class LazyGrammar:
+    """The front end's grammar compiler (response_format validation at the edge), built on
+    the first constrained request (building it reads the whole vocabulary: ~0.3 s)."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self._backend: GrammarBackend | None = None
+
+    def check(self, c: Any) -> None:
+        if self._backend is None:
+            inner = getattr(self.tokenizer, "tokenizer", self.tokenizer)
+            eos = tuple(getattr(self.tokenizer, "eos_token_ids", ()) or ())
+            self._backend = GrammarBackend(inner.to_str(), self.vocab_size, eos)
+        self._backend.check(c)
+
+
+def results_of(result: Any) -> list[Any]:
+    """A result, or the list of an n > 1 request's results, as a list ([] for None)."""
+    if result is None:
+        return []
+    return list(result) if isinstance(result, list) else [result]
+
+
 class TextGenerationServicer(pb_grpc.TextGenerationServicer):
     def __init__(self, engine: Any, tokenizer: Any, manifest: Any, limits: RequestLimits,
                  metrics: Metrics, info: dict[str, Any]) -> None:
@@ -51,12 +84,15 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
         self.limits, self.metrics, self.info = limits, metrics, info
         self.draining = False
         self.active = 0
+        self._overload_log = RateLimitedLog(every_s=1.0)
+        vocab = int(getattr(manifest, "config", {}).get("vocab_size") or tokenizer.vocab_size)
+        self.grammar = LazyGrammar(tokenizer, vocab)
 
     # ---- helpers
     def _prepare(self, msg: Any, prompt: str) -> Prepared:
         rid = msg.request_id or uuid.uuid4().hex[:16]
         ids = self.tokenizer.encode(prompt) if prompt else []
-        return prepare(msg, ids, self.limits, rid, self.tokenizer.vocab_size)
+        return prepare(msg, ids, self.limits, rid, self.tokenizer.vocab_size, self.grammar)
 
     def _chat_prompt(self, msg: pb.ChatRequest) -> str:
         if not msg.messages:
@@ -85,7 +121,9 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
     def _submit(self, p: Prepared) -> RequestStream:
         if self.draining:
             raise Draining("server is draining")
-        return self.engine.submit(p.request, p.priority)
+        if p.n == 1:
+            return self.engine.submit(p.request, p.priority)
+        return self.engine.submit(p.request, p.priority, n=p.n)
 
     def admit(self, msg: Any, prompt: str | None,
               prompt_ids: list[int] | None = None) -> tuple[Prepared, RequestStream]:
@@ -96,14 +134,15 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
             raise Draining("server is draining")
         # Overload answers before any work: a full queue must not wait behind tokenizing
         # (or templating) this request, which a flood of requests would make slow.
-        self.engine.check_capacity()
+        self.engine.check_capacity(min(max(1, msg.n), MAX_N))
         if prompt_ids is not None:  # token ids instead of text (the HTTP API's prompt)
             bad = [t for t in prompt_ids if not 0 <= t < self.tokenizer.vocab_size]
             if bad:
                 raise InvalidArgument("prompt", f"token ids must be in [0, "
                                       f"{self.tokenizer.vocab_size}), got {bad[0]}")
             rid = msg.request_id or uuid.uuid4().hex[:16]
-            p = prepare(msg, prompt_ids, self.limits, rid, self.tokenizer.vocab_size)
+            p = prepare(msg, prompt_ids, self.limits, rid, self.tokenizer.vocab_size,
+                        self.grammar)
         else:
             if prompt is None:
                 prompt = self._chat_prompt(msg)
@@ -114,20 +153,30 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
 
     def account(self, method: str, p: Prepared, stream: RequestStream, outcome: str,
                 result: Any, **log: Any) -> None:
-        """Metrics and the log line of an admitted request that ended; releases `active`."""
-        n = len(result.token_ids) if result else stream.generated
+        """Metrics and the log line of an admitted request that ended; releases `active`.
+        `result`: its GenerationResult, the list of them (n > 1), or None."""
+        rs = results_of(result)
+        n = sum(len(r.token_ids) for r in rs) if rs else stream.generated
+        finish = rs[0].finish_reason.value if rs else None
         self.metrics.on_request_done(
-            method, outcome, finish_reason=result.finish_reason.value if result else "none",
+            method, outcome, finish_reason=finish or "none",
             prompt_tokens=len(p.request.prompt_ids), generated=n, timing=stream.timing,
             elapsed_s=stream.elapsed())
-        self._log(method, p, outcome, generated_tokens=n,
-                  finish_reason=result.finish_reason.value if result else None,
+        self._log(method, p, outcome, generated_tokens=n, finish_reason=finish, samples=p.n,
                   **{k: round(v, 4) for k, v in stream.timing.items() if v is not None}, **log)
         self.active -= 1
 
     def reject(self, method: str, outcome: str, message: str) -> None:
-        """Metrics and the log line of a request refused before (or failed after) admission."""
+        """Metrics and the log line of a request refused before (or failed after) admission.
+        Overload refusals log one line a second at most (with the count since the last): a
+        flood must not cost a log write per call, and the metrics count each one."""
         self.metrics.on_request_done(method, outcome)
+        if outcome == "overloaded":
+            skipped = self._overload_log.due()
+            if skipped is None:
+                return
+            self._log(method, None, outcome, message=message, more_since_last_line=skipped)
+            return
         self._log(method, None, outcome, message=message)
 
     async def _run(self, method: str, msg: Any, prompt: str | None, context, streaming: bool):
@@ -143,19 +192,19 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
         except (Draining, EngineError) as e:
             await self._abort(context, method, "error", grpc.StatusCode.UNAVAILABLE, str(e))
         outcome, result = "error", None
-        holder: dict[str, Any] = {}
         try:
             if streaming:
-                async for out in self._stream(p, stream, holder):
-                    if "result" in holder:
-                        result = holder["result"]
+                async for out in self._stream(p, stream):
+                    if stream.final is not None:
+                        result = stream.final
                         outcome = self.outcome_of(result)
                     yield out
             else:
-                result = await stream.result()
+                result = await stream.results()
                 outcome = self.outcome_of(result)
-                if result.finish_reason is FinishReason.ERROR:
-                    raise EngineError(result.error or "the request failed in the engine")
+                failed = [r for r in result if r.finish_reason is FinishReason.ERROR]
+                if failed:
+                    raise EngineError(failed[0].error or "the request failed in the engine")
                 yield self._response(p, stream, result)
         except (asyncio.CancelledError, GeneratorExit):
             # closed after its last message (unary, or a finished stream): nothing to cancel.
@@ -166,44 +215,64 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
                 outcome = "deadline" if remaining is not None and remaining <= 0 else "cancelled"
                 self.engine.cancel(p.request.request_id)
             raise
-        except EngineError as e:
-            outcome, result = "error", None
+        except EngineError as e:  # a dead group is retryable; a failed request is not
+            outcome = "invalid" if isinstance(e, RequestRefused) else "error"
+            result = None
             self.metrics.on_request_done(
                 method, outcome, finish_reason="error", prompt_tokens=len(p.request.prompt_ids),
                 generated=stream.generated, timing=stream.timing, elapsed_s=stream.elapsed())
             self._log(method, p, outcome, message=str(e))
             self.active -= 1
-            await context.abort(grpc.StatusCode.INTERNAL, str(e))
+            code = (grpc.StatusCode.UNAVAILABLE if isinstance(e, GroupFailed)
+                    else grpc.StatusCode.INVALID_ARGUMENT if isinstance(e, RequestRefused)
+                    else grpc.StatusCode.INTERNAL)
+            await context.abort(code, str(e))
         finally:
             if outcome != "error" or result is not None:
                 self.account(method, p, stream, outcome, result)
 
     @staticmethod
     def outcome_of(result: Any) -> str:
-        """The metrics outcome of a finished request: ok, cancelled or error."""
-        if result.finish_reason is FinishReason.ERROR:
+        """The metrics outcome of a finished request (a result or the list of an n > 1
+        request's): error if any sample failed, else cancelled if any was, else ok."""
+        reasons = {r.finish_reason for r in results_of(result)}
+        if FinishReason.ERROR in reasons:
             return "error"
-        return "cancelled" if result.finish_reason is FinishReason.CANCELLED else "ok"
+        return "cancelled" if FinishReason.CANCELLED in reasons else "ok"
 
-    def _response(self, p: Prepared, stream: RequestStream, r: Any) -> pb.GenerateResponse:
+    def _tokens(self, p: Prepared, r: Any) -> list[pb.Token]:
+        if not (p.logprobs and r.logprobs is not None):
+            return []
+        tops = r.top_logprobs or [None] * len(r.token_ids)
+        return [pb.Token(id=tid, text=self.tokenizer.decode([tid]), logprob=lp,
+                         top_logprobs=top_msgs(self.tokenizer, tops[i]))
+                for i, (tid, lp) in enumerate(zip(r.token_ids, r.logprobs, strict=False))]
+
+    def _response(self, p: Prepared, stream: RequestStream, results: list[Any]
+                  ) -> pb.GenerateResponse:
+        r = results[0]
         out = pb.GenerateResponse(
             request_id=p.request.request_id, text=r.text, token_ids=r.token_ids,
             finish_reason=FINISH_TO_PB[r.finish_reason], prompt_token_count=r.prompt_tokens,
             generated_token_count=len(r.token_ids), timing=timing_msg(stream.timing),
-            cached_prompt_token_count=r.cached_tokens,
+            cached_prompt_token_count=r.cached_tokens, tokens=self._tokens(p, r),
+            **stop_fields(r),
         )
-        if p.logprobs and r.logprobs is not None:
-            tops = r.top_logprobs or [None] * len(r.token_ids)
-            for i, (tid, lp) in enumerate(zip(r.token_ids, r.logprobs, strict=False)):
-                out.tokens.append(pb.Token(id=tid, text=self.tokenizer.decode([tid]), logprob=lp,
-                                           top_logprobs=top_msgs(self.tokenizer, tops[i])))
+        if len(results) > 1:
+            out.samples.extend(pb.Sample(
+                index=i, text=x.text, token_ids=x.token_ids,
+                finish_reason=FINISH_TO_PB[x.finish_reason], generated_token_count=len(
+                    x.token_ids), tokens=self._tokens(p, x),
+                cached_prompt_token_count=x.cached_tokens, **stop_fields(x))
+                for i, x in enumerate(results))
         if p.return_prompt_tokens:
             out.prompt_tokens.extend(token_msgs(self.tokenizer, list(p.request.prompt_ids)))
         return out
 
-    async def _stream(self, p: Prepared, stream: RequestStream, holder: dict[str, Any]):
+    async def _stream(self, p: Prepared, stream: RequestStream):
         async for ev in stream:
-            msg = pb.GenerateStreamResponse(request_id=p.request.request_id, text=ev.text)
+            msg = pb.GenerateStreamResponse(request_id=p.request.request_id, text=ev.text,
+                                            index=ev.index)
             if ev.token_id is not None:
                 tok = pb.Token(id=ev.token_id, text=ev.text)
                 if p.logprobs and ev.logprob is not None:
@@ -212,11 +281,11 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
                 msg.tokens.append(tok)
             if ev.result is not None:
                 r = ev.result
-                holder["result"] = r
                 d = pb.StreamDetails(
                     finish_reason=FINISH_TO_PB[r.finish_reason], prompt_token_count=r.prompt_tokens,
                     generated_token_count=len(r.token_ids), timing=timing_msg(stream.timing),
-                    error=r.error or "", cached_prompt_token_count=r.cached_tokens)
+                    error=r.error or "", cached_prompt_token_count=r.cached_tokens,
+                    **stop_fields(r))
                 if p.return_prompt_tokens:
                     d.prompt_tokens.extend(token_msgs(self.tokenizer, list(p.request.prompt_ids)))
                 msg.details.CopyFrom(d)

@@ -2,8 +2,10 @@
 
     engine = AsyncEngine(WorkerConfig(model_dir, tp=2), EngineLimits())
     await engine.start()
-    async for ev in engine.submit(request):      # StreamEvent per token, last one has .result
+    async for out in engine.submit(request):     # TokenOutput per token, last one has .result
         ...
+    stream = engine.submit(request, n=4)          # 4 samples: events carry .index 0..3
+    results = await stream.results()              # one GenerationResult per sample
     engine.cancel(request_id); engine.stats(); await engine.shutdown()
 
 The waiting queue lives here, in the front-end process, bounded by requests and by queued
@@ -12,6 +14,12 @@ it has room (running + handed-over < max_batch_size + lookahead), so queued work
 moved elsewhere; the group's leader does the step-level batching. When the group dies (a rank
 crashed, was killed, or stopped making progress), its in-flight requests fail with
 EngineError, the group is restarted (counted in `restarts`) and the queue continues.
+
+Parallel sampling (n > 1) fans one request out here, as vLLM v1 does: n child requests
+(ids `ID#i`, seeds `seed + i` mod 2^64 when seeded, so sample 0 is the n = 1 answer) that
+count n times against the queue limits, share one event queue and one RequestStream, and are
+cancelled together. The group's prefix cache shares the prompt's full blocks between them
+(the scheduler holds the later children back until the first has prefilled them).
 """
 
 from __future__ import annotations
@@ -26,8 +34,29 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..workers.group import GroupDied, WorkerGroup
+from ..workers.protocol import (
+    AddRequest,
+    CancelRequest,
+    Fatal,
+    FromLeader,
+    GroupDead,
+    GroupStats,
+    Ready,
+    StepOutputs,
+    TokenOutput,
+)
 from ..workers.worker import WorkerConfig
 from .sequence import GenerationRequest, GenerationResult
+
+MAX_N = 16
+"""Most samples per request (n)."""
+_SEED_MOD = 2**64
+
+
+def child_seed(seed: int | None, index: int) -> int | None:
+    """Sample `index`'s seed: seed + index (mod 2^64); None stays None (each child then
+    draws its own generator from the OS entropy pool)."""
+    return None if seed is None else (seed + index) % _SEED_MOD
 
 
 class QueueFull(RuntimeError):
@@ -36,6 +65,16 @@ class QueueFull(RuntimeError):
 
 class EngineError(RuntimeError):
     """A request failed inside the engine (e.g. its worker group died)."""
+
+
+class GroupFailed(EngineError):
+    """The request's worker group died (a crashed or unreachable rank) while it ran: the group
+    restarts, so the same request may succeed again (gRPC UNAVAILABLE, HTTP 503)."""
+
+
+class RequestRefused(EngineError):
+    """The worker group refused the request (it can never fit there, or its constraint does
+    not compile): the caller's request, not the engine, is at fault."""
 
 
 @dataclass(frozen=True)
@@ -55,19 +94,12 @@ class EngineLimits:
 
 
 @dataclass
-class StreamEvent:
-    token_id: int | None
-    text: str
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
-    result: GenerationResult | None = None
-
-
-@dataclass
 class _Request:
     req: GenerationRequest
     priority: int
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    index: int = 0
+    """Sample index within its parent (n > 1)."""
     submitted: float = field(default_factory=time.monotonic)
     dispatched: float | None = None
     first_token: float | None = None
@@ -82,53 +114,80 @@ class _Request:
 
 
 class RequestStream:
-    """Async iterator over one request's StreamEvents; raises EngineError on failure."""
+    """Async iterator over one request's TokenOutputs (of all its n samples, interleaved,
+    each tagged with its index); raises EngineError on failure. Ends once every sample has
+    its result; leaving early cancels the samples still running."""
 
-    def __init__(self, engine: AsyncEngine, r: _Request) -> None:
-        self._engine, self._r = engine, r
-        self.request_id = r.req.request_id
+    def __init__(self, engine: AsyncEngine, rs: list[_Request], request_id: str) -> None:
+        self._engine, self._rs = engine, rs
+        self.request_id = request_id
+        self.n = len(rs)
+        self._done: list[GenerationResult | None] = [None] * self.n
+        self.final: GenerationResult | list[GenerationResult] | None = None
+        """Once the stream has yielded every sample's result: the result (n == 1) or the
+        list of results by sample index."""
 
-    def __aiter__(self) -> AsyncIterator[StreamEvent]:
+    def __aiter__(self) -> AsyncIterator[TokenOutput]:
         return self._iter()
 
-    async def _iter(self) -> AsyncIterator[StreamEvent]:
+    async def _iter(self) -> AsyncIterator[TokenOutput]:
+        queue = self._rs[0].queue  # shared by the samples
+        left = self.n
         try:
-            while True:
-                item = await self._r.queue.get()
+            while left:
+                item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                yield item
                 if item.result is not None:
-                    return
+                    left -= 1
+                    self._done[item.index] = item.result
+                    if not left:
+                        self.final = self._done[0] if self.n == 1 else list(self._done)
+                yield item
         finally:
-            if not self._r.done:  # consumer went away: cancel in the group
-                self._engine.cancel(self.request_id)
+            for r in self._rs:
+                if not r.done:  # consumer went away (or a sibling failed): cancel in the group
+                    self._engine.cancel(r.req.request_id)
+            self._engine._families.pop(self.request_id, None)
 
     @property
     def timing(self) -> dict[str, float | None]:
-        """Seconds from submission: queue (to admission), first token, total."""
-        r = self._r
+        """Seconds from submission: queue (to the first admission), first token (of any
+        sample), total (the last sample's end)."""
+        submitted = self._rs[0].submitted
 
-        def since(t: float | None) -> float | None:
-            return None if t is None else max(0.0, t - r.submitted)
+        def since(ts: list[float | None], pick: Any) -> float | None:
+            got = [t for t in ts if t is not None]
+            if not got or (pick is max and len(got) < len(ts)):
+                return None
+            return max(0.0, pick(got) - submitted)
 
-        return {"queue_s": since(r.admitted), "ttft_s": since(r.first_token),
-                "total_s": since(r.finished)}
+        return {"queue_s": since([r.admitted for r in self._rs], min),
+                "ttft_s": since([r.first_token for r in self._rs], min),
+                "total_s": since([r.finished for r in self._rs], max)}
 
     def elapsed(self) -> float:
         """Seconds since submission, now (a request that never finished still has an age)."""
-        return max(0.0, time.monotonic() - self._r.submitted)
+        return max(0.0, time.monotonic() - self._rs[0].submitted)
 
     @property
     def generated(self) -> int:
-        """Tokens generated so far (also those of a request cancelled midway)."""
-        return self._r.generated
+        """Tokens generated so far by all samples (also those cancelled midway)."""
+        return sum(r.generated for r in self._rs)
 
-    async def result(self) -> GenerationResult:
+    async def results(self) -> list[GenerationResult]:
+        """Every sample's result, by index."""
+        out: list[GenerationResult | None] = [None] * self.n
         async for ev in self:
             if ev.result is not None:
-                return ev.result
-        raise EngineError(f"{self.request_id}: stream ended without a result")
+                out[ev.index] = ev.result
+        if any(r is None for r in out):
+            raise EngineError(f"{self.request_id}: stream ended without a result")
+        return out  # type: ignore[return-value]
+
+    async def result(self) -> GenerationResult:
+        """The result of a single-sample request (sample 0's with n > 1)."""
+        return (await self.results())[0]
 
 
 class _Replica:
@@ -138,13 +197,17 @@ class _Replica:
         self.index = index
         self.group: WorkerGroup | None = None
         self.up = False
-        self.stats: dict[str, Any] = {}
+        self.stats = GroupStats()
+        """As of the leader's last message."""
         self.inflight: dict[str, _Request] = {}
         self.restarts = 0
         self.restarting = False
         self.last_progress = time.monotonic()
         self.last_steps = -1
-        self.ready_info: dict[str, Any] = {}
+        self.ready_info: Ready | None = None
+        self.fatal: str | None = None
+        """The last Fatal message of the group's ranks."""
+        self.last_start_error: str | None = None
 
     def load(self) -> int:
         """Outstanding tokens: what the group still has to compute for its requests."""
@@ -170,12 +233,10 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._watchdog: asyncio.Task | None = None
+        self._families: dict[str, list[str]] = {}
+        """Parent request id -> its samples' ids (n > 1), for cancelling them together."""
 
-    # ---- compatibility views (one replica)
-    @property
-    def group(self) -> WorkerGroup | None:
-        return self.replicas[0].group
-
+    # ---- views over the replicas
     @property
     def group_up(self) -> bool:
         return all(r.up for r in self.replicas)
@@ -191,16 +252,14 @@ class AsyncEngine:
             out.update(rep.inflight)
         return out
 
-    @property
-    def ready_info(self) -> dict[str, Any]:
-        return self.replicas[0].ready_info
-
     # ---- lifecycle
-    async def start(self) -> dict:
+    async def start(self) -> Ready:
+        """Start every replica's group; the first replica's Ready message."""
         self._loop = asyncio.get_running_loop()
         await asyncio.gather(*(self._start_group(rep) for rep in self.replicas))
         self._watchdog = asyncio.create_task(self._watch())
-        return self.ready_info
+        assert self.replicas[0].ready_info is not None
+        return self.replicas[0].ready_info
 
     async def _start_group(self, rep: _Replica) -> None:
         group = WorkerGroup(self.worker_cfg, lambda msg, rep=rep: self._threadsafe(rep, msg),
@@ -231,39 +290,59 @@ class AsyncEngine:
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"
 
-    def check_capacity(self) -> None:
-        """Raise QueueFull if a request submitted now would be refused for queue space (the
-        token limit is checked at submit, once the prompt is tokenized)."""
-        if len(self.waiting) >= self.limits.max_queued_requests:
+    def check_capacity(self, n: int = 1) -> None:
+        """Raise QueueFull if a request of n samples submitted now would be refused for queue
+        space (the token limit is checked at submit, once the prompt is tokenized). ValueError
+        when n alone exceeds the queue: such a request could never be admitted."""
+        if n > self.limits.max_queued_requests:
+            raise ValueError(f"n = {n} samples exceed the server's max_queued_requests "
+                             f"({self.limits.max_queued_requests})")
+        if len(self.waiting) + n > self.limits.max_queued_requests:
             raise QueueFull(f"queue full: {len(self.waiting)} requests waiting "
                             f"(max_queued_requests={self.limits.max_queued_requests})")
 
-    def submit(self, req: GenerationRequest, priority: int = 0) -> RequestStream:
-        """Queue a request (validated here); QueueFull when the queue is at its limits."""
-        req.sampling.validate()
-        req.stopping.validate()
+    def submit(self, req: GenerationRequest, priority: int = 0, n: int = 1) -> RequestStream:
+        """Queue a request of n samples (validated here); QueueFull when the queue is at its
+        limits (each sample counts as one request and its prompt tokens)."""
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+            raise ValueError(f"n must be an integer in [1, {MAX_N}], got {n!r}")
         if not req.prompt_ids:
             raise ValueError("prompt must not be empty")
         if not req.request_id:  # the caller gave none: the engine names it
             req = dataclasses.replace(req, request_id=self.new_request_id())
-        if req.request_id in self.inflight or any(
-            w.req.request_id == req.request_id for w in self.waiting
+        parent = req.request_id
+        if n == 1:
+            reqs = [req]
+        else:
+            reqs = [dataclasses.replace(req, request_id=f"{parent}#{i}", sampling=dataclasses
+                                        .replace(req.sampling, seed=child_seed(
+                                            req.sampling.seed, i))) for i in range(n)]
+        ids = {r.request_id for r in reqs} | {parent}
+        if parent in self._families or any(i in self.inflight for i in ids) or any(
+            w.req.request_id in ids for w in self.waiting
         ):
-            raise ValueError(f"duplicate request id {req.request_id!r}")
+            raise ValueError(f"duplicate request id {parent!r}")
         if self._closing:
             raise EngineError("engine is shutting down")
-        n = len(req.prompt_ids)
-        self.check_capacity()
-        if self.queued_tokens + n > self.limits.max_queued_tokens:
+        tokens = len(req.prompt_ids) * n
+        self.check_capacity(n)
+        if self.queued_tokens + tokens > self.limits.max_queued_tokens:
             raise QueueFull(f"queue full: {self.queued_tokens} prompt tokens waiting "
                             f"(max_queued_tokens={self.limits.max_queued_tokens})")
-        r = _Request(req, priority)
-        self.waiting.append(r)
-        self.queued_tokens += n
+        queue: asyncio.Queue = asyncio.Queue()
+        rs = [_Request(r, priority, queue, index=i) for i, r in enumerate(reqs)]
+        self.waiting.extend(rs)
+        self.queued_tokens += tokens
+        if n > 1:
+            self._families[parent] = [r.request_id for r in reqs]
         self._dispatch()
-        return RequestStream(self, r)
+        return RequestStream(self, rs, parent)
 
     def cancel(self, request_id: str) -> bool:
+        """Cancel a request (all n samples when given the id of a request with n > 1)."""
+        children = self._families.get(request_id)
+        if children is not None:
+            return any([self.cancel(c) for c in children])
         for r in self.waiting:
             if r.req.request_id == request_id:
                 self.waiting.remove(r)
@@ -273,7 +352,7 @@ class AsyncEngine:
         for rep in self.replicas:
             if request_id in rep.inflight and rep.group is not None:
                 try:
-                    rep.group.send(("cancel", request_id))
+                    rep.group.send(CancelRequest(request_id))
                 except GroupDied:
                     pass
                 return True
@@ -285,7 +364,7 @@ class AsyncEngine:
         res = GenerationResult(r.req.request_id, "", [], FinishReason.CANCELLED,
                                len(r.req.prompt_ids))
         r.done = True
-        r.queue.put_nowait(StreamEvent(None, "", result=res))
+        r.queue.put_nowait(TokenOutput(r.req.request_id, result=res, index=r.index))
 
     def _dispatch(self) -> None:
         """Hand waiting requests (priority first) to the least-loaded replica with room."""
@@ -300,7 +379,7 @@ class AsyncEngine:
                 return
             rep = min(live, key=lambda x: (x.load(), len(x.inflight), x.index))
             try:
-                rep.group.send(("add", r.req, r.priority))
+                rep.group.send(AddRequest(r.req, r.priority))
             except GroupDied:
                 continue
             self.waiting.remove(r)
@@ -310,38 +389,37 @@ class AsyncEngine:
             rep.inflight[r.req.request_id] = r
 
     # ---- messages from the groups (reader threads -> loop thread)
-    def _threadsafe(self, rep: _Replica, msg: tuple) -> None:
+    def _threadsafe(self, rep: _Replica, msg: FromLeader | GroupDead) -> None:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._on_message, rep, msg)
 
-    def _on_message(self, rep: _Replica, msg: tuple) -> None:
-        kind = msg[0]
-        if kind == "events":
-            _, events, stats = msg
+    def _on_message(self, rep: _Replica, msg: FromLeader | GroupDead) -> None:
+        if isinstance(msg, StepOutputs):
+            stats = msg.stats
             rep.stats = stats
             if self.on_stats is not None:
                 self.on_stats(stats, rep.index)
-            if stats.get("steps", 0) != rep.last_steps or not rep.inflight:
-                rep.last_steps = stats.get("steps", 0)
+            if stats.steps != rep.last_steps or not rep.inflight:
+                rep.last_steps = stats.steps
                 rep.last_progress = time.monotonic()
-            for ev in events:
-                self._deliver(rep, ev)
+            for out in msg.outputs:
+                self._deliver(rep, out)
             self._dispatch()
-        elif kind == "dead":
-            self._on_dead(rep, msg[1])
-        elif kind == "fatal":
-            rep.stats["fatal"] = msg[1]
+        elif isinstance(msg, GroupDead):
+            self._on_dead(rep, msg.reason)
+        elif isinstance(msg, Fatal):
+            rep.fatal = msg.message
 
-    def _deliver(self, rep: _Replica, ev: dict) -> None:
-        r = rep.inflight.get(ev["id"])
+    def _deliver(self, rep: _Replica, out: TokenOutput) -> None:
+        r = rep.inflight.get(out.request_id)
         if r is None:
             return
-        if "error" in ev:
-            del rep.inflight[ev["id"]]
-            self._fail(r, ValueError(ev["error"]))
+        if out.error is not None:
+            del rep.inflight[out.request_id]
+            self._fail(r, RequestRefused(out.error))
             return
         now = time.monotonic()
-        if "token" in ev:
+        if out.token_id is not None:
             if r.first_token is None:
                 r.first_token = now
             elif self.on_token_gap is not None and r.last_token is not None:
@@ -349,16 +427,14 @@ class AsyncEngine:
             r.last_token = now
             r.started_streaming = True
             r.generated += 1
-        result = ev.get("result")
-        if ev.get("admitted_at") is not None:
-            r.admitted = ev["admitted_at"]
-        if result is not None:
-            del rep.inflight[ev["id"]]
+        if out.admitted_at is not None:
+            r.admitted = out.admitted_at
+        if out.result is not None:
+            del rep.inflight[out.request_id]
             r.finished = now
             r.done = True
-        if "token" in ev or result is not None:
-            r.queue.put_nowait(StreamEvent(ev.get("token"), ev.get("text", ""), ev.get("logprob"),
-                                           ev.get("top"), result))
+        if out.token_id is not None or out.result is not None:
+            r.queue.put_nowait(dataclasses.replace(out, index=r.index) if r.index else out)
 
     def _fail(self, r: _Request, exc: BaseException) -> None:
         if not r.done:
@@ -376,7 +452,7 @@ class AsyncEngine:
                 r.requeues += 1
                 back.append(r)
             else:
-                self._fail(r, EngineError(f"worker group {rep.index} failed: {reason}"))
+                self._fail(r, GroupFailed(f"worker group {rep.index} failed: {reason}"))
         rep.inflight.clear()
         for r in reversed(back):
             r.dispatched = None
@@ -397,7 +473,7 @@ class AsyncEngine:
                     await self._start_group(rep)
                     return
                 except GroupDied as e:
-                    rep.stats["last_start_error"] = str(e)
+                    rep.last_start_error = str(e)
                     await asyncio.sleep(1.0)
         finally:
             rep.restarting = False
@@ -430,18 +506,19 @@ class AsyncEngine:
         return True
 
     def replica_stats(self) -> list[dict[str, Any]]:
-        return [{
-            "replica": rep.index, "up": rep.up, "restarts": rep.restarts,
-            "inflight": len(rep.inflight), "running": rep.stats.get("running", 0),
-            "kv_usage": rep.stats.get("kv_usage", 0.0),
-            "kv_used_blocks": rep.stats.get("kv_used_blocks", 0),
-            "kv_total_blocks": rep.stats.get("kv_total_blocks", 0),
-            "reserved_tokens": rep.stats.get("reserved_tokens", 0),
-            "tokens_out": rep.stats.get("tokens_out", 0), "steps": rep.stats.get("steps", 0),
-            "prefix_cache_queries": rep.stats.get("prefix_cache_queries", 0),
-            "prefix_cache_hits": rep.stats.get("prefix_cache_hits", 0),
-            "pids": rep.group.pids if rep.group else [],
-        } for rep in self.replicas]
+        out = []
+        for rep in self.replicas:
+            st = rep.stats
+            out.append({
+                "replica": rep.index, "up": rep.up, "restarts": rep.restarts,
+                "inflight": len(rep.inflight), "running": st.running, "kv_usage": st.kv_usage,
+                "kv_used_blocks": st.kv_used_blocks, "kv_total_blocks": st.kv_total_blocks,
+                "reserved_tokens": st.reserved_tokens, "tokens_out": st.tokens_out,
+                "steps": st.steps, "prefix_cache_queries": st.prefix_cache_queries,
+                "prefix_cache_hits": st.prefix_cache_hits,
+                "pids": rep.group.pids if rep.group else [],
+            })
+        return out
 
     def stats(self) -> dict[str, Any]:
         reps = self.replica_stats()
@@ -454,8 +531,9 @@ class AsyncEngine:
             "kv_usage": sum(r["kv_usage"] for r in reps) / n,
             "kv_used_blocks": sum(r["kv_used_blocks"] for r in reps),
             "reserved_tokens": sum(r["reserved_tokens"] for r in reps),
-            "steps": sum(r["steps"] for r in reps), "last_step": first.get("last_step", {}),
-            "phase_s": first.get("phase_s", {}), "comm_s": first.get("comm_s", 0.0),
+            "steps": sum(r["steps"] for r in reps), "last_step": first.last_step,
+            "phase_s": {"prefill": first.prefill_s_total, "decode": first.decode_s_total},
+            "comm_s": first.comm_s_total,
             "group_up": self.group_up, "restarts": self.restarts, "requeued": self.requeued,
             "pids": [p for r in reps for p in r["pids"]], "replicas": reps,
         }

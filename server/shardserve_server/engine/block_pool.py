@@ -28,9 +28,11 @@ def block_key(parent: int, tokens: tuple[int, ...], salt: int = 0) -> int:
     return hash((parent, salt, tokens))
 
 
-def prefix_keys(ids: list[int], block_size: int, n_blocks: int, salt: int = 0) -> list[int]:
-    """Keys of the first n_blocks full blocks of `ids`."""
-    keys, parent = [], ROOT_KEY
+def prefix_keys(ids: list[int], block_size: int, n_blocks: int, salt: int = 0,
+                parent: int = ROOT_KEY) -> list[int]:
+    """Keys of the first n_blocks full blocks of `ids` (which follow the block keyed
+    `parent`; ROOT_KEY: ids start the sequence)."""
+    keys = []
     for i in range(n_blocks):
         parent = block_key(parent, tuple(ids[i * block_size : (i + 1) * block_size]), salt)
         keys.append(parent)

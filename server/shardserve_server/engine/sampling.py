@@ -5,8 +5,8 @@ with penalties, some seeded). `Sampler.sample` handles the whole batch at once: 
 work is vectorised over [B, V]; Python loops only over rows, to build [B] parameter tensors and
 to draw each row's noise from that row's own generator.
 
-Processing order (as in vLLM and Hugging Face): repetition penalty -> frequency and presence
-penalties -> temperature -> top-k -> top-p -> min-p -> sample.
+Processing order (as in vLLM and Hugging Face): logit bias -> repetition penalty -> frequency
+and presence penalties -> temperature -> top-k -> top-p -> min-p -> sample.
 
 Sampling uses the exponential race: `argmax(log p - log E)` with E ~ Exponential(1) drawn per
 token, which picks token i with probability p_i. Each row's E comes from that row's generator,
@@ -23,6 +23,10 @@ from dataclasses import dataclass
 import torch
 
 _PENALTY_LIMIT = 2.0
+LOGIT_BIAS_LIMIT = 100.0
+"""OpenAI's range for a logit_bias value: [-100, 100]."""
+MAX_LOGIT_BIAS = 1024
+"""Most logit_bias entries per request."""
 _SEED_LIMIT = 2**64  # the proto's uint64; torch.Generator takes the whole range
 # Temperatures below this are greedy (as in vLLM): dividing logits by ~1e-38 overflows.
 _GREEDY_TEMPERATURE = 1e-5
@@ -30,7 +34,8 @@ _GREEDY_TEMPERATURE = 1e-5
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request picks its next token. Check with `validate()` before use."""
+    """How one request picks its next token. Validated when made (`__post_init__`): an
+    instance always holds allowed values, so nothing downstream checks them again."""
 
     temperature: float = 1.0
     """Divides the (penalised) logits; 0 (or anything below 1e-5) means greedy: exactly the
@@ -63,6 +68,12 @@ class SamplingParams:
     """Makes sampling reproducible: the engine keeps `make_generator(seed)` for the request and
     passes it to every `Sampler.sample` call. None draws from the sampler's shared generator."""
 
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """OpenAI logit_bias as (token id, bias) pairs: the bias is added to the token's logit
+    before anything else; each in [-100, 100] (-100 bans a token in practice, 100 all but
+    forces it). Ids past the logits' width are ignored (the edge checks them against the
+    vocabulary)."""
+
     @property
     def is_greedy(self) -> bool:
         """True when the row takes the argmax (temperature 0, or below 1e-5)."""
@@ -76,6 +87,9 @@ class SamplingParams:
             or self.frequency_penalty != 0.0
             or self.presence_penalty != 0.0
         )
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         """Raise ValueError naming the first field outside its allowed range."""
@@ -101,6 +115,17 @@ class SamplingParams:
             or not (0 <= self.seed < _SEED_LIMIT)
         ):
             raise ValueError(f"seed must be None or an integer in [0, 2**64), got {self.seed!r}")
+        if not isinstance(self.logit_bias, tuple) or len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias must be a tuple of at most {MAX_LOGIT_BIAS} "
+                             "(token id, bias) pairs")
+        for pair in self.logit_bias:
+            tid, bias = pair if isinstance(pair, tuple) and len(pair) == 2 else (None, None)
+            if isinstance(tid, bool) or not isinstance(tid, int) or tid < 0:
+                raise ValueError(f"logit_bias token ids must be integers >= 0, got {pair!r}")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not (
+                    -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT):
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias!r} for "
+                                 f"token {tid}")
 
 
 def make_generator(seed: int | None = None, device: torch.device | str = "cpu") -> torch.Generator:
@@ -154,10 +179,11 @@ class Sampler:
         for the penalties. logprobs are the log-softmax of the processed distribution at the
         chosen token (greedy rows: of the penalised logits at temperature 1).
         """
+        _check_inputs(logits, params, generators, prompt_token_ids, output_token_ids)
+        logits = apply_logit_bias(logits, params)  # [B, V]
         if not logprobs and all(p.is_greedy and not p.has_penalties for p in params):
-            _check_inputs(logits, params, generators, prompt_token_ids, output_token_ids)
             return logits.argmax(dim=-1), None  # [B]
-        tokens, lps, _ = self.sample_with_full_logprobs(
+        tokens, lps, _ = self._sample_full(
             logits, params, generators, prompt_token_ids, output_token_ids
         )
         return tokens, lps
@@ -172,9 +198,18 @@ class Sampler:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """As `sample`, plus the whole processed log-distribution [B, V] (for `top_logprobs`)."""
         _check_inputs(logits, params, generators, prompt_token_ids, output_token_ids)
-        for p in params:
-            p.validate()
+        return self._sample_full(apply_logit_bias(logits, params), params, generators,
+                                 prompt_token_ids, output_token_ids)
 
+    def _sample_full(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+        prompt_token_ids: Sequence[Sequence[int]],
+        output_token_ids: Sequence[Sequence[int]],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """sample_with_full_logprobs once the logit bias is applied."""
         if all(p.is_greedy and not p.has_penalties for p in params):
             logprobs_full = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
             tokens = logits.argmax(dim=-1)  # [B]
@@ -262,6 +297,24 @@ def _check_inputs(
                 f"row {i} has seed={p.seed} but no generator; pass make_generator(seed), kept "
                 "across steps, so that the seed makes the request reproducible"
             )
+
+
+def apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """logits [B, V] plus each row's logit_bias (out of place: the forward's logits are never
+    written; returned as is when no row has a bias)."""
+    rows, cols, vals = [], [], []
+    vocab = logits.shape[-1]
+    for i, p in enumerate(params):
+        for tid, bias in p.logit_bias:
+            if tid < vocab:
+                rows.append(i)
+                cols.append(tid)
+                vals.append(float(bias))
+    if not rows:
+        return logits
+    return logits.float().index_put(
+        (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)),
+        torch.tensor(vals, device=logits.device), accumulate=True)  # [B, V]
 
 
 def _at(logprobs_full: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .detokenizer import IncrementalDetokenizer
+from .grammar import Constraint
 from .sampling import SamplingParams, make_generator
 from .stopping import FinishReason, StopChecker, StoppingParams
 
@@ -31,6 +32,8 @@ class GenerationRequest:
     """Caller's id for logs and cancellation."""
     logprobs: int | None = None
     """None: no logprobs; 0: the chosen token's; N: also the top-N alternatives."""
+    constraint: Constraint | None = None
+    """Structured output: the language the generated text must stay in (None: free)."""
 
 
 @dataclass
@@ -56,6 +59,9 @@ class GenerationResult:
     """Why the request failed (finish_reason ERROR only)."""
     cached_tokens: int = 0
     """Prompt tokens whose K/V came from the prefix cache (their prefill was skipped)."""
+    stop_reason: str | int | None = None
+    """With STOP_SEQUENCE: the stop string or stop token id that matched (vLLM's
+    stop_reason); None otherwise."""
 
 
 class Sequence:
@@ -78,6 +84,9 @@ class Sequence:
         self.top_logprobs: list[list[tuple[int, float]]] = []
         self.created = time.monotonic()
         self.cached_tokens = 0
+        self.matcher: Any = None
+        """The grammar matcher of a constrained request (set by the scheduler), fed every
+        generated token."""
 
     @property
     def finished(self) -> bool:
@@ -101,7 +110,11 @@ class Sequence:
         if top is not None:
             self.top_logprobs.append(top)
         n = len(self.output_ids)
-        stops_here = n >= self.req.stopping.min_new_tokens and self._is_stop_token(token_id)
+        # a grammar that took EOS is complete: EOS ends the request even before
+        # min_new_tokens (the mask allowed nothing else) or with ignore_eos
+        grammar_end = self.matcher is not None and token_id in self.eos_token_ids
+        stops_here = grammar_end or (
+            n >= self.req.stopping.min_new_tokens and self._is_stop_token(token_id))
         piece = "" if stops_here else self.detok.add_token(token_id)  # EOS text is not output
         if stops_here or n >= self.req.stopping.max_new_tokens:
             # The last token: release what the detokenizer still holds back (an unfinished
@@ -111,11 +124,16 @@ class Sequence:
         # order would drop the last token's text when it reaches max_new_tokens.
         emitted, text_reason = self.stop.process_text(piece)
         reason = text_reason or self.stop.check_token(token_id, n)
+        if grammar_end and text_reason is None:
+            reason = FinishReason.EOS
         if reason is not None and text_reason is None:
             emitted += self.stop.flush()
         self.text += emitted
         if reason is not None:
             self.finish_reason = reason
+        if self.matcher is not None and not self.finished:
+            if not self.matcher.accept_token(token_id):
+                self.fail(f"token {token_id} breaks the response format (grammar rejected it)")
         return TokenEvent(token_id, emitted, logprob, top)
 
     def _is_stop_token(self, token_id: int) -> bool:
@@ -146,4 +164,6 @@ class Sequence:
             top_logprobs=list(self.top_logprobs) if want and self.req.logprobs else None,
             error=self.error,
             cached_tokens=self.cached_tokens,
+            stop_reason=self.stop.matched_stop
+            if self.finish_reason is FinishReason.STOP_SEQUENCE else None,
         )

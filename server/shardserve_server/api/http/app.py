@@ -28,7 +28,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ...engine.async_engine import EngineError, QueueFull, RequestStream
+from ...engine.async_engine import EngineError, QueueFull, RequestRefused, RequestStream
 from ...engine.stopping import FinishReason
 from ..convert import InvalidArgument, Prepared
 from ..servicer import Draining
@@ -281,7 +281,7 @@ class _Run:
     # ---- unary
     async def unary(self, request: Request) -> Response:
         outcome, result = "error", None
-        result_task = asyncio.ensure_future(self.stream.result())
+        result_task = asyncio.ensure_future(self.stream.results())
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             done, _ = await asyncio.wait({result_task, gone}, timeout=self.deadline,
@@ -289,12 +289,15 @@ class _Run:
             if result_task in done:
                 try:
                     result = result_task.result()
+                except RequestRefused as e:
+                    return HttpError(400, str(e), None, "invalid_request_error").response()
                 except EngineError as e:
                     return HttpError(503, str(e), None, "unavailable").response()
                 outcome = self.api.s.outcome_of(result)
-                self._cached = result.cached_tokens
-                if result.finish_reason is FinishReason.ERROR:
-                    return HttpError(500, result.error or "the request failed in the engine",
+                self._cached = result[0].cached_tokens
+                failed = [r for r in result if r.finish_reason is FinishReason.ERROR]
+                if failed:
+                    return HttpError(500, failed[0].error or "the request failed in the engine",
                                      None, "engine_error").response()
                 return _json(self._whole(result))
             self.api.s.engine.cancel(self.rid)
@@ -314,22 +317,29 @@ class _Run:
         user = getattr(self.body, "user", None)
         return {"protocol": "http", **({"user": user[:64]} if user else {})}
 
-    def _whole(self, r: Any) -> BaseModel:
-        usage = self._usage(len(r.token_ids))
-        fr = tr.finish_reason(r)
-        want = self.p.logprobs and r.logprobs is not None
+    def _whole(self, results: list[Any]) -> BaseModel:
+        usage = self._usage(sum(len(r.token_ids) for r in results))
         model = self.api.model_name
+        choices: list[Any] = []
+        for i, r in enumerate(results):
+            fr = tr.finish_reason(r)
+            want = self.p.logprobs and r.logprobs is not None
+            if self.chat:
+                lp = tr.chat_logprobs(self.tok, r.token_ids, r.logprobs, r.top_logprobs) \
+                    if want else None
+                choices.append(ChatChoice(index=i, message=AssistantMessage(content=r.text),
+                                          logprobs=lp, finish_reason=fr,
+                                          stop_reason=r.stop_reason))
+            else:
+                lp = tr.completion_logprobs(self.tok, r.token_ids, r.logprobs, r.top_logprobs) \
+                    if want else None
+                choices.append(CompletionChoice(index=i, text=r.text, logprobs=lp,
+                                                finish_reason=fr, stop_reason=r.stop_reason))
         if self.chat:
-            lp = tr.chat_logprobs(self.tok, r.token_ids, r.logprobs, r.top_logprobs) \
-                if want else None
             return ChatCompletion(id=self.rid, created=self.created, model=model, usage=usage,
-                                  choices=[ChatChoice(message=AssistantMessage(content=r.text),
-                                                      logprobs=lp, finish_reason=fr)])
-        lp = tr.completion_logprobs(self.tok, r.token_ids, r.logprobs, r.top_logprobs) \
-            if want else None
+                                  choices=choices)
         return Completion(id=self.rid, created=self.created, model=model, usage=usage,
-                          choices=[CompletionChoice(text=r.text, logprobs=lp,
-                                                    finish_reason=fr)])
+                          choices=choices)
 
     # ---- streaming
     async def _events(self) -> AsyncIterator[Any]:
@@ -349,6 +359,8 @@ class _Run:
     def _chunk(self, text: str, ev: Any, n: int, finish: str | None,
                usage_now: bool) -> BaseModel:
         usage = self._usage(n) if usage_now else None
+        index = ev.index if ev is not None else 0
+        stop_reason = ev.result.stop_reason if ev is not None and ev.result else None
         model = self.api.model_name
         ids = [ev.token_id] if ev is not None and ev.token_id is not None else []
         want = self.p.logprobs and ids and ev.logprob is not None
@@ -357,14 +369,16 @@ class _Run:
             lp = tr.chat_logprobs(self.tok, ids, [ev.logprob], tops) if want else None
             return ChatCompletionChunk(
                 id=self.rid, created=self.created, model=model, usage=usage,
-                choices=[ChatChunkChoice(delta=Delta(content=text), logprobs=lp,
-                                         finish_reason=finish)])
-        lp = tr.completion_logprobs(self.tok, ids, [ev.logprob], tops, self._offset) \
+                choices=[ChatChunkChoice(index=index, delta=Delta(content=text), logprobs=lp,
+                                         finish_reason=finish, stop_reason=stop_reason)])
+        offset = self._offset.get(index, 0)
+        lp = tr.completion_logprobs(self.tok, ids, [ev.logprob], tops, offset) \
             if want else None
-        self._offset += len(text)
+        self._offset[index] = offset + len(text)
         return Completion(id=self.rid, created=self.created, model=model, usage=usage,
-                          choices=[CompletionChoice(text=text, logprobs=lp,
-                                                    finish_reason=finish)])
+                          choices=[CompletionChoice(index=index, text=text, logprobs=lp,
+                                                    finish_reason=finish,
+                                                    stop_reason=stop_reason)])
 
     def _usage_chunk(self, n: int) -> BaseModel:
         cls = ChatCompletionChunk if self.chat else Completion
@@ -376,26 +390,33 @@ class _Run:
         include_usage = bool(opts and opts.include_usage)
         continuous = bool(opts and opts.continuous_usage_stats)
         outcome, result, n = "cancelled", None, 0
-        self._offset = 0
+        self._offset: dict[int, int] = {}
+        done: list[Any] = [None] * self.p.n
         try:
             if self.chat:
-                yield _sse(ChatCompletionChunk(
-                    id=self.rid, created=self.created, model=self.api.model_name,
-                    choices=[ChatChunkChoice(delta=Delta(role="assistant", content=""))]))
+                for i in range(self.p.n):
+                    yield _sse(ChatCompletionChunk(
+                        id=self.rid, created=self.created, model=self.api.model_name,
+                        choices=[ChatChunkChoice(index=i,
+                                                 delta=Delta(role="assistant", content=""))]))
             try:
                 async for ev in self._events():
                     if ev.token_id is not None:
                         n += 1
                     finish = None
                     if ev.result is not None:
-                        result = ev.result
-                        outcome = self.api.s.outcome_of(result)
-                        self._cached = result.cached_tokens
-                        if result.finish_reason is FinishReason.ERROR:
-                            yield self._error(HttpError(500, result.error or "the request failed"
-                                                        " in the engine", None, "engine_error"))
+                        done[ev.index] = ev.result
+                        if all(x is not None for x in done):
+                            result = done[0] if self.p.n == 1 else list(done)
+                            outcome = self.api.s.outcome_of(result)
+                        self._cached = ev.result.cached_tokens
+                        if ev.result.finish_reason is FinishReason.ERROR:
+                            outcome = "error"
+                            yield self._error(HttpError(500, ev.result.error or "the request "
+                                                        "failed in the engine", None,
+                                                        "engine_error"))
                             break
-                        finish = tr.finish_reason(result)
+                        finish = tr.finish_reason(ev.result)
                     if ev.token_id is None and not ev.text and finish is None:
                         continue
                     yield _sse(self._chunk(ev.text, ev, n, finish, continuous))
@@ -405,6 +426,9 @@ class _Run:
                 yield self._error(HttpError(504, f"the request's deadline ({self.deadline:g} "
                                             "s, X-Request-Timeout) passed", None,
                                             "deadline_exceeded"))
+            except RequestRefused as e:
+                outcome = "invalid"
+                yield self._error(HttpError(400, str(e), None, "invalid_request_error"))
             except EngineError as e:
                 outcome = "error"
                 yield self._error(HttpError(503, str(e), None, "unavailable"))

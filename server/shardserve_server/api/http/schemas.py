@@ -58,6 +58,10 @@ class _Sampling(_Body):
     include_stop_str_in_output: bool | None = None
     truncate_prompt_tokens: U32 | None = None
     priority: I32 | None = None
+    response_format: dict[str, Any] | None = None
+    """{"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": {...}}}"""
+    structured_outputs: dict[str, Any] | None = None
+    """vLLM's: {"json": schema} or {"regex": pattern} or {"choice": [strings]}."""
 
 
 class CompletionRequest(_Sampling):
@@ -86,7 +90,6 @@ class ChatRequest(_Sampling):
     logprobs: bool | None = None
     top_logprobs: U32 | None = None
     tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
 
 
 # ---------------------------------------------------------------- responses
@@ -116,6 +119,8 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    """vLLM's: the stop string or stop token id that ended the choice (None: EOS, length)."""
 
 
 class Completion(BaseModel):
@@ -151,6 +156,7 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: str | int | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -172,6 +178,7 @@ class ChatChunkChoice(BaseModel):
     delta: Delta
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: str | int | None = None
 
 
 class ChatCompletionChunk(BaseModel):

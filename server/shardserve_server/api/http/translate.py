@@ -4,18 +4,22 @@ A body becomes the same GenerateRequest / ChatRequest a gRPC client would send, 
 api/convert.py validates both protocols with one set of rules; its messages name the proto
 fields (`stopping.max_new_tokens`), which `openai_error` renames to the body's fields
 (`max_tokens`). What shardserve does not do is refused here with a 400 naming the field:
-n > 1, best_of > 1, echo, suffix, logit_bias, tools, non-text content parts, a non-text
-response_format, several prompts in one request.
+best_of > 1, echo, suffix, tools, non-text content parts, several prompts in one request.
+`n` (1 to 16), `logit_bias` (token id strings -> [-100, 100]) and structured output
+(`response_format` json_object / json_schema, or vLLM's `structured_outputs` json / regex /
+choice) map to their shardserve.v1 fields.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from shardserve_client._pb.shardserve.v1 import generate_pb2 as pb
 
+from ...engine.async_engine import MAX_N
 from ...engine.stopping import FinishReason
 from ..convert import InvalidArgument
 from .errors import HttpError, invalid
@@ -51,11 +55,66 @@ class Translated:
     """proto field name -> the body's field name, for error messages."""
 
 
+def _logit_bias(msg: Any, bias: dict[str, Any]) -> None:
+    for key, value in bias.items():
+        if not key.isdigit() or int(key) >= 2**32:
+            raise invalid("logit_bias", f"keys must be token ids (decimal strings), got "
+                          f"{key[:40]!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise invalid("logit_bias", f"values must be numbers, got {value!r:.40} for {key}")
+        if not -100 <= value <= 100:
+            raise invalid("logit_bias", f"values must be in [-100, 100], got {value} for "
+                          f"token {key}")
+        msg.sampling.logit_bias[int(key)] = float(value)
+
+
+def _response_format(msg: Any, b: _Sampling) -> None:
+    """OpenAI's response_format, or vLLM's structured_outputs, into msg.response_format."""
+    rf, so = b.response_format, b.structured_outputs
+    if rf is not None and so:
+        raise invalid("response_format", "give response_format or structured_outputs, not both")
+    out = msg.response_format
+    if rf is not None:
+        kind = rf.get("type", "text")
+        if kind == "json_object":
+            out.json_object = True
+        elif kind == "json_schema":
+            spec = rf.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, (dict, bool)):
+                raise invalid("response_format", "json_schema needs {\"json_schema\": "
+                              "{\"name\": ..., \"schema\": {...}}}")
+            out.json_schema = json.dumps(schema)
+        elif kind != "text":
+            raise invalid("response_format", f"type must be text, json_object or json_schema, "
+                          f"got {str(kind)[:40]!r}")
+        return
+    if not so:
+        return
+    keys = [k for k in ("json", "regex", "choice") if so.get(k) is not None]
+    if len(keys) != 1:
+        raise invalid("structured_outputs", "give exactly one of json, regex, choice")
+    value = so[keys[0]]
+    if keys[0] == "json":
+        out.json_schema = value if isinstance(value, str) else json.dumps(value)
+    elif keys[0] == "regex":
+        if not isinstance(value, str):
+            raise invalid("structured_outputs", "regex must be a string")
+        out.regex = value
+    else:
+        if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+            raise invalid("structured_outputs", "choice must be a list of strings")
+        out.choice.choices.extend(value)
+
+
 def _common(msg: Any, b: _Sampling, names: dict[str, str]) -> None:
-    if b.n is not None and b.n != 1:
-        raise invalid("n", f"only n=1 is supported (got {b.n}); send n separate requests")
+    if b.n is not None:
+        if not 1 <= b.n <= MAX_N:
+            raise invalid("n", f"must be in [1, {MAX_N}], got {b.n}")
+        msg.n = b.n
     if b.logit_bias:
-        raise invalid("logit_bias", "is not supported")
+        _logit_bias(msg, b.logit_bias)
+    _response_format(msg, b)
     s, st = msg.sampling, msg.stopping
     if b.temperature is not None:
         s.temperature = b.temperature
@@ -89,7 +148,10 @@ def _common(msg: Any, b: _Sampling, names: dict[str, str]) -> None:
         msg.priority = b.priority
     names.update({"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens",
                   "stop_sequences": "stop", "include_stop_sequence": "include_stop_str_in_output",
-                  "stop": "stop"})
+                  "stop": "stop", "response_format.json_schema": "response_format",
+                  "response_format.json_object": "response_format",
+                  "response_format.regex": "structured_outputs",
+                  "response_format.choice": "structured_outputs"})
 
 
 def completion(b: CompletionRequest) -> Translated:
@@ -136,8 +198,6 @@ def _content(i: int, m: Any) -> str:
 def chat(b: ChatRequest) -> Translated:
     if b.tools:
         raise invalid("tools", "are not supported")
-    if b.response_format and b.response_format.get("type", "text") != "text":
-        raise invalid("response_format", "only {\"type\": \"text\"} is supported")
     if b.top_logprobs is not None and not b.logprobs:
         raise invalid("top_logprobs", "needs logprobs=true")
     msg = pb.ChatRequest()
