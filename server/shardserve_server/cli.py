@@ -77,7 +77,8 @@ def cmd_reshard(args: argparse.Namespace) -> int:
         args.src, args.dst, tp=args.tp, pp=args.pp, source_format=args.source_format,
         tokenizer=args.tokenizer, dtype=args.dtype, verify=args.verify,
         progress=not args.quiet, overwrite=args.overwrite, config=args.config,
-        verify_hashes=not args.no_verify,
+        verify_hashes=not args.no_verify, quantize=args.quantize, group_size=args.group_size,
+        quantize_embedding=args.quantize_embedding,
     )
     mb = rep.bytes_written / 1e6
     print(f"resharded {args.src} -> {rep.dst} (tp={args.tp}, pp={args.pp}): {mb:.1f} MB "
@@ -587,7 +588,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="DCP: params.json with n_heads, n_kv_heads, n_layers, "
                    "rope_theta, norm_eps (DCP stores shapes only)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: the source's")
-    p.add_argument("--verify", action="store_true", help="compare logits with the source")
+    p.add_argument("--verify", action="store_true", help="compare logits with the source "
+                   "(a quantized result: with itself at TP=1)")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="store the linear weights weight-only quantized: int8 (one scale per "
+                   "output row) or int4 (grouped scales); recorded in the manifest")
+    p.add_argument("--group-size", type=int, default=32, choices=(32, 64, 128, 256),
+                   help="int4: input columns per scale group (each TP slice must hold whole "
+                   "groups)")
+    p.add_argument("--quantize-embedding", choices=("int8", "none"), default="int8",
+                   help="with --quantize: the (tied) embedding / lm_head as int8 per row, or "
+                   "kept in the float dtype")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--no-verify", action="store_true",

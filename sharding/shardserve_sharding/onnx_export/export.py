@@ -54,6 +54,9 @@ def load_full_model(model_dir: str | Path, *, verify_hashes: bool = True
     from ..models import build_model
 
     src = ShardserveSource(model_dir, verify_hashes=verify_hashes)
+    if src.quant is not None:
+        raise CheckpointError(f"{model_dir}: the ONNX export reads float weights; this checkpoint "
+                              f"is {src.quant.scheme}-quantized (export its float source)")
     with torch.device("meta"):
         model = build_model(src.family, src.config)
     state = {n: src.tensor(n).float() for n, _ in src.names_and_shapes()}
