@@ -185,11 +185,8 @@ def engine_ab(model_dir: Path, tok, args) -> list[str]:
                 if not sched.has_work():
                     continue
                 t0 = time.perf_counter()
-                sched.reap()
-                for plan, rws, samples in sched.schedule():
-                    for ev in sched.process(x["runner"].forward(plan), rws, samples):
-                        x["done"] += "result" in ev
-                sched.reap()
+                for o in sched.step(x["runner"].forward):
+                    x["done"] += o.result is not None
                 x["s"] += time.perf_counter() - t0
             k += 1
         on, off = side[True]["s"], side[False]["s"]

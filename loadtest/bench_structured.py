@@ -216,10 +216,9 @@ def part_batch(model_dir: Path, tok, args) -> list[str]:
         plans = sched.schedule()
         decoding = all(not s.in_prefill for s in sched.running)
         t0 = time.perf_counter()
-        for plan, rows, samples in plans:
-            for ev in sched.process(runner.forward(plan), rows, samples):
-                if decoding and "token" in ev and ev["id"] != "x":
-                    acc["tokens"] += 1
+        for o in sched.run(plans, runner.forward):
+            if decoding and o.token_id is not None and o.request_id != "x":
+                acc["tokens"] += 1
         if decoding:
             acc["s"] += time.perf_counter() - t0
             acc["steps"] += 1

@@ -51,11 +51,11 @@ def main() -> int:
     dtype = DTYPES[{"bf16": "bfloat16", "fp32": "float32"}.get(a.dtype, a.dtype)]
     tok = TokenizerBundle.load(Path(a.model) / "tokenizer")
     model = load_sharded_model(a.model, ThreadGroup(1).comm(0), dtype=dtype)
-    cfg = SchedulerConfig(max_batch_size=a.rows, kv_cache_tokens=16384,
-                          flat_batches=model.family == "llama" and not a.padded)
+    runner = ModelRunner(model, CacheGeometry(16384, 16, a.rows), dtype)
+    cfg = SchedulerConfig(max_batch_size=a.rows, kv_cache_tokens=16384, block_size=16,
+                          flat_batches=runner.flat_batches and not a.padded)
     sched = GroupScheduler(cfg, family=model.family, tokenizer=tok,
                            eos_token_ids=tuple(tok.eos_token_ids), max_seq_len=2048)
-    runner = ModelRunner(model, CacheGeometry(16384, cfg.block_size, a.rows), dtype)
     g = torch.Generator().manual_seed(0)
     for i in range(a.rows):
         ids = torch.randint(100, 40000, (a.prompt_tokens,), generator=g).tolist()
@@ -83,7 +83,7 @@ def main() -> int:
             s0 = time.perf_counter()
             logits = runner.forward(plan)
             s1 = time.perf_counter()
-            sched.process(logits, rows, samples)
+            sched.run([(plan, rows, samples)], lambda _plan, x=logits: x)  # process only
             s2 = time.perf_counter()
             tf += s1 - s0
             tp += s2 - s1

@@ -76,7 +76,8 @@ TINY_CORPUS = [
 ] * 20
 
 
-def _write_tiny(dst: Path, family: str, seed: int, *, tie: bool | None = None) -> Path:
+def _write_tiny(dst: Path, family: str, seed: int, *, tie: bool | None = None,
+                cell: str = "lstm") -> Path:
     """A random tiny model of `family` with a byte-level BPE tokenizer, as a TP=1 checkpoint.
 
     tie=None keeps the family's default here (Llama tied, conv LM untied).
@@ -86,6 +87,7 @@ def _write_tiny(dst: Path, family: str, seed: int, *, tie: bool | None = None) -
     from shardserve_sharding.models import build_model, checkpoint_names
     from shardserve_sharding.models.convlm import ConvLMConfig
     from shardserve_sharding.models.llama import LlamaConfig
+    from shardserve_sharding.models.rnnlm import RNNLMConfig
     from shardserve_sharding.tokenizer import train_bpe
 
     tok = train_bpe(TINY_CORPUS, vocab_size=320)
@@ -93,6 +95,9 @@ def _write_tiny(dst: Path, family: str, seed: int, *, tie: bool | None = None) -
         cfg = LlamaConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4,
                           n_kv_heads=2, intermediate_size=96, rope_theta=10000.0,
                           tie_embeddings=True if tie is None else tie, max_seq_len=512)
+    elif family == "rnnlm":
+        cfg = RNNLMConfig(vocab_size=tok.vocab_size, dim=32, hidden=24, n_layers=2, cell=cell,
+                          tie_embeddings=bool(tie), max_seq_len=512)
     else:
         cfg = ConvLMConfig(vocab_size=tok.vocab_size, dim=48, hidden=64, n_layers=3,
                            kernel_size=4, tie_embeddings=bool(tie), max_seq_len=512)
@@ -117,6 +122,19 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 def tiny_convlm_dir(tmp_path_factory) -> Path:
     """A random tiny gated conv LM (untied) with a BPE tokenizer, TP=1."""
     return _write_tiny(tmp_path_factory.mktemp("tiny") / "convlm", "convlm", 1)
+
+
+@pytest.fixture(scope="session")
+def tiny_rnnlm_dir(tmp_path_factory) -> Path:
+    """A random tiny recurrent LM (LSTM, untied) with a BPE tokenizer, TP=1."""
+    return _write_tiny(tmp_path_factory.mktemp("tiny") / "rnnlm", "rnnlm", 2)
+
+
+@pytest.fixture(scope="session")
+def tiny_rnnlm_gru_dir(tmp_path_factory) -> Path:
+    """A random tiny recurrent LM (GRU, tied) with a BPE tokenizer, TP=1."""
+    return _write_tiny(tmp_path_factory.mktemp("tiny") / "rnnlm-gru", "rnnlm", 3, tie=True,
+                       cell="gru")
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,8 @@ Installs without torch (see clients/pyproject.toml); depends only on grpcio and 
         print(c.generate("Hello", max_new_tokens=16, temperature=0).text)
 """
 
-from .client import READINESS, AsyncClient, Client
+from .client import AsyncClient, Client
+from .targets import READINESS
 from .types import (
     Cancelled,
     DeadlineExceeded,

@@ -14,7 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from .client import READINESS, Client
+from .client import Client
+from .targets import READINESS
 from .types import ShardserveError
 
 
@@ -28,7 +29,9 @@ def _params(a: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="shardserve-client", description=__doc__.split("\n")[0])
-    ap.add_argument("--target", default="127.0.0.1:50051")
+    ap.add_argument("--target", default="127.0.0.1:50051",
+                    help="HOST:PORT, several IP:PORT comma-separated, or dns:///NAME:PORT "
+                    "(several servers: round-robin over the ready ones)")
     ap.add_argument("--token-file", help="file with the bearer token")
     ap.add_argument("--tls", help="CA certificate (PEM) to trust; enables TLS")
     ap.add_argument("--timeout", type=float, default=None, help="deadline in seconds")

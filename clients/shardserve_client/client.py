@@ -6,6 +6,10 @@
         for chunk in c.generate_stream("Hello", max_new_tokens=16):
             print(chunk.text, end="")
 
+Several servers: Client(["10.0.0.1:50051", "10.0.0.2:50051"]) or
+Client("dns:///shardserve.default.svc.cluster.local:50051") balance round-robin over the ready
+ones (gRPC's round_robin policy with client-side health checking; see targets.py).
+
 Keyword parameters are the proto's field names (flattened); an unknown one is a TypeError.
 Errors are raised as ShardserveError subclasses carrying the gRPC status code.
 """
@@ -13,7 +17,7 @@ Errors are raised as ShardserveError subclasses carrying the gRPC status code.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,7 @@ import grpc
 
 from ._pb.shardserve.v1 import generate_pb2 as pb
 from ._pb.shardserve.v1 import generate_pb2_grpc as pb_grpc
+from .targets import channel_args
 from .types import (
     GenerationResult,
     ModelInfo,
@@ -40,7 +45,6 @@ _TOP = ("truncate_prompt_tokens", "priority", "request_id", "n")
 _SPECIAL = ("logit_bias", "response_format")
 """logit_bias: {token id: bias}; response_format: {"json_schema": schema (dict or JSON
 text)} | {"json_object": True} | {"regex": pattern} | {"choice": [strings]}."""
-READINESS = "shardserve.v1.TextGeneration"
 
 
 def _fill(msg: Any, params: dict[str, Any]) -> Any:
@@ -113,13 +117,18 @@ def _credentials(tls: bool | str | Path) -> grpc.ChannelCredentials | None:
 
 
 class _Base:
-    def __init__(self, target: str, *, token: str | None = None, tls: bool | str | Path = False,
-                 timeout: float | None = None, options: list[tuple[str, Any]] | None = None
-                 ) -> None:
-        self.target, self.timeout = target, timeout
+    """target: "host:port", several "ip:port" (a list or comma-separated) or "dns:///name:port";
+    several servers or a DNS name are balanced round-robin over the ready ones (targets.py).
+    max_attempts: tries of a call refused with UNAVAILABLE before any response (balanced
+    targets; 1: no retry)."""
+
+    def __init__(self, target: str | Sequence[str], *, token: str | None = None,
+                 tls: bool | str | Path = False, timeout: float | None = None,
+                 options: list[tuple[str, Any]] | None = None, max_attempts: int = 3) -> None:
+        self.target, self._options = channel_args(target, options, max_attempts)
+        self.timeout = timeout
         self._meta = (("authorization", f"Bearer {token}"),) if token else ()
         self._creds = _credentials(tls)
-        self._options = options or []
 
     def _md(self, metadata: Iterable[tuple[str, str]] | None) -> tuple:
         return self._meta + tuple(metadata or ())
@@ -131,8 +140,9 @@ class _Base:
 class Client(_Base):
     """Blocking client; use as a context manager or call close()."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", **kw: Any) -> None:
+    def __init__(self, target: str | Sequence[str] = "127.0.0.1:50051", **kw: Any) -> None:
         super().__init__(target, **kw)
+        target = self.target
         self._channel = (grpc.secure_channel(target, self._creds, self._options) if self._creds
                          else grpc.insecure_channel(target, self._options))
         self._stub = pb_grpc.TextGenerationStub(self._channel)
@@ -204,8 +214,9 @@ class Client(_Base):
 class AsyncClient(_Base):
     """grpc.aio client with the same methods as Client (awaitable / async iterators)."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", **kw: Any) -> None:
+    def __init__(self, target: str | Sequence[str] = "127.0.0.1:50051", **kw: Any) -> None:
         super().__init__(target, **kw)
+        target = self.target
         self._channel = (grpc.aio.secure_channel(target, self._creds, self._options)
                          if self._creds else grpc.aio.insecure_channel(target, self._options))
         self._stub = pb_grpc.TextGenerationStub(self._channel)

@@ -8,6 +8,7 @@ shardserve serve --model DIR [--tp N] [--replicas R]    # gRPC API, /metrics
 shardserve train --out RUN [--dp 2 --tp 2 --pp 2]       # hybrid-parallel trainer
 shardserve export-onnx MODEL_DIR OUT_DIR                # ONNX Runtime replicas
 shardserve export-hf MODEL_DIR OUT_DIR                  # transformers / vLLM directory
+shardserve plan --model DIR --devices N [--measure] [--json]  # which layout to serve with
 shardserve quickstart [--workdir DIR]  # import the bundled SmolLM2, serve it, query it
 
 `shardserve COMMAND --help` lists every option of a command with its default.
@@ -76,7 +77,8 @@ def cmd_reshard(args: argparse.Namespace) -> int:
         args.src, args.dst, tp=args.tp, pp=args.pp, source_format=args.source_format,
         tokenizer=args.tokenizer, dtype=args.dtype, verify=args.verify,
         progress=not args.quiet, overwrite=args.overwrite, config=args.config,
-        verify_hashes=not args.no_verify,
+        verify_hashes=not args.no_verify, quantize=args.quantize, group_size=args.group_size,
+        quantize_embedding=args.quantize_embedding,
     )
     mb = rep.bytes_written / 1e6
     print(f"resharded {args.src} -> {rep.dst} (tp={args.tp}, pp={args.pp}): {mb:.1f} MB "
@@ -96,8 +98,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     backend = served.backend if args.backend == "auto" else args.backend
     if backend == "torch":
         check_checkpoint(args.model, hashes=not args.no_verify)
+    if args.local_ranks and not args.rendezvous:
+        raise ValueError("--local-ranks needs --rendezvous (a multi-host group)")
+    if args.rendezvous:
+        from shardserve_server.workers.rendezvous import split_addr
+
+        split_addr(args.rendezvous)
+        if backend != "torch" or args.tp < 2:
+            raise ValueError("--rendezvous serves a torch group with --tp >= 2")
+        if not 1 <= args.local_ranks <= args.tp:
+            raise ValueError(f"--local-ranks must be in 1..{args.tp} (rank 0, the leader, runs "
+                             "here)")
+    local = args.local_ranks or args.tp
     cores = os.cpu_count() or 2
-    threads = args.threads or max(1, cores // (args.tp * args.replicas))
+    threads = args.threads or max(1, cores // (local * args.replicas))
     dtype = "float32" if backend == "onnx" else {"fp32": "float32", "bf16": "bfloat16"}[args.dtype]
     # ONNX Runtime's threads spin between kernels only where every replica has its own cores
     spin = backend == "onnx" and threads > 1 and threads * args.replicas <= cores
@@ -107,7 +121,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
         pg_timeout_s=args.pg_timeout, backend=backend, verify_hashes=not args.no_verify,
-        prefix_caching=not args.no_prefix_caching,
+        prefix_caching=not args.no_prefix_caching, nice=args.worker_nice,
+        rendezvous=args.rendezvous or "", local_ranks=args.local_ranks,
     )
     limits = EngineLimits(max_queued_requests=args.max_queued_requests,
                           max_queued_tokens=args.max_queued_tokens)
@@ -121,6 +136,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
     return run(cfg, worker, limits, replicas=args.replicas)
+
+
+def _join_args(args: argparse.Namespace) -> tuple[str, list[int]]:
+    """--join and --ranks, or torchrun's MASTER_ADDR/MASTER_PORT and RANK."""
+    addr = args.join
+    if not addr:
+        host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+        if not host or not port:
+            raise ValueError("give --join HOST:PORT (or set MASTER_ADDR and MASTER_PORT)")
+        addr = f"{host}:{port}"
+    text = args.ranks or os.environ.get("RANK")
+    if not text:
+        raise ValueError("give --ranks (or set RANK)")
+    try:
+        ranks = sorted({int(r) for r in text.split(",")})
+    except ValueError:
+        raise ValueError(f"--ranks must be comma-separated integers, got {text!r}") from None
+    if ranks[0] < 1:
+        raise ValueError("rank 0 is the leader and runs with `shardserve serve`; join ranks >= 1")
+    return addr, ranks
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from shardserve_server.workers.model_dir import describe
+    from shardserve_server.workers.rendezvous import main_join, split_addr
+
+    addr, ranks = _join_args(args)
+    split_addr(addr)
+    if describe(args.model).backend != "torch":
+        raise ValueError(f"{args.model}: multi-host groups serve shardserve checkpoints")
+    check_checkpoint(args.model, hashes=not args.no_verify)
+    return main_join(addr, args.model, ranks, args.threads)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -287,6 +334,43 @@ def _report(args: argparse.Namespace, res, load_s: float, gen_s: float) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from shardserve_server.plan import costs as plan_costs
+    from shardserve_server.plan.predict import Workload, predict, recommend, resolve_model
+    from shardserve_server.plan.report import plan_json, plan_table
+
+    model = resolve_model(args.model)
+    if args.measure:
+        from shardserve_server.plan.measure import measure
+
+        if model.family != "llama":
+            raise ValueError("--measure times Llama-family layer shapes; give a Llama model")
+        log = (lambda *_: None) if args.json else print
+        log(f"measuring this machine at {model.name}'s shapes (about a minute)")
+        costs = measure(model.config, log=log)
+        costs.save(args.costs)
+        log(f"stored {args.costs}")
+    else:
+        costs = plan_costs.load(args.costs)
+    for name in ("devices", "streams", "prompt_tokens", "new_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("memory_per_device", "target_ttft_ms", "target_itl_ms"):
+        v = getattr(args, name)
+        if v is not None and not v > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0")
+    work = Workload(streams=args.streams, prompt_tokens=args.prompt_tokens,
+                    new_tokens=args.new_tokens, target_ttft_ms=args.target_ttft_ms,
+                    target_itl_ms=args.target_itl_ms,
+                    memory_per_device_gib=args.memory_per_device,
+                    kv_tokens=args.kv_cache_tokens)
+    preds = predict(model, costs, args.devices, work)
+    best, why = recommend(preds, work)
+    render = plan_json if args.json else plan_table
+    print(render(model, args.devices, work, costs, preds, best, why))
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """Import the bundled SmolLM2 (once), serve it, query it with the client, stop cleanly."""
     import re
@@ -430,7 +514,8 @@ HELP = {
     "auth_token_file": "file holding the bearer token every call must send",
     "replicas": "data-parallel replicas (worker groups) behind one queue",
     "backend": "auto: onnx for an ONNX export directory, torch for a checkpoint",
-    "family": "model family to train",
+    "family": "model family to train (a ModelSpec name: llama, convlm, ...; an unknown name "
+              "is refused with the list)",
     "dp": "data-parallel ranks",
     "pp": "pipeline stages",
     "steps": "optimizer steps",
@@ -461,6 +546,14 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
         if isinstance(action, argparse._StoreTrueAction) or action.default is None:
             return action.help or ""
         return super()._get_help_string(action)
+
+
+def _nice(text: str) -> int:
+    """--worker-nice: 0..19 (workers only ever yield to the front end)."""
+    value = int(text)
+    if not 0 <= value <= 19:
+        raise argparse.ArgumentTypeError(f"must be in [0, 19], got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -495,7 +588,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="DCP: params.json with n_heads, n_kv_heads, n_layers, "
                    "rope_theta, norm_eps (DCP stores shapes only)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: the source's")
-    p.add_argument("--verify", action="store_true", help="compare logits with the source")
+    p.add_argument("--verify", action="store_true", help="compare logits with the source "
+                   "(a quantized result: with itself at TP=1)")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="store the linear weights weight-only quantized: int8 (one scale per "
+                   "output row) or int4 (grouped scales); recorded in the manifest")
+    p.add_argument("--group-size", type=int, default=32, choices=(32, 64, 128, 256),
+                   help="int4: input columns per scale group (each TP slice must hold whole "
+                   "groups)")
+    p.add_argument("--quantize-embedding", choices=("int8", "none"), default="int8",
+                   help="with --quantize: the (tied) embedding / lm_head as int8 per row, or "
+                   "kept in the float dtype")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--no-verify", action="store_true",
@@ -543,8 +646,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--max-new-tokens-limit", type=int, default=2048)
     p.add_argument("--threads", type=int, default=None, help="torch threads per rank")
+    p.add_argument("--worker-nice", type=_nice, default=WorkerConfig.nice,
+                   help="niceness added to the worker processes, so that admission and "
+                   "streaming in the front end run first when the cores are busy (0: same "
+                   "priority as the front end)")
     p.add_argument("--drain-timeout", type=float, default=30.0)
     p.add_argument("--pg-timeout", type=float, default=10.0, help="collective timeout (s)")
+    p.add_argument("--rendezvous", default=None, metavar="HOST:PORT",
+                   help="multi-host group: serve a TCPStore here for `shardserve worker --join` "
+                   "(bind address reachable from the other hosts)")
+    p.add_argument("--local-ranks", type=int, default=0,
+                   help="multi-host group: ranks 0..N-1 run here, the rest join (0: all local)")
     p.add_argument("--tls-cert")
     p.add_argument("--tls-key")
     p.add_argument("--auth-token-file")
@@ -552,9 +664,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the sha256 check of the checkpoint's files (sizes are still checked)")
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("worker", help="run follower ranks of a multi-host group: join a "
+                       "front end's --rendezvous and serve every group generation it starts")
+    p.add_argument("--join", default=None, metavar="HOST:PORT",
+                   help="the front end's --rendezvous (default: $MASTER_ADDR:$MASTER_PORT)")
+    p.add_argument("--model", required=True,
+                   help="this host's copy of the served checkpoint (same manifest)")
+    p.add_argument("--ranks", default=None,
+                   help="comma-separated ranks run here, each >= 1 (default: $RANK)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per rank (default: the front end's)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the sha256 check of the checkpoint's files (sizes are still checked)")
+    p.set_defaults(func=cmd_worker)
+
     p = sub.add_parser("train", help="hybrid-parallel (DP x TP x PP) training on CPU/gloo")
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl)")
-    p.add_argument("--family", choices=("llama", "convlm"), default="llama")
+    p.add_argument("--family", default="llama")
     p.add_argument("--config", default="tiny", help="named model config (vocab from tokenizer)")
     p.add_argument("--dp", type=int, default=1)
     p.add_argument("--tp", type=int, default=1)
@@ -600,6 +726,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true",
                    help="skip the sha256 check of the checkpoint's files (sizes are still checked)")
     p.set_defaults(func=cmd_export_hf)
+
+    p = sub.add_parser("plan", help="predict and recommend a serving layout (TP x PP x "
+                       "replicas, dtype, KV budget) from this machine's measured costs")
+    p.add_argument("--model", required=True,
+                   help="checkpoint dir, named config (smollm2-135m) or JSON file "
+                   "{family, config}")
+    p.add_argument("--devices", type=int, default=os.cpu_count() or 1,
+                   help="devices (here: CPU cores / ranks) the layouts may use")
+    p.add_argument("--memory-per-device", type=float, default=None,
+                   help="GiB per device (default: the costs file's)")
+    p.add_argument("--target-ttft-ms", type=float, default=None,
+                   help="time-to-first-token target (ms)")
+    p.add_argument("--target-itl-ms", type=float, default=None,
+                   help="inter-token latency target (ms)")
+    p.add_argument("--streams", type=int, default=8, help="concurrent request streams")
+    p.add_argument("--prompt-tokens", type=int, default=100, help="prompt tokens per request")
+    p.add_argument("--new-tokens", type=int, default=64, help="generated tokens per request")
+    p.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="fixed KV budget per replica (default: all the memory left)")
+    p.add_argument("--costs", default=str(Path.home() / ".cache" / "shardserve" /
+                                          "plan-costs.json"),
+                   help="costs file: read, or written by --measure")
+    p.add_argument("--measure", action="store_true",
+                   help="time this machine (GEMMs at the model's shapes, bandwidth, "
+                   "all-reduce, engine step overhead; < 1 min) and store the costs first")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("quickstart", help="import the bundled SmolLM2, serve it, query it")
     p.add_argument("--workdir", default=os.environ.get("SHARDSERVE_HOME", "models"))

@@ -137,6 +137,9 @@ def export_hf(
         if source.family != "llama":
             raise CheckpointError(f"{model_dir}: export-hf supports the Llama family only; this "
                                   f"checkpoint is {source.family!r}")
+        if source.quant is not None:
+            raise CheckpointError(f"{model_dir}: export-hf writes float weights; this checkpoint "
+                                  f"is {source.quant.scheme}-quantized (export its float source)")
         tok = source.tokenizer()
         if tok is None:
             raise CheckpointError(f"{model_dir}: the checkpoint has no tokenizer; a Hugging Face "

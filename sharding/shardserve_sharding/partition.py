@@ -49,9 +49,10 @@ class TPGeometry:
 
     @classmethod
     def of(cls, family: str, config: Any) -> TPGeometry:
-        if family == "llama":
-            return cls(config.n_heads, config.n_kv_heads, config.head_dim, config.vocab_size)
-        return cls(vocab_size=config.vocab_size)
+        """The family's numbers for `config` (its ModelSpec's tp_geometry)."""
+        from .models import model_spec
+
+        return model_spec(family).tp_geometry(config)
 
 
 def padded_vocab(vocab_size: int, tp: int) -> int:

@@ -7,10 +7,19 @@ safetensors_stream.py); peak memory is a few chunks. Other sources hand over one
 at a time, cut the same way. The output directory appears only when complete.
 
     shardserve reshard SRC DST --tp 3 [--pp 2] [--source-format auto] [--dtype fp32] [--verify]
+        [--quantize int8|int4 [--group-size 32]]
+
+--quantize stores the Llama linear weights (and the tied embedding / lm_head, int8) as
+weight-only int8 or int4 (quant/scheme.py): each float weight is read whole, quantized, and
+its integers and scales are cut by the split table like any tensor. A quantized source is
+resharded as it is (its integers and scales are cut, never requantized). From a GGUF whose
+linear weights are Q4_0 / Q4_1, --quantize int4 --group-size 32 takes those blocks as they
+are (quant/gguf_blocks.py; the manifest's quantization.origin says "gguf:Q4_1").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -34,6 +43,7 @@ from .partition import (
     stage_layers,
     tensor_stage,
 )
+from .quant.scheme import QuantConfig, quantize_weight, stored_tensors
 from .split_table import split_kind
 
 SOURCE_FORMATS = ("auto", "shardserve", "hf", "gguf", "megatron", "dcp")
@@ -100,11 +110,15 @@ def reshard(
     overwrite: bool = False,
     config: str | os.PathLike[str] | None = None,
     verify_hashes: bool = True,
+    quantize: str | None = None,
+    group_size: int = 32,
+    quantize_embedding: str = "int8",
 ) -> ReshardReport:
     """Write src at layout (tp, pp) into dst; see the module docstring.
 
     tokenizer: a path (see load_tokenizer_from); config: DCP's params.json; verify_hashes:
-    check a shardserve source's sha256s first (checkpoint/verify.py).
+    check a shardserve source's sha256s first (checkpoint/verify.py); quantize: "int8" or
+    "int4" (group_size input columns per int4 group; quantize_embedding "int8" or "none").
     """
     t0 = time.perf_counter()
     given_tok = load_tokenizer_from(tokenizer) if tokenizer else None
@@ -130,18 +144,34 @@ def reshard(
             f"vocabulary has {mcfg.vocab_size} rows"
         )
     geo = TPGeometry.of(family, mcfg)
-    names = source.names_and_shapes()
-    plan = []  # (name, global shape, stage, [spec per tp rank])
-    for name, shape in names:
-        kind = split_kind(family, name)
-        specs = [shard_spec(kind, shape, geo, tp, r) for r in range(tp)]
-        plan.append((name, tuple(shape), tensor_stage(name, n_layers, pp), specs))
+    qcfg, requantize = _quant_plan(source, quantize, group_size, quantize_embedding, src)
+    blocks = requantize and _gguf_blocks_apply(source, qcfg)
+    if blocks:  # the GGUF's own Q4 blocks are the int4 g32 weights (quant/gguf_blocks.py)
+        from .quant.gguf_blocks import gguf_block_types, gguf_int4
+
+        qcfg = dataclasses.replace(qcfg, origin="gguf:" + "+".join(
+            sorted(gguf_block_types(source))))
+    stored = []  # (stored name, global shape, dtype, float source name)
+    for name, shape in source.names_and_shapes():
+        if requantize:
+            stored += [(*t, name) for t in stored_tensors(name, tuple(shape), out_dtype, qcfg)]
+        else:
+            stored.append((name, tuple(shape), _stored_dtype(source, name, out_dtype), name))
+    if qcfg is not None:
+        from .quant.apply import check_quantized_tp
+
+        check_quantized_tp(family, mcfg, [(t[0], t[1]) for t in stored], qcfg, tp)
+    plan = []  # (stored name, global shape, dtype, stage, [spec per tp rank], float source name)
+    for sname, sshape, sdtype, name in stored:
+        specs = [shard_spec(split_kind(family, sname), sshape, geo, tp, r) for r in range(tp)]
+        plan.append((sname, sshape, sdtype, tensor_stage(name, n_layers, pp), specs,
+                     name if sname == name else None))
     file_specs: dict[tuple[int, int], list[TensorSpec]] = {
         (t, s): [] for t in range(tp) for s in range(pp)
     }
-    for name, shape, stage, specs in plan:
+    for name, shape, sdtype, stage, specs, _ in plan:
         for t in range(tp):
-            file_specs[(t, stage)].append(TensorSpec(name, out_dtype, local_shape(shape, specs[t])))
+            file_specs[(t, stage)].append(TensorSpec(name, sdtype, local_shape(shape, specs[t])))
     info = {**source.source_info(), "resharded_by": "shardserve reshard"}
     try:
         with CheckpointBuilder(
@@ -152,6 +182,7 @@ def reshard(
             dtype=out_dtype,
             source=info,
             overwrite=overwrite,
+            quantization=None if qcfg is None else qcfg.to_dict(),
         ) as b:
             writers = {k: b.open_rank_file(k[0], k[1], v) for k, v in file_specs.items()}
             it = plan
@@ -159,10 +190,16 @@ def reshard(
                 from tqdm import tqdm
 
                 it = tqdm(plan, desc=f"reshard -> tp{tp} pp{pp}", unit="tensor")
-            for name, shape, stage, specs in it:
+            stored: dict[str, torch.Tensor] = {}  # a quantized weight's other stored tensors
+            for name, shape, sdtype, stage, specs, src_name in it:
+                full = stored.pop(name, None)
+                if requantize and src_name is not None and qcfg.scheme_of(src_name):
+                    stored = (blocks and gguf_int4(source, src_name)) or quantize_weight(
+                        src_name, source.tensor(src_name), qcfg)
+                    full = stored.pop(name)
                 _stream_tensor(source, name, shape, specs, [writers[(t, stage)] for t in range(tp)],
-                               out_dtype)
-                b.add_tensor_entry(name, shape, stage)
+                               sdtype, full)
+                b.add_tensor_entry(name, shape, stage, sdtype)
             for (t, s), w in writers.items():
                 b.close_rank_file(w, t, s)
             if tok_dir is not None:
@@ -193,35 +230,82 @@ def _ascending(pieces: tuple[tuple[int, int], ...]) -> bool:
     return all(a[1] <= b[0] for a, b in zip(pieces, pieces[1:], strict=False))
 
 
+def _quant_plan(source: Any, quantize: str | None, group_size: int, embedding: str,
+                src: Any) -> tuple[QuantConfig | None, bool]:
+    """(the destination's QuantConfig or None, whether float weights are quantized here)."""
+    have = getattr(source, "quant", None)
+    if quantize is None:
+        return have, False
+    if source.family != "llama":
+        raise CheckpointError(f"{src}: --quantize supports the Llama family only; this "
+                              f"checkpoint is {source.family!r}")
+    want = QuantConfig(quantize, group_size if quantize == "int4" else 0, embedding)
+    if have is None:
+        return want, True
+    if (have.scheme, have.group_size, have.embedding) != (want.scheme, want.group_size,
+                                                         want.embedding):
+        raise CheckpointError(
+            f"{src}: already quantized ({have.scheme}, group {have.group_size}, embedding "
+            f"{have.embedding}); reshard it without --quantize, or quantize a float checkpoint")
+    return have, False
+
+
+def _gguf_blocks_apply(source: Any, qcfg: QuantConfig) -> bool:
+    """int4 g32 from a GGUF whose linear weights are all Q4_0 / Q4_1: take the blocks."""
+    from .importers.gguf_reader import GGUFLlamaSource
+
+    if not isinstance(source, GGUFLlamaSource) or (qcfg.scheme, qcfg.group_size) != ("int4", 32):
+        return False
+    from .quant.gguf_blocks import TYPES, gguf_block_types
+
+    return gguf_block_types(source) <= set(TYPES)
+
+
+def _stored_dtype(source: Any, name: str, out_dtype: torch.dtype) -> torch.dtype:
+    """A quantized source's integers and scales keep their dtype; floats become out_dtype."""
+    quant = getattr(source, "quant", None)
+    if quant is not None:
+        from .quant.scheme import component_of
+
+        base, suffix = component_of(name)
+        if suffix or quant.scheme_of(base):
+            return source.tensor_dtype(name)
+    return out_dtype
+
+
 def _stream_tensor(source: Any, name: str, shape: tuple[int, ...], specs: list[ShardSpec],
-                   writers: list[Any], out_dtype: torch.dtype) -> None:
+                   writers: list[Any], out_dtype: torch.dtype,
+                   full: torch.Tensor | None = None) -> None:
     """Write every target rank's slice of `name`, streaming global rows in chunks.
 
     A source that can read row ranges (our own format, at any layout) never materialises the
     tensor: each chunk of global rows is read straight from its rank files into a fresh buffer
     and each target rank's rows (dim-0 cuts, ascending pieces) or columns (dim-1 cuts) of it go
-    to that rank's file. Other sources hand over the whole tensor; it is cut the same way.
+    to that rank's file. Other sources hand over the whole tensor (or the caller does: `full`,
+    a tensor quantized here); it is cut the same way.
     """
     rows = shape[0] if shape else 1
     inner = tuple(shape[1:])
     if not all(s.dim != 0 or _ascending(s.pieces) for s in specs):  # the split table's promise
         raise ValueError(f"{name}: a rank's dim-0 pieces are not in ascending order")
-    full = None
-    if not hasattr(source, "read_rows"):
+    if full is None and not hasattr(source, "read_rows"):
         full = source.tensor(name)
+    if full is not None:
         if tuple(full.shape) != shape:
             raise CheckpointError(f"{name} is {list(full.shape)}, expected {list(shape)}")
         full = full.to(out_dtype).reshape(rows, *inner)  # [rows, *inner]
     for w in writers:
         w.begin(name, out_dtype)
-    item = (full.dtype if full is not None else source.dtype).itemsize
+    src_dtype = (full.dtype if full is not None else source.tensor_dtype(name)
+                 if hasattr(source, "tensor_dtype") else source.dtype)
+    item = src_dtype.itemsize
     step = max(1, CHUNK_BYTES // max(1, math.prod(inner) * item))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         if full is not None:
             buf = full[r0:r1]  # [r1 - r0, *inner], a view
         else:
-            buf = torch.empty((r1 - r0, *inner), dtype=source.dtype)  # [r1 - r0, *inner]
+            buf = torch.empty((r1 - r0, *inner), dtype=src_dtype)  # [r1 - r0, *inner]
             source.read_rows(name, r0, r1, buf)
             buf = buf.to(out_dtype)
         for w, spec in zip(writers, specs, strict=True):
@@ -252,11 +336,16 @@ def verify_reshard(
     config: str | os.PathLike[str] | None = None,
 ) -> float:
     """Logits of src (merged, one process) and dst (its own TP, simulated with threads) on the
-    same random tokens; raises CheckpointError unless max|a-b| <= tolerance * max|ref|."""
+    same random tokens; raises CheckpointError unless max|a-b| <= tolerance * max|ref|. A
+    quantized dst is compared with itself served at TP=1 (its integers and scales are the
+    source's by construction; tests/sharding/test_quant.py checks that)."""
+    from .checkpoint.manifest import read_manifest
     from .models import build_model
     from .sharded_load import load_sharded_model
     from .tp.comm import run_ranks
 
+    if read_manifest(dst).quantization is not None:
+        return _verify_quantized(dst, tolerance, seed)
     source = open_any_source(src, source_format, tokenizer=tokenizer, config=config)
     torch.manual_seed(seed)
     with torch.device("meta"):
@@ -291,4 +380,29 @@ def verify_reshard(
             f"{dst}: verification failed, logits differ from {src} by {err:.3g} (relative), "
             f"tolerance {tolerance:g}"
         )
+    return err
+
+
+def _verify_quantized(dst: str | os.PathLike[str], tolerance: float, seed: int) -> float:
+    """Logits of a quantized dst at its own TP (threads) against dst at TP=1 (fp32)."""
+    from .checkpoint.manifest import read_manifest
+    from .sharded_load import load_sharded_model
+    from .tp.comm import ThreadGroup, run_ranks
+
+    m = read_manifest(dst)
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, int(m.config["vocab_size"]), (2, 16), generator=gen)
+    positions = torch.arange(16).expand(2, 16)
+
+    def run(comm, rank):
+        model = load_sharded_model(dst, comm, dtype=torch.float32)
+        with torch.no_grad():
+            return model(tokens, positions)
+
+    ref = run(ThreadGroup(1).comm(0), 0)
+    out = run_ranks(m.layout.tp, run)[0]
+    err = float((out - ref).abs().max() / ref.abs().max())
+    if not err <= tolerance:
+        raise CheckpointError(f"{dst}: verification failed, TP={m.layout.tp} logits differ from "
+                              f"TP=1 by {err:.3g} (relative), tolerance {tolerance:g}")
     return err

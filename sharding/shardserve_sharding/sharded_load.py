@@ -2,7 +2,9 @@
 
 Fast path: the checkpoint is already cut at this TP with PP=1, and the rank reads only its own
 file. Otherwise each tensor's slice for this rank is read from the files that hold it (slice
-reads), so any checkpoint serves at any valid TP with no offline step.
+reads), so any checkpoint serves at any valid TP with no offline step. A quantized
+checkpoint's weights are wired in as int8 / int4 kernel modules (quant/apply.py); its integer
+tensors are never cast to `dtype` (their scales are).
 """
 
 from __future__ import annotations
@@ -59,10 +61,22 @@ def load_sharded_model(
 
     source = ShardserveSource(Path(directory), verify_hashes=verify_hashes)
     check_tp(source.family, source.config, comm.world_size)
+    if source.quant is not None:
+        from .quant.apply import check_quantized_tp
+
+        check_quantized_tp(source.family, source.config, source.names_and_shapes(), source.quant,
+                           comm.world_size)
     with torch.device("meta"):
         model = build_model(source.family, source.config)
     apply_tensor_parallel(model, comm)
     state = read_rank_state(source, comm.world_size, comm.rank)
+    if source.quant is not None:
+        from .quant.apply import install_quantized
+
+        try:
+            state = install_quantized(model, state, source.quant, dtype)
+        except ValueError as e:
+            raise CheckpointError(f"{source.root}: {e}") from None
     load_tp_state(model, {k: v.to(dtype) for k, v in state.items()})
     if hasattr(model, "reset_buffers"):
         model.reset_buffers()

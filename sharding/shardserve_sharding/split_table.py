@@ -9,6 +9,13 @@ Kinds (the words of gpt-fast's tp.py and vLLM's parallel layers):
   heads replicated when TP exceeds their number.
 - fused_halves: [gate; up] (or GLU [value; gate]) on dim 0, each half split colwise.
 
+Quantized checkpoints (quant/scheme.py) store a weight's integers under the weight's own name
+(same kind: int4 bytes pack two input columns, so rowwise cuts fall between bytes) and its
+scales beside it, which follow the weight: `NAME_scale` (int8, one per output row) follows the
+rows of colwise kinds and is replicated for rowwise ones (every rank's partial sum needs every
+row's scale); `NAME_qparams` (int4, [rows, groups, 2]) follows the rows of colwise kinds and
+the groups (dim 1) of rowwise ones.
+
 The trainer, the resharder and the serving workers all ask this module; nothing else encodes
 a split rule.
 """
@@ -45,11 +52,36 @@ _TABLE: dict[str, list[tuple[str, SplitKind]]] = {
         (r"layers\.\d+\.proj\.weight", SplitKind.ROWWISE),
         (r"(layers\.\d+\.norm|norm)\.weight", SplitKind.REPLICATED),
     ],
+    "rnnlm": [
+        (r"tok_embeddings\.weight", SplitKind.VOCAB),
+        (r"output\.weight", SplitKind.VOCAB),
+        # fused gate rows are unit-major (models/rnnlm.py): colwise keeps whole hidden units,
+        # all their gates, on one rank; w_hh's input (every unit's h) is gathered per step
+        (r"layers\.\d+\.(w_ih|w_hh)\.(weight|bias)", SplitKind.COLWISE),
+        (r"layers\.\d+\.proj\.weight", SplitKind.ROWWISE),
+        (r"(layers\.\d+\.norm|norm)\.weight", SplitKind.REPLICATED),
+    ],
 }
 
 
+SCALE_SUFFIX = "_scale"
+"""int8 per-row scales of weight NAME are stored as NAME_scale."""
+QPARAMS_SUFFIX = "_qparams"
+"""int4 grouped (scale, offset) pairs of weight NAME are stored as NAME_qparams."""
+
+
 def split_kind(family: str, name: str) -> SplitKind:
-    """The split kind of parameter `name` in `family`; unknown names are an error."""
+    """The split kind of parameter `name` in `family` (or of a quantized weight's scales);
+    unknown names are an error."""
+    if name.endswith(".weight" + SCALE_SUFFIX):
+        kind = _table_kind(family, name[: -len(SCALE_SUFFIX)])
+        return SplitKind.REPLICATED if kind is SplitKind.ROWWISE else kind
+    if name.endswith(".weight" + QPARAMS_SUFFIX):
+        return _table_kind(family, name[: -len(QPARAMS_SUFFIX)])
+    return _table_kind(family, name)
+
+
+def _table_kind(family: str, name: str) -> SplitKind:
     rules = _TABLE.get(family)
     if rules is None:
         raise ValueError(f"unknown model family {family!r}; known: {sorted(_TABLE)}")

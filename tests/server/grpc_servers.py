@@ -25,9 +25,11 @@ def free_port() -> int:
 
 class RunningServer:
     def __init__(self, model_dir: Path, *args: str, token: str | None = None,
-                 tls_ca: Path | None = None, timeout: float = 240.0) -> None:
+                 tls_ca: Path | None = None, timeout: float = 240.0,
+                 prefix: tuple[str, ...] = ()) -> None:
+        """prefix: words before the command (e.g. `ip netns exec NS env VAR=X`)."""
         self.metrics_port = free_port()
-        cmd = [str(BIN / "shardserve"), "serve", "--model", str(model_dir), "--port", "0",
+        cmd = [*prefix, str(BIN / "shardserve"), "serve", "--model", str(model_dir), "--port", "0",
                "--metrics-port", str(self.metrics_port), *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, start_new_session=True)

@@ -14,6 +14,7 @@ import torch
 from shardserve_sharding.checkpoint.io import write_checkpoint
 from shardserve_sharding.checkpoint.safetensors_stream import TensorSpec
 from shardserve_sharding.models import ConvLMConfig, LlamaConfig, build_model, checkpoint_names
+from shardserve_sharding.models.rnnlm import RNNLMConfig
 from shardserve_sharding.tokenizer import train_bpe
 
 CORPUS = [
@@ -28,11 +29,15 @@ def tokenizer() -> Any:
 
 
 def tiny_config(family: str, vocab_size: int = 300, max_seq_len: int = 128) -> Any:
-    """GQA llama (4 query / 2 KV heads, TP 1 or 2) or a conv LM (kernel 3, TP 1 or 2)."""
+    """GQA llama (4 query / 2 KV heads, TP 1 or 2), a conv LM (kernel 3, TP 1 or 2) or a
+    recurrent LM (LSTM, 12 units, TP 1, 2 or 3)."""
     if family == "llama":
         return LlamaConfig(vocab_size=vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
                            intermediate_size=64, rope_theta=1000.0, tie_embeddings=False,
                            max_seq_len=max_seq_len)
+    if family == "rnnlm":
+        return RNNLMConfig(vocab_size=vocab_size, dim=16, hidden=12, n_layers=2,
+                           tie_embeddings=False, max_seq_len=max_seq_len)
     return ConvLMConfig(vocab_size=vocab_size, dim=16, hidden=24, n_layers=2, kernel_size=3,
                         tie_embeddings=False, max_seq_len=max_seq_len)
 

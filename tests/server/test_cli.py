@@ -121,3 +121,41 @@ def test_group_that_cannot_start_is_one_line_and_exit_2(tiny_llama_dir):
                        capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "valid tp values" in r.stderr, r.stderr
+
+
+def test_multihost_usage_errors_are_one_line_and_exit_2(tiny_llama_dir, capsys, monkeypatch):
+    import socket
+
+    from shardserve_server.cli import main
+
+    for var in ("MASTER_ADDR", "MASTER_PORT", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+    model = str(tiny_llama_dir)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        cases = [
+            (["worker", "--model", model], "give --join HOST:PORT"),
+            (["worker", "--join", "nowhere", "--model", model, "--ranks", "1"],
+             "must be HOST:PORT"),
+            (["worker", "--join", busy, "--model", model, "--ranks", "0"], "rank 0 is the leader"),
+            (["worker", "--join", busy, "--model", model, "--ranks", "1,x"], "comma-separated"),
+            (["serve", "--model", model, "--tp", "2", "--local-ranks", "1"],
+             "--local-ranks needs --rendezvous"),
+            (["serve", "--model", model, "--tp", "2", "--local-ranks", "3", "--rendezvous",
+              busy], "--local-ranks must be in 1..2"),
+            (["serve", "--model", model, "--tp", "2", "--local-ranks", "1", "--rendezvous", busy,
+              "--port", "0", "--metrics-port", "-1"], "cannot serve the rendezvous"),
+        ]
+        for argv, why in cases:
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and why in err and "Traceback" not in err, (argv, err)
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29400")
+    monkeypatch.setenv("RANK", "2")
+    from shardserve_server.cli import _join_args, build_parser
+
+    assert _join_args(build_parser().parse_args(["worker", "--model", model])) == (
+        "10.0.0.1:29400", [2])

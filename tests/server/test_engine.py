@@ -67,7 +67,8 @@ class Case:
         return self.refs[key]
 
 
-_DIRS = {"tiny-llama": "tiny_llama_untied_dir", "tiny-convlm": "tiny_convlm_dir"}
+_DIRS = {"tiny-llama": "tiny_llama_untied_dir", "tiny-convlm": "tiny_convlm_dir",
+         "tiny-rnnlm": "tiny_rnnlm_dir"}
 
 
 @pytest.fixture(scope="module")
@@ -89,12 +90,12 @@ def cases(request):
     return get
 
 
-@pytest.fixture(scope="module", params=["tiny-llama", "tiny-convlm", "smollm2"])
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-convlm", "tiny-rnnlm", "smollm2"])
 def case(request, cases) -> Case:
     return cases(request.param)
 
 
-@pytest.fixture(scope="module", params=["tiny-llama", "tiny-convlm"])
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-convlm", "tiny-rnnlm"])
 def tiny(request, cases) -> Case:
     return cases(request.param)
 

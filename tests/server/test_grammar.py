@@ -70,12 +70,10 @@ def run(env, reqs: list[GenerationRequest], **cfg) -> dict:
         sched.add(r)
     out = {}
     while sched.has_work():
-        sched.reap()
-        for plan, rows, samples in sched.schedule():
-            for ev in sched.process(runner.forward(plan), rows, samples):
-                if "result" in ev:
-                    out[ev["id"]] = ev["result"]
-        sched.reap()
+        for o in sched.step(runner.forward):
+            if o.result is not None:
+                out[o.request_id] = o.result
+    sched.reap()
     return out
 
 
@@ -178,7 +176,7 @@ def test_logit_bias_in_the_sampler():
     assert logits[0, 3] == -1.0  # the forward's logits are never written
     for bad in (((1, 101.0),), ((1, float("nan")),), ((-1, 1.0),), ((True, 1.0),)):
         with pytest.raises(ValueError, match="logit_bias"):
-            SamplingParams(logit_bias=bad).validate()
+            SamplingParams(logit_bias=bad)
 
 
 def test_the_matched_stop_is_reported(env):

@@ -201,8 +201,16 @@ def test_reflection_lists_the_service(server):
 
 def test_queue_full_is_resource_exhausted(tiny_llama_dir):
     s = RunningServer(tiny_llama_dir, "--dtype", "fp32", "--max-batch-size", "1",
-                      "--max-queued-requests", "1", "--drain-timeout", "1")
+                      "--max-queued-requests", "1", "--drain-timeout", "1",
+                      "--kv-cache-tokens", "448")
     try:
+        # a request longer than the KV budget (448 < the model's 512) could never run: it is
+        # refused at the edge, not accepted and then lost in the worker group
+        with s.client() as c:
+            with pytest.raises(InvalidArgument, match="max_new_tokens"):
+                c.generate("hi", max_new_tokens=460)
+            with pytest.raises(InvalidArgument, match="KV budget"):
+                c.generate("hi " * 300, max_new_tokens=300)
         results: list = []
 
         def long_call():
@@ -223,7 +231,14 @@ def test_queue_full_is_resource_exhausted(tiny_llama_dir):
             with pytest.raises(Overloaded, match="queue full"):
                 c.generate("hi", max_new_tokens=4)
             assert time.monotonic() - t0 < 2  # answered at once, not queued
-        assert poll(lambda: s.metric("shardserve_requests_total", 'outcome="overloaded"') >= 1)
+            t0 = time.monotonic()
+            for _ in range(20):  # a flood: each counted, logged one line a second at most
+                with pytest.raises(Overloaded):
+                    c.generate("hi", max_new_tokens=4)
+            elapsed = time.monotonic() - t0
+        assert poll(lambda: s.metric("shardserve_requests_total", 'outcome="overloaded"') == 21)
+        lines = [ln for ln in s.log if '"outcome": "overloaded"' in ln]
+        assert 1 <= len(lines) <= 2 + elapsed, lines
     finally:
         assert s.stop() == 0
 

@@ -178,3 +178,66 @@ def test_new_series_move(server):
                  "shardserve_replica_generated_tokens_total"):
         lines = [ln for ln in text.splitlines() if ln.startswith(name + "{")]
         assert lines and all('replica="0"' in ln for ln in lines), name
+
+
+def test_comm_share_and_imbalance_arithmetic():
+    """The per-replica forward/comm counters follow the group's running totals (a restarted
+    group starts again from 0); the comm share moves towards each new window's share; the
+    imbalance is the busiest serving replica's in-flight count over the mean."""
+    from shardserve_server.api.metrics import Metrics
+    from shardserve_server.workers.protocol import GroupStats, StepTiming
+
+    m = Metrics()
+    step = StepTiming(step_s=0.1, comm_s=0.04, batch=1, decode_s=0.1, decode_rows=1,
+                      decode_tokens=1)
+    m.on_step_stats(GroupStats(steps=1, forward_s_total=1.0, comm_s_total=0.4,
+                               last_step=step), tp=2, replica=1)
+    val = m.registry.get_sample_value
+    assert val("shardserve_replica_forward_seconds_total", {"replica": "1"}) == pytest.approx(1.0)
+    assert val("shardserve_replica_comm_seconds_total", {"replica": "1"}) == pytest.approx(0.4)
+    assert val("shardserve_replica_comm_share_ratio", {"replica": "1"}) == pytest.approx(0.4)
+    m.on_step_stats(GroupStats(steps=2, forward_s_total=2.0, comm_s_total=0.4,
+                               last_step=step), tp=2, replica=1)  # a window with no comm
+    assert val("shardserve_replica_comm_share_ratio", {"replica": "1"}) == pytest.approx(0.38)
+    m.on_step_stats(GroupStats(steps=1, forward_s_total=0.5, comm_s_total=0.5,
+                               last_step=step), tp=2, replica=1)  # restarted group
+    assert val("shardserve_replica_forward_seconds_total", {"replica": "1"}) == pytest.approx(2.5)
+    assert val("shardserve_replica_comm_seconds_total", {"replica": "1"}) == pytest.approx(0.9)
+    reps = [{"replica": i, "up": up, "inflight": n, "restarts": 0, "tokens_out": 0}
+            for i, (up, n) in enumerate([(True, 3), (True, 1), (False, 9)])]
+    m.on_engine_stats({"queue_depth": 0, "running": 4, "kv_usage": 0.0, "replicas": reps})
+    assert val("shardserve_replica_load_imbalance_ratio") == pytest.approx(1.5)
+    for r in reps:
+        r["inflight"] = 0
+    m.on_engine_stats({"queue_depth": 0, "running": 0, "kv_usage": 0.0, "replicas": reps})
+    assert val("shardserve_replica_load_imbalance_ratio") == 0.0
+
+
+@pytest.mark.slow
+def test_comm_share_and_imbalance_from_a_tp2_x2_server(tiny_llama_dir):
+    """A real TP=2 x 2-replica server: each replica's collectives show up as a share of its
+    step time, and uneven load (3 streams over 2 replicas) as an imbalance above 1."""
+    import threading
+
+    s = RunningServer(tiny_llama_dir, "--tp", "2", "--replicas", "2", "--threads", "1",
+                      "--kv-cache-tokens", "2048")
+    try:
+        def stream() -> None:
+            with s.client() as c:
+                list(c.generate_stream("the quick brown fox", max_new_tokens=300,
+                                       ignore_eos=True))
+
+        threads = [threading.Thread(target=stream) for _ in range(3)]
+        for t in threads:
+            t.start()
+        assert poll(lambda: s.metric("shardserve_replica_load_imbalance_ratio") > 1.0, 60)
+        for t in threads:
+            t.join(120)
+        for rep in ("0", "1"):
+            label = f'replica="{rep}"'
+            assert s.metric("shardserve_replica_comm_seconds_total", label) > 0
+            step = s.metric("shardserve_replica_forward_seconds_total", label)
+            assert step > s.metric("shardserve_replica_comm_seconds_total", label)
+            assert 0 < s.metric("shardserve_replica_comm_share_ratio", label) < 1
+    finally:
+        assert s.stop() == 0

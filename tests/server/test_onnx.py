@@ -58,8 +58,10 @@ def test_smollm2_onnx_matches_torch_greedy(smollm2_onnx, smollm2):
     assert [r.token_ids for r in res] == ref
 
 
-def test_onnx_export_roundtrip_both_families(tmp_path, tiny_llama_dir, tiny_convlm_dir):
-    for name, d in (("llama", tiny_llama_dir), ("convlm", tiny_convlm_dir)):
+def test_onnx_export_roundtrip_every_family(tmp_path, tiny_llama_dir, tiny_convlm_dir,
+                                            tiny_rnnlm_dir, tiny_rnnlm_gru_dir):
+    for name, d in (("llama", tiny_llama_dir), ("convlm", tiny_convlm_dir),
+                    ("rnnlm", tiny_rnnlm_dir), ("rnnlm-gru", tiny_rnnlm_gru_dir)):
         out = tmp_path / name
         rep = export_onnx(d, out)
         assert rep.max_rel_err <= 1e-4 and rep.int8 is None
@@ -73,6 +75,14 @@ def test_onnx_export_roundtrip_both_families(tmp_path, tiny_llama_dir, tiny_conv
         res, _ = run_engine(WorkerConfig(str(out), backend="onnx", kv_cache_tokens=1024,
                                          block_size=4), reqs)
         assert [r.token_ids for r in res] == ref, name
+        if name.startswith("rnnlm"):  # the state is an explicit input and output
+            import onnx
+
+            g = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+            assert [i.name for i in g.input] == ["tokens", "state", "num_new", "logits_index"]
+            assert [o.name for o in g.output] == ["logits", "new_state"]
+            cell = "GRU" if name.endswith("gru") else "LSTM"
+            assert [n.op_type for n in g.node].count(cell) == loaded.model.config.n_layers
 
 
 def test_export_refuses_existing_and_leaves_nothing_on_failure(tmp_path, tiny_llama_dir):

@@ -1,5 +1,5 @@
 """Paged decoding state: BlockAllocator accounting, PagedKVCache (padded and FLAT steps) and
-ConvStatePool logits equal a full forward for ragged steps (prefill chunks, decode rows, chunked
+StateSlotPool logits equal a full forward for ragged steps (prefill chunks, decode rows, chunked
 prefill, reused blocks)."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import torch
 from serving_models import random_model, rel_err, tiny_config
 
 from shardserve_server.engine.block_pool import BlockAllocator
-from shardserve_server.engine.paged_cache import ConvStatePool, PagedKVCache
+from shardserve_server.engine.paged_cache import PagedKVCache, StateSlotPool
 from shardserve_server.engine.runner import FLAT, CacheGeometry, ForwardPlan, ModelRunner
+from shardserve_sharding.models import model_spec
 
 TOL = 1e-5
 
@@ -34,6 +35,11 @@ def llama():
 @pytest.fixture(scope="module")
 def convlm():
     return random_model("convlm", tiny_config("convlm", vocab_size=97, max_seq_len=96), seed=4)
+
+
+@pytest.fixture(scope="module")
+def rnnlm():
+    return random_model("rnnlm", tiny_config("rnnlm", vocab_size=97, max_seq_len=96), seed=6)
 
 
 def _prompts(rng: random.Random, n: int, vocab: int, lo: int = 1, hi: int = 40) -> list[list]:
@@ -209,26 +215,27 @@ def test_compiled_forward_sees_one_opaque_attention_op_per_layer(llama):
     assert not any("index_copy" in t or "index_select" in t for t in seen)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_conv_state_pool_equals_full_forward(convlm, seed):
+@pytest.mark.parametrize("family,seed", [("convlm", 0), ("convlm", 1), ("convlm", 2),
+                                         ("rnnlm", 0), ("rnnlm", 1)])
+def test_state_slot_pool_equals_full_forward(convlm, rnnlm, family, seed):
     """Same ragged schedules over a slot pool with permuted slots, garbage in free slots and a
     second wave reusing the slots (a sequence at position 0 starts from a zero state)."""
     rng = random.Random(seed)
-    cfg = convlm.config
-    pool = ConvStatePool(n_layers=cfg.n_layers, max_slots=12, dim=cfg.dim,
-                         kernel_size=cfg.kernel_size, dtype=torch.float32)
+    model = convlm if family == "convlm" else rnnlm
+    pool = StateSlotPool(model_spec(family).cache_spec(model), max_slots=12,
+                         dtype=torch.float32)
     pool.pool.normal_(0, 100.0)
     for _wave in range(2):
         seqs = _prompts(rng, 5, 97)
         slots = rng.sample(range(12), len(seqs))
-        ref = _full_logits(convlm, seqs)
+        ref = _full_logits(model, seqs)
         got = [torch.full_like(r, float("nan")) for r in ref]
         for step in _random_steps(rng, [len(s) for s in seqs]):
             tokens, positions, num_new = _batch(seqs, step, pad_positions="arange")
             sl = torch.tensor([slots[i] for i, _, _ in step])
             state = pool.set_step(sl, positions, num_new)
             with torch.inference_mode():
-                out = convlm(tokens, positions, state)
+                out = model(tokens, positions, state)
             pool.end_step()
             for r, (i, start, n) in enumerate(step):
                 got[i][start : start + n] = out[r, :n]
@@ -236,11 +243,11 @@ def test_conv_state_pool_equals_full_forward(convlm, seed):
             assert rel_err(got[i], ref[i]) <= TOL, i
 
 
-@pytest.mark.parametrize("family", ["llama", "convlm"])
-def test_model_runner_plans_equal_full_forward(llama, convlm, family):
+@pytest.mark.parametrize("family", ["llama", "convlm", "rnnlm"])
+def test_model_runner_plans_equal_full_forward(llama, convlm, rnnlm, family):
     """ModelRunner.forward on wire-format plans (packed and unpacked) with logits_index: a
     decode row and a prefill chunk in the same plan, then their next tokens."""
-    model = llama if family == "llama" else convlm
+    model = {"llama": llama, "convlm": convlm, "rnnlm": rnnlm}[family]
     runner = ModelRunner(model, CacheGeometry(64, block_size=4, max_slots=4), torch.float32)
     rng = random.Random(5)
     a, b = _prompts(rng, 2, 97, lo=9, hi=9)

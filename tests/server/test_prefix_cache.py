@@ -172,9 +172,9 @@ def test_a_later_request_reuses_the_cached_prefix_with_equal_outputs(llama):
         diff = max(abs(x - y) for x, y in zip(lp_on, lp_off, strict=True))
         assert diff <= 1e-4 * max(map(abs, lp_off))
     st = s_on.stats()
-    assert st["prefix_cache_queries"] == 20 + 19 and st["prefix_cache_hits"] == 16
-    assert s_off.stats()["prefix_cache_hits"] == 0
-    assert st["kv_used_blocks"] == 0 and s_on.alloc.cached_blocks > 0
+    assert st.prefix_cache_queries == 20 + 19 and st.prefix_cache_hits == 16
+    assert s_off.stats().prefix_cache_hits == 0
+    assert st.kv_used_blocks == 0 and s_on.alloc.cached_blocks > 0
 
 
 def test_an_identical_prompt_still_computes_its_last_token(llama):
@@ -228,9 +228,9 @@ def test_randomized_shared_prefix_workload_matches_the_uncached_run(llama):
     on, s_on, ended_on, shared_on = run(True)
     off, s_off, ended_off, _ = run(False)
     st = s_on.stats()
-    assert st["prefix_cache_hits"] > 0.2 * st["prefix_cache_queries"]
+    assert st.prefix_cache_hits > 0.2 * st.prefix_cache_queries
     assert shared_on > 0  # running sequences really shared blocks
-    assert sum(r.cached_tokens for r in on.results.values()) == st["prefix_cache_hits"]
+    assert sum(r.cached_tokens for r in on.results.values()) == st.prefix_cache_hits
     for r in reqs:
         rid = r.request_id
         if rid in ended_on or rid in ended_off:

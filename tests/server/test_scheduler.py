@@ -20,7 +20,7 @@ from shardserve_server.engine.stopping import StoppingParams
 from shardserve_sharding.sharded_load import load_sharded_model
 from shardserve_sharding.tp.comm import ThreadGroup
 
-FAMILIES = ["llama", "llama-padded", "convlm"]
+FAMILIES = ["llama", "llama-padded", "convlm", "rnnlm"]
 """llama: one FLAT forward per step (the torch runner's layout); llama-padded: a padded prefill
 forward and a decode forward (the layout the ONNX runner takes)."""
 
@@ -88,19 +88,20 @@ class Trace:
         self.steps: list[list[tuple]] = []  # per step: (plan, [ids], samples)
         self.finish: dict[str, str] = {}
 
-    def record(self, events) -> None:
-        for ev in events:
-            if "token" in ev:
-                self.tokens[ev["id"]].append(ev["token"])
-            if "result" in ev:
-                self.results[ev["id"]] = ev["result"]
-                self.finish[ev["id"]] = ev["finish"]
+    def record(self, outputs) -> None:
+        for out in outputs:
+            if out.token_id is not None:
+                self.tokens[out.request_id].append(out.token_id)
+            if out.result is not None:
+                self.results[out.request_id] = out.result
+                self.finish[out.request_id] = out.result.finish_reason.value
 
 
 def drive(sched, runner, arrivals=None, on_schedule=None, before_step=None,
           max_steps=2000) -> Trace:
-    """The leader's loop in-process: reap, schedule, forward, process; `arrivals` maps a step
-    number to requests (req, priority) added before it; hooks see the scheduler each step."""
+    """The leader's step in-process (reap, schedule, then the scheduler's own forward ->
+    process loop); `arrivals` maps a step number to requests (req, priority) added before it;
+    hooks see the scheduler each step."""
     arrivals = dict(arrivals or {})
     tr = Trace()
     step = 0
@@ -115,8 +116,7 @@ def drive(sched, runner, arrivals=None, on_schedule=None, before_step=None,
         tr.steps.append([(p, [s.id for s in rows], list(sm)) for p, rows, sm in plans])
         if on_schedule:
             on_schedule(step, sched, plans)
-        for plan, rows, samples in plans:
-            tr.record(sched.process(runner.forward(plan), rows, samples))
+        tr.record(sched.run(plans, runner.forward))
         step += 1
     tr.record(sched.reap())
     return tr
@@ -134,7 +134,7 @@ def check_invariants(sched: GroupScheduler) -> None:
     cfg = sched.cfg
     assert len(sched.running) <= cfg.max_batch_size
     assert sched.reserved <= sched.budget
-    if sched.family == "llama":
+    if sched.paged:
         assert sched.alloc.used_blocks * cfg.block_size <= sched.reserved
         owned = {b for s in sched.running for b in s.table}
         assert len(owned) == sched.alloc.used_blocks  # shared blocks counted once
@@ -270,8 +270,8 @@ def test_cancel_frees_cache_at_once_and_usage_returns_to_zero(setup):
             for rid in ("dec", "pre", "pend"):
                 assert s.cancel(rid)
             ev = state["events"] = s.reap()
-            assert {e["id"] for e in ev} == {"dec", "pre", "pend"}
-            assert all(e["finish"] == "cancelled" for e in ev)
+            assert {e.request_id for e in ev} == {"dec", "pre", "pend"}
+            assert all(e.result.finish_reason.value == "cancelled" for e in ev)
             assert s.alloc.used_blocks == state["used"] - state["freed"]
             assert {x.id for x in s.running} == {"keep"}
             assert not s.cancel("dec")  # gone
@@ -281,15 +281,15 @@ def test_cancel_frees_cache_at_once_and_usage_returns_to_zero(setup):
 
     tr = drive(sched, runner, {0: [(r, 0) for r in reqs]}, on_schedule, before_step)
     assert state["freed"] > 0
-    results = {e["id"]: e["result"] for e in state["events"]}
+    results = {e.request_id: e.result for e in state["events"]}
     assert results["pend"].token_ids == [] and results["pre"].token_ids == []
     assert results["dec"].token_ids == tr.tokens["dec"] and 0 < len(tr.tokens["dec"]) < 40
     for rid in ("keep", "keep2"):
         r = next(x for x in reqs if x.request_id == rid)
         assert tr.tokens[rid] == alone(setup, r, **kw)
     st = sched.stats()
-    assert st["kv_used_blocks"] == 0 and st["reserved_tokens"] == 0
-    assert st["running"] == 0 and st["pending"] == 0 and not sched.by_id
+    assert st.kv_used_blocks == 0 and st.reserved_tokens == 0
+    assert st.running == 0 and st.pending == 0 and not sched.by_id
 
 
 def test_higher_priority_pending_request_is_admitted_first(setup):
@@ -331,3 +331,30 @@ def test_ragged_prefill_near_max_seq_len(setup):
     for r in (a, b):
         assert tr.tokens[r.request_id] == alone(setup, r, **kw)
         assert tr.tokens[r.request_id] == greedy_no_cache(setup.model, list(r.prompt_ids), 8)
+
+
+def test_a_sampling_failure_still_ends_every_row_of_the_forward(llama_setup, monkeypatch):
+    """When sampling raises midway, each row of that forward gets exactly one final output:
+    a row already ended by non-finite logits keeps its own, a running row fails, and no
+    stream is left waiting for a result that never comes."""
+    sched, runner = llama_setup.make()
+    sched.add(greedy([5, 6, 7], 8, "nan"))
+    sched.add(greedy([8, 9, 10], 8, "ok"))
+    for _ in range(3):  # prefills and a decode or two: both rows decoding
+        sched.step(runner.forward)
+    plans = sched.schedule()
+    (plan, rows, samples), = plans
+    logits = runner.forward(plan).clone()  # [2, V]
+    logits[[s.id for s in rows].index("nan")] = float("nan")
+
+    def boom(*a, **kw):
+        raise RuntimeError("sampler bug")
+
+    monkeypatch.setattr(sched.sampler, "sample", boom)
+    monkeypatch.setattr(sched.sampler, "sample_with_full_logprobs", boom)
+    outs = sched.process_safely(logits, rows, samples)
+    finals = {o.request_id: o.result for o in outs if o.result is not None}
+    assert sorted(finals) == ["nan", "ok"] and len(outs) == 2
+    assert "non-finite" in finals["nan"].error and "sampler bug" in finals["ok"].error
+    sched.reap()
+    assert not sched.running and sched.alloc.used_blocks == 0

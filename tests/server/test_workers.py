@@ -29,6 +29,7 @@ from shardserve_server.engine.runner import CacheGeometry, ForwardPlan, ModelRun
 from shardserve_server.engine.sampling import SamplingParams
 from shardserve_server.engine.sequence import GenerationRequest
 from shardserve_server.engine.stopping import StoppingParams
+from shardserve_server.workers.protocol import StepOutputs
 from shardserve_server.workers.worker import WorkerConfig
 
 pytestmark = pytest.mark.slow
@@ -135,7 +136,7 @@ async def wait_for(pred, timeout: float, what: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_llama_dir, tiny_convlm_dir):
+def engines(tiny_llama_dir, tiny_convlm_dir, tiny_rnnlm_dir):
     lt = LoopThread()
     reg = Engines(lt)
     base = {"threads": 1, "kv_cache_tokens": 4096, "max_batch_size": 8}
@@ -146,6 +147,7 @@ def engines(tiny_llama_dir, tiny_convlm_dir):
             "llama2": (WorkerConfig(str(tiny_llama_dir), tp=2, pg_timeout_s=5, **base),
                        EngineLimits(hang_timeout_s=8)),
             "conv2": (WorkerConfig(str(tiny_convlm_dir), tp=2, **base), None),
+            "rnn2": (WorkerConfig(str(tiny_rnnlm_dir), tp=2, **base), None),
         })
         yield reg
     finally:
@@ -177,13 +179,21 @@ def test_tp1_and_tp2_groups_match_the_local_engine(engines, local_llama):
     assert [r.token_ids for r in got] == want[:2]
     st = engines["llama2"].stats()
     assert st["restarts"] == 0 and st["group_up"] and len(st["pids"]) == 2
+    # the ranks run below the front end's priority (WorkerConfig.nice)
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    assert [os.getpriority(os.PRIO_PROCESS, p) for p in st["pids"]] == [
+        min(19, mine + WorkerConfig.nice)] * 2
 
 
-def test_convlm_at_tp2_matches_the_local_engine(engines, tiny_convlm_dir):
-    local = LocalEngine.from_checkpoint(str(tiny_convlm_dir))
-    reqs = _reqs(local, 10, "c")
+@pytest.mark.parametrize("name,model_dir", [("conv2", "tiny_convlm_dir"),
+                                            ("rnn2", "tiny_rnnlm_dir")])
+def test_state_slot_families_at_tp2_match_the_local_engine(engines, request, name, model_dir):
+    """The conv LM and the recurrent LM (per-sequence state slots) served by a TP=2 group give
+    the greedy tokens of the TP=1 local engine."""
+    local = LocalEngine.from_checkpoint(str(request.getfixturevalue(model_dir)))
+    reqs = _reqs(local, 10, name)
     want = [r.token_ids for r in local.generate(reqs)]
-    got = engines.lt.run(run_all(engines["conv2"], reqs), 90)
+    got = engines.lt.run(run_all(engines[name], reqs), 90)
     assert [r.token_ids for r in got] == want
 
 
@@ -376,26 +386,27 @@ def test_prefill_first_tokens_go_out_before_the_decode_forward(tiny_llama_dir, f
     leader = Leader(cfg, runner, None, ours, 0.0)  # TP=1: no collectives
     assert leader.scheduler.cfg.flat_batches is flat
 
-    def req(rid):
+    def req(rid):  # b finds a's first block cached: its prompt chunk is one token, a prefill
         return GenerationRequest((5, 6, 7, 8, 9), SamplingParams(temperature=0.0),
                                  StoppingParams(8, ignore_eos=True), rid)
 
     leader.scheduler.add(req("a"))
     leader._step()  # a's prefill
     leader.sent_stats = leader.stats()
-    before = leader.sent_stats["steps"]
+    before = leader.sent_stats.steps
     leader.scheduler.add(req("b"))
-    events = leader._step()  # b's prefill and a's decode
+    outputs = leader._step()  # b's prefill and a's decode
     last = leader.stats()
-    assert last["steps"] == before + 1
+    assert last.steps == before + 1
     if flat:
         assert not theirs.poll(0.5)  # nothing mid-step
-        assert sorted(e["id"] for e in events) == ["a", "b"]
-        assert last["last_step"]["batch"] == 2 and "prefill_s" in last["last_step"]
+        assert sorted(o.request_id for o in outputs) == ["a", "b"]
+        assert last.last_step.batch == 2 and last.last_step.prefill_s is not None
         return
     assert theirs.poll(10)
-    kind, mid_events, mid_stats = theirs.recv()
-    assert kind == "events" and [e["id"] for e in mid_events] == ["b"]
-    assert mid_stats["steps"] == before  # not this step's partial stats
-    assert [e["id"] for e in events] == ["a"]
-    assert {"prefill_s", "decode_s", "batch"} <= set(last["last_step"])
+    mid = theirs.recv()
+    assert isinstance(mid, StepOutputs) and [o.request_id for o in mid.outputs] == ["b"]
+    assert mid.stats.steps == before  # not this step's partial stats
+    assert [o.request_id for o in outputs] == ["a"]
+    step = last.last_step
+    assert step.prefill_s is not None and step.decode_s is not None and step.batch == 2, step

@@ -27,6 +27,7 @@ from tp_cases import (
 )
 
 from shardserve_sharding.models import ConvLMConfig, LlamaConfig
+from shardserve_sharding.models.rnnlm import RNNLMConfig
 from shardserve_sharding.partition import TPGeometry, merge_shards, shard_spec, shard_tensor
 from shardserve_sharding.reshard import reshard
 from shardserve_sharding.split_table import SplitKind, split_kind
@@ -176,13 +177,16 @@ GRAD_CASES = [
         ConvLMConfig(25, dim=5, hidden=6, n_layers=2, kernel_size=2, tie_embeddings=False),
         3,
     ),
+    ("rnnlm", RNNLMConfig(19, dim=6, hidden=4, n_layers=2, tie_embeddings=True), 2),
+    ("rnnlm", RNNLMConfig(25, dim=5, hidden=6, n_layers=2, cell="gru", tie_embeddings=False), 3),
 ]
 
 
 @pytest.mark.parametrize(
     "family,cfg,tp",
     GRAD_CASES,
-    ids=["llama-kv-replicated", "llama-untied", "llama-tp6", "convlm-tied", "convlm-untied-tp3"],
+    ids=["llama-kv-replicated", "llama-untied", "llama-tp6", "convlm-tied", "convlm-untied-tp3",
+         "rnnlm-lstm-tied", "rnnlm-gru-untied-tp3"],
 )
 def test_tp_gradients_merge_to_tp1_gradients(family, cfg, tp):
     model = random_model(family, cfg, seed=5).train()

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from shardserve_sharding.checkpoint.io import write_checkpoint
 from shardserve_sharding.checkpoint.safetensors_stream import TensorSpec
 from shardserve_sharding.models import ConvLMConfig, LlamaConfig, build_model, checkpoint_names
+from shardserve_sharding.models.rnnlm import RNNLMConfig
 from shardserve_sharding.partition import valid_tps
 from shardserve_sharding.tp.apply import apply_tensor_parallel
 from shardserve_sharding.tp.comm import run_ranks
@@ -63,11 +64,25 @@ def convlm_configs(draw) -> ConvLMConfig:
     )
 
 
+@st.composite
+def rnnlm_configs(draw) -> RNNLMConfig:
+    return RNNLMConfig(
+        vocab_size=draw(st.integers(5, 41)),
+        dim=draw(st.integers(2, 10)),
+        hidden=draw(st.sampled_from([2, 3, 4, 6, 12])),
+        n_layers=draw(st.integers(1, 3)),
+        cell=draw(st.sampled_from(["lstm", "gru"])),
+        tie_embeddings=draw(st.booleans()),
+        max_seq_len=32,
+    )
+
+
 models = st.one_of(
     st.tuples(st.just("llama"), llama_configs()),
     st.tuples(st.just("convlm"), convlm_configs()),
+    st.tuples(st.just("rnnlm"), rnnlm_configs()),
 )
-"""(family, config) over both families."""
+"""(family, config) over every family."""
 
 
 def tps_of(family: str, config: Any) -> list[int]:

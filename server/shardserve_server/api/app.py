@@ -30,6 +30,7 @@ from shardserve_client._pb.shardserve.v1 import generate_pb2_grpc as pb_grpc
 
 from .. import __version__
 from ..engine.async_engine import AsyncEngine, EngineLimits
+from ..workers.protocol import GroupStats
 from ..workers.worker import WorkerConfig
 from .convert import RequestLimits
 from .decode_guard import DecodeGuard
@@ -118,61 +119,25 @@ class Server:
         self.http_port: int | None = None
         self._stopping = asyncio.Event()
 
-    def _on_stats(self, stats: dict, replica: int = 0) -> None:
+    def _on_stats(self, stats: GroupStats, replica: int = 0) -> None:
         self.metrics.on_step_stats(stats, self.worker.tp, replica)
 
     async def start(self) -> None:
+        """Start the worker groups, then the APIs: servicer, gRPC server, metrics, HTTP."""
         from ..workers.model_dir import describe
 
         t0 = time.perf_counter()
         served = describe(self.worker.model_dir)
-        manifest, tokenizer = served.manifest, served.tokenizer
-        if tokenizer is None:
+        if served.tokenizer is None:
             raise ValueError(f"{self.worker.model_dir}: checkpoint has no tokenizer")
-        max_seq = served.max_seq_len
         info = await self.engine.start()
-        limit = min(self.cfg.max_new_tokens, max_seq - 1)
-        limits = RequestLimits(max_seq_len=max_seq, max_new_tokens=limit,
-                               default_max_new_tokens=min(64, limit))
-        self.servicer = TextGenerationServicer(
-            self.engine, tokenizer, manifest, limits, self.metrics,
-            {"dtype": self.worker.dtype, "tp": self.worker.tp, "replicas": self.replicas,
-             "backend": served.backend,
-             "max_batch_size": self.worker.max_batch_size,
-             "max_queued_requests": self.limits.max_queued_requests},
-        )
-        self.metrics.describe(
-            version=__version__, max_queued_requests=self.limits.max_queued_requests,
-            max_queued_tokens=self.limits.max_queued_tokens, block_size=self.worker.block_size,
-            model={"model": Path(self.worker.model_dir).name, "family": manifest.family,
-                   "dtype": self.worker.dtype, "backend": served.backend, "tp": self.worker.tp,
-                   "replicas": self.replicas, "max_batch_size": self.worker.max_batch_size})
-        interceptors: list[Any] = [DecodeGuard(lambda method: self.metrics.count(
-            method, "invalid"))]
-        if self.cfg.auth_token_file:
-            reject = lambda method: self.metrics.count(  # noqa: E731
-                method.rsplit("/", 1)[-1], "unauthenticated")
-            interceptors.append(AuthInterceptor(read_token(self.cfg.auth_token_file), reject))
-        self.server = grpc.aio.server(interceptors=interceptors, options=[
-            ("grpc.max_receive_message_length", 16 << 20),
-            ("grpc.so_reuseport", 0),
-        ])
-        pb_grpc.add_TextGenerationServicer_to_server(self.servicer, self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME), self.server)
-        addr = f"{self.cfg.host}:{self.cfg.port}"
-        if self.cfg.tls_cert and self.cfg.tls_key:
-            creds = grpc.ssl_server_credentials(
-                [(Path(self.cfg.tls_key).read_bytes(), Path(self.cfg.tls_cert).read_bytes())])
-            self.port = self.server.add_secure_port(addr, creds)
-        else:
-            self.port = self.server.add_insecure_port(addr)
-        if not self.port:
-            raise OSError(f"cannot bind {addr}")
+        self.servicer = self._make_servicer(served)
+        self._describe_metrics(served)
+        unix = self.cfg.host.startswith("unix:")
+        self.server = self._grpc_server()
+        self.port = self._bind(self.server, unix)
         if self.cfg.metrics_port is not None:
-            self.metrics.serve(self.cfg.metrics_port, self.cfg.host)
+            self.metrics.serve(self.cfg.metrics_port, "127.0.0.1" if unix else self.cfg.host)
         await self.server.start()
         if self.cfg.http_port is not None:
             await self._start_http()
@@ -182,11 +147,73 @@ class Server:
         log.info("serving %s on %s:%d (%s, tp=%d x %d replicas, %s) metrics :%s; start %.1f s; "
                  "workers: load "
                  "%.1f s, warm-up %.2f s, leader peak RSS %.0f MB; front end RSS %.0f MB",
-                 manifest.family, self.cfg.host, self.port,
+                 served.manifest.family, self.cfg.host, self.port,
                  "TLS" if self.cfg.tls_cert else "plaintext", self.worker.tp, self.replicas,
                  self.worker.dtype,
-                 self.cfg.metrics_port, time.perf_counter() - t0, info.get("load_s", 0),
-                 info.get("warmup_s", 0), info.get("rss_mb", 0), rss)
+                 self.cfg.metrics_port, time.perf_counter() - t0, info.load_s,
+                 info.warmup_s, info.rss_mb, rss)
+
+    def _make_servicer(self, served: Any) -> TextGenerationServicer:
+        """The request limits from the model and the flags, and the servicer over the engine."""
+        from shardserve_sharding.models import CacheKind, model_spec
+
+        max_seq = served.max_seq_len
+        if model_spec(served.family).cache_kind is CacheKind.PAGED_KV:
+            # a request longer than one group's KV budget could never run: refused at the edge
+            bs = self.worker.block_size
+            max_seq = min(max_seq, max(1, self.worker.kv_cache_tokens // bs) * bs)
+        limit = min(self.cfg.max_new_tokens, max_seq - 1)
+        limits = RequestLimits(max_seq_len=max_seq, max_new_tokens=limit,
+                               default_max_new_tokens=min(64, limit))
+        return TextGenerationServicer(
+            self.engine, served.tokenizer, served.manifest, limits, self.metrics,
+            {"dtype": self.worker.dtype, "tp": self.worker.tp, "replicas": self.replicas,
+             "backend": served.backend,
+             "max_batch_size": self.worker.max_batch_size,
+             "max_queued_requests": self.limits.max_queued_requests},
+        )
+
+    def _describe_metrics(self, served: Any) -> None:
+        self.metrics.describe(
+            version=__version__, max_queued_requests=self.limits.max_queued_requests,
+            max_queued_tokens=self.limits.max_queued_tokens, block_size=self.worker.block_size,
+            model={"model": Path(self.worker.model_dir).name, "family": served.manifest.family,
+                   "dtype": self.worker.dtype, "backend": served.backend, "tp": self.worker.tp,
+                   "replicas": self.replicas, "max_batch_size": self.worker.max_batch_size})
+
+    def _grpc_server(self) -> grpc.aio.Server:
+        """The grpc.aio server with its interceptors (decode guard, auth) and services."""
+        interceptors: list[Any] = [DecodeGuard(lambda method: self.metrics.count(
+            method, "invalid"))]
+        if self.cfg.auth_token_file:
+            reject = lambda method: self.metrics.count(  # noqa: E731
+                method.rsplit("/", 1)[-1], "unauthenticated")
+            interceptors.append(AuthInterceptor(read_token(self.cfg.auth_token_file), reject))
+        server = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.max_receive_message_length", 16 << 20),
+            ("grpc.so_reuseport", 0),
+        ])
+        pb_grpc.add_TextGenerationServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), server)
+        return server
+
+    def _bind(self, server: grpc.aio.Server, unix: bool) -> int:
+        """Bind --host:--port (TLS when given). "unix:PATH" serves gRPC on a Unix socket (a
+        sidecar, or a client outside the network namespace); metrics and HTTP then bind
+        loopback."""
+        addr = self.cfg.host if unix else f"{self.cfg.host}:{self.cfg.port}"
+        if self.cfg.tls_cert and self.cfg.tls_key:
+            creds = grpc.ssl_server_credentials(
+                [(Path(self.cfg.tls_key).read_bytes(), Path(self.cfg.tls_cert).read_bytes())])
+            port = server.add_secure_port(addr, creds)
+        else:
+            port = server.add_insecure_port(addr)
+        if not port:
+            raise OSError(f"cannot bind {addr}")
+        return port
 
     async def _start_http(self) -> None:
         from .http.app import HttpApi
@@ -238,7 +265,8 @@ async def serve_forever(cfg: ServerConfig, worker: WorkerConfig, limits: EngineL
     if server.http_port is not None:
         scheme = "https" if cfg.tls_cert else "http"
         print(f"shardserve: HTTP API on {scheme}://{cfg.host}:{server.http_port}", flush=True)
-    print(f"shardserve: listening on {cfg.host}:{server.port}", flush=True)
+    where = cfg.host if cfg.host.startswith("unix:") else f"{cfg.host}:{server.port}"
+    print(f"shardserve: listening on {where}", flush=True)
     loop = asyncio.get_running_loop()
     stop_task: list[asyncio.Task] = []
 

@@ -103,22 +103,22 @@ def _constraint(msg: Any, grammar: Any) -> Constraint | None:
 
 
 def _sampling(msg: pb.SamplingParameters, vocab_size: int = 1 << 31) -> SamplingParams:
-    p = SamplingParams(
-        temperature=msg.temperature if msg.HasField("temperature") else 1.0,
-        top_k=msg.top_k,
-        top_p=msg.top_p if msg.HasField("top_p") else 1.0,
-        min_p=msg.min_p,
-        repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0,
-        frequency_penalty=msg.frequency_penalty,
-        presence_penalty=msg.presence_penalty,
-        seed=msg.seed if msg.HasField("seed") else None,
-        logit_bias=_logit_bias(msg, vocab_size),
-    )
-    try:
-        p.validate()
+    bias = _logit_bias(msg, vocab_size)
+    try:  # SamplingParams validates itself; its message names the field
+        return SamplingParams(
+            temperature=msg.temperature if msg.HasField("temperature") else 1.0,
+            top_k=msg.top_k,
+            top_p=msg.top_p if msg.HasField("top_p") else 1.0,
+            min_p=msg.min_p,
+            repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty")
+            else 1.0,
+            frequency_penalty=msg.frequency_penalty,
+            presence_penalty=msg.presence_penalty,
+            seed=msg.seed if msg.HasField("seed") else None,
+            logit_bias=bias,
+        )
     except ValueError as e:
         raise InvalidArgument("sampling", str(e)) from e
-    return p
 
 
 def _stopping(msg: pb.StoppingCriteria, limits: RequestLimits) -> StoppingParams:
@@ -136,16 +136,14 @@ def _stopping(msg: pb.StoppingCriteria, limits: RequestLimits) -> StoppingParams
     limit = msg.time_limit_s if msg.HasField("time_limit_s") else 0.0
     if limit < 0:
         raise InvalidArgument("stopping.time_limit_s", f"must be >= 0, got {limit}")
-    p = StoppingParams(
-        max_new_tokens=n, min_new_tokens=msg.min_new_tokens, stop=tuple(msg.stop_sequences),
-        stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
-        include_stop_str_in_output=msg.include_stop_sequence, time_limit_s=limit or None,
-    )
-    try:
-        p.validate()
+    try:  # StoppingParams validates itself; its message names the field
+        return StoppingParams(
+            max_new_tokens=n, min_new_tokens=msg.min_new_tokens, stop=tuple(msg.stop_sequences),
+            stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
+            include_stop_str_in_output=msg.include_stop_sequence, time_limit_s=limit or None,
+        )
     except ValueError as e:
         raise InvalidArgument("stopping", str(e)) from e
-    return p
 
 
 def prepare(msg: Any, prompt_ids: list[int], limits: RequestLimits, request_id: str,
@@ -179,7 +177,8 @@ def prepare(msg: Any, prompt_ids: list[int], limits: RequestLimits, request_id: 
     elif len(prompt_ids) > room:
         raise InvalidArgument(
             "prompt", f"{len(prompt_ids)} tokens + max_new_tokens {stopping.max_new_tokens} "
-            f"exceeds the model's {limits.max_seq_len}; set truncate_prompt_tokens to truncate")
+            f"exceeds the server's limit of {limits.max_seq_len} (the model's context or the "
+            "KV budget); set truncate_prompt_tokens to truncate")
     logprobs = None
     if opts.logprobs:
         logprobs = opts.top_logprobs

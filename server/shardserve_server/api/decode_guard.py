@@ -39,14 +39,22 @@ class RateLimitedLog:
         self._last = float("-inf")
         self._suppressed = 0
 
-    def __call__(self, message: str) -> bool:
+    def due(self) -> int | None:
+        """None while the last line is younger than `every_s` (the call is counted); else the
+        number of calls not logged since that line (and this call may log)."""
         now = time.monotonic()
         if now - self._last < self.every_s:
             self._suppressed += 1
+            return None
+        skipped, self._last, self._suppressed = self._suppressed, now, 0
+        return skipped
+
+    def __call__(self, message: str) -> bool:
+        skipped = self.due()
+        if skipped is None:
             return False
-        more = f" (+{self._suppressed} more since the last line)" if self._suppressed else ""
+        more = f" (+{skipped} more since the last line)" if skipped else ""
         log.warning("%s%s", message, more)
-        self._last, self._suppressed = now, 0
         return True
 
 
@@ -66,9 +74,15 @@ async def _result(value: Any) -> Any:
 
 
 async def _aiter(items: Any) -> Any:
-    """A behaviour's stream, whether it was written as an async or a plain generator."""
+    """A behaviour's stream, whether it was written as an async or a plain generator, or as a
+    coroutine that writes its messages with context.write (grpc_health's Health/Watch, which
+    gRPC's client-side health checking calls)."""
     if hasattr(items, "__aiter__"):
         async for item in items:
+            yield item
+    elif inspect.isawaitable(items):
+        rest = await items
+        for item in rest or ():
             yield item
     else:
         for item in items:

@@ -14,7 +14,7 @@ The recording and alert rules and the Grafana dashboard over these series are in
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -29,6 +29,9 @@ from prometheus_client import (
 )
 
 from .worker_processes import WorkerProcessCollector
+
+if TYPE_CHECKING:
+    from ..workers.protocol import GroupStats
 
 OUTCOMES = ("ok", "invalid", "overloaded", "cancelled", "deadline", "error", "unauthenticated")
 # outcomes of requests that reached the engine: their latency (and TTFT, if a token came) counts
@@ -131,6 +134,22 @@ class Metrics:
             "shardserve_prefix_cache_hits", "Prompt tokens found in the prefix cache (their "
             "prefill skipped)", ["replica"], registry=r)
         self._prefix_seen: dict[tuple[str, int], int] = {}
+        # where a layout's step time goes (issue 20: is it communication-bound?)
+        self.replica_forward_seconds = Counter(
+            "shardserve_replica_forward_seconds", "Time in the model's forward per replica "
+            "(collectives included; the warm-up step too)",
+            ["replica"], registry=r)
+        self.replica_comm_seconds = Counter(
+            "shardserve_replica_comm_seconds", "Time in TP collectives inside steps per replica",
+            ["replica"], registry=r)
+        self.comm_share = Gauge(
+            "shardserve_replica_comm_share_ratio", "Share of step time in TP collectives per "
+            "replica, over about the last 20 steps (0 at TP 1)", ["replica"], registry=r)
+        self.load_imbalance = Gauge(
+            "shardserve_replica_load_imbalance_ratio", "Most loaded replica's in-flight requests "
+            "over the mean of the serving replicas (1: balanced; 0: idle)", registry=r)
+        self._step_totals: dict[int, tuple[float, float]] = {}
+        self._share: dict[int, float] = {}
         self._block_size = 0
         for o in OUTCOMES:  # export zeros so every outcome series exists from the start
             self.requests.labels("Generate", o, "none")
@@ -153,22 +172,43 @@ class Metrics:
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)
 
-    def on_step_stats(self, stats: dict[str, Any], tp: int, replica: int = 0) -> None:
-        steps = stats.get("steps", 0)
-        if steps == self._last_steps.get(replica):
+    def on_step_stats(self, stats: GroupStats, tp: int, replica: int = 0) -> None:
+        """Observe a replica's last step, once per step (a heartbeat repeats the stats)."""
+        if stats.steps == self._last_steps.get(replica):
             return
-        self._last_steps[replica] = steps
-        last = stats.get("last_step") or {}
-        if "batch" not in last:
+        self._last_steps[replica] = stats.steps
+        self._observe_comm(stats, replica)
+        last = stats.last_step
+        if last is None or not last.batch:
             return
-        self.batch_size.observe(last["batch"])
-        tokens = last.get("decode_tokens", 0) + last.get("prefill_tokens", 0)
-        self.batch_tokens.observe(tokens)
-        for phase in ("prefill", "decode"):
-            if f"{phase}_s" in last:
-                self.step_duration.labels(phase).observe(last[f"{phase}_s"])
+        self.batch_size.observe(last.batch)
+        self.batch_tokens.observe(last.decode_tokens + last.prefill_tokens)
+        if last.prefill_s is not None:
+            self.step_duration.labels("prefill").observe(last.prefill_s)
+        if last.decode_s is not None:
+            self.step_duration.labels("decode").observe(last.decode_s)
         if tp > 1:
-            self.allreduce.observe(last.get("comm_s", 0.0))
+            self.allreduce.observe(last.comm_s)
+
+    def _observe_comm(self, stats: GroupStats, replica: int) -> None:
+        """Feed the per-replica forward and collective counters from the group's running
+        totals (a restarted group counts from 0 again) and move the comm share towards the
+        share of the steps since the last stats (weight 1/20). Both totals are the runner's,
+        warm-up included, so their ratio is never skewed by one side counting it."""
+        label = str(replica)
+        step_total = stats.forward_s_total
+        prev_step, prev_comm = self._step_totals.get(replica, (0.0, 0.0))
+        if step_total < prev_step or stats.comm_s_total < prev_comm:
+            prev_step = prev_comm = 0.0  # a new group
+        d_step, d_comm = step_total - prev_step, stats.comm_s_total - prev_comm
+        self._step_totals[replica] = (step_total, stats.comm_s_total)
+        self.replica_forward_seconds.labels(label).inc(d_step)
+        self.replica_comm_seconds.labels(label).inc(d_comm)
+        if d_step > 0:
+            share = min(1.0, d_comm / d_step)
+            old = self._share.get(replica)
+            self._share[replica] = share if old is None else old + 0.05 * (share - old)
+            self.comm_share.labels(label).set(self._share[replica])
 
     def on_token_gap(self, seconds: float) -> None:
         self.itl.observe(seconds)
@@ -180,9 +220,15 @@ class Metrics:
         self.kv_usage.set(s["kv_usage"])
         self._worker_pids = tuple((rep["replica"], rank, pid) for rep in s["replicas"]
                                   for rank, pid in enumerate(rep.get("pids", ())))
+        up = [rep["inflight"] for rep in s["replicas"] if rep["up"]]
+        mean = sum(up) / len(up) if up else 0.0
+        self.load_imbalance.set(max(up) / mean if mean > 0 else 0.0)
         for rep in s["replicas"]:
             i = rep["replica"]
             label = str(i)
+            self.replica_forward_seconds.labels(label)  # export the series at 0 from the start
+            self.replica_comm_seconds.labels(label)
+            self.comm_share.labels(label)
             self.group_up.labels(label).set(1 if rep["up"] else 0)
             self.replica_inflight.labels(label).set(rep["inflight"])
             self.replica_kv_usage.labels(label).set(rep.get("kv_usage", 0.0))
@@ -197,15 +243,15 @@ class Metrics:
                 self._restarts_seen[i] = rep["restarts"]
             tok = rep["tokens_out"]
             prev = self._tokens_seen.get(i, 0)
-            if tok > prev:
-                self.replica_tokens.labels(label).inc(tok - prev)
+            if tok != prev:  # a smaller count: the group restarted and counts from 0 again
+                self.replica_tokens.labels(label).inc(tok - prev if tok > prev else tok)
             self._tokens_seen[i] = tok
             for key, counter in (("prefix_cache_queries", self.prefix_queries),
                                  ("prefix_cache_hits", self.prefix_hits)):
                 counter.labels(label)  # export the series at 0 from the start
                 now, prev = rep.get(key, 0), self._prefix_seen.get((key, i), 0)
-                if now > prev:  # a restarted group counts from 0 again
-                    counter.labels(label).inc(now - prev)
+                if now != prev:  # a smaller count: the group restarted and counts from 0 again
+                    counter.labels(label).inc(now - prev if now > prev else now)
                 self._prefix_seen[(key, i)] = now
 
     def on_request_done(self, method: str, outcome: str, *, finish_reason: str = "none",

@@ -23,7 +23,14 @@ from shardserve_client._pb.shardserve.v1 import generate_pb2 as pb
 from shardserve_client._pb.shardserve.v1 import generate_pb2_grpc as pb_grpc
 
 from .. import __version__
-from ..engine.async_engine import MAX_N, EngineError, QueueFull, RequestStream
+from ..engine.async_engine import (
+    MAX_N,
+    EngineError,
+    GroupFailed,
+    QueueFull,
+    RequestRefused,
+    RequestStream,
+)
 from ..engine.grammar import GrammarBackend
 from ..engine.stopping import FinishReason
 from .convert import (
@@ -37,6 +44,7 @@ from .convert import (
     token_msgs,
     top_msgs,
 )
+from .decode_guard import RateLimitedLog
 from .metrics import Metrics
 
 log = logging.getLogger("shardserve.requests")
@@ -76,6 +84,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
         self.limits, self.metrics, self.info = limits, metrics, info
         self.draining = False
         self.active = 0
+        self._overload_log = RateLimitedLog(every_s=1.0)
         vocab = int(getattr(manifest, "config", {}).get("vocab_size") or tokenizer.vocab_size)
         self.grammar = LazyGrammar(tokenizer, vocab)
 
@@ -158,8 +167,16 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
         self.active -= 1
 
     def reject(self, method: str, outcome: str, message: str) -> None:
-        """Metrics and the log line of a request refused before (or failed after) admission."""
+        """Metrics and the log line of a request refused before (or failed after) admission.
+        Overload refusals log one line a second at most (with the count since the last): a
+        flood must not cost a log write per call, and the metrics count each one."""
         self.metrics.on_request_done(method, outcome)
+        if outcome == "overloaded":
+            skipped = self._overload_log.due()
+            if skipped is None:
+                return
+            self._log(method, None, outcome, message=message, more_since_last_line=skipped)
+            return
         self._log(method, None, outcome, message=message)
 
     async def _run(self, method: str, msg: Any, prompt: str | None, context, streaming: bool):
@@ -175,12 +192,11 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
         except (Draining, EngineError) as e:
             await self._abort(context, method, "error", grpc.StatusCode.UNAVAILABLE, str(e))
         outcome, result = "error", None
-        holder: dict[str, Any] = {}
         try:
             if streaming:
-                async for out in self._stream(p, stream, holder):
-                    if "result" in holder:
-                        result = holder["result"]
+                async for out in self._stream(p, stream):
+                    if stream.final is not None:
+                        result = stream.final
                         outcome = self.outcome_of(result)
                     yield out
             else:
@@ -199,14 +215,18 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
                 outcome = "deadline" if remaining is not None and remaining <= 0 else "cancelled"
                 self.engine.cancel(p.request.request_id)
             raise
-        except EngineError as e:
-            outcome, result = "error", None
+        except EngineError as e:  # a dead group is retryable; a failed request is not
+            outcome = "invalid" if isinstance(e, RequestRefused) else "error"
+            result = None
             self.metrics.on_request_done(
                 method, outcome, finish_reason="error", prompt_tokens=len(p.request.prompt_ids),
                 generated=stream.generated, timing=stream.timing, elapsed_s=stream.elapsed())
             self._log(method, p, outcome, message=str(e))
             self.active -= 1
-            await context.abort(grpc.StatusCode.INTERNAL, str(e))
+            code = (grpc.StatusCode.UNAVAILABLE if isinstance(e, GroupFailed)
+                    else grpc.StatusCode.INVALID_ARGUMENT if isinstance(e, RequestRefused)
+                    else grpc.StatusCode.INTERNAL)
+            await context.abort(code, str(e))
         finally:
             if outcome != "error" or result is not None:
                 self.account(method, p, stream, outcome, result)
@@ -249,8 +269,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
             out.prompt_tokens.extend(token_msgs(self.tokenizer, list(p.request.prompt_ids)))
         return out
 
-    async def _stream(self, p: Prepared, stream: RequestStream, holder: dict[str, Any]):
-        done: list[Any] = [None] * p.n
+    async def _stream(self, p: Prepared, stream: RequestStream):
         async for ev in stream:
             msg = pb.GenerateStreamResponse(request_id=p.request.request_id, text=ev.text,
                                             index=ev.index)
@@ -262,9 +281,6 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
                 msg.tokens.append(tok)
             if ev.result is not None:
                 r = ev.result
-                done[ev.index] = r
-                if all(x is not None for x in done):  # the stream's last message
-                    holder["result"] = done[0] if p.n == 1 else list(done)
                 d = pb.StreamDetails(
                     finish_reason=FINISH_TO_PB[r.finish_reason], prompt_token_count=r.prompt_tokens,
                     generated_token_count=len(r.token_ids), timing=timing_msg(stream.timing),

@@ -2,7 +2,7 @@
 
     engine = AsyncEngine(WorkerConfig(model_dir, tp=2), EngineLimits())
     await engine.start()
-    async for ev in engine.submit(request):      # StreamEvent per token, last one has .result
+    async for out in engine.submit(request):     # TokenOutput per token, last one has .result
         ...
     stream = engine.submit(request, n=4)          # 4 samples: events carry .index 0..3
     results = await stream.results()              # one GenerationResult per sample
@@ -34,6 +34,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..workers.group import GroupDied, WorkerGroup
+from ..workers.protocol import (
+    AddRequest,
+    CancelRequest,
+    Fatal,
+    FromLeader,
+    GroupDead,
+    GroupStats,
+    Ready,
+    StepOutputs,
+    TokenOutput,
+)
 from ..workers.worker import WorkerConfig
 from .sequence import GenerationRequest, GenerationResult
 
@@ -56,6 +67,16 @@ class EngineError(RuntimeError):
     """A request failed inside the engine (e.g. its worker group died)."""
 
 
+class GroupFailed(EngineError):
+    """The request's worker group died (a crashed or unreachable rank) while it ran: the group
+    restarts, so the same request may succeed again (gRPC UNAVAILABLE, HTTP 503)."""
+
+
+class RequestRefused(EngineError):
+    """The worker group refused the request (it can never fit there, or its constraint does
+    not compile): the caller's request, not the engine, is at fault."""
+
+
 @dataclass(frozen=True)
 class EngineLimits:
     """Front-end admission limits."""
@@ -70,17 +91,6 @@ class EngineLimits:
     """No step progress for this long while work is pending: the group is declared hung."""
     restart: bool = True
     """Restart a dead group automatically."""
-
-
-@dataclass
-class StreamEvent:
-    token_id: int | None
-    text: str
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
-    result: GenerationResult | None = None
-    index: int = 0
-    """The sample this event belongs to (0 unless n > 1)."""
 
 
 @dataclass
@@ -104,7 +114,7 @@ class _Request:
 
 
 class RequestStream:
-    """Async iterator over one request's StreamEvents (of all its n samples, interleaved,
+    """Async iterator over one request's TokenOutputs (of all its n samples, interleaved,
     each tagged with its index); raises EngineError on failure. Ends once every sample has
     its result; leaving early cancels the samples still running."""
 
@@ -112,11 +122,15 @@ class RequestStream:
         self._engine, self._rs = engine, rs
         self.request_id = request_id
         self.n = len(rs)
+        self._done: list[GenerationResult | None] = [None] * self.n
+        self.final: GenerationResult | list[GenerationResult] | None = None
+        """Once the stream has yielded every sample's result: the result (n == 1) or the
+        list of results by sample index."""
 
-    def __aiter__(self) -> AsyncIterator[StreamEvent]:
+    def __aiter__(self) -> AsyncIterator[TokenOutput]:
         return self._iter()
 
-    async def _iter(self) -> AsyncIterator[StreamEvent]:
+    async def _iter(self) -> AsyncIterator[TokenOutput]:
         queue = self._rs[0].queue  # shared by the samples
         left = self.n
         try:
@@ -126,6 +140,9 @@ class RequestStream:
                     raise item
                 if item.result is not None:
                     left -= 1
+                    self._done[item.index] = item.result
+                    if not left:
+                        self.final = self._done[0] if self.n == 1 else list(self._done)
                 yield item
         finally:
             for r in self._rs:
@@ -180,13 +197,17 @@ class _Replica:
         self.index = index
         self.group: WorkerGroup | None = None
         self.up = False
-        self.stats: dict[str, Any] = {}
+        self.stats = GroupStats()
+        """As of the leader's last message."""
         self.inflight: dict[str, _Request] = {}
         self.restarts = 0
         self.restarting = False
         self.last_progress = time.monotonic()
         self.last_steps = -1
-        self.ready_info: dict[str, Any] = {}
+        self.ready_info: Ready | None = None
+        self.fatal: str | None = None
+        """The last Fatal message of the group's ranks."""
+        self.last_start_error: str | None = None
 
     def load(self) -> int:
         """Outstanding tokens: what the group still has to compute for its requests."""
@@ -215,11 +236,7 @@ class AsyncEngine:
         self._families: dict[str, list[str]] = {}
         """Parent request id -> its samples' ids (n > 1), for cancelling them together."""
 
-    # ---- compatibility views (one replica)
-    @property
-    def group(self) -> WorkerGroup | None:
-        return self.replicas[0].group
-
+    # ---- views over the replicas
     @property
     def group_up(self) -> bool:
         return all(r.up for r in self.replicas)
@@ -235,16 +252,14 @@ class AsyncEngine:
             out.update(rep.inflight)
         return out
 
-    @property
-    def ready_info(self) -> dict[str, Any]:
-        return self.replicas[0].ready_info
-
     # ---- lifecycle
-    async def start(self) -> dict:
+    async def start(self) -> Ready:
+        """Start every replica's group; the first replica's Ready message."""
         self._loop = asyncio.get_running_loop()
         await asyncio.gather(*(self._start_group(rep) for rep in self.replicas))
         self._watchdog = asyncio.create_task(self._watch())
-        return self.ready_info
+        assert self.replicas[0].ready_info is not None
+        return self.replicas[0].ready_info
 
     async def _start_group(self, rep: _Replica) -> None:
         group = WorkerGroup(self.worker_cfg, lambda msg, rep=rep: self._threadsafe(rep, msg),
@@ -291,8 +306,6 @@ class AsyncEngine:
         limits (each sample counts as one request and its prompt tokens)."""
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
             raise ValueError(f"n must be an integer in [1, {MAX_N}], got {n!r}")
-        req.sampling.validate()
-        req.stopping.validate()
         if not req.prompt_ids:
             raise ValueError("prompt must not be empty")
         if not req.request_id:  # the caller gave none: the engine names it
@@ -339,7 +352,7 @@ class AsyncEngine:
         for rep in self.replicas:
             if request_id in rep.inflight and rep.group is not None:
                 try:
-                    rep.group.send(("cancel", request_id))
+                    rep.group.send(CancelRequest(request_id))
                 except GroupDied:
                     pass
                 return True
@@ -351,7 +364,7 @@ class AsyncEngine:
         res = GenerationResult(r.req.request_id, "", [], FinishReason.CANCELLED,
                                len(r.req.prompt_ids))
         r.done = True
-        r.queue.put_nowait(StreamEvent(None, "", result=res, index=r.index))
+        r.queue.put_nowait(TokenOutput(r.req.request_id, result=res, index=r.index))
 
     def _dispatch(self) -> None:
         """Hand waiting requests (priority first) to the least-loaded replica with room."""
@@ -366,7 +379,7 @@ class AsyncEngine:
                 return
             rep = min(live, key=lambda x: (x.load(), len(x.inflight), x.index))
             try:
-                rep.group.send(("add", r.req, r.priority))
+                rep.group.send(AddRequest(r.req, r.priority))
             except GroupDied:
                 continue
             self.waiting.remove(r)
@@ -376,38 +389,37 @@ class AsyncEngine:
             rep.inflight[r.req.request_id] = r
 
     # ---- messages from the groups (reader threads -> loop thread)
-    def _threadsafe(self, rep: _Replica, msg: tuple) -> None:
+    def _threadsafe(self, rep: _Replica, msg: FromLeader | GroupDead) -> None:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._on_message, rep, msg)
 
-    def _on_message(self, rep: _Replica, msg: tuple) -> None:
-        kind = msg[0]
-        if kind == "events":
-            _, events, stats = msg
+    def _on_message(self, rep: _Replica, msg: FromLeader | GroupDead) -> None:
+        if isinstance(msg, StepOutputs):
+            stats = msg.stats
             rep.stats = stats
             if self.on_stats is not None:
                 self.on_stats(stats, rep.index)
-            if stats.get("steps", 0) != rep.last_steps or not rep.inflight:
-                rep.last_steps = stats.get("steps", 0)
+            if stats.steps != rep.last_steps or not rep.inflight:
+                rep.last_steps = stats.steps
                 rep.last_progress = time.monotonic()
-            for ev in events:
-                self._deliver(rep, ev)
+            for out in msg.outputs:
+                self._deliver(rep, out)
             self._dispatch()
-        elif kind == "dead":
-            self._on_dead(rep, msg[1])
-        elif kind == "fatal":
-            rep.stats["fatal"] = msg[1]
+        elif isinstance(msg, GroupDead):
+            self._on_dead(rep, msg.reason)
+        elif isinstance(msg, Fatal):
+            rep.fatal = msg.message
 
-    def _deliver(self, rep: _Replica, ev: dict) -> None:
-        r = rep.inflight.get(ev["id"])
+    def _deliver(self, rep: _Replica, out: TokenOutput) -> None:
+        r = rep.inflight.get(out.request_id)
         if r is None:
             return
-        if "error" in ev:
-            del rep.inflight[ev["id"]]
-            self._fail(r, ValueError(ev["error"]))
+        if out.error is not None:
+            del rep.inflight[out.request_id]
+            self._fail(r, RequestRefused(out.error))
             return
         now = time.monotonic()
-        if "token" in ev:
+        if out.token_id is not None:
             if r.first_token is None:
                 r.first_token = now
             elif self.on_token_gap is not None and r.last_token is not None:
@@ -415,16 +427,14 @@ class AsyncEngine:
             r.last_token = now
             r.started_streaming = True
             r.generated += 1
-        result = ev.get("result")
-        if ev.get("admitted_at") is not None:
-            r.admitted = ev["admitted_at"]
-        if result is not None:
-            del rep.inflight[ev["id"]]
+        if out.admitted_at is not None:
+            r.admitted = out.admitted_at
+        if out.result is not None:
+            del rep.inflight[out.request_id]
             r.finished = now
             r.done = True
-        if "token" in ev or result is not None:
-            r.queue.put_nowait(StreamEvent(ev.get("token"), ev.get("text", ""), ev.get("logprob"),
-                                           ev.get("top"), result, r.index))
+        if out.token_id is not None or out.result is not None:
+            r.queue.put_nowait(dataclasses.replace(out, index=r.index) if r.index else out)
 
     def _fail(self, r: _Request, exc: BaseException) -> None:
         if not r.done:
@@ -442,7 +452,7 @@ class AsyncEngine:
                 r.requeues += 1
                 back.append(r)
             else:
-                self._fail(r, EngineError(f"worker group {rep.index} failed: {reason}"))
+                self._fail(r, GroupFailed(f"worker group {rep.index} failed: {reason}"))
         rep.inflight.clear()
         for r in reversed(back):
             r.dispatched = None
@@ -463,7 +473,7 @@ class AsyncEngine:
                     await self._start_group(rep)
                     return
                 except GroupDied as e:
-                    rep.stats["last_start_error"] = str(e)
+                    rep.last_start_error = str(e)
                     await asyncio.sleep(1.0)
         finally:
             rep.restarting = False
@@ -496,18 +506,19 @@ class AsyncEngine:
         return True
 
     def replica_stats(self) -> list[dict[str, Any]]:
-        return [{
-            "replica": rep.index, "up": rep.up, "restarts": rep.restarts,
-            "inflight": len(rep.inflight), "running": rep.stats.get("running", 0),
-            "kv_usage": rep.stats.get("kv_usage", 0.0),
-            "kv_used_blocks": rep.stats.get("kv_used_blocks", 0),
-            "kv_total_blocks": rep.stats.get("kv_total_blocks", 0),
-            "reserved_tokens": rep.stats.get("reserved_tokens", 0),
-            "tokens_out": rep.stats.get("tokens_out", 0), "steps": rep.stats.get("steps", 0),
-            "prefix_cache_queries": rep.stats.get("prefix_cache_queries", 0),
-            "prefix_cache_hits": rep.stats.get("prefix_cache_hits", 0),
-            "pids": rep.group.pids if rep.group else [],
-        } for rep in self.replicas]
+        out = []
+        for rep in self.replicas:
+            st = rep.stats
+            out.append({
+                "replica": rep.index, "up": rep.up, "restarts": rep.restarts,
+                "inflight": len(rep.inflight), "running": st.running, "kv_usage": st.kv_usage,
+                "kv_used_blocks": st.kv_used_blocks, "kv_total_blocks": st.kv_total_blocks,
+                "reserved_tokens": st.reserved_tokens, "tokens_out": st.tokens_out,
+                "steps": st.steps, "prefix_cache_queries": st.prefix_cache_queries,
+                "prefix_cache_hits": st.prefix_cache_hits,
+                "pids": rep.group.pids if rep.group else [],
+            })
+        return out
 
     def stats(self) -> dict[str, Any]:
         reps = self.replica_stats()
@@ -520,8 +531,9 @@ class AsyncEngine:
             "kv_usage": sum(r["kv_usage"] for r in reps) / n,
             "kv_used_blocks": sum(r["kv_used_blocks"] for r in reps),
             "reserved_tokens": sum(r["reserved_tokens"] for r in reps),
-            "steps": sum(r["steps"] for r in reps), "last_step": first.get("last_step", {}),
-            "phase_s": first.get("phase_s", {}), "comm_s": first.get("comm_s", 0.0),
+            "steps": sum(r["steps"] for r in reps), "last_step": first.last_step,
+            "phase_s": {"prefill": first.prefill_s_total, "decode": first.decode_s_total},
+            "comm_s": first.comm_s_total,
             "group_up": self.group_up, "restarts": self.restarts, "requeued": self.requeued,
             "pids": [p for r in reps for p in r["pids"]], "replicas": reps,
         }

@@ -20,7 +20,6 @@ import torch
 
 from .sampling import Sampler
 from .sequence import GenerationRequest, GenerationResult, Sequence, TokenEvent
-from .stopping import FinishReason
 
 TokenCallback = Callable[[int, TokenEvent], None]
 
@@ -91,8 +90,6 @@ class LocalEngine:
     ) -> list[GenerationResult]:
         """Run all requests to completion; on_token(i, event) streams each new token."""
         for r in requests:
-            r.sampling.validate()
-            r.stopping.validate()
             total = len(r.prompt_ids) + r.stopping.max_new_tokens
             if total > self.max_seq_len:
                 raise ValueError(
@@ -194,10 +191,6 @@ class LocalEngine:
         if on_token is not None:
             for i, e in zip(ids, events, strict=True):
                 on_token(i, e)
-
-
-def finish_reason_name(reason: FinishReason) -> str:
-    return reason.value
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Paged decoding state for continuous batching: a paged KV cache (Llama) and a slot pool of
-convolution states (conv LM); the block allocator and prefix cache are in block_pool.py.
+"""Paged decoding state for continuous batching: a paged KV cache (PagedKVSpec families) and a
+slot pool of per-sequence states (StateSlotSpec families: conv windows, recurrent h/c); the
+block allocator and prefix cache are in block_pool.py.
 
 KV memory is a pool of fixed-size blocks, [n_layers, num_blocks * block_size, Hkv, D] per K and
 V; each sequence owns a block table (its blocks in order), so memory is counted in tokens and a
@@ -13,6 +14,8 @@ on every rank and only the block tables travel in the step broadcast.
 from __future__ import annotations
 
 import torch
+
+from shardserve_sharding.models import StateSlotSpec
 
 from .attention_op import activate
 
@@ -82,6 +85,16 @@ class PagedKVCache:
 
     def begin_step(self, positions: torch.Tensor, num_new: torch.Tensor) -> None:
         raise RuntimeError("PagedKVCache needs set_step(block_tables, positions, num_new)")
+
+    def step(self, tables: torch.Tensor, positions: torch.Tensor,
+             num_new: torch.Tensor) -> PagedKVCache:
+        """The pool contract shared with StateSlotPool: prepare a padded step (tables [B, nb])
+        and return what the model takes as its cache, this pool itself."""
+        self.set_step(tables, positions, num_new)
+        return self
+
+    def end_step(self) -> None:
+        """Nothing to write back: the model wrote its K/V into the pool."""
 
     def set_flat_step(self, block_tables: torch.Tensor, positions: torch.Tensor,
                       seg_lens: torch.Tensor) -> None:
@@ -195,26 +208,25 @@ class PagedKVCache:
         return kk, vv, self._mask
 
 
-class ConvStatePool:
-    """Convolution states of up to max_slots sequences; a step gathers its rows' states into a
-    ConvState, the model advances it, and end_step scatters them back. Slot ids are handed out
-    by the scheduler (see SlotAllocator) and travel in the plan like KV block tables."""
+class StateSlotPool:
+    """Per-sequence states of up to max_slots sequences (a model's StateSlotSpec); a step
+    gathers its rows' states into the model's state class, the model advances it, and end_step
+    scatters them back. Slot ids are handed out by the scheduler (see SlotAllocator) and travel
+    in the plan like KV block tables."""
 
-    def __init__(self, *, n_layers: int, max_slots: int, dim: int, kernel_size: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
-        from shardserve_sharding.models.convlm import ConvState
-
-        self._cls = ConvState
-        self.pool = torch.zeros(n_layers, max_slots, dim, kernel_size - 1, dtype=dtype,
-                                device=device)  # [L, slots, dim, K-1]
-        self.n_layers, self.dim, self.kernel_size = n_layers, dim, kernel_size
+    def __init__(self, spec: StateSlotSpec, *, max_slots: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+        self._cls = spec.state_cls
+        self.pool = torch.zeros(spec.n_layers, max_slots, *spec.state_shape, dtype=dtype,
+                                device=device)  # [L, slots, *state_shape]
+        self.spec = spec
         self._slots: torch.Tensor | None = None
         self.state = None
 
     def set_step(self, slots: torch.Tensor, positions: torch.Tensor, num_new: torch.Tensor):
         """slots [B] long; a row starting at position 0 starts from a zero state."""
         self._slots = slots
-        rows = self.pool.index_select(1, slots)  # [L, B, dim, K-1]
+        rows = self.pool.index_select(1, slots)  # [L, B, *state_shape]
         fresh = positions[:, 0] == 0  # [B]
         if bool(fresh.any()):
             rows[:, fresh] = 0
@@ -223,5 +235,11 @@ class ConvStatePool:
         state.begin_step(positions, num_new)
         return state
 
+    def step(self, tables: torch.Tensor, positions: torch.Tensor, num_new: torch.Tensor):
+        """The pool contract shared with PagedKVCache: tables [B, 1] holds each row's slot;
+        returns the rows' state for the model (end_step writes it back)."""
+        return self.set_step(tables[:, 0], positions, num_new)
+
     def end_step(self) -> None:
+        """Scatter the advanced states back into their slots."""
         self.pool.index_copy_(1, self._slots, self.state.state)

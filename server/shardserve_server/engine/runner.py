@@ -3,8 +3,8 @@
 A ForwardPlan says which tokens to run for which sequences (rows). Two layouts:
 
 - padded (kind 1): tokens and positions [B, T] (right-padded), real tokens per row, the column
-  whose logits are wanted, and where each row's decoding state lives (KV block table for
-  Llama, state slot for the conv LM);
+  whose logits are wanted, and where each row's decoding state lives (KV block table for a
+  paged-KV family, state slot for a state-slot family: see models/spec.py);
 - flat (kind 3, Llama over the paged cache): every token of the step in one row, tokens and
   positions [1, N], the R sequences' segments in order (prompt chunks first, then one token per
   decoding sequence), segment lengths [R], the flat index of each segment's last token [R] and
@@ -23,9 +23,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .paged_cache import ConvStatePool, PagedKVCache
+from shardserve_sharding.models import PagedKVSpec, model_spec
 
-_HEADER = 6  # kind, B, T, nb, step id, R (sequences: B, or the segments of a flat plan)
+from .paged_cache import PagedKVCache, StateSlotPool
+
+_HEADER = 5  # kind, B, T, nb, R (sequences: B, or the segments of a flat plan)
 
 FORWARD, STOP, KEEPALIVE, FLAT = 1, 0, 2, 3
 
@@ -38,6 +40,7 @@ class ForwardPlan:
     logits_index: torch.Tensor  # [R] long: column per row / flat token index (flat)
     tables: torch.Tensor  # [R, nb] long: KV block tables (-1 padded), or [R, 1] state slots
     kind: int = FORWARD  # FORWARD, FLAT, STOP, KEEPALIVE (followers run nothing)
+    decode_only: bool = False  # every row decodes one token (timing labels; not broadcast)
 
     @property
     def flat(self) -> bool:
@@ -47,13 +50,13 @@ class ForwardPlan:
         b, t = self.tokens.shape
         nb = self.tables.shape[1]
         r = self.num_new.shape[0]
-        head = torch.tensor([self.kind, b, t, nb, 0, r], dtype=torch.long)
+        head = torch.tensor([self.kind, b, t, nb, r], dtype=torch.long)
         return torch.cat([head, self.tokens.reshape(-1), self.positions.reshape(-1),
                           self.num_new, self.logits_index, self.tables.reshape(-1)])
 
     @staticmethod
     def unpack(buf: torch.Tensor) -> ForwardPlan:
-        kind, b, t, nb, _, r = (int(x) for x in buf[:_HEADER])
+        kind, b, t, nb, r = (int(x) for x in buf[:_HEADER])
         o = _HEADER
         tokens = buf[o : o + b * t].view(b, t)
         o += b * t
@@ -102,7 +105,7 @@ class CacheGeometry:
     block_size: int = 16
     """Tokens per KV block."""
     max_slots: int = 256
-    """Conv LM: most sequences with a state at once."""
+    """State-slot families: most sequences with a state at once."""
 
     @property
     def num_blocks(self) -> int:
@@ -115,21 +118,18 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, geometry: CacheGeometry, dtype: torch.dtype):
         self.model, self.geometry, self.dtype = model, geometry, dtype
         self.family = model.family
-        if self.family == "llama":
-            attn = model.layers[0].attention
-            self.cache = PagedKVCache(
-                n_layers=len(model.layers), num_blocks=geometry.num_blocks,
-                block_size=geometry.block_size, n_kv_heads=attn.n_kv_heads,
-                head_dim=attn.head_dim, dtype=dtype,
+        spec = model_spec(self.family).cache_spec(model)
+        self.paged = isinstance(spec, PagedKVSpec)
+        if self.paged:
+            self.cache: PagedKVCache | StateSlotPool = PagedKVCache(
+                n_layers=spec.n_layers, num_blocks=geometry.num_blocks,
+                block_size=geometry.block_size, n_kv_heads=spec.n_kv_heads,
+                head_dim=spec.head_dim, dtype=dtype,
             )
         else:
-            cfg = model.config
-            self.cache = ConvStatePool(
-                n_layers=cfg.n_layers, max_slots=geometry.max_slots, dim=cfg.dim,
-                kernel_size=cfg.kernel_size, dtype=dtype,
-            )
+            self.cache = StateSlotPool(spec, max_slots=geometry.max_slots, dtype=dtype)
         self.forward_seconds = 0.0
-        self.flat_batches = self.family == "llama"
+        self.flat_batches = self.paged
         """This runner takes FLAT plans (the scheduler then builds one forward per step)."""
 
     @property
@@ -144,12 +144,9 @@ class ModelRunner:
         if plan.flat:
             self.cache.set_flat_step(plan.tables, plan.positions[0], plan.num_new)
             logits = self.model(plan.tokens, plan.positions, self.cache, plan.logits_index)
-        elif self.family == "llama":
-            self.cache.set_step(plan.tables, plan.positions, plan.num_new)
-            logits = self.model(plan.tokens, plan.positions, self.cache, plan.logits_index)
-        else:
-            state = self.cache.set_step(plan.tables[:, 0], plan.positions, plan.num_new)
-            logits = self.model(plan.tokens, plan.positions, state, plan.logits_index)
+        else:  # a padded plan, over either kind of pool
+            cache = self.cache.step(plan.tables, plan.positions, plan.num_new)
+            logits = self.model(plan.tokens, plan.positions, cache, plan.logits_index)
             self.cache.end_step()
         self.forward_seconds += time.perf_counter() - t0
         return logits.float()

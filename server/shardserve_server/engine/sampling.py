@@ -34,7 +34,8 @@ _GREEDY_TEMPERATURE = 1e-5
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request picks its next token. Check with `validate()` before use."""
+    """How one request picks its next token. Validated when made (`__post_init__`): an
+    instance always holds allowed values, so nothing downstream checks them again."""
 
     temperature: float = 1.0
     """Divides the (penalised) logits; 0 (or anything below 1e-5) means greedy: exactly the
@@ -86,6 +87,9 @@ class SamplingParams:
             or self.frequency_penalty != 0.0
             or self.presence_penalty != 0.0
         )
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         """Raise ValueError naming the first field outside its allowed range."""
@@ -206,9 +210,6 @@ class Sampler:
         output_token_ids: Sequence[Sequence[int]],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """sample_with_full_logprobs once the logit bias is applied."""
-        for p in params:
-            p.validate()
-
         if all(p.is_greedy and not p.has_penalties for p in params):
             logprobs_full = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
             tokens = logits.argmax(dim=-1)  # [B]

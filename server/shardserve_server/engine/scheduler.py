@@ -19,20 +19,28 @@ compiled lazily on the first one); `process` masks those rows of the batch befor
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from shardserve_sharding.models import CacheKind, model_spec
+
+from ..workers.protocol import GroupStats, TokenOutput
 from .block_pool import ROOT_KEY, BlockAllocator, block_key, prefix_keys
 from .grammar import GrammarBackend
 from .runner import FLAT, ForwardPlan
 from .sampling import Sampler
 from .sequence import GenerationRequest, Sequence
 from .stopping import FinishReason
+
+log = logging.getLogger("shardserve.leader")
 
 
 @dataclass(frozen=True)
@@ -48,10 +56,10 @@ class SchedulerConfig:
     max_prefill_tokens: int = 512
     """Prompt tokens processed per step (chunked prefill)."""
     prefix_caching: bool = True
-    """Share the KV blocks of equal prompt prefixes between requests (Llama family)."""
+    """Share the KV blocks of equal prompt prefixes between requests (paged-KV families)."""
     flat_batches: bool = False
     """One FLAT forward per step (prompt chunks and decodes together, no padding), for runners
-    that take them (ModelRunner over a Llama model); else a padded prefill forward and a
+    that take them (ModelRunner over a paged-KV model); else a padded prefill forward and a
     decode forward."""
 
     def validate(self) -> None:
@@ -61,7 +69,7 @@ class SchedulerConfig:
 
 
 class SlotAllocator:
-    """Free list of conv-state slots (the conv LM's per-sequence state)."""
+    """Free list of state slots (a StateSlotSpec family's per-sequence state)."""
 
     def __init__(self, n: int) -> None:
         self.num_blocks = n
@@ -131,11 +139,13 @@ class GroupScheduler:
         self.family = family
         self.tokenizer, self.eos = tokenizer, eos_token_ids
         self.max_seq_len = max_seq_len
-        if family == "llama":
+        self.paged = model_spec(family).cache_kind is CacheKind.PAGED_KV
+        """KV blocks reserved per token (else one fixed-size state slot per sequence)."""
+        if self.paged:
             self.alloc: Any = BlockAllocator(max(1, cfg.kv_cache_tokens // cfg.block_size),
                                              cfg.block_size, prefix_caching=cfg.prefix_caching)
             self.budget = self.alloc.num_blocks * cfg.block_size
-        else:  # a conv state is a fixed-size summary of the whole prefix: nothing to share
+        else:  # a state is a fixed-size summary of the whole prefix: nothing to share
             self.alloc = SlotAllocator(cfg.max_batch_size)
             self.budget = 1 << 62
         self.pending: deque[Scheduled] = deque()
@@ -147,6 +157,13 @@ class GroupScheduler:
         """Of those, tokens found cached (cumulative)."""
         self.sampler = Sampler()
         self.step_count = 0
+        self.tokens_out = 0
+        """Tokens sampled (cumulative)."""
+        self._partial: list[TokenOutput] = []
+
+    def reset_counters(self) -> None:
+        """Zero the cumulative counters (steps, tokens, prefix-cache queries and hits)."""
+        self.step_count = self.tokens_out = self.prefix_queries = self.prefix_hits = 0
 
     # ---- requests in and out
     def add(self, req: GenerationRequest, priority: int = 0) -> None:
@@ -154,7 +171,7 @@ class GroupScheduler:
         if need > self.max_seq_len:
             raise ValueError(f"prompt + max_new_tokens = {need} exceeds max_seq_len "
                              f"{self.max_seq_len}")
-        if self.family == "llama" and self._reserve_for(need) > self.budget:
+        if self.paged and self._reserve_for(need) > self.budget:
             raise ValueError(f"request needs {need} tokens of KV cache; the budget is "
                              f"{self.budget}")
         if req.request_id in self.by_id:
@@ -191,7 +208,7 @@ class GroupScheduler:
         """KV tokens committed to running sequences: blocks in use (shared blocks once) plus
         the blocks their tables may still grow by. Never above the budget, so a running
         sequence never finds the pool empty."""
-        if self.family != "llama":
+        if not self.paged:
             return 0
         grow = sum(s.need_blocks - len(s.table) for s in self.running)
         return (self.alloc.used_blocks + grow) * self.cfg.block_size
@@ -204,12 +221,12 @@ class GroupScheduler:
         return seq.prompt_ids + seq.output_ids[:-1]
 
     # ---- one step
-    def reap(self) -> list[dict]:
+    def reap(self) -> list[TokenOutput]:
         """Remove finished/cancelled sequences, free their cache; events for cancellations."""
         events = []
         keep = []
         now = time.monotonic()
-        caching = self.family == "llama" and self.alloc.prefix_caching
+        caching = self.paged and self.alloc.prefix_caching
         for s in self.running:
             if caching:
                 s.registered, s.last_key = self.alloc.register(
@@ -248,10 +265,9 @@ class GroupScheduler:
             return
         order = sorted(self.pending, key=lambda s: (-s.priority, s.arrival))
         admitted = set()
-        llama = self.family == "llama"
-        committed = self.reserved // self.cfg.block_size if llama else 0  # blocks
+        committed = self.reserved // self.cfg.block_size if self.paged else 0  # blocks
         bs = self.cfg.block_size
-        sharing = llama and self.alloc.prefix_caching
+        sharing = self.paged and self.alloc.prefix_caching
         busy: set[int] = set()  # block keys a running sequence is prefilling now
         if sharing:
             for r in self.running:
@@ -260,7 +276,7 @@ class GroupScheduler:
         for s in order:
             if len(self.running) >= self.cfg.max_batch_size:
                 break
-            if not llama:
+            if not self.paged:
                 if self.alloc.free_blocks == 0:
                     break
             else:
@@ -317,7 +333,7 @@ class GroupScheduler:
             chunk_seqs.append(s)
             samples.append(s.prefilled + n == len(s.seq.prompt_ids))
             s.prefilled += n
-        if self.cfg.flat_batches and self.family == "llama":
+        if self.cfg.flat_batches and self.paged:
             if chunk_rows or decode:
                 plans.append((self._flat_plan(chunk_rows, chunk_seqs, decode),
                               chunk_seqs + decode, samples + [True] * len(decode)))
@@ -348,7 +364,8 @@ class GroupScheduler:
         lens += [1] * len(decode)
         seg = torch.tensor(lens)  # [R]
         return ForwardPlan(torch.tensor(toks).view(1, -1), torch.tensor(pos).view(1, -1), seg,
-                           seg.cumsum(0) - 1, _table_tensor(tables + d_tables), kind=FLAT)
+                           seg.cumsum(0) - 1, _table_tensor(tables + d_tables), kind=FLAT,
+                           decode_only=not chunks)
 
     def _decode_rows(self, seqs: list[Scheduled]) -> tuple[list[int], list[int], list]:
         """Each decoding sequence's last token, its position (num_tokens - 1) and its block
@@ -368,7 +385,7 @@ class GroupScheduler:
         b = len(seqs)
         return ForwardPlan(torch.tensor(toks).view(b, 1), torch.tensor(pos).view(b, 1),
                            torch.ones(b, dtype=torch.long), torch.zeros(b, dtype=torch.long),
-                           _table_tensor(tables))
+                           _table_tensor(tables), decode_only=True)
 
     def _plan(self, rows: list[tuple[list[int], int]], seqs: list[Scheduled]) -> ForwardPlan:
         """Prefill chunks (tokens, start position) right-padded to the longest."""
@@ -389,7 +406,7 @@ class GroupScheduler:
                            num_new, num_new - 1, torch.tensor(tables).view(b, nb))
 
     def process(self, logits: torch.Tensor, rows: list[Scheduled], samples: list[bool]
-                ) -> list[dict]:
+                ) -> list[TokenOutput]:
         """Sample the rows that finished their prompt or are decoding; token events out.
 
         `logits` [B, V] is the forward's output, usually an inference-mode tensor: it is
@@ -401,7 +418,8 @@ class GroupScheduler:
             return []
         lg = logits[idx] if len(idx) != len(rows) else logits  # [B', V]
         seqs = [rows[i] for i in idx]
-        events: list[dict] = []
+        events: list[TokenOutput] = []
+        self._partial = events  # what process_safely salvages if sampling raises midway
         finite = torch.isfinite(lg.sum(dim=-1, dtype=torch.float32)).tolist()  # [B']
         if not all(finite):
             keep = [j for j, ok in enumerate(finite) if ok]
@@ -437,6 +455,7 @@ class GroupScheduler:
                 lg, params, gens, prompts, outs,
                 logprobs=any(s.seq.req.logprobs is not None for s in seqs))
         tok_list = tokens.tolist()
+        self.tokens_out += len(tok_list)
         lp_list = lps.tolist() if lps is not None else [None] * len(seqs)
         now = time.monotonic()
         for j, (s, tok, lp) in enumerate(zip(seqs, tok_list, lp_list, strict=True)):
@@ -448,10 +467,10 @@ class GroupScheduler:
             if s.first_token_at is None:
                 s.first_token_at = now
             ev = s.seq.append(tok, lp if s.seq.req.logprobs is not None else None, top)
-            d = {"id": s.id, "token": tok, "text": ev.text, "logprob": ev.logprob, "top": top}
+            out = TokenOutput(s.id, tok, ev.text, ev.logprob, top)
             if s.seq.finished:
-                d.update(self._final(s))
-            events.append(d)
+                out = self._final(s, out)
+            events.append(out)
         return events
 
     @staticmethod
@@ -472,25 +491,76 @@ class GroupScheduler:
         return lg.index_put((torch.tensor(rows), torch.tensor(cols)),
                             torch.tensor(float("-inf"), dtype=lg.dtype))  # [B, V]
 
-    def fail(self, s: Scheduled, message: str) -> dict:
+    def fail(self, s: Scheduled, message: str) -> TokenOutput:
         """End one sequence with FinishReason.ERROR (its blocks are freed at the next reap)."""
         s.seq.fail(message)
         return self._final(s)
 
-    def _final(self, s: Scheduled) -> dict:
-        r = s.seq.result()
-        return {"id": s.id, "finish": r.finish_reason.value, "result": r,
-                "admitted_at": s.admitted_at, "prompt_tokens": r.prompt_tokens}
+    def _final(self, s: Scheduled, out: TokenOutput | None = None) -> TokenOutput:
+        """The request's last output: `out` (its last token) or an empty one, with the result."""
+        return dataclasses.replace(out or TokenOutput(s.id), result=s.seq.result(),
+                                   admitted_at=s.admitted_at)
 
-    def stats(self) -> dict:
-        used = self.alloc.used_blocks
-        return {
-            "pending": len(self.pending), "running": len(self.running),
-            "kv_used_blocks": used, "kv_total_blocks": self.alloc.num_blocks,
-            "kv_usage": used / max(1, self.alloc.num_blocks),
-            "reserved_tokens": self.reserved, "steps": self.step_count,
-            "prefix_cache_queries": self.prefix_queries, "prefix_cache_hits": self.prefix_hits,
-        }
+    def stats(self) -> GroupStats:
+        """The scheduler's part of the group's stats (the leader adds its timings)."""
+        return GroupStats(
+            steps=self.step_count, pending=len(self.pending), running=len(self.running),
+            kv_used_blocks=self.alloc.used_blocks, kv_total_blocks=self.alloc.num_blocks,
+            reserved_tokens=self.reserved, prefix_cache_queries=self.prefix_queries,
+            prefix_cache_hits=self.prefix_hits, tokens_out=self.tokens_out)
+
+    # ---- the step loop (the leader, its warm-up, the tests and the profiler all use it)
+    def step(self, forward: Callable[[ForwardPlan], torch.Tensor],
+             flush: Callable[[list[TokenOutput]], None] | None = None,
+             on_forward: Callable[[ForwardPlan, list[bool], float], None] | None = None,
+             ) -> list[TokenOutput]:
+        """One engine step: reap -> schedule -> forward -> process, for each of the step's
+        forwards. `flush(outputs)` (when given) receives the outputs so far before a second
+        forward runs (a new request's first token goes out before the decode forward);
+        `on_forward(plan, samples, seconds)` times each forward with its sampling. Returns
+        the outputs not flushed."""
+        outputs = self.reap()
+        return self.run(self.schedule(), forward, outputs, flush, on_forward)
+
+    def run(self, plans: list[tuple[ForwardPlan, list[Scheduled], list[bool]]],
+            forward: Callable[[ForwardPlan], torch.Tensor],
+            outputs: list[TokenOutput] | None = None,
+            flush: Callable[[list[TokenOutput]], None] | None = None,
+            on_forward: Callable[[ForwardPlan, list[bool], float], None] | None = None,
+            ) -> list[TokenOutput]:
+        """The forward -> process half of step() over `plans` (from schedule()), appended to
+        `outputs`; tests call it between their own schedule() and their checks."""
+        outputs = [] if outputs is None else outputs
+        for k, (plan, rows, samples) in enumerate(plans):
+            if k > 0 and outputs and flush is not None:
+                flush(outputs)
+                outputs = []
+            t0 = time.perf_counter()
+            outputs += self.process_safely(forward(plan), rows, samples)
+            if on_forward is not None:
+                on_forward(plan, samples, time.perf_counter() - t0)
+        return outputs
+
+    def process_safely(self, logits: torch.Tensor, rows: list[Scheduled], samples: list[bool]
+                       ) -> list[TokenOutput]:
+        """process(), where a failure ends those rows and never the group (the forward itself
+        completed, so the cache and every other sequence are intact)."""
+        self._partial = []
+        try:
+            return self.process(logits, rows, samples)
+        except Exception as e:
+            log.error("internal error in sampling: %s: %s", type(e).__name__, e)
+            log.debug("traceback", exc_info=e)
+            # keep what was already made (tokens, non-finite failures); every row of this
+            # forward then ends once: failed if still running, else with its final output
+            out = list(self._partial)
+            ended = {o.request_id for o in out if o.result is not None}
+            msg = f"internal error while sampling: {type(e).__name__}: {e}"
+            for s in rows:
+                if s.id in ended:
+                    continue
+                out.append(self._final(s) if s.seq.finished else self.fail(s, msg))
+            return out
 
 
 def _table_tensor(tables: list[list[int]]) -> torch.Tensor:

@@ -32,7 +32,8 @@ class FinishReason(str, Enum):
 
 @dataclass(frozen=True)
 class StoppingParams:
-    """When one request stops. Check with `validate()` before use."""
+    """When one request stops. Validated when made (`__post_init__`): an instance always
+    holds allowed values, so nothing downstream checks them again."""
 
     max_new_tokens: int = 64
     """Stop with MAX_TOKENS once this many tokens have been generated; at least 1."""
@@ -55,6 +56,9 @@ class StoppingParams:
 
     time_limit_s: float | None = None
     """Stop with TIME_LIMIT once this many seconds passed since the request was admitted."""
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         """Raise ValueError naming the first field with a bad value."""
@@ -91,7 +95,6 @@ class StopChecker:
     """The stop state of one request: token checks and the held-back text of stop strings."""
 
     def __init__(self, params: StoppingParams, eos_token_ids: Iterable[int] = ()) -> None:
-        params.validate()
         self.params = params
         self._eos = frozenset(() if params.ignore_eos else eos_token_ids)
         self._stop_ids = frozenset(params.stop_token_ids)

@@ -1,16 +1,13 @@
-"""The group leader's step loop (rank 0): requests in from the front end, steps, events out.
+"""The group leader's step loop (rank 0): requests in from the front end, steps, outputs out.
 
-Messages from the front end (over a multiprocessing pipe between our own processes):
-  ("add", GenerationRequest, priority)   ("cancel", request_id)   ("stop",)
-Messages to the front end:
-  ("ready", info)                        once, after loading and a warm-up step
-  ("events", [event, ...], stats)        after every step that produced tokens, and as a
-                                         heartbeat about once a second when idle
-  ("fatal", message, traceback)          before the process dies
+The messages are the typed ones of `protocol`: AddRequest / CancelRequest / StopGroup in;
+Ready once (after loading and a warm-up step), StepOutputs after every step that produced
+output and about once a second as a heartbeat, Fatal before the process dies, out.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import resource
 import time
@@ -25,6 +22,17 @@ from ..engine.sampling import SamplingParams
 from ..engine.scheduler import GroupScheduler, SchedulerConfig
 from ..engine.sequence import GenerationRequest
 from ..engine.stopping import StoppingParams
+from .protocol import (
+    AddRequest,
+    CancelRequest,
+    GroupStats,
+    Ready,
+    StepOutputs,
+    StepTiming,
+    StopGroup,
+    TokenOutput,
+    ToLeader,
+)
 
 HEARTBEAT_S = 1.0
 log = logging.getLogger("shardserve.leader")
@@ -55,9 +63,8 @@ class Leader:
         self.stopping = False
         self.tp = cfg.tp
         self.phase_s = {"prefill": 0.0, "decode": 0.0}
-        self.last_step: dict[str, float] = {}
-        self.tokens_out = 0
-        self.sent_stats: dict = {}  # the stats of the last completed step, as last sent
+        self.last_step: StepTiming | None = None
+        self.sent_stats = GroupStats()  # the stats of the last completed step, as last sent
         # followers block in a broadcast between steps; keep it shorter than pg_timeout_s
         self.keepalive_s = min(HEARTBEAT_S, float(getattr(cfg, "pg_timeout_s", 10.0)) / 4)
         self.last_bcast = time.monotonic()
@@ -77,110 +84,89 @@ class Leader:
                                 StoppingParams(max_new_tokens=2, ignore_eos=True), "__warmup__")
         self.scheduler.add(req)
         while self.scheduler.has_work():
-            self.scheduler.reap()
-            for plan, rows, samples in self.scheduler.schedule():
-                self.scheduler.process(self._forward(plan), rows, samples)
-            self.scheduler.reap()
-        self.scheduler.step_count = 0
+            self.scheduler.step(self._forward)
+        self.scheduler.reap()
+        self.scheduler.reset_counters()  # the warm-up's steps and tokens are not served work
         return time.perf_counter() - t0
 
-    def _handle(self, msg: tuple) -> list[dict]:
-        kind = msg[0]
-        if kind == "add":
-            _, req, priority = msg
+    def _handle(self, msg: ToLeader) -> list[TokenOutput]:
+        if isinstance(msg, AddRequest):
+            rid = msg.request.request_id
             try:
-                self.scheduler.add(req, priority)
+                self.scheduler.add(msg.request, msg.priority)
             except ValueError as e:
-                return [{"id": req.request_id, "error": str(e)}]
+                return [TokenOutput(rid, error=str(e))]
             except Exception as e:  # a request must never take the group down
                 log_internal("add", e)
-                return [{"id": req.request_id, "error": f"request refused: {e}"}]
-        elif kind == "cancel":
-            self.scheduler.cancel(msg[1])
-        elif kind == "stop":
+                return [TokenOutput(rid, error=f"request refused: {e}")]
+        elif isinstance(msg, CancelRequest):
+            self.scheduler.cancel(msg.request_id)
+        elif isinstance(msg, StopGroup):
             self.stopping = True
+        else:
+            log.error("unknown message from the front end: %s", type(msg).__name__)
         return []
 
-    def _drain(self, block: bool) -> list[dict]:
-        events: list[dict] = []
+    def _drain(self, block: bool) -> list[TokenOutput]:
+        outputs: list[TokenOutput] = []
         timeout = 0.05 if block else 0.0
         while self.conn.poll(timeout):
-            events += self._handle(self.conn.recv())
+            outputs += self._handle(self.conn.recv())
             timeout = 0.0
-        return events
+        return outputs
 
-    def stats(self) -> dict:
-        s = self.scheduler.stats()
-        s.update(
-            phase_s=dict(self.phase_s), last_step=dict(self.last_step),
-            comm_s=self.runner.comm_seconds, forward_s=self.runner.forward_seconds,
-            tokens_out=self.tokens_out,
-        )
-        return s
+    def stats(self) -> GroupStats:
+        return dataclasses.replace(
+            self.scheduler.stats(), prefill_s_total=self.phase_s["prefill"],
+            decode_s_total=self.phase_s["decode"],
+            comm_s_total=self.runner.comm_seconds, forward_s_total=self.runner.forward_seconds,
+            last_step=self.last_step)
+
+    def _send(self, outputs: list[TokenOutput]) -> None:
+        """Outputs with the last completed step's stats: a step's are not whole until it ends
+        (the front end counts a step's metrics once, when its step count moves)."""
+        self.conn.send(StepOutputs(outputs, self.sent_stats))
 
     def run(self) -> None:
         warm_s = self.warmup() if self.cfg.warmup else 0.0
         self.sent_stats = self.stats()
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        self.conn.send(("ready", {"load_s": self.load_s, "warmup_s": warm_s, "rss_mb": rss_mb,
-                                  "family": self.runner.family}))
+        self.conn.send(Ready(self.load_s, warm_s, rss_mb, self.runner.family))
         last_sent = time.monotonic()
         while True:
-            events = self._drain(block=not self.scheduler.has_work())
+            outputs = self._drain(block=not self.scheduler.has_work())
             if self.stopping:
                 if self.tp > 1:
                     broadcast_plan(ForwardPlan.stop())
                 return
-            events += self.scheduler.reap()
-            if self.scheduler.has_work():
-                events += self._step()
+            outputs += self._step() if self.scheduler.has_work() else self.scheduler.reap()
             now = time.monotonic()
             if self.tp > 1 and now - self.last_bcast >= self.keepalive_s:
                 broadcast_plan(ForwardPlan.keepalive())
                 self.last_bcast = now
-            if events or now - last_sent >= HEARTBEAT_S:
+            if outputs or now - last_sent >= HEARTBEAT_S:
                 self.sent_stats = self.stats()
-                self.conn.send(("events", events, self.sent_stats))
+                self._send(outputs)
                 last_sent = now
 
-    def _process(self, logits: torch.Tensor, rows: list, samples: list[bool]) -> list[dict]:
-        """Sample a forward's rows; a failure there ends those rows, never the group (the
-        forward itself completed, so the cache and every other sequence are intact)."""
-        try:
-            return self.scheduler.process(logits, rows, samples)
-        except Exception as e:
-            log_internal("sampling", e)
-            return [self.scheduler.fail(s, f"internal error while sampling: "
-                                           f"{type(e).__name__}: {e}")
-                    for s in rows if not s.seq.finished]
-
-    def _step(self) -> list[dict]:
-        events: list[dict] = []
-        self.last_step = {}
+    def _step(self) -> list[TokenOutput]:
+        """One step through the scheduler's step loop, timed per phase."""
+        timing: dict[str, Any] = {"batch": 0}
         comm0 = self.runner.comm_seconds
         t_step = time.perf_counter()
-        batch = 0
-        plans = self.scheduler.schedule()
-        for k, (plan, rows, samples) in enumerate(plans):
-            if events and k > 0:  # first tokens of the prefill forward: out before the decode
-                # with the last completed step's stats: this step's are not whole yet (the
-                # front end counts a step's metrics once, when its step count moves)
-                self.conn.send(("events", events, self.sent_stats))
-                events = []
-            t0 = time.perf_counter()
-            logits = self._forward(plan)
-            new = self._process(logits, rows, samples)
-            # a step with prompt tokens is a prefill step (a flat one carries decodes too)
-            decoding = int(plan.num_new.max()) == 1 and all(samples)
-            phase = "decode" if decoding else "prefill"
-            self.phase_s[phase] += time.perf_counter() - t0
-            self.last_step[f"{phase}_s"] = time.perf_counter() - t0
-            self.last_step[f"{phase}_rows"] = len(rows)
-            self.last_step[f"{phase}_tokens"] = int(plan.num_new.sum())
-            batch += len(rows)
-            self.tokens_out += len(new)
-            events += new
-        self.last_step["step_s"] = time.perf_counter() - t_step
-        self.last_step["comm_s"] = self.runner.comm_seconds - comm0
-        self.last_step["batch"] = batch
-        return events
+
+        def on_forward(plan: ForwardPlan, samples: list[bool], seconds: float) -> None:
+            # a forward with prompt tokens is a prefill (a flat one carries decodes too; a
+            # prompt chunk may be one token, e.g. the rest of a prompt found in the cache)
+            phase = "decode" if plan.decode_only else "prefill"
+            self.phase_s[phase] += seconds
+            timing[f"{phase}_s"] = timing.get(f"{phase}_s", 0.0) + seconds
+            timing[f"{phase}_rows"] = timing.get(f"{phase}_rows", 0) + len(samples)
+            timing[f"{phase}_tokens"] = (timing.get(f"{phase}_tokens", 0)
+                                         + int(plan.num_new.sum()))
+            timing["batch"] += len(samples)
+
+        outputs = self.scheduler.step(self._forward, flush=self._send, on_forward=on_forward)
+        self.last_step = StepTiming(step_s=time.perf_counter() - t_step,
+                                    comm_s=self.runner.comm_seconds - comm0, **timing)
+        return outputs

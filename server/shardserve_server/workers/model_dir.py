@@ -33,7 +33,7 @@ def describe(model_dir: str | Path) -> ServedModel:
     if (root / "onnx_model.json").is_file():
         meta = json.loads((root / "onnx_model.json").read_text())
         tok = TokenizerBundle.load(root / "tokenizer") if (root / "tokenizer").is_dir() else None
-        manifest = read_manifest_like(root / "source_manifest.json", meta)
+        manifest = _ManifestLike(meta["family"], meta["config"])
         return ServedModel(meta["family"], meta["config"], "onnx", tok,
                            int(meta["config"].get("max_seq_len", 2048)), manifest)
     if not (root / "manifest.json").is_file():
@@ -48,7 +48,3 @@ def describe(model_dir: str | Path) -> ServedModel:
 class _ManifestLike:
     family: str
     config: dict[str, Any]
-
-
-def read_manifest_like(path: Path, meta: dict[str, Any]) -> _ManifestLike:
-    return _ManifestLike(meta["family"], meta["config"])

@@ -12,6 +12,7 @@ dead or hung rank ends the whole group within seconds; the front end then restar
 from __future__ import annotations
 
 import os
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from .protocol import Fatal
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,21 @@ class WorkerConfig:
     verify_hashes: bool = True
     """Check the checkpoint's sha256s before loading (the front end has usually done it: the
     stamp file then makes this a stat per file)."""
+    nice: int = 10
+    """Added to the rank's niceness at start: with the cores busy, the front end (admission,
+    refusals, streaming) then runs ahead of the forward passes, which get every cycle it does
+    not use (loadtest/results/overload.md: refusal p99 under 10x overload)."""
+    rendezvous: str = ""
+    """HOST:PORT of a multi-host group's TCPStore (workers/rendezvous.py); empty: every rank
+    runs on this host and rank 0 hosts the rendezvous on 127.0.0.1:master_port."""
+    local_ranks: int = 0
+    """Multi-host groups: ranks 0..local_ranks-1 run on the front end's host, the others join
+    from `shardserve worker --join` (0: all ranks are local)."""
+    generation: int = 0
+    """Multi-host groups: the start this config belongs to (set by the rendezvous)."""
+    manifest_sha256: str = ""
+    """Multi-host groups: fingerprint of the front end's manifest; a rank whose checkpoint
+    differs refuses to join."""
 
 
 def _init_group(cfg: WorkerConfig, rank: int) -> Any:
@@ -62,6 +80,15 @@ def _init_group(cfg: WorkerConfig, rank: int) -> Any:
     if cfg.tp == 1:
         return ThreadGroup(1).comm(0)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if cfg.rendezvous:
+        from .rendezvous import check_in, client_store
+
+        base = client_store(cfg.rendezvous, max(cfg.pg_timeout_s, 30.0))
+        store = dist.PrefixStore(f"g{cfg.generation}/", base)
+        check_in(store, cfg, rank, latest=base)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=cfg.tp,
+                                timeout=timedelta(seconds=cfg.pg_timeout_s))
+        return ProcessGroupComm()
     dist.init_process_group(
         backend, init_method=f"tcp://127.0.0.1:{cfg.master_port}", rank=rank,
         world_size=cfg.tp, timeout=timedelta(seconds=cfg.pg_timeout_s),
@@ -74,6 +101,8 @@ def worker_main(cfg: WorkerConfig, rank: int, conn: Any | None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
     torch.set_num_threads(cfg.threads)
     try:
+        if cfg.nice > 0:  # only ever lowered: raising a priority needs privileges
+            os.nice(cfg.nice)
         t0 = time.perf_counter()
         if cfg.backend == "onnx":
             if cfg.tp != 1:
@@ -104,10 +133,13 @@ def worker_main(cfg: WorkerConfig, rank: int, conn: Any | None) -> None:
         else:
             follower_loop(runner, cfg)
     except BaseException as e:  # report to the front end, then die: the group is restarted
+        if conn is None and cfg.rendezvous:  # a joined rank: one line in its host's log
+            print(f"shardserve worker: rank {rank} of generation {cfg.generation}: "
+                  f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
         if conn is not None:
             try:
-                conn.send(("fatal", f"rank {rank}: {type(e).__name__}: {e}",
-                           traceback.format_exc()))
+                conn.send(Fatal(f"rank {rank}: {type(e).__name__}: {e}",
+                                traceback.format_exc()))
             except Exception:
                 pass
         raise SystemExit(1) from None

@@ -24,6 +24,7 @@ from ..split_table import split_kind
 from .atomic import atomic_directory
 from .manifest import (
     DTYPE_NAMES,
+    QUANT_DTYPE_NAMES,
     CheckpointError,
     FileEntry,
     Layout,
@@ -36,10 +37,13 @@ from .safetensors_stream import SafetensorsStreamWriter, TensorSpec, sha256_file
 from .verify import verify_checkpoint
 
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
+TENSOR_DTYPES: dict[str, torch.dtype] = {
+    **DTYPES, **{name: getattr(torch, name) for name in QUANT_DTYPE_NAMES}}
+"""Every dtype a tensor entry may name (quantized weights are int8 / uint8)."""
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    for k, v in DTYPES.items():
+    for k, v in TENSOR_DTYPES.items():
         if v == dtype:
             return k
     raise ValueError(f"unsupported checkpoint dtype {dtype}")
@@ -66,8 +70,10 @@ class CheckpointBuilder:
         dtype: torch.dtype,
         source: Mapping[str, Any] | None = None,
         overwrite: bool = False,
+        quantization: Mapping[str, Any] | None = None,
     ) -> None:
         self.dst = Path(dst)
+        self.quantization = dict(quantization) if quantization is not None else None
         self.family, self.config, self.layout, self.dtype = family, dict(config), layout, dtype
         self.source = dict(source or {})
         self.overwrite = overwrite
@@ -112,9 +118,12 @@ class CheckpointBuilder:
         self._open.remove(w)
         self.files[w.path.name] = FileEntry(w.size, digest, tp_rank, pp_rank)
 
-    def add_tensor_entry(self, name: str, shape: tuple[int, ...], pp_rank: int = 0) -> None:
+    def add_tensor_entry(self, name: str, shape: tuple[int, ...], pp_rank: int = 0,
+                         dtype: torch.dtype | None = None) -> None:
+        """Record a stored tensor (dtype: its own, for quantized weights and their scales)."""
         self.tensors[name] = TensorEntry(
-            tuple(shape), dtype_name(self.dtype), split_kind(self.family, name).value, pp_rank
+            tuple(shape), dtype_name(dtype or self.dtype), split_kind(self.family, name).value,
+            pp_rank
         )
 
     def save_tokenizer(self, bundle: Any) -> None:
@@ -152,6 +161,7 @@ class CheckpointBuilder:
             files=self.files,
             tokenizer=self.tokenizer_dir,
             source=self.source,
+            quantization=self.quantization,
         ).write(self.root)
 
 
@@ -255,6 +265,14 @@ def load_model(
     from ..models import build_model, checkpoint_names, config_from_dict
 
     root = Path(directory)
+    if read_manifest(root).quantization is not None:  # quantized modules: the TP loader's job
+        from ..sharded_load import load_sharded_model
+        from ..tp.comm import ThreadGroup
+
+        model = load_sharded_model(root, ThreadGroup(1).comm(0), dtype=dtype,
+                                   verify_hashes=verify_hashes)
+        manifest = read_manifest(root)
+        return LoadedModel(model, load_tokenizer(root, manifest), manifest)
     manifest, state = load_full_state_dict(root, verify_hashes=verify_hashes)
     try:
         config = config_from_dict(manifest.family, manifest.config)

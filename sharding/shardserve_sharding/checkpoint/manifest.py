@@ -10,8 +10,14 @@
                    "pp_rank": 0}, ...},
       "files": {"rank-tp00-pp00.safetensors": {"size": 123, "sha256": "...",
                                               "tp_rank": 0, "pp_rank": 0}, ...},
-      "source": {...provenance...}
+      "source": {...provenance...},
+      "quantization": {"scheme": "int4", "group_size": 32,     # absent: float weights
+                       "embedding": "int8", "origin": "float"}
     }
+
+In a quantized checkpoint (quant/scheme.py) a quantized weight's entry has dtype int8 or uint8
+and its scales have entries of their own (NAME_scale / NAME_qparams, float32); "dtype" is the
+float dtype of everything else. The sha256 of every file covers them all.
 
 Shapes are global (the unsharded tensor); each rank file holds that rank's slice under the
 same name. The split kind comes from split_table.py.
@@ -30,7 +36,9 @@ FORMAT = "shardserve-checkpoint"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-"""Tensor dtypes a checkpoint may hold (torch names)."""
+"""Float dtypes a checkpoint may hold (torch names)."""
+QUANT_DTYPE_NAMES = ("int8", "uint8")
+"""Integer dtypes of a quantized checkpoint's weights (entries only, never "dtype")."""
 
 
 class CheckpointError(ValueError):
@@ -77,6 +85,8 @@ class Manifest:
     files: dict[str, FileEntry]
     tokenizer: str | None = "tokenizer"
     source: dict[str, Any] = field(default_factory=dict)
+    quantization: dict[str, Any] | None = None
+    """quant.scheme.QuantConfig.to_dict() of a quantized checkpoint, None for float weights."""
 
     def rank_files(self) -> dict[tuple[int, int], str]:
         """(tp_rank, pp_rank) -> file name, for the weight files."""
@@ -110,6 +120,8 @@ class Manifest:
             },
             "source": self.source,
         }
+        if self.quantization is not None:
+            d["quantization"] = self.quantization
         return json.dumps(d, indent=1, sort_keys=False) + "\n"
 
     def write(self, directory: str | Path) -> None:
@@ -172,9 +184,9 @@ def _int(value: Any, what: str, low: int = 0) -> int:
     return value
 
 
-def _dtype(value: Any, what: str) -> str:
-    if value not in DTYPE_NAMES:
-        raise _Bad(f"{what} {value!r} is not one of {list(DTYPE_NAMES)}")
+def _dtype(value: Any, what: str, names: tuple[str, ...] = DTYPE_NAMES) -> str:
+    if value not in names:
+        raise _Bad(f"{what} {value!r} is not one of {list(names)}")
     return value
 
 
@@ -193,6 +205,15 @@ def _parse(d: dict[str, Any]) -> Manifest:
     from ..split_table import SplitKind
 
     splits = {k.value for k in SplitKind}
+    quant = d.get("quantization")
+    if quant is not None:
+        from ..quant.scheme import QuantConfig
+
+        try:
+            quant = QuantConfig.from_dict(quant).to_dict()
+        except ValueError as e:
+            raise _Bad(f"quantization: {e}") from None
+    names = DTYPE_NAMES + (QUANT_DTYPE_NAMES if quant is not None else ())
     lay = _get(d, "layout", dict, "")
     layout = Layout(_int(lay.get("tp"), "layout.tp", 1), _int(lay.get("pp"), "layout.pp", 1))
     tensors = {}
@@ -204,7 +225,7 @@ def _parse(d: dict[str, Any]) -> Manifest:
         split = _get(t, "split", str, where)
         if split not in splits:
             raise _Bad(f"{where}split {split!r} is not one of {sorted(splits)}")
-        tensors[n] = TensorEntry(shape, _dtype(t.get("dtype"), f"{where}dtype"), split,
+        tensors[n] = TensorEntry(shape, _dtype(t.get("dtype"), f"{where}dtype", names), split,
                                  _int(t.get("pp_rank", 0), f"{where}pp_rank"))
     files = {}
     for n, f in _get(d, "files", dict, "").items():
@@ -231,4 +252,5 @@ def _parse(d: dict[str, Any]) -> Manifest:
         files=files,
         tokenizer=tokenizer,
         source=source if isinstance(source, dict) else {},
+        quantization=quant,
     )

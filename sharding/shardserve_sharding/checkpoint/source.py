@@ -40,6 +40,13 @@ class ShardserveSource:
         try:
             self.config = config_from_dict(self.family, self.manifest.config)
             expected = dict(expected_tensors(self.family, self.config))
+            self.quant = None
+            if self.manifest.quantization is not None:
+                from ..quant.scheme import QuantConfig, stored_tensors
+
+                self.quant = QuantConfig.from_dict(self.manifest.quantization)
+                expected = {n: s for name, shape in expected.items() for n, s, _ in
+                            stored_tensors(name, shape, self.dtype, self.quant)}
         except (ValueError, TypeError) as e:
             raise CheckpointError(f"{where}: bad {self.family} config ({e})") from e
         listed = {n: tuple(e.shape) for n, e in self.manifest.tensors.items()}
@@ -76,6 +83,12 @@ class ShardserveSource:
         from .io import DTYPES
 
         return DTYPES[self.manifest.dtype]
+
+    def tensor_dtype(self, name: str) -> torch.dtype:
+        """The stored dtype of `name` (int8 / uint8 for quantized weights)."""
+        from .io import TENSOR_DTYPES
+
+        return TENSOR_DTYPES[self.manifest.tensors[name].dtype]
 
     def names_and_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         return [(n, e.shape) for n, e in self.manifest.tensors.items()]
@@ -124,9 +137,10 @@ class ShardserveSource:
             raw = self._raw_files[path] = RawSafetensors(path)
         e = raw.entry(name)
         want = local_shape(self.manifest.tensors[name].shape, spec)
-        if e.shape != want or e.dtype != self.dtype:
+        dtype = self.tensor_dtype(name)
+        if e.shape != want or e.dtype != dtype:
             raise CheckpointError(f"{path}: {name} is {e.dtype} {list(e.shape)}, layout "
-                                  f"tp={self.manifest.layout.tp} needs {self.dtype} {list(want)}")
+                                  f"tp={self.manifest.layout.tp} needs {dtype} {list(want)}")
         return raw
 
     def read_rows(self, name: str, r0: int, r1: int, out: torch.Tensor) -> None:
@@ -154,7 +168,8 @@ class ShardserveSource:
                                       f"[{r0}, {r1}) of {name}")
             return
         for r, spec in enumerate(specs):  # dim 1: every rank holds some columns of each row
-            local = torch.empty((r1 - r0, spec.local_len), dtype=out.dtype)  # [rows, cols/tp]
+            # [rows, cols/tp, *rest] (int4 scales: [rows, groups/tp, 2])
+            local = torch.empty((r1 - r0, spec.local_len, *out.shape[2:]), dtype=out.dtype)
             self._raw(name, r, spec).read_rows(name, r0, r1, local)
             offset = 0
             for a, b in spec.pieces:
@@ -200,7 +215,7 @@ class ShardserveSource:
         if target.pad:
             shape = list(entry.shape)
             shape[target.dim] = target.pad
-            out.append(torch.zeros(shape, dtype=out[0].dtype if out else self.dtype))
+            out.append(torch.zeros(shape, dtype=out[0].dtype if out else self.tensor_dtype(name)))
         return torch.cat(out, dim=target.dim) if len(out) > 1 else out[0]
 
     def _slice(self, rank: int, name: str, dim: int, start: int, stop: int) -> torch.Tensor:

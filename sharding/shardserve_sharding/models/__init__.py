@@ -1,4 +1,5 @@
-"""Model families: plain torch modules and their frozen configs, looked up by family name."""
+"""Model families: plain torch modules, their frozen configs and their ModelSpecs (spec.py),
+looked up by family name."""
 
 from __future__ import annotations
 
@@ -9,30 +10,27 @@ from torch import nn
 
 from .convlm import CONVLM_CONFIGS, ConvLM, ConvLMConfig
 from .llama import LLAMA_CONFIGS, LlamaConfig, Transformer
+from .registry import SPECS, model_spec
+from .spec import CacheKind, ModelSpec, PagedKVSpec, StateSlotSpec
 
 FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
-    "llama": (LlamaConfig, Transformer),
-    "convlm": (ConvLMConfig, ConvLM),
+    name: (s.config_cls, s.model_cls) for name, s in SPECS.items()
 }
 
 NAMED_CONFIGS: dict[str, tuple[str, Any]] = {
-    **{name: ("llama", cfg) for name, cfg in LLAMA_CONFIGS.items()},
-    **{f"convlm-{name}": ("convlm", cfg) for name, cfg in CONVLM_CONFIGS.items()},
+    f"{s.config_prefix}{name}": (s.name, cfg) for s in SPECS.values()
+    for name, cfg in s.configs.items()
 }
 
 
 def config_from_dict(family: str, d: dict[str, Any]) -> Any:
     """Build the frozen config of `family` from a manifest's config dict."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; known: {sorted(FAMILIES)}")
-    return FAMILIES[family][0].from_dict(d)
+    return model_spec(family).config_from_dict(d)
 
 
 def build_model(family: str, config: Any) -> nn.Module:
     """Instantiate (randomly initialised) the model of `family` for `config`."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; known: {sorted(FAMILIES)}")
-    return FAMILIES[family][1](config)
+    return model_spec(family).build(config)
 
 
 def checkpoint_names(model: nn.Module) -> list[str]:
@@ -66,8 +64,15 @@ def _expected_tensors(family: str, config: Any) -> tuple[tuple[str, tuple[int, .
 
 
 __all__ = [
+    "CONVLM_CONFIGS",
     "FAMILIES",
+    "LLAMA_CONFIGS",
     "NAMED_CONFIGS",
+    "SPECS",
+    "CacheKind",
+    "ModelSpec",
+    "PagedKVSpec",
+    "StateSlotSpec",
     "ConvLM",
     "ConvLMConfig",
     "LlamaConfig",
@@ -76,4 +81,5 @@ __all__ = [
     "checkpoint_names",
     "config_from_dict",
     "expected_tensors",
+    "model_spec",
 ]

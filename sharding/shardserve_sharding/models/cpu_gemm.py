@@ -12,7 +12,9 @@ linear layers call:
   server served 15-30% fewer tok/s with it (loadtest/results/engine.md);
 - emulated bf16: GEMMs of BF16_GEMM_AS_FP32_MIN_ROWS rows or more run in fp32 over a cached
   (packed) fp32 copy, which is several times faster than the emulation;
-- anything else (fp32, training, autograd): plain F.linear.
+- anything else (fp32, training, autograd): plain F.linear;
+- a quantized weight (weight None, owner.qweight set by quant/apply.py): owner.qweight(x),
+  torch's int8 / int4 weight-only kernels (quant/kernels.py).
 
 The cached copies live in the owning module's __dict__ (never saved, never a parameter) and
 are rebuilt when the weight changes. Inside torch.compile only prepared copies are read.
@@ -193,10 +195,14 @@ def use_packed_bf16(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
-def cpu_linear(owner: torch.nn.Module | None, x: torch.Tensor, weight: torch.Tensor,
+def cpu_linear(owner: torch.nn.Module | None, x: torch.Tensor, weight: torch.Tensor | None,
                bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, weight, bias) [..., in] -> [..., out] by the fastest path this CPU has
-    (module docstring); `owner` holds the cached weight copies (None: no caching)."""
+    (module docstring); `owner` holds the cached weight copies (None: no caching), or the
+    quantized weight when `weight` is None."""
+    if weight is None:
+        y = owner.qweight(x)  # [..., out]
+        return y if bias is None else y + bias
     if gemm_as_fp32(x, weight):
         return fp32_gemm(owner, x, weight, bias)
     if owner is not None and use_packed_bf16(x, weight):

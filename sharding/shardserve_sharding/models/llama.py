@@ -274,8 +274,9 @@ class Transformer(nn.Module):
         """Recompute the rotary tables in fp32 (after building on the meta device)."""
         cfg = self.config
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.rope_cos = cos.to(self.tok_embeddings.weight.device)
-        self.rope_sin = sin.to(self.tok_embeddings.weight.device)
+        device = self.norm.weight.device  # (a quantized embedding has no float weight)
+        self.rope_cos = cos.to(device)
+        self.rope_sin = sin.to(device)
 
     def init_weights(self, std: float = 0.02) -> None:
         if self.tok_embeddings.weight.is_meta:

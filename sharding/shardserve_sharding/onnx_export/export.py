@@ -1,8 +1,10 @@
 """`shardserve export-onnx MODEL_DIR OUT_DIR [--dtype fp32|int8] [--opset N]`.
 
-The checkpoint (any layout: tensors are merged while reading) becomes one fp32 model: the
-Llama family as the hand-written step graph of llama_graph.py (opset 23), the conv LM as the
-step of graphs.py exported with torch.onnx; dynamic batch, step length and cache length;
+The checkpoint (any layout: tensors are merged while reading) becomes one fp32 model, written
+by the family's ModelSpec.onnx_export: the Llama family as the hand-written step graph of
+llama_graph.py (opset 23), the conv LM as the step of graphs.py exported with torch.onnx (see
+export_torch_step), a state-slot family with its state as explicit inputs and outputs;
+dynamic batch, step length and cache length;
 weights as external data, a tied embedding stored once. The result is checked before
 anything is written: ONNX Runtime and torch run the same random prompts (ragged prefill, then
 several decode steps, through the paged cache) and export fails if logits differ by more than
@@ -29,8 +31,7 @@ import torch
 from ..checkpoint.atomic import atomic_directory, atomic_write_text
 from ..checkpoint.manifest import CheckpointError
 from ..checkpoint.source import ShardserveSource
-from .graphs import ConvStep
-from .llama_graph import GRAPH_VERSION, OPSET, build_llama_graph
+from ..models import CacheKind, StateSlotSpec, model_spec
 
 HELD_TEXT = (
     "The history of computing is a story of layers. Each generation of engineers built on the "
@@ -53,6 +54,9 @@ def load_full_model(model_dir: str | Path, *, verify_hashes: bool = True
     from ..models import build_model
 
     src = ShardserveSource(model_dir, verify_hashes=verify_hashes)
+    if src.quant is not None:
+        raise CheckpointError(f"{model_dir}: the ONNX export reads float weights; this checkpoint "
+                              f"is {src.quant.scheme}-quantized (export its float source)")
     with torch.device("meta"):
         model = build_model(src.family, src.config)
     state = {n: src.tensor(n).float() for n, _ in src.names_and_shapes()}
@@ -65,34 +69,24 @@ def load_full_model(model_dir: str | Path, *, verify_hashes: bool = True
     return model.eval().float(), src
 
 
-def _conv_example(cfg: Any, n_layers: int):
-    b, t = 2, 3
-    tokens = torch.randint(0, cfg.vocab_size, (b, t))
-    return (tokens, torch.zeros(n_layers, b, cfg.dim, cfg.kernel_size - 1),
-            torch.tensor([t, 1]), torch.tensor([t - 1, 0]))
-
-
-def _export(model: torch.nn.Module, family: str, path: Path, opset: int) -> int:
-    """Write model.onnx (+ model.onnx.data): the hand-written Llama graph, or the TorchScript
-    export of the conv LM's step (in a scratch folder, then moved). Returns the number of tied
-    initializers merged."""
-    if family == "llama":
-        import onnx
-
-        proto = build_llama_graph(model, opset)
-        onnx.save_model(proto, str(path), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=path.name + ".data",
-                        size_threshold=1024)
-        return 0
+def export_torch_step(step: torch.nn.Module, model: torch.nn.Module, cache: StateSlotSpec,
+                      path: Path, opset: int) -> int:
+    """Write model.onnx (+ model.onnx.data) by the TorchScript export of a state-slot step
+    module, step(tokens [B, T], state [L, B, *state_shape], num_new [B], logits_index [B]) ->
+    (logits [B, V], new_state [L, B, *state_shape]) (in a scratch folder, then moved).
+    Returns the number of tied initializers merged."""
     names = ["tokens", "state", "num_new", "logits_index"]
     outs = ["logits", "new_state"]
     axes = {"tokens": {0: "batch", 1: "step"}, "state": {1: "batch"},
             "num_new": {0: "batch"}, "logits_index": {0: "batch"}, "logits": {0: "batch"},
             "new_state": {1: "batch"}}
-    args = _conv_example(model.config, len(model.layers))
+    b, t = 2, 3
+    args = (torch.randint(0, model.config.vocab_size, (b, t)),
+            torch.zeros(cache.n_layers, b, *cache.state_shape), torch.tensor([t, 1]),
+            torch.tensor([t - 1, 0]))
     scratch = Path(tempfile.mkdtemp(dir=path.parent))
     with torch.no_grad():
-        torch.onnx.export(ConvStep(model), args, str(scratch / path.name), input_names=names,
+        torch.onnx.export(step, args, str(scratch / path.name), input_names=names,
                           output_names=outs, dynamic_axes=axes, opset_version=opset,
                           dynamo=False, do_constant_folding=False)  # keeps a tied weight single
     shutil.move(str(scratch / path.name), path)
@@ -138,14 +132,14 @@ def _dims(m: Any, name: str) -> list[int]:
 
 def _meta(model: torch.nn.Module, family: str, model_file: str) -> dict[str, Any]:
     cfg = model.config
+    spec = model_spec(family)
     d: dict[str, Any] = {"family": family, "model_file": model_file,
                          "n_layers": len(model.layers), "vocab_size": cfg.vocab_size,
-                         "config": cfg.to_dict()}
-    if family == "llama":
-        a = model.layers[0].attention
-        d.update(n_kv_heads=a.n_kv_heads, head_dim=a.head_dim, graph=GRAPH_VERSION)
-    else:
-        d.update(dim=cfg.dim, kernel_size=cfg.kernel_size)
+                         "config": cfg.to_dict(), "cache": spec.cache_kind.value}
+    cache = spec.cache_spec(model)
+    if isinstance(cache, StateSlotSpec):
+        d["state_shape"] = list(cache.state_shape)
+    d.update(spec.onnx_meta(model))
     return d
 
 
@@ -168,8 +162,8 @@ def verify(model: torch.nn.Module, family: str, onnx_dir: Path, model_file: str,
     num_new = torch.tensor(lens)
     blocks_per = -(-(width + steps) // 4)
     tables = torch.arange(b * blocks_per).view(b, blocks_per)  # disjoint blocks per row
-    if family != "llama":
-        tables = torch.arange(b)[:, None]
+    if model_spec(family).cache_kind is CacheKind.STATE_SLOT:
+        tables = torch.arange(b)[:, None]  # one state slot per row
     cache = model.new_cache(b, width + steps, dtype=torch.float32, device="cpu")
     errs, outs_o, outs_t = [], [], []
     with torch.no_grad():
@@ -196,7 +190,7 @@ def _perplexity(onnx_dir: Path, model_file: str, ids: list[int]) -> float:
     n = t.shape[1]
     nll = 0.0
     tables = np.arange(-(-n // 16))[None, :].astype(np.int64)
-    if rt.family != "llama":
+    if model_spec(rt.family).cache_kind is CacheKind.STATE_SLOT:
         tables = np.zeros((1, 1), dtype=np.int64)
     for i in range(n):  # one token per step: exercises decode, as served
         logits = rt.forward(t[:, i : i + 1], np.array([[i]]), np.array([1]), np.array([0]),
@@ -211,16 +205,18 @@ def export_onnx(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
                 dtype: str = "fp32", opset: int | None = None, tolerance: float = 1e-4,
                 overwrite: bool = False, verify_hashes: bool = True) -> ExportReport:
     """Export, verify against torch and (with dtype="int8") quantize. opset defaults to 23 for
-    the Llama graph (its minimum) and 17 for the conv LM's TorchScript export."""
+    the Llama graph (its minimum) and 17 for the conv LM's TorchScript export (the family's
+    ModelSpec.onnx_opset)."""
     if dtype not in ("fp32", "int8"):
         raise ValueError(f"--dtype must be fp32 or int8, got {dtype!r}")
     t0 = time.perf_counter()
     model, src = load_full_model(model_dir, verify_hashes=verify_hashes)
     family = src.family
+    spec = model_spec(family)
     if opset is None:
-        opset = OPSET if family == "llama" else 17
+        opset = spec.onnx_opset
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        merged = _export(model, family, tmp / "model.onnx", opset)
+        merged = spec.onnx_export(model, tmp / "model.onnx", opset)
         meta = _meta(model, family, "model.onnx")
         meta.update(opset=opset, tied_initializers_merged=merged, source=src.source_info())
         atomic_write_text(tmp / "onnx_model.json", json.dumps(meta, indent=1))

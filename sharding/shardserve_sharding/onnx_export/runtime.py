@@ -1,6 +1,6 @@
 """Run an exported step graph with ONNX Runtime over a paged cache pool held in numpy.
 
-The pools ([L, blocks x block_size, Hkv, D] for K and V, or [L, slots, dim, K-1] conv states)
+The pools ([L, blocks x block_size, Hkv, D] for K and V, or [L, slots, *state_shape] states)
 are allocated once and bound to the session by I/O binding as OrtValues that share the numpy
 memory, so a step never copies the cache through the graph: the graph gathers what it reads,
 returns only this step's new keys/values (or states), and the host writes those into the pool.
@@ -51,7 +51,10 @@ class OnnxStepRuntime:
                                     spin)
         self._ort = ort
         self.block_size = block_size
-        if self.family == "llama":
+        from ..models import CacheKind, model_spec
+
+        self.paged = model_spec(self.family).cache_kind is CacheKind.PAGED_KV
+        if self.paged:  # the paged step graph of llama_graph.py
             if meta.get("graph") != GRAPH_VERSION:
                 raise ValueError(f"{self.dir}: exported by an older shardserve (step graph "
                                  f"{meta.get('graph', 1)}, this one runs {GRAPH_VERSION}); "
@@ -69,16 +72,17 @@ class OnnxStepRuntime:
                     val = ort.OrtValue.ortvalue_from_numpy(pool[i])
                     self._pool_ort.append(val)
                     self._io.bind_ortvalue_input(f"{kind}_cache_{i}", val)
-        else:
-            self.state = np.zeros((meta["n_layers"], max_slots, meta["dim"],
-                                   meta["kernel_size"] - 1), dtype=np.float32)
+        else:  # a state-slot step graph: state [L, B, *state_shape] in and out
+            # (exports before state_shape was recorded are conv LMs: [dim, kernel_size - 1])
+            shape = meta.get("state_shape") or [meta["dim"], meta["kernel_size"] - 1]
+            self.state = np.zeros((meta["n_layers"], max_slots, *shape), dtype=np.float32)
 
     def forward(self, tokens: np.ndarray, positions: np.ndarray, num_new: np.ndarray,
                 logits_index: np.ndarray, tables: np.ndarray) -> np.ndarray:
         """All int64 numpy arrays as in a ForwardPlan; returns logits [B, V] float32."""
-        if self.family == "llama":
+        if self.paged:
             return self._llama(tokens, positions, num_new, logits_index, tables)
-        return self._conv(tokens, positions, num_new, logits_index, tables[:, 0])
+        return self._state_step(tokens, positions, num_new, logits_index, tables[:, 0])
 
     def _llama(self, tokens, positions, num_new, logits_index, tables):
         bs = self.block_size
@@ -116,8 +120,8 @@ class OnnxStepRuntime:
             self.v[:, slots] = v_new[:, flat]
         return logits
 
-    def _conv(self, tokens, positions, num_new, logits_index, slots):
-        st = self.state[:, slots]  # [L, B, dim, K-1] (a copy: fancy indexing)
+    def _state_step(self, tokens, positions, num_new, logits_index, slots):
+        st = self.state[:, slots]  # [L, B, *state_shape] (a copy: fancy indexing)
         st[:, positions[:, 0] == 0] = 0.0
         logits, new_state = self.session.run(None, {
             "tokens": tokens, "state": st, "num_new": num_new, "logits_index": logits_index})

@@ -153,7 +153,8 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if self.replicated_rows is not None and torch.is_grad_enabled() and w.requires_grad:
+        if (self.replicated_rows is not None and torch.is_grad_enabled() and w is not None
+                and w.requires_grad):
             w = _SumReplicaGrads.apply(w, self.comm, self.replicated_rows)
         y = _linear(copy_to_tp(x, self.comm), w, self.bias, self)  # [..., out/p]
         if self.gather_output:
@@ -208,12 +209,19 @@ class VocabParallelEmbedding(nn.Module):
             torch.empty(num_embeddings_per_partition, embedding_dim, dtype=dtype, device=device)
         )
 
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Local rows ids [B, T] -> [B, T, dim]; a quantized weight (weight None, qweight set
+        by quant/apply.py) is dequantized row by row."""
+        if self.weight is None:
+            return self.qweight.rows(ids)
+        return F.embedding(ids, self.weight)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.comm.world_size == 1:
-            return F.embedding(ids, self.weight)
+            return self._rows(ids)
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)  # [B, T]
         local = (ids - self.vocab_start).masked_fill(outside, 0)
-        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        out = self._rows(local).masked_fill(outside.unsqueeze(-1), 0.0)
         return reduce_from_tp(out, self.comm)  # [B, T, dim]
 
 

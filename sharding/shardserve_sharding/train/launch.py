@@ -11,7 +11,6 @@ import multiprocessing as mp
 import os
 import socket
 import time
-from dataclasses import replace
 
 from .checkpoint import latest_checkpoint
 from .trainer import TrainConfig, rank_main
@@ -102,7 +101,3 @@ def train(cfg: TrainConfig, progress: bool = True) -> None:
             f"training rank {failed[0]} exited with code {failed[1]}; the run was stopped "
             f"({where}; continue with --resume)"
         )
-
-
-def resume_config(cfg: TrainConfig) -> TrainConfig:
-    return replace(cfg, resume=True)

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..models import model_spec
 from ..partition import stage_layers
 
 
@@ -41,16 +42,7 @@ def cut_stage(model: nn.Module, pp: int, stage: int) -> nn.Module:
 def stage_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """tokens [B, T] (first stage) or hidden [B, T, dim] -> hidden, or logits [B, T, V] (last)."""
     h = model.embed(x) if model.first else x  # [B, T, dim]
-    if model.family == "llama":
-        seqlen = h.shape[1]
-        pos = torch.arange(seqlen, device=h.device)
-        cos = model.rope_cos[pos][None, None].to(h.dtype)  # [1, 1, T, D]
-        sin = model.rope_sin[pos][None, None].to(h.dtype)
-        for blk in model.layers.values():
-            h = blk(h, cos, sin, None)
-    else:
-        for blk in model.layers.values():
-            h = blk(h, None)
+    h = model_spec(model.family).stage_layers(model, h)  # [B, T, dim]
     if model.last:
         return model.lm_head(model.norm(h))  # [B, T, V]
     return h

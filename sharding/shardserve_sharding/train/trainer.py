@@ -15,7 +15,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +38,10 @@ class TrainConfig:
     out: str
     """Run directory: checkpoints (step_NNNNNN/), metrics.jsonl."""
     family: str = "llama"
-    """Model family: llama or convlm."""
+    """Model family (a name in models.SPECS)."""
     model: str = "tiny"
-    """Named config (models.NAMED_CONFIGS), its vocabulary replaced by the tokenizer's."""
+    """Named config of the family (its ModelSpec's configs), its vocabulary replaced by the
+    tokenizer's."""
     dp: int = 1
     tp: int = 1
     pp: int = 1
@@ -93,13 +94,9 @@ def make_data(cfg: TrainConfig) -> TokenStream:
 def model_config(cfg: TrainConfig, vocab_size: int) -> Any:
     from dataclasses import replace
 
-    from ..models import NAMED_CONFIGS
+    from ..models import model_spec
 
-    key = cfg.model if cfg.family == "llama" else f"convlm-{cfg.model}"
-    if key not in NAMED_CONFIGS or NAMED_CONFIGS[key][0] != cfg.family:
-        names = sorted(k for k, (f, _) in NAMED_CONFIGS.items() if f == cfg.family)
-        raise ValueError(f"unknown {cfg.family} config {cfg.model!r}; known: {names}")
-    return replace(NAMED_CONFIGS[key][1], vocab_size=vocab_size)
+    return replace(model_spec(cfg.family).named_config(cfg.model), vocab_size=vocab_size)
 
 
 class RankTrainer:
@@ -309,10 +306,6 @@ class RankTrainer:
         if bar is not None:
             bar.close()
         return self.records
-
-
-def config_to_json(cfg: TrainConfig) -> str:
-    return json.dumps(asdict(cfg), sort_keys=True)
 
 
 def rank_main(cfg: TrainConfig, rank: int, world: int, port: int, progress: bool) -> None:

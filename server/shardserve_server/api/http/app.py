@@ -28,7 +28,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ...engine.async_engine import EngineError, QueueFull, RequestStream
+from ...engine.async_engine import EngineError, QueueFull, RequestRefused, RequestStream
 from ...engine.stopping import FinishReason
 from ..convert import InvalidArgument, Prepared
 from ..servicer import Draining
@@ -289,6 +289,8 @@ class _Run:
             if result_task in done:
                 try:
                     result = result_task.result()
+                except RequestRefused as e:
+                    return HttpError(400, str(e), None, "invalid_request_error").response()
                 except EngineError as e:
                     return HttpError(503, str(e), None, "unavailable").response()
                 outcome = self.api.s.outcome_of(result)
@@ -424,6 +426,9 @@ class _Run:
                 yield self._error(HttpError(504, f"the request's deadline ({self.deadline:g} "
                                             "s, X-Request-Timeout) passed", None,
                                             "deadline_exceeded"))
+            except RequestRefused as e:
+                outcome = "invalid"
+                yield self._error(HttpError(400, str(e), None, "invalid_request_error"))
             except EngineError as e:
                 outcome = "error"
                 yield self._error(HttpError(503, str(e), None, "unavailable"))

@@ -1,0 +1,226 @@
+"""Quantized SmolLM2-135M (weight-only int8, int4) against our bf16: decode speed, perplexity and
+greedy agreement, in one run; llama.cpp on the Q4_1 GGUF as the batch-1 peer when its Python
+package is there.
+
+    .venv/bin/python loadtest/bench_quant.py [--batches 1,32] [--new-tokens 64] [--repeats 3]
+        [--threads 2] [--llamacpp-python PY] [--wait-quiet S] [--out quant]
+
+Checkpoints: the bundled model imported once (bench_decode.py's cache), then
+`reshard --quantize int8` and `--quantize int4 --group-size 32|64` beside it (once).
+
+Speed: bench_decode.py's harness. Each variant (bf16 = the float checkpoint served in bf16;
+int8; int4 g32) runs LocalEngine in a subprocess of its own at bf16 activations; greedy, EOS
+ignored, batches of the first B of bench_decode's 32 prompts; decode tok/s = B (N - 1) /
+(t_N - t_1) (prefill excluded); the variants alternate run by run; medians of --repeats. With
+--llamacpp-python (a Python with llama-cpp-python, see llamacpp_peer.py), llama.cpp's batch-1
+decode of the same GGUF runs in the same rotation; without it, the llama.cpp figure is the
+FACTS.md one, marked as not measured in this run.
+
+Quality, in this process at bf16 (fp32 for the reference row): perplexity of
+loadtest/data/heldout_en.txt (one forward over the whole text); greedy agreement with bf16 on
+the batch-32 run's generations: rows identical, mean common prefix, and teacher-forced top-1
+agreement (each variant's argmax on bf16's own continuation). Writes loadtest/results/OUT.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_decode as bd  # noqa: E402
+from results_io import cpu_flags, header, write_results  # noqa: E402
+
+TEXT = Path(__file__).resolve().parent / "data" / "heldout_en.txt"
+SPEED_VARIANTS = ("bf16", "int8", "int4-g32")
+LLAMACPP_FACTS = 99.0
+"""llama.cpp Q4_1, batch 1, tok/s on 2 cores (shared/FACTS.md, measured 2026-11-28)."""
+
+
+NOTES = [
+    "- The float checkpoint is the bundled GGUF dequantized: its linear weights are Q4_1 values "
+    "(groups of 32) and its embedding Q8_0 values. int4 g32 reproduces those weights exactly "
+    "(requantizing them finds the same blocks; `reshard --quantize int4` from the GGUF itself "
+    "copies them), so its perplexity moves only by the int8 embedding and bf16 scales; int8 "
+    "per row must approximate 32-wide 4-bit blocks with one step per row, and int4 g64 merges "
+    "two blocks' ranges (about 8-9% weight error here, hence its perplexity).",
+    "- The embedding / lm_head (tied) is int8 per vocabulary row in every quantized variant: "
+    "one copy serves the lookup and the output GEMM.",
+    "- Kernels: torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` for fewer than "
+    "6 rows, a dequantized bf16 copy from 6 rows up (quant/kernels.py), so batch 32 runs "
+    "the same bf16 GEMMs as the float model; loadtest/results/quant_kernels.md has the "
+    "per-shape timings and torchao's (0.18: int8 only on CPU, slower than the aten op).",
+    "- Batch-1 wall rates here are dominated by other processes on the 2 cores; the "
+    "per-CPU-second rates of 1-thread engines are the comparable figures.",
+]
+
+
+def checkpoints(model: Path) -> dict[str, Path]:
+    """variant -> checkpoint directory; quantized ones made from `model` once."""
+    from shardserve_sharding.reshard import reshard
+
+    out = {"bf16": model}
+    for name, scheme, group in (("int8", "int8", 32), ("int4-g32", "int4", 32),
+                                ("int4-g64", "int4", 64)):
+        dst = model.parent / f"{model.name}-{name}"
+        if not (dst / "manifest.json").is_file():
+            print(f"reshard --quantize {scheme} -> {dst} (once)", file=sys.stderr)
+            reshard(model, dst, tp=1, quantize=scheme, group_size=group, overwrite=True)
+        out[name] = dst
+    return out
+
+
+def llamacpp_rate(py: str, gguf: Path, batch: int, new: int, threads: int) -> float:
+    out = subprocess.run([py, str(Path(__file__).resolve().parent / "llamacpp_peer.py"),
+                          str(gguf), str(batch), str(new), str(threads)],
+                         capture_output=True, text=True, check=True)
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["tok_s"])
+
+
+def speed(args, dirs: dict[str, Path], gguf: Path) -> tuple[dict, dict, list[str]]:
+    """{(variant, batch): [decode tok/s per repeat]}, {variant: batch-32 tokens}, log lines."""
+    engines = {v: bd.Engine("shardserve", "bf16", args, dirs[v], gguf) for v in SPEED_VARIANTS}
+    rates: dict[tuple[str, int], list[float]] = {}
+    tokens: dict[str, list[list[int]]] = {}
+    log = []
+    try:
+        for e in engines.values():  # warm-up: first-call allocations, dense copies
+            e.run(max(args.batch_list), 8)
+        for rep in range(args.repeats):
+            order = list(SPEED_VARIANTS) if rep % 2 == 0 else list(reversed(SPEED_VARIANTS))
+            for b in args.batch_list:
+                for v in order:
+                    bd._wait_quiet(args.wait_quiet)
+                    r1 = bd._timed(engines[v], b, 1)
+                    rn = bd._timed(engines[v], b, args.new_tokens, tokens=b == 32)
+                    rate = b * (args.new_tokens - 1) / (rn["seconds"] - r1["seconds"])
+                    cpu_rate = b * (args.new_tokens - 1) / (rn["cpu_s"] - r1["cpu_s"])
+                    rates.setdefault((v, b), []).append(rate)
+                    rates.setdefault((v + " cpu", b), []).append(cpu_rate)
+                    if rn.get("tokens") is not None:
+                        tokens[v] = rn["tokens"]
+                    log.append(f"repeat {rep} batch {b} {v}: {rate:.1f} tok/s wall, "
+                               f"{cpu_rate:.1f} per CPU second (other load "
+                               f"{rn['other']:.2f} cores)")
+                    print(log[-1], file=sys.stderr, flush=True)
+                if b == 1 and args.llamacpp_python:
+                    rate = llamacpp_rate(args.llamacpp_python, gguf, 1, args.new_tokens,
+                                         args.threads)
+                    rates.setdefault(("llama.cpp Q4_1", 1), []).append(rate)
+                    log.append(f"repeat {rep} batch 1 llama.cpp Q4_1: {rate:.1f} tok/s")
+                    print(log[-1], file=sys.stderr, flush=True)
+    finally:
+        for e in engines.values():
+            e.close()
+    return rates, tokens, log
+
+
+@torch.inference_mode()
+def quality(dirs: dict[str, Path], tokens: dict[str, list[list[int]]], threads: int) -> list[str]:
+    from shardserve_sharding.checkpoint.io import load_model, load_tokenizer
+    from shardserve_sharding.checkpoint.manifest import read_manifest
+
+    torch.set_num_threads(threads)
+    tok = load_tokenizer(dirs["bf16"], read_manifest(dirs["bf16"]))
+    ids = torch.tensor([tok.encode(TEXT.read_text())])  # [1, T]
+    pos = torch.arange(ids.shape[1])[None]
+    prompts = [tok.encode(p) for p in bd.PROMPTS]
+    ref_tokens = tokens.get("bf16")
+    rows = ["| weights | activations | perplexity | vs bf16 | greedy rows identical | "
+            "mean common prefix | teacher-forced top-1 agreement |",
+            "|---|---|---|---|---|---|---|"]
+    ppl_bf16 = None
+    for variant, dtype in (("bf16", torch.float32), *((v, torch.bfloat16) for v in dirs)):
+        name = "fp32 (the GGUF's Q4_1/Q8_0 values)" if dtype == torch.float32 else variant
+        model = load_model(dirs[variant], dtype=dtype).model
+        logits = model(ids, pos)[0, :-1].float()  # [T - 1, V]
+        ppl = math.exp(float(F.cross_entropy(logits, ids[0, 1:])))
+        if variant == "bf16" and dtype == torch.bfloat16:
+            ppl_bf16 = ppl
+        agree = same = prefix = "-"
+        if ref_tokens is not None and dtype == torch.bfloat16:
+            hits = total = 0
+            for p, cont in zip(prompts, ref_tokens, strict=False):
+                seq = torch.tensor([p + cont])  # [1, P + N]
+                out = model(seq, torch.arange(seq.shape[1])[None])[0]  # [P + N, V]
+                pred = out[len(p) - 1 : -1].argmax(-1)  # [N]
+                hits += int((pred == torch.tensor(cont)).sum())
+                total += len(cont)
+            agree = f"{hits / total:.3f}"
+            if variant in tokens:
+                n_same, pre = bd._compare(tokens[variant], ref_tokens)
+                same, prefix = f"{n_same}/{len(ref_tokens)}", f"{pre:.1f}"
+        rel = "-" if ppl_bf16 is None or dtype == torch.float32 else f"{ppl / ppl_bf16 - 1:+.2%}"
+        act = "fp32" if dtype == torch.float32 else "bf16"
+        rows.append(f"| {name} | {act} | {ppl:.3f} | {rel} | {same} | {prefix} | {agree} |")
+        print(rows[-1], file=sys.stderr, flush=True)
+        del model
+    return rows + ["", f"Text: {TEXT.relative_to(TEXT.parents[2])}, {ids.shape[1]} tokens. "
+                   "Greedy: the batch-32 speed run's 32 prompts x the run's new tokens."]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="float shardserve checkpoint (default: the bundled model)")
+    ap.add_argument("--batches", default="1,32", help="comma-separated batch sizes")
+    ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per engine")
+    ap.add_argument("--llamacpp-python", default="",
+                    help="a Python with llama-cpp-python: llama.cpp runs in the same rotation")
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                    help="before each run, wait up to S seconds for idle CPUs")
+    ap.add_argument("--out", default="quant", help="results file name (loadtest/results/)")
+    args = ap.parse_args()
+    args.batch_list = [int(b) for b in args.batches.split(",")]
+    args.compile = "off"
+    model, gguf = bd._ensure_model(args.model)
+    dirs = checkpoints(model)
+    t0 = time.time()
+    rates, tokens, log = speed(args, dirs, gguf)
+    qrows = quality(dirs, tokens, args.threads)
+    med = {k: bd._median(v) for k, v in rates.items()}
+    lines = header("Weight-only int8 / int4 against bf16 (SmolLM2-135M)",
+                   "python loadtest/bench_quant.py " + " ".join(sys.argv[1:]))
+    lines += [f"CPU flags: {cpu_flags()}; torch {torch.__version__}, capability "
+              f"{torch.backends.cpu.get_cpu_capability()}; {args.threads} thread(s) per engine; "
+              f"{args.new_tokens} new tokens; {args.repeats} repeats; "
+              f"{time.time() - t0:.0f} s. The machine was shared with other work.", ""]
+    lines += ["## Decode tok/s (median; prefill excluded)", "",
+              "| batch | " + " | ".join(SPEED_VARIANTS) + " | int8/bf16 | int4/bf16 |",
+              "|---|" + "---|" * (len(SPEED_VARIANTS) + 2)]
+    for b in args.batch_list:
+        vals = [med.get((v, b), float("nan")) for v in SPEED_VARIANTS]
+        lines.append(f"| {b} | " + " | ".join(f"{x:.1f}" for x in vals)
+                     + f" | {vals[1] / vals[0]:.2f} | {vals[2] / vals[0]:.2f} |")
+    lines += ["", "Decode tokens per CPU second of the engine process (with 1 thread: the rate of "
+              "an otherwise idle core, robust to other load; with more, spin-waits count too):",
+              "", lines[-len(args.batch_list) - 2], lines[-len(args.batch_list) - 1]]
+    for b in args.batch_list:
+        vals = [med.get((v + " cpu", b), float("nan")) for v in SPEED_VARIANTS]
+        lines.append(f"| {b} | " + " | ".join(f"{x:.1f}" for x in vals)
+                     + f" | {vals[1] / vals[0]:.2f} | {vals[2] / vals[0]:.2f} |")
+    lines.append("")
+    if ("llama.cpp Q4_1", 1) in med:
+        peer, note = med[("llama.cpp Q4_1", 1)], "measured in this run"
+    else:
+        peer, note = LLAMACPP_FACTS, "NOT measured in this run (FACTS.md figure, 2026-11-28)"
+    if 1 in args.batch_list:
+        lines.append(f"Batch 1, int4 g32 / llama.cpp Q4_1 ({peer:.1f} tok/s, {note}): "
+                     f"{med[('int4-g32', 1)] / peer:.2f}")
+    lines += ["", "## Quality", "", *qrows, "", "## How to read this", "", *NOTES, "",
+              "## Every run", "", *[f"- {x}" for x in log]]
+    print(write_results(args.out, lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,227 @@
+"""The measured costs of a machine, as `shardserve plan --measure` stores them (JSON).
+
+A costs file is what the planner's arithmetic runs on: GEMM rates at the model's shapes per
+dtype and row count, the weight-streaming memory bandwidth, the all-reduce latency and
+bandwidth between ranks, and our engine's per-step overhead per backend. Files are written
+whole (temp then rename); a damaged or incomplete file raises CostsError naming the field.
+The same schema holds published per-device figures (loadtest/plan/h100.json) for machines we
+cannot measure, with their source in `source`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "shardserve-plan-costs/1"
+
+
+class CostsError(ValueError):
+    """A costs file is missing, damaged or incomplete; the message names the file and field."""
+
+
+@dataclass(frozen=True)
+class StepOverhead:
+    """Our engine's time per step outside the model's GEMMs: scheduling, sampling, transfers."""
+
+    fixed_s: float
+    """Per step."""
+    per_row_s: float
+    """Per sequence in the step (sampling, detokenizing, streaming its token)."""
+
+
+@dataclass(frozen=True)
+class MachineCosts:
+    """What a machine's steps cost; rates are per rank given `threads_per_rank` threads."""
+
+    device: str
+    """The device in words (CPU model and flags, or GPU name)."""
+    host_threads: int
+    """Cores shared by every rank on this host (0: every device has its own compute)."""
+    memory_per_device_gib: float
+    """Default --memory-per-device."""
+    gemm_flops: dict[str, dict[int, dict[int, float]]]
+    """dtype -> threads -> rows -> FLOP/s of the model's layer GEMMs with cold weights."""
+    mem_bw: dict[int, float]
+    """threads -> weight-streaming read bandwidth (bytes/s)."""
+    allreduce_latency_s: float
+    """Time of an all-reduce of a few bytes between ranks."""
+    allreduce_bw: float
+    """Bus bandwidth of a large all-reduce (bytes/s)."""
+    overhead: dict[str, StepOverhead]
+    """backend (torch, onnx) -> per-step overhead of our engine."""
+    backend_gemm_flops: dict[str, dict[str, dict[int, dict[int, float]]]] = field(
+        default_factory=dict)
+    """backend -> dtype -> threads -> rows -> FLOP/s where a backend has its own kernels
+    (ONNX Runtime's MLAS and thread pool); absent: gemm_flops (torch's)."""
+    source: str = ""
+    """How the figures were obtained (the command, or the published sources)."""
+    measured_at: str = ""
+
+    # ---- lookups the planner uses
+
+    def gemm_rate(self, dtype: str, rows: float, threads: float, backend: str = "torch"
+                  ) -> float:
+        """FLOP/s of one rank's GEMMs over `rows` rows with `threads` threads (log-linear in
+        rows between measured points, linear in threads; below one thread: a time share),
+        from the backend's own table where it has one."""
+        table = self.backend_gemm_flops.get(backend, {})
+        if dtype not in table:
+            table = self.gemm_flops
+        if dtype not in table:
+            raise CostsError(f"no GEMM rate for dtype {dtype!r}; measured: "
+                             f"{sorted(self.gemm_flops)}")
+        by_threads = table[dtype]
+        return _interp_threads({t: _interp_log(by_rows, rows) for t, by_rows in
+                                by_threads.items()}, threads)
+
+    def bandwidth(self, threads: float) -> float:
+        return _interp_threads(self.mem_bw, threads)
+
+    def allreduce_s(self, nbytes: float, ranks: int) -> float:
+        """Ring all-reduce: latency plus 2 (n-1)/n of the bytes over the bus bandwidth."""
+        if ranks <= 1:
+            return 0.0
+        return self.allreduce_latency_s + 2 * (ranks - 1) / ranks * nbytes / self.allreduce_bw
+
+    # ---- file
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["schema"] = SCHEMA
+        return d
+
+    def save(self, path: str | Path) -> None:
+        """Write whole: a temp file in the same folder, then rename."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_dict(), f, indent=1, sort_keys=True)
+                f.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _interp_log(points: dict[int, float], x: float) -> float:
+    xs = sorted(points)
+    if x <= xs[0]:
+        return points[xs[0]] * x / xs[0] if x < xs[0] else points[xs[0]]
+    if x >= xs[-1]:
+        return points[xs[-1]]
+    for a, b in zip(xs, xs[1:], strict=False):
+        if a <= x <= b:
+            w = (math.log(x) - math.log(a)) / (math.log(b) - math.log(a))
+            return math.exp((1 - w) * math.log(points[a]) + w * math.log(points[b]))
+    raise AssertionError("unreachable")
+
+
+def _interp_threads(points: dict[int, float], t: float) -> float:
+    ts = sorted(points)
+    if t <= ts[0]:
+        return points[ts[0]] * t / ts[0]  # a fraction of a thread: a time share
+    if t >= ts[-1]:
+        return points[ts[-1]]
+    for a, b in zip(ts, ts[1:], strict=False):
+        if a <= t <= b:
+            w = (t - a) / (b - a)
+            return (1 - w) * points[a] + w * points[b]
+    raise AssertionError("unreachable")
+
+
+def _num(d: dict[str, Any], key: str, where: str, *, positive: bool = True) -> float:
+    v = d.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (
+            positive and v <= 0) or v < 0:
+        raise CostsError(f"{where}: {key} must be a {'positive' if positive else 'non-negative'}"
+                         f" number, got {v!r}")
+    return float(v)
+
+
+def _table(d: Any, where: str, depth: int) -> dict:
+    """Nested {int-like key: ... positive number} tables of `depth` levels."""
+    if depth == 0:
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or \
+                d <= 0:
+            raise CostsError(f"{where} must be a positive number, got {d!r}")
+        return d
+    if not isinstance(d, dict) or not d:
+        raise CostsError(f"{where} must be a non-empty table")
+    out = {}
+    for k, v in d.items():
+        try:
+            key = int(k)
+        except (TypeError, ValueError):
+            raise CostsError(f"{where}: key {k!r} is not an integer") from None
+        if key <= 0:
+            raise CostsError(f"{where}: key {k!r} must be positive")
+        out[key] = _table(v, f"{where}[{k}]", depth - 1)
+    return out
+
+
+def from_dict(d: Any, where: str = "costs") -> MachineCosts:
+    """Parse and validate a costs object (CostsError names the bad field)."""
+    if not isinstance(d, dict):
+        raise CostsError(f"{where}: not a JSON object")
+    if d.get("schema") != SCHEMA:
+        raise CostsError(f"{where}: schema is {d.get('schema')!r}, expected {SCHEMA!r}")
+    gemm = d.get("gemm_flops")
+    if not isinstance(gemm, dict) or not gemm:
+        raise CostsError(f"{where}: gemm_flops must be a non-empty table")
+    overhead = d.get("overhead")
+    if not isinstance(overhead, dict) or not overhead:
+        raise CostsError(f"{where}: overhead must be a non-empty table")
+    per_backend = d.get("backend_gemm_flops", {})
+    if not isinstance(per_backend, dict) or not all(
+            isinstance(v, dict) for v in per_backend.values()):
+        raise CostsError(f"{where}: backend_gemm_flops must be a table of tables")
+    threads = d.get("host_threads")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise CostsError(f"{where}: host_threads must be a non-negative integer")
+    return MachineCosts(
+        device=str(d.get("device", "")),
+        host_threads=threads,
+        memory_per_device_gib=_num(d, "memory_per_device_gib", where),
+        gemm_flops={str(k): _table(v, f"{where}: gemm_flops[{k}]", 2) for k, v in gemm.items()},
+        mem_bw=_table(d.get("mem_bw"), f"{where}: mem_bw", 1),
+        allreduce_latency_s=_num(d, "allreduce_latency_s", where, positive=False),
+        allreduce_bw=_num(d, "allreduce_bw", where),
+        overhead={str(k): StepOverhead(_num(v, "fixed_s", f"{where}: overhead[{k}]",
+                                            positive=False),
+                                       _num(v, "per_row_s", f"{where}: overhead[{k}]",
+                                            positive=False))
+                  if isinstance(v, dict) else _bad(f"{where}: overhead[{k}] is not a table")
+                  for k, v in overhead.items()},
+        backend_gemm_flops={str(b): {str(k): _table(v, f"{where}: backend_gemm_flops[{b}][{k}]",
+                                                    2) for k, v in t.items()}
+                            for b, t in per_backend.items()},
+        source=str(d.get("source", "")),
+        measured_at=str(d.get("measured_at", "")),
+    )
+
+
+def _bad(msg: str):
+    raise CostsError(msg)
+
+
+def load(path: str | Path) -> MachineCosts:
+    """Read a costs file; CostsError (one line) for a missing, unreadable or damaged one."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise CostsError(f"{path}: cannot read costs file ({e.strerror or e}); run "
+                         "`shardserve plan --measure` first") from None
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CostsError(f"{path}: not valid JSON (line {e.lineno}): damaged costs file") \
+            from None
+    return from_dict(d, str(path))

@@ -1,0 +1,349 @@
+"""`shardserve plan --measure`: time this machine's costs and store them (costs.py schema).
+
+Four measurements, each short (the whole run aims at < 60 s on 2 cores):
+1. GEMMs at the model's layer shapes (fused QKV, output, gate/up, down of one layer, TP 1)
+   through the model's own Linear (cpu_gemm's bf16 path), in each dtype, at 1..host threads
+   and several row counts, cycling through enough copies of the layer that the weights come
+   from memory, not cache (as in a real step over all layers).
+2. Weight-streaming read bandwidth: sums over a buffer larger than the caches, per thread count.
+3. All-reduce between 2 ranks of a real gloo group (the TP transport of our workers): the
+   median time of a 4-byte all-reduce (latency) and of a 4 MiB one (bandwidth).
+4. Our engine's per-step overhead: a real `shardserve serve` of a tiny random Llama (its
+   GEMMs are negligible) per backend, driven over gRPC with 1 and 8 streams; the inter-token
+   time at 1 stream is the fixed overhead, its growth to 8 streams the per-row one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .costs import MachineCosts, StepOverhead
+
+ROWS = (1, 8, 32, 128)
+WEIGHT_BYTES_COLD = 96 * 2**20
+"""Cycle over at least this many bytes of weights per GEMM pass (past the caches)."""
+
+
+def cpu_description() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
+
+
+def _layer_shapes(config: Any) -> list[tuple[int, int]]:
+    """(out, in) of the GEMMs of one layer at TP 1, from the model's own tensors."""
+    from shardserve_sharding.models import expected_tensors
+
+    shapes = [tuple(s) for n, s in expected_tensors("llama", config)
+              if n.startswith("layers.0.") and len(s) == 2]
+    return shapes  # type: ignore[return-value]
+
+
+def measure_gemm(config: Any, dtypes: tuple[str, ...], thread_counts: tuple[int, ...],
+                 rounds: int = 2) -> dict[str, dict[int, dict[int, float]]]:
+    """dtype -> threads -> rows -> FLOP/s of one layer's GEMMs, weights cold.
+
+    Every (dtype, threads, rows) point is timed once per round and the rounds interleave, so
+    a burst of load from other processes on a shared machine lands on one sample of many
+    points rather than on every sample of one; the median of the rounds is kept."""
+    from shardserve_sharding.models.llama import Linear
+
+    shapes = _layer_shapes(config)
+    stacks, xs = {}, {}
+    with torch.no_grad():
+        for dname in dtypes:
+            dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dname]
+            layer_bytes = sum(o * i for o, i in shapes) * (4 if dt == torch.float32 else 2)
+            copies = max(2, -(-WEIGHT_BYTES_COLD // layer_bytes))
+            stack = []
+            for _ in range(copies):
+                for o, i in shapes:
+                    lin = Linear(i, o, bias=False, dtype=dt)
+                    lin.requires_grad_(False)
+                    stack.append(lin)
+            stacks[dname] = stack
+            for rows in ROWS:
+                xs[dname, rows] = {i: torch.randn(rows, i, dtype=dt) for _, i in shapes}
+    samples: dict[tuple[str, int, int], list[float]] = {}
+    with torch.no_grad():
+        for r in range(rounds + 1):  # round 0 warms every path (packing, thread pools)
+            for dname in dtypes:
+                for th in thread_counts:
+                    torch.set_num_threads(th)
+                    for rows in ROWS:
+                        x = xs[dname, rows]
+                        t0 = time.perf_counter()
+                        for lin in stacks[dname]:
+                            lin(x[lin.in_features])  # [rows, out]
+                        if r:
+                            samples.setdefault((dname, th, rows), []).append(
+                                time.perf_counter() - t0)
+    out: dict[str, dict[int, dict[int, float]]] = {}
+    for (dname, th, rows), times in samples.items():
+        flops = 2 * sum(lin.in_features * lin.out_features for lin in stacks[dname]) * rows
+        out.setdefault(dname, {}).setdefault(th, {})[rows] = flops / statistics.median(times)
+    return out
+
+
+def measure_gemm_onnx(config: Any, thread_counts: tuple[int, ...], work: Path,
+                      rounds: int = 2) -> dict[int, dict[int, float]]:
+    """threads -> rows -> FLOP/s of one layer's fp32 GEMMs in ONNX Runtime (the ONNX
+    backend's own MLAS kernels and thread pool, made by runtime.make_session as the backend
+    makes its sessions), weights cold: MatMuls over enough copies of the layer's weights."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from shardserve_sharding.onnx_export.runtime import make_session
+
+    shapes = _layer_shapes(config)
+    copies = max(2, -(-WEIGHT_BYTES_COLD // (sum(o * i for o, i in shapes) * 4)))
+    ins = sorted({i for _, i in shapes})
+    rng = np.random.default_rng(0)
+    inits, nodes, outputs = [], [], []
+    for c in range(copies):
+        for k, (o, i) in enumerate(shapes):
+            w, y, r = f"w{c}_{k}", f"y{c}_{k}", f"r{c}_{k}"
+            inits.append(numpy_helper.from_array(
+                rng.standard_normal((i, o), dtype=np.float32) * 0.02, w))  # [in, out]
+            nodes.append(helper.make_node("MatMul", [f"x{i}", w], [y]))  # [rows, out]
+            nodes.append(helper.make_node("ReduceSum", [y], [r], keepdims=0))
+            outputs.append(helper.make_tensor_value_info(r, TensorProto.FLOAT, []))
+    graph = helper.make_graph(
+        nodes, "gemms", [helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, ["rows", i])
+                         for i in ins], outputs, inits)
+    path = work / "gemms.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                    str(path))
+    flops_per_row = 2 * sum(o * i for o, i in shapes) * copies
+    sessions = {th: make_session(path, threads=th, spin=False) for th in thread_counts}
+    feeds = {rows: {f"x{i}": rng.standard_normal((rows, i), dtype=np.float32) for i in ins}
+             for rows in ROWS}
+    samples: dict[tuple[int, int], list[float]] = {}
+    for r in range(rounds + 1):  # interleaved as in measure_gemm; round 0 warms
+        for th, sess in sessions.items():
+            for rows in ROWS:
+                t0 = time.perf_counter()
+                sess.run(None, feeds[rows])
+                if r:
+                    samples.setdefault((th, rows), []).append(time.perf_counter() - t0)
+    out: dict[int, dict[int, float]] = {}
+    for (th, rows), times in samples.items():
+        out.setdefault(th, {})[rows] = flops_per_row * rows / statistics.median(times)
+    return out
+
+
+def measure_bandwidth(thread_counts: tuple[int, ...], nbytes: int = 256 * 2**20
+                      ) -> dict[int, float]:
+    """threads -> read bandwidth (bytes/s) of summing a buffer past the caches."""
+    buf = torch.ones(nbytes // 4, dtype=torch.float32)
+    out = {}
+    for th in thread_counts:
+        torch.set_num_threads(th)
+        times = []
+        for _ in range(4):
+            t0 = time.perf_counter()
+            buf.sum()
+            times.append(time.perf_counter() - t0)
+        out[th] = nbytes / statistics.median(times[1:])
+    return out
+
+
+def _allreduce_rank(rank: int, port: int, q: Any) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    res = {}
+    for name, numel, reps in (("small", 1, 60), ("large", 2**20, 12)):
+        t = torch.ones(numel)
+        dist.all_reduce(t)  # warm
+        times = []
+        for _ in range(reps):
+            dist.barrier()
+            t0 = time.perf_counter()
+            dist.all_reduce(t)
+            times.append(time.perf_counter() - t0)
+        res[name] = statistics.median(times)
+    if rank == 0:
+        q.put(res)
+    dist.destroy_process_group()
+
+
+def measure_allreduce() -> tuple[float, float]:
+    """(latency s, bus bandwidth bytes/s) of gloo all-reduce between 2 local processes."""
+    import torch.multiprocessing as mp
+
+    from ..workers.group import free_port
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_allreduce_rank, args=(r, port, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    res = q.get(timeout=120)
+    for p in procs:
+        p.join(timeout=30)
+    lat = res["small"]
+    nbytes = 4 * 2**20
+    # ring: 2 (n-1)/n of the bytes cross the bus; n = 2
+    bw = nbytes / max(1e-9, res["large"] - lat)
+    return lat, bw
+
+
+def measure_overhead(backend: str, work: Path, seconds: float = 3.0) -> StepOverhead:
+    """Inter-token time of a real server on a tiny random model at 1 and 8 streams."""
+    import asyncio
+    import re
+    import subprocess
+    import sys
+
+    model = work / "tiny"
+    if not model.exists():
+        _write_tiny(model)
+    if backend == "onnx":
+        onnx_dir = work / "tiny-onnx"
+        if not onnx_dir.exists():
+            from shardserve_sharding.onnx_export.export import export_onnx
+
+            export_onnx(model, onnx_dir, dtype="fp32", verify_hashes=False)
+        model = onnx_dir
+    log = work / f"serve-{backend}.log"
+    cmd = [sys.executable, "-m", "shardserve_server.cli", "serve", "--model", str(model),
+           "--backend", backend, "--port", "0", "--metrics-port", "-1", "--no-verify"]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        target = None
+        deadline = time.monotonic() + 120
+        while target is None and time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"tiny {backend} server exited; see {log}")
+            m = re.search(r"listening on (\S+)", log.read_text(errors="replace"))
+            target = m.group(1) if m else None
+            time.sleep(0.2)
+        if target is None:
+            raise RuntimeError(f"tiny {backend} server did not start; see {log}")
+        itl1, itl8 = asyncio.run(_itl(target, seconds))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return StepOverhead(fixed_s=itl1, per_row_s=max(0.0, (itl8 - itl1) / 7))
+
+
+async def _itl(target: str, seconds: float) -> tuple[float, float]:
+    import asyncio
+
+    from shardserve_client import READINESS, AsyncClient
+
+    async with AsyncClient(target) as c:
+        for _ in range(200):
+            try:
+                if await c.health(READINESS, timeout=2):
+                    break
+            except Exception:  # noqa: BLE001 - not up yet
+                pass
+            await asyncio.sleep(0.2)
+        out = []
+        for streams in (1, 8):
+            gaps: list[float] = []
+            stop = time.perf_counter() + seconds
+
+            async def stream(gaps=gaps, stop=stop) -> None:
+                while time.perf_counter() < stop:
+                    first = last = None
+                    n = 0
+                    async for chunk in c.generate_stream("hello world", max_new_tokens=24,
+                                                         temperature=0.0, ignore_eos=True):
+                        if chunk.token_ids:
+                            last = time.perf_counter()
+                            first = first or last
+                            n += len(chunk.token_ids)
+                    if n > 2 and first is not None and last is not None:
+                        # the decode span over its tokens: chunks that arrive together
+                        # (several tokens per message) neither shrink nor stretch it
+                        gaps.append((last - first) / (n - 1))
+
+            await asyncio.gather(*(stream() for _ in range(streams)))
+            out.append(statistics.median(gaps))
+        return out[0], out[1]
+
+
+def _write_tiny(dst: Path) -> None:
+    from shardserve_sharding.checkpoint.io import write_checkpoint
+    from shardserve_sharding.checkpoint.safetensors_stream import TensorSpec
+    from shardserve_sharding.models import build_model, checkpoint_names
+    from shardserve_sharding.models.llama import LlamaConfig
+    from shardserve_sharding.tokenizer import train_bpe
+
+    tok = train_bpe(["hello world, the quick brown fox jumps over the lazy dog. " * 4],
+                    vocab_size=300)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                      intermediate_size=96, max_seq_len=512)
+    torch.manual_seed(0)
+    model = build_model("llama", cfg)
+    params = dict(model.named_parameters())
+    names = checkpoint_names(model)
+    write_checkpoint(dst, family="llama", config=cfg.to_dict(),
+                     tensors=((n, params[n].detach()) for n in names),
+                     specs=[TensorSpec(n, torch.float32, tuple(params[n].shape)) for n in names],
+                     tokenizer=tok, source={"format": "plan-measure-random"})
+
+
+def measure(config: Any, *, backends: tuple[str, ...] = ("torch", "onnx"),
+            log: Any = print) -> MachineCosts:
+    """Every measurement of the module docstring at `config`'s shapes (a Llama config)."""
+    t0 = time.perf_counter()
+    cores = len(os.sched_getaffinity(0))
+    counts = tuple(sorted({1, cores}))
+    old = torch.get_num_threads()
+    try:
+        gemm = measure_gemm(config, ("fp32", "bf16"), counts)
+        log(f"  GEMMs at the model's shapes: {time.perf_counter() - t0:.1f} s")
+        bw = measure_bandwidth(counts)
+        log(f"  bandwidth: {max(bw.values()) / 1e9:.1f} GB/s")
+    finally:
+        torch.set_num_threads(old)
+    lat, arbw = measure_allreduce()
+    log(f"  all-reduce: {lat * 1e3:.2f} ms latency, {arbw / 1e9:.2f} GB/s")
+    overhead = {}
+    backend_gemm = {}
+    with tempfile.TemporaryDirectory(prefix="shardserve-plan-") as d:
+        if "onnx" in backends:
+            t1 = time.perf_counter()
+            backend_gemm["onnx"] = {"fp32": measure_gemm_onnx(config, counts, Path(d))}
+            log(f"  ONNX Runtime GEMMs: {time.perf_counter() - t1:.1f} s")
+        for b in backends:
+            overhead[b] = measure_overhead(b, Path(d))
+            log(f"  {b} step overhead: {overhead[b].fixed_s * 1e3:.2f} ms + "
+                f"{overhead[b].per_row_s * 1e3:.3f} ms/row")
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return MachineCosts(
+        device=cpu_description(), host_threads=cores,
+        memory_per_device_gib=round(mem / cores, 2), gemm_flops=gemm, mem_bw=bw,
+        allreduce_latency_s=lat, allreduce_bw=arbw, overhead=overhead,
+        backend_gemm_flops=backend_gemm,
+        source=f"shardserve plan --measure ({time.perf_counter() - t0:.0f} s)",
+        measured_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )

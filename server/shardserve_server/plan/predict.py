@@ -1,0 +1,287 @@
+"""Enumerate layouts (TP x PP x replicas x backend/dtype), judge their validity and predict
+weight memory, KV capacity, TTFT, ITL and aggregate tok/s from a costs file.
+
+The step model follows our engine (engine/scheduler.py, runner.py): a step is one forward
+over all running rows' tokens; a new request's prompt is prefilled in a step that carries the
+other rows' decodes too (a flat step). For one rank of a stage and a step of T tokens over B
+rows at context C:
+
+    gemm   = max(2 * matmul_elems * T / rate(dtype, T, threads), matmul_bytes / bandwidth)
+    attn   = B * C * kv_bytes_per_token / bandwidth + 4 * heads * head_dim * T * C / rate
+    comm   = allreduces * allreduce(T * dim * act_bytes) + gather(B * vocab * 4)   (TP > 1)
+    step   = sum over stages + (PP - 1) sends of T * dim + overhead(backend, B)
+
+With S streams over R replicas a replica runs s = ceil(S / R) rows. Its decode step
+(T = B = s, C = prompt + new / 2) is the ITL; a prefill step has T = prompt + s - 1. TTFT is a
+prefill step plus half a decode step (the step in flight when the request came). Over one
+request's life a stream sees `new` steps, s of them prefills: tok/s per replica is
+s * new / (s * prefill + (new - s) * decode). Ranks on one host share its cores (a rank with
+fewer than one core gets a time share).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from shardserve_sharding.models import NAMED_CONFIGS, CacheKind, config_from_dict
+
+from .costs import MachineCosts
+from .footprint import ACT_BYTES, DTYPE_BYTES, Footprint, footprint
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the layouts are judged on."""
+
+    streams: int = 8
+    """Concurrent streams (closed loop)."""
+    prompt_tokens: int = 100
+    new_tokens: int = 64
+    target_ttft_ms: float | None = None
+    target_itl_ms: float | None = None
+    memory_per_device_gib: float | None = None
+    """None: the costs file's default."""
+    memory_utilization: float = 0.9
+    """Fraction of a device's memory for weights + KV (the rest: activations, runtime)."""
+    kv_tokens: int | None = None
+    """A fixed KV budget per replica (shardserve serve --kv-cache-tokens); None: all that fits."""
+
+
+@dataclass(frozen=True)
+class LayoutChoice:
+    backend: str
+    dtype: str
+    tp: int
+    pp: int
+    replicas: int
+
+    @property
+    def devices(self) -> int:
+        return self.tp * self.pp * self.replicas
+
+    @property
+    def name(self) -> str:
+        return f"{self.backend} {self.dtype} tp{self.tp} pp{self.pp} x{self.replicas}"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    layout: LayoutChoice
+    valid: bool
+    why: str
+    """Why invalid, or notes for a valid one."""
+    weight_gib_per_rank: float = 0.0
+    kv_capacity_tokens: int = 0
+    ttft_ms: float = 0.0
+    itl_ms: float = 0.0
+    tok_s: float = 0.0
+    comm_share: float = 0.0
+    """Fraction of a decode step spent in collectives."""
+    meets_targets: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(d.pop("layout"))
+        d["layout"] = self.layout.name
+        return d
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    family: str
+    config: Any
+
+
+def resolve_model(ref: str) -> ModelRef:
+    """A checkpoint dir (manifest.json), a named config (`smollm2-135m`), or a JSON file
+    {"family": ..., "config": {...}}; ValueError with one line otherwise."""
+    p = Path(ref)
+    if p.is_dir():
+        from shardserve_sharding.checkpoint.manifest import read_manifest
+
+        m = read_manifest(p)
+        return ModelRef(p.name, m.family, config_from_dict(m.family, m.config))
+    if p.is_file():
+        try:
+            d = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{ref}: not a readable JSON model config ({e})") from None
+        if not isinstance(d, dict) or not isinstance(d.get("config"), dict):
+            raise ValueError(f"{ref}: expected {{\"family\": ..., \"config\": {{...}}}}")
+        family = str(d.get("family", "llama"))
+        try:
+            config = config_from_dict(family, d["config"])
+        except TypeError as e:
+            raise ValueError(f"{ref}: bad config: {e}") from None
+        return ModelRef(str(d.get("name", p.stem)), family, config)
+    if ref in NAMED_CONFIGS:
+        family, config = NAMED_CONFIGS[ref]
+        return ModelRef(ref, family, config)
+    raise ValueError(f"{ref}: neither a checkpoint directory, a JSON config file nor a named "
+                     f"config ({', '.join(sorted(NAMED_CONFIGS))})")
+
+
+def candidates(costs: MachineCosts, devices: int) -> list[LayoutChoice]:
+    """Every TP x PP x replicas within `devices`, for each backend and dtype the costs cover:
+    torch at every measured dtype but int8; ONNX at fp32 and int8 (where measured)."""
+    out = []
+    for backend in sorted(costs.overhead):
+        dtypes = [d for d in sorted(costs.gemm_flops)
+                  if (d in ("fp32", "int8")) == (backend == "onnx") or d == "fp32"]
+        for dtype in dtypes:
+            for tp in range(1, devices + 1):
+                for pp in range(1, devices // tp + 1):
+                    for r in range(1, devices // (tp * pp) + 1):
+                        out.append(LayoutChoice(backend, dtype, tp, pp, r))
+    return out
+
+
+def _step_s(fp: Footprint, costs: MachineCosts, lay: LayoutChoice, threads: float,
+            tokens: int, rows: int, ctx: float, vocab_rows: int) -> tuple[float, float]:
+    """(step seconds, of which collectives) for one replica."""
+    wbytes = DTYPE_BYTES[lay.dtype]
+    act = ACT_BYTES[lay.dtype]
+    rate = costs.gemm_rate(lay.dtype, tokens, threads, lay.backend)
+    bw = costs.bandwidth(threads)
+    total = comm = 0.0
+    for st in fp.stages:
+        gemm = max(2 * st.matmul_elems * tokens / rate, st.matmul_elems * wbytes / bw)
+        layers_share = st.n_layers / max(1, max(s.n_layers for s in fp.stages))
+        attn = layers_share * (rows * ctx * fp.kv_elems_per_token * act / bw
+                               + 4 * fp.attn_heads * fp.head_dim * tokens * ctx
+                               * st.n_layers / rate)
+        c = st.allreduces * costs.allreduce_s(tokens * fp.dim * act, lay.tp)
+        if st.gathers_vocab:
+            c += costs.allreduce_s(vocab_rows * st.gathers_vocab * 4 / 2, lay.tp)
+        total += gemm + attn + c
+        comm += c
+    if lay.pp > 1:
+        send = (lay.pp - 1) * (costs.allreduce_latency_s + tokens * fp.dim * act
+                               / costs.allreduce_bw)
+        total += send
+        comm += send
+    ov = costs.overhead[lay.backend]
+    total += ov.fixed_s + ov.per_row_s * rows
+    return total, comm
+
+
+def predict(model: ModelRef, costs: MachineCosts, devices: int, work: Workload,
+            layouts: list[LayoutChoice] | None = None) -> list[Prediction]:
+    """A prediction (or the reason it is invalid) for every candidate layout."""
+    mem = (work.memory_per_device_gib or costs.memory_per_device_gib) * GIB
+    out = []
+    cache: dict[tuple[int, int], Footprint | str] = {}
+    for lay in layouts if layouts is not None else candidates(costs, devices):
+        key = (lay.tp, lay.pp)
+        if key not in cache:
+            try:
+                cache[key] = footprint(model.family, model.config, lay.tp, lay.pp)
+            except ValueError as e:
+                cache[key] = str(e)
+        fp = cache[key]
+        if isinstance(fp, str):
+            out.append(Prediction(lay, False, fp))
+            continue
+        out.append(_one(fp, model, costs, lay, work, mem, devices))
+    return out
+
+
+def _one(fp: Footprint, model: ModelRef, costs: MachineCosts, lay: LayoutChoice,
+         work: Workload, mem: float, devices: int) -> Prediction:
+    if lay.devices > devices:
+        return Prediction(lay, False, f"needs {lay.devices} devices, have {devices}")
+    if lay.backend == "onnx" and (lay.tp > 1 or lay.pp > 1):
+        return Prediction(lay, False, "the ONNX backend runs whole-model replicas (tp=pp=1)")
+    if lay.dtype not in DTYPE_BYTES:
+        return Prediction(lay, False, f"unknown dtype {lay.dtype}")
+    weights = max(st.weight_elems for st in fp.stages) * DTYPE_BYTES[lay.dtype]
+    budget = mem * work.memory_utilization - weights
+    if budget <= 0:
+        return Prediction(lay, False, f"weights {weights / GIB:.1f} GiB per rank exceed "
+                          f"{work.memory_utilization:.0%} of {mem / GIB:.0f} GiB",
+                          weight_gib_per_rank=weights / GIB)
+    s = -(-work.streams // lay.replicas)  # rows of the busiest replica
+    need = s * (work.prompt_tokens + work.new_tokens)
+    if fp.cache_kind is CacheKind.PAGED_KV:
+        per_tok = fp.kv_elems_per_token * ACT_BYTES[lay.dtype]
+        kv_tokens = int(budget // per_tok)
+    else:  # a state slot per sequence: capacity in sequences, shown as tokens of full ones
+        slots = int(budget // max(1.0, fp.state_elems_per_seq * ACT_BYTES[lay.dtype]))
+        kv_tokens = slots * (work.prompt_tokens + work.new_tokens)
+    if work.kv_tokens is not None:
+        kv_tokens = min(kv_tokens, work.kv_tokens)
+    if kv_tokens < need:
+        return Prediction(lay, False, f"KV room for {kv_tokens} tokens per replica, "
+                          f"{s} streams need {need}", weight_gib_per_rank=weights / GIB,
+                          kv_capacity_tokens=kv_tokens)
+    threads = (costs.host_threads / lay.devices) if costs.host_threads else \
+        float(max(costs.gemm_flops[lay.dtype]))  # a device's own compute
+    ctx = work.prompt_tokens + work.new_tokens / 2
+    dec, dec_comm = _step_s(fp, costs, lay, threads, s, s, ctx, s)
+    pre, _ = _step_s(fp, costs, lay, threads, work.prompt_tokens + s - 1, s,
+                     _prefill_ctx(work, s), s)
+    ttft = pre + (dec / 2 if s > 1 else 0.0)
+    tok_s = 0.0
+    left = work.streams
+    for r in range(lay.replicas):  # streams spread as evenly as the balancer does
+        n = -(-left // (lay.replicas - r))
+        left -= n
+        if n == 0:
+            continue
+        d, _ = _step_s(fp, costs, lay, threads, n, n, ctx, n)
+        p, _ = _step_s(fp, costs, lay, threads, work.prompt_tokens + n - 1, n,
+                       _prefill_ctx(work, n), n)
+        g = work.new_tokens
+        period = min(n, g) * p + max(g - n, 0) * d
+        tok_s += n * g / period
+    notes = []
+    if lay.pp > 1:
+        notes.append("shardserve serve runs pp=1: planned for reference")
+    if costs.host_threads and lay.devices > costs.host_threads:
+        notes.append(f"{lay.devices} ranks share {costs.host_threads} cores")
+    meets = (work.target_ttft_ms is None or ttft * 1e3 <= work.target_ttft_ms) and (
+        work.target_itl_ms is None or dec * 1e3 <= work.target_itl_ms)
+    return Prediction(lay, True, "; ".join(notes), weights / GIB, kv_tokens, ttft * 1e3,
+                      dec * 1e3, tok_s, dec_comm / dec if dec else 0.0, meets)
+
+
+def _prefill_ctx(work: Workload, rows: int) -> float:
+    """Mean context per token of a flat prefill step: the prompt's tokens see half the prompt
+    on average, the other rows' decode tokens see a half-generated sequence each."""
+    ctx = work.prompt_tokens + work.new_tokens / 2
+    tokens = work.prompt_tokens + rows - 1
+    return (work.prompt_tokens * work.prompt_tokens / 2 + (rows - 1) * ctx) / tokens
+
+
+def recommend(preds: list[Prediction], work: Workload) -> tuple[Prediction | None, str]:
+    """The layout to use and why: the highest aggregate tok/s among the servable layouts
+    that meet the targets (fewer devices on a tie within 2%); without one that meets them,
+    the lowest ITL."""
+    valid = [p for p in preds if p.valid]
+    if not valid:
+        return None, "no layout is valid (see the reasons)"
+    servable = [p for p in valid if p.layout.pp == 1] or valid
+    ok = [p for p in servable if p.meets_targets]
+    targets = ", ".join(t for t in (
+        f"TTFT <= {work.target_ttft_ms:g} ms" if work.target_ttft_ms is not None else "",
+        f"ITL <= {work.target_itl_ms:g} ms" if work.target_itl_ms is not None else "") if t)
+    if not ok:
+        best = min(servable, key=lambda p: (p.itl_ms, p.ttft_ms))
+        return best, (f"no layout meets {targets}; this one has the lowest ITL "
+                      f"({best.itl_ms:.1f} ms)")
+    top = max(p.tok_s for p in ok)
+    near = [p for p in ok if p.tok_s >= 0.98 * top]
+    best = min(near, key=lambda p: (p.layout.devices, p.itl_ms))
+    others = len(ok) - 1
+    why = (f"highest predicted aggregate tok/s ({best.tok_s:.0f}) at {work.streams} streams"
+           + (f" among {others + 1} layouts meeting {targets}" if targets else
+              f" of {len(servable)} valid layouts"))
+    if best.comm_share > 0.3:
+        why += f"; note {best.comm_share:.0%} of a decode step is communication"
+    return best, why

@@ -1,0 +1,132 @@
+"""Quantized linear weights at run time, over torch's own CPU weight-only kernels.
+
+- int8: `torch.ops.aten._weight_int8pack_mm(x [M, K], q int8 [N, K], scale [N])`, the op
+  gpt-fast's WeightOnlyInt8Linear lowers to on CPU;
+- int4: `torch.ops.aten._weight_int4pack_mm_for_cpu(x [M, K], packed, group, qparams
+  [K/G, N, 2])` over a weight repacked once at load by `_convert_weight_to_int4pack_for_cpu`
+  (an opaque, CPU-specific layout: never stored).
+
+Both take bf16 or fp32 activations (scales are cast to the activation dtype at load). They
+win where a GEMM streams its weight (few rows: decode); at many rows torch's bf16 GEMM
+(oneDNN, AMX where present) is several times faster than either (results/quant_kernels.md:
+at 32 rows int8 takes 3.6-4.2x and int4 2.9-3.9x bf16's time). So calls of DENSE_MIN_ROWS
+rows or more go through cpu_gemm.cpu_linear over a dense copy of the weight in the run
+dtype, dequantized once on first use and cached (never saved): prefill and large decode
+batches run as fast as bf16, at the cost of that copy's memory once such a batch has been
+seen
+(SHARDSERVE_QUANT_DENSE_MIN_ROWS=0 turns the copy off).
+torchao is not used: 0.18 (the release for torch 2.13) runs Int8WeightOnlyConfig on CPU
+about 2-6x slower than the aten op at 1 row, and has no CPU int4 packing any more ("opaque"
+was removed) (loadtest/bench_quant_kernels.py --torchao, results/quant_kernels.md).
+
+A module whose weight is quantized keeps `weight = None` and holds one of these as
+`qweight`; models.cpu_gemm.cpu_linear calls it (quant/apply.py wires them in).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.cpu_gemm import cpu_linear
+from .scheme import dequantize_int4, dequantize_int8, unpack_int4
+
+DENSE_MIN_ROWS = int(os.environ.get("SHARDSERVE_QUANT_DENSE_MIN_ROWS", "6"))
+"""Matmuls of at least this many rows run over the cached dense copy (0: never). Measured on
+a Zen 4 core with AMX/AVX512-BF16 (1 thread, thread CPU time) over SmolLM2's four layer
+weights streamed from memory, kernel time / bf16 F.linear time: int8 0.37-0.60 at 1 row,
+0.59-0.80 at 4, 1.08-1.33 at 8; int4 g32 0.27-0.36, 0.41-0.61, 0.87-1.25
+(loadtest/results/quant_kernels.md): the crossover is 5-8 rows."""
+
+
+def _use_dense(x2: torch.Tensor) -> bool:
+    return DENSE_MIN_ROWS > 0 and x2.shape[0] >= DENSE_MIN_ROWS
+
+
+def _dense(owner: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """owner's cached dequantized weight [N, K] in dtype (built on first use)."""
+    cached = owner.__dict__.get("_dense")
+    if cached is None or cached.dtype != dtype:
+        cached = owner.dequantize().to(dtype)
+        owner.__dict__["_dense"] = cached
+    return cached
+
+
+class Int8Weight(nn.Module):
+    """Per-row int8 weight; forward(x [..., K]) = x @ (q * scale).T in x's dtype."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("q", q.contiguous())  # [N, K] int8
+        self.register_buffer("scale", scale.to(dtype).contiguous())  # [N]
+
+    @property
+    def out_features(self) -> int:
+        return self.q.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])  # [M, K]
+        if _use_dense(x2):
+            return cpu_linear(self, x, _dense(self, x.dtype), None)  # [..., N]
+        if x2.dtype != self.scale.dtype:
+            x2 = x2.to(self.scale.dtype)
+        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.q, self.scale)  # [M, N]
+        return y.view(*x.shape[:-1], -1).to(x.dtype)
+
+    @property
+    def in_features(self) -> int:
+        return self.q.shape[1]
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Dequantized rows ids [...] -> [..., K] in the run dtype (embedding lookup of the
+        same matrix)."""
+        return F.embedding(ids, self.q).to(self.scale.dtype) * self.scale[ids].unsqueeze(-1)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_int8(self.q, self.scale)  # [N, K] float32
+
+
+class Int4Weight(nn.Module):
+    """Grouped int4 weight; forward(x [..., K]) = x @ w.T with w = v * scale + offset."""
+
+    def __init__(self, packed: torch.Tensor, qparams: torch.Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        n, groups = qparams.shape[0], qparams.shape[1]
+        k = packed.shape[1] * 2
+        self.group_size = k // groups
+        self.in_features = k
+        # the stored bytes [N, K/2], kept (not a buffer) for the dense copy
+        self.__dict__["_stored"] = packed if DENSE_MIN_ROWS > 0 else None
+        pad = -n % 16  # the repacking wants N divisible by 16: zero rows, sliced off
+        q = unpack_int4(packed).to(torch.int32) + 8  # [N, K] in [0, 15]
+        q = F.pad(q, (0, 0, 0, pad), value=8).contiguous()  # [N + pad, K]
+        self.register_buffer(
+            "packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))  # opaque
+        qp = F.pad(qparams.float(), (0, 0, 0, 0, 0, pad))  # [N + pad, K/G, 2]
+        # [K/G, N + pad, 2] (scale, offset): the kernel's layout
+        self.register_buffer("qparams", qp.to(dtype).transpose(0, 1).contiguous())
+        self._n = n
+
+    @property
+    def out_features(self) -> int:
+        return self._n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])  # [M, K]
+        if _use_dense(x2):
+            return cpu_linear(self, x, _dense(self, x.dtype), None)  # [..., N]
+        if x2.dtype != self.qparams.dtype:
+            x2 = x2.to(self.qparams.dtype)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x2.contiguous(), self.packed, self.group_size, self.qparams)  # [M, N + pad]
+        return y[:, : self._n].reshape(*x.shape[:-1], self._n).to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [N, K] (needs the unpacked values kept at load, see DENSE_MIN_ROWS)."""
+        packed = self.__dict__.get("_stored")
+        if packed is None:
+            raise RuntimeError("the int4 bytes were not kept (SHARDSERVE_QUANT_DENSE_MIN_ROWS=0)")
+        return dequantize_int4(packed, self.qparams.transpose(0, 1)[: self._n])

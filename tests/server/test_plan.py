@@ -1,0 +1,199 @@
+"""The layout planner: per-rank sizes from the split table, validity, the step arithmetic on a
+stored costs file, the CLI's table and --json, damaged costs files. No real measurement runs
+here (those are `shardserve plan --measure` and loadtest/validate_plan.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from shardserve_server.cli import main
+from shardserve_server.plan import costs as plan_costs
+from shardserve_server.plan.footprint import footprint
+from shardserve_server.plan.predict import (
+    LayoutChoice,
+    Workload,
+    predict,
+    recommend,
+    resolve_model,
+)
+from shardserve_sharding.models import LLAMA_CONFIGS, expected_tensors
+from shardserve_sharding.partition import TPGeometry, local_shape, shard_spec
+from shardserve_sharding.split_table import split_kind
+
+RATE = 1e9  # FLOP/s at every row count and thread count
+COSTS = {
+    "schema": plan_costs.SCHEMA, "device": "test machine", "host_threads": 0,
+    "memory_per_device_gib": 1.0,
+    "gemm_flops": {"fp32": {"1": {"1": RATE, "128": RATE}},
+                   "bf16": {"1": {"1": RATE, "128": RATE}}},
+    "mem_bw": {"1": 1e15}, "allreduce_latency_s": 1e-4, "allreduce_bw": 1e15,
+    "overhead": {"torch": {"fixed_s": 1e-3, "per_row_s": 0.0},
+                 "onnx": {"fixed_s": 5e-4, "per_row_s": 0.0}},
+    "source": "hand-made for tests",
+}
+
+
+@pytest.fixture
+def costs_file(tmp_path):
+    p = tmp_path / "costs.json"
+    p.write_text(json.dumps(COSTS))
+    return p
+
+
+def test_footprint_matches_the_real_shards():
+    """Per-rank elements equal the sum of the slices partition.shard_spec gives each rank."""
+    cfg = LLAMA_CONFIGS["smollm2-135m"]
+    fp = footprint("llama", cfg, 3, 1)
+    geo = TPGeometry.of("llama", cfg)
+    per_rank = [0, 0, 0]
+    for name, shape in expected_tensors("llama", cfg):
+        for r in range(3):
+            per_rank[r] += math.prod(local_shape(shape, shard_spec(
+                split_kind("llama", name), shape, geo, 3, r)))
+    assert fp.stages[0].weight_elems == max(per_rank)
+    full = footprint("llama", cfg, 1, 1)
+    assert full.params == full.stages[0].weight_elems == 134_515_008  # SmolLM2-135M, tied
+    # 2 rowwise tensors per layer + the vocab-split embedding; logits gathered
+    assert fp.stages[0].allreduces == 2 * 30 + 1 and full.stages[0].allreduces == 0
+    assert fp.kv_elems_per_token == 2 * 30 * 1 * 64  # 3 KV heads over 3 ranks
+    # a tied output is a matmul: the embedding's elements count once more per token
+    emb = 49152 * 576
+    assert full.stages[0].matmul_elems == full.params - emb - 576 * 61 + emb
+
+
+def test_pipeline_stages_split_the_layers_and_keep_a_tied_output():
+    cfg = LLAMA_CONFIGS["smollm2-135m"]
+    fp = footprint("llama", cfg, 1, 2)
+    assert [s.n_layers for s in fp.stages] == [15, 15]
+    emb = 49152 * 576
+    assert fp.stages[0].weight_elems + fp.stages[1].weight_elems == fp.params + emb
+
+
+def test_invalid_layouts_say_why(costs_file):
+    costs = plan_costs.load(costs_file)
+    model = resolve_model("smollm2-135m")
+    preds = {p.layout.name: p for p in predict(model, costs, 6, Workload(streams=4))}
+    assert not preds["torch fp32 tp2 pp1 x1"].valid
+    assert "query heads 9 is not divisible by tp 2" in preds["torch fp32 tp2 pp1 x1"].why
+    assert preds["torch fp32 tp1 pp1 x1"].valid  # 0.5 GiB of weights fit 90% of 1 GiB
+    assert preds["torch bf16 tp1 pp1 x1"].valid
+    assert preds["torch fp32 tp3 pp1 x1"].valid
+    assert "ONNX backend" in preds["onnx fp32 tp3 pp1 x1"].why
+    assert "pp=1" in preds["torch bf16 tp1 pp2 x1"].why  # valid, planned for reference only
+    big = predict(model, costs, 2, Workload(streams=4, memory_per_device_gib=0.2))
+    fp32 = next(p for p in big if p.layout.name == "torch fp32 tp1 pp1 x1")
+    assert not fp32.valid and "weights 0.5 GiB per rank exceed 90% of 0 GiB" in fp32.why
+    kv = predict(model, costs, 1, Workload(streams=4, kv_tokens=100))
+    assert all("KV room for 100 tokens" in p.why for p in kv if p.layout.devices == 1
+               and p.layout.pp == 1 and p.layout.backend == "torch")
+
+
+def test_step_arithmetic_on_a_stored_costs_file(costs_file):
+    """With a flat GEMM rate and free memory and bus, a decode step is exactly
+    2 * matmul elements * rows / rate + attention FLOPs / rate + collectives + overhead."""
+    costs = plan_costs.load(costs_file)
+    model = resolve_model("tiny")
+    cfg = LLAMA_CONFIGS["tiny"]
+    work = Workload(streams=2, prompt_tokens=10, new_tokens=4)
+    lay1, lay2 = LayoutChoice("torch", "fp32", 1, 1, 1), LayoutChoice("torch", "fp32", 2, 1, 1)
+    p1, p2 = predict(model, costs, 2, work, [lay1, lay2])
+    fp1 = footprint("llama", cfg, 1, 1)
+    ctx = 10 + 4 / 2
+    attn = 4 * cfg.n_heads * cfg.head_dim * 2 * ctx * cfg.n_layers
+    dec1 = (2 * fp1.stages[0].matmul_elems * 2 + attn) / RATE + 1e-3
+    assert p1.itl_ms == pytest.approx(dec1 * 1e3, rel=1e-6)
+    # TP 2: half the GEMMs and heads, plus 2 * layers + 1 all-reduces and a logits gather
+    fp2 = footprint("llama", cfg, 2, 1)
+    comm = (2 * cfg.n_layers + 1 + 1) * 1e-4
+    dec2 = (2 * fp2.stages[0].matmul_elems * 2 + attn / 2) / RATE + comm + 1e-3
+    assert p2.itl_ms == pytest.approx(dec2 * 1e3, rel=1e-6)
+    assert p2.comm_share == pytest.approx(comm / dec2, rel=1e-6)
+    # 2 streams, 4 new tokens: 2 prefill steps (10 + 1 tokens) and 2 decode steps per period
+    pre1 = (2 * fp1.stages[0].matmul_elems * 11 + 4 * cfg.n_heads * cfg.head_dim * 11 * (
+        (10 * 10 / 2 + ctx) / 11) * cfg.n_layers) / RATE + 1e-3
+    assert p1.tok_s == pytest.approx(2 * 4 / (2 * pre1 + 2 * dec1), rel=1e-6)
+    assert p1.ttft_ms == pytest.approx((pre1 + dec1 / 2) * 1e3, rel=1e-6)
+
+
+def test_recommendation_follows_the_targets(costs_file):
+    costs = plan_costs.load(costs_file)
+    model = resolve_model("tiny")
+    preds = predict(model, costs, 4, Workload(streams=8))
+    best, why = recommend(preds, Workload(streams=8))
+    assert best is not None and best.valid and best.layout.pp == 1
+    assert best.tok_s == max(p.tok_s for p in preds if p.valid and p.layout.pp == 1)
+    assert "highest predicted aggregate tok/s" in why
+    tight = Workload(streams=8, target_itl_ms=1e-6)
+    best, why = recommend(predict(model, costs, 4, tight), tight)
+    assert "no layout meets ITL <= 1e-06 ms" in why
+
+
+def test_cli_json_shape(costs_file, capsys):
+    assert main(["plan", "--model", "smollm2-135m", "--devices", "3", "--costs",
+                 str(costs_file), "--streams", "4", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert set(d) == {"model", "devices", "workload", "costs", "layouts", "recommended"}
+    assert d["devices"] == 3 and d["model"] == {"name": "smollm2-135m", "family": "llama"}
+    keys = {"layout", "backend", "dtype", "tp", "pp", "replicas", "valid", "why",
+            "weight_gib_per_rank", "kv_capacity_tokens", "ttft_ms", "itl_ms", "tok_s",
+            "comm_share", "meets_targets"}
+    assert all(set(row) == keys for row in d["layouts"])
+    assert {row["layout"] for row in d["layouts"] if not row["valid"]} >= {
+        "torch fp32 tp2 pp1 x1"}
+    assert d["recommended"]["valid"] and d["recommended"]["reason"]
+
+
+def test_cli_table(costs_file, capsys):
+    assert main(["plan", "--model", "tiny", "--devices", "2", "--costs", str(costs_file),
+                 "--target-ttft-ms", "1000"]) == 0
+    out = capsys.readouterr().out
+    assert "invalid layouts:" in out and "recommended: " in out and "\n*" in out
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not valid JSON (line 1): damaged costs file"),
+    (json.dumps({**COSTS, "allreduce_bw": -1}), "allreduce_bw must be a positive number"),
+    (json.dumps({**COSTS, "schema": "x"}), "schema is 'x'"),
+    (json.dumps({**COSTS, "gemm_flops": {"fp32": {"1": {"one": 1e9}}}}), "key 'one' is not"),
+])
+def test_damaged_costs_file_is_one_line_exit_2(tmp_path, capsys, content, message):
+    p = tmp_path / "costs.json"
+    p.write_text(content)
+    assert main(["plan", "--model", "tiny", "--costs", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_missing_costs_file_and_bad_flags(tmp_path, costs_file, capsys):
+    assert main(["plan", "--model", "tiny", "--costs", str(tmp_path / "none.json")]) == 2
+    assert "run `shardserve plan --measure` first" in capsys.readouterr().err
+    assert main(["plan", "--model", "tiny", "--costs", str(costs_file), "--devices", "0"]) == 2
+    assert "--devices must be >= 1" in capsys.readouterr().err
+    assert main(["plan", "--model", "nonesuch", "--costs", str(costs_file)]) == 2
+    assert "neither a checkpoint directory" in capsys.readouterr().err
+
+
+def test_costs_round_trip(tmp_path, costs_file):
+    c = plan_costs.load(costs_file)
+    c.save(tmp_path / "again.json")
+    assert plan_costs.load(tmp_path / "again.json") == c
+    assert c.allreduce_s(0, 1) == 0.0 and c.allreduce_s(0, 2) == pytest.approx(1e-4)
+
+
+def test_a_backend_with_its_own_gemm_table_uses_it(tmp_path):
+    """ONNX Runtime's measured GEMM rates (its own kernels and thread pool) drive the ONNX
+    layouts; torch layouts keep torch's; rates interpolate log-linearly in rows."""
+    d = {**COSTS, "backend_gemm_flops": {"onnx": {"fp32": {"1": {"1": 4e9, "100": 4e11}}}}}
+    p = tmp_path / "costs.json"
+    p.write_text(json.dumps(d))
+    c = plan_costs.load(p)
+    assert c.gemm_rate("fp32", 10, 1, "onnx") == pytest.approx(4e10)
+    assert c.gemm_rate("fp32", 10, 0.5, "onnx") == pytest.approx(2e10)  # half a core
+    assert c.gemm_rate("fp32", 10, 1, "torch") == pytest.approx(RATE)
+    model = resolve_model("tiny")
+    lays = [LayoutChoice("onnx", "fp32", 1, 1, 1), LayoutChoice("torch", "fp32", 1, 1, 1)]
+    onnx, torch_ = predict(model, c, 1, Workload(streams=1), lays)
+    assert onnx.itl_ms < torch_.itl_ms

@@ -1,0 +1,57 @@
+"""A quantized checkpoint through the serving paths: `shardserve reshard --quantize` on the
+command line, then `shardserve generate` with the local engine (TP=1) and with a real TP=2
+worker group (gloo, paged KV cache): the same greedy tokens, and the int8 kernels in use."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from shardserve_sharding.checkpoint.io import load_model
+from shardserve_sharding.checkpoint.manifest import read_manifest
+from shardserve_sharding.quant.kernels import Int8Weight
+
+EXE = Path(sys.executable).with_name("shardserve")
+
+
+def _generate(model: Path, *extra: str) -> subprocess.Popen:
+    cmd = [str(EXE), "generate", "--model", str(model), "--prompt", "the quick brown",
+           "--max-new-tokens", "8", "--threads", "1", "--json", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def test_cli_quantized_generate_tp2_equals_tp1(tiny_llama_dir, tmp_path):
+    dst = tmp_path / "int8"
+    done = subprocess.run([str(EXE), "reshard", str(tiny_llama_dir), str(dst), "--tp", "1",
+                           "--quantize", "int8", "--quiet"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert read_manifest(dst).quantization["scheme"] == "int8"
+    loaded = load_model(dst)
+    assert loaded.model.layers[0].attention.wqkv.weight is None
+    assert isinstance(loaded.model.layers[0].attention.wqkv.qweight, Int8Weight)
+    assert loaded.model.output.qweight is loaded.model.tok_embeddings.qweight  # tied, one copy
+    assert loaded.model.tok_embeddings.qweight.q.dtype == torch.int8
+    procs = [_generate(dst), _generate(dst, "--tp", "2")]
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+            outs.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(10)
+    plain, tp2 = outs
+    assert len(plain["token_ids"]) == 8
+    for key in ("token_ids", "text", "finish_reason", "prompt_tokens"):
+        assert tp2[key] == plain[key], key
