@@ -259,7 +259,7 @@ def vllm_server(venv: Path, hf_dir: Path, args) -> Server:
         port = free_port()
         env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1",
                "VLLM_CPU_OMP_THREADS_BIND": args.vllm_bind,
-               "VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_gib)}
+               "VLLM_CPU_KVCACHE_SPACE": f"{args.vllm_kv_gib:g}"}  # vLLM wants an integer
         env.pop("PYTHONPATH", None)
         cmd = [str(venv / "bin" / "vllm"), "serve", str(hf_dir), "--served-model-name",
                MODEL_NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
