@@ -265,6 +265,8 @@ def report(runs: list[tuple[int, str, str, object, float]], args, command: str,
     names = list(dict.fromkeys(r[1] for r in runs))
     for wl in ("shared", "unique"):
         for s in names:
+            if not any(r[1] == s and r[2] == wl for r in runs):
+                continue  # a workload not run (--workloads)
             lines.append(f"| {LABEL[s]} | {wl} | {med(s, wl, 'ttft_p50') * 1e3:.0f} | "
                          f"{med(s, wl, 'ttft_p99') * 1e3:.0f} | {med(s, wl, 'tok_s'):.1f} | "
                          f"{med(s, wl, 'itl_p50') * 1e3:.1f} |")
@@ -274,8 +276,11 @@ def report(runs: list[tuple[int, str, str, object, float]], args, command: str,
         lines.append(f"- shared prefix: TTFT p50 cache off / on = {r:.2f}x (target >= 3x: "
                      f"{'met' if r >= 3 else '**missed**'})")
         t = _div(med("on", "unique", "tok_s"), med("off", "unique", "tok_s"))
-        lines.append(f"- no shared prefix: tok/s cache on / off = {t:.3f} (target within 3%: "
-                     f"{'met' if t >= 0.97 else '**missed**'})")
+        if t == t:  # not NaN: the unique workload ran
+            lines.append(f"- no shared prefix: tok/s cache on / off = {t:.3f} (target within "
+                         f"3%: {'met' if t >= 0.97 else '**missed**'})")
+        else:
+            lines.append("- no shared prefix: not run here (--workloads shared)")
     if {"on", "vllm"} <= set(names):
         a, b = med("on", "shared", "ttft_p50"), med("vllm", "shared", "ttft_p50")
         lines.append(f"- shared prefix: TTFT p50 {a * 1e3:.0f} ms vs vLLM {b * 1e3:.0f} ms "
