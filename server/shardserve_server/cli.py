@@ -342,9 +342,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     model = resolve_model(args.model)
     if args.measure:
         from shardserve_server.plan.measure import measure
+        from shardserve_sharding.models import model_spec
 
-        if model.family != "llama":
-            raise ValueError("--measure times Llama-family layer shapes; give a Llama model")
+        if not model_spec(model.family).plan_measurable:
+            raise ValueError(f"--measure times Llama-family layer shapes; {model.family!r} "
+                             "has none it knows")
         log = (lambda *_: None) if args.json else print
         log(f"measuring this machine at {model.name}'s shapes (about a minute)")
         costs = measure(model.config, log=log)

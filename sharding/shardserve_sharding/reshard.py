@@ -236,7 +236,9 @@ def _quant_plan(source: Any, quantize: str | None, group_size: int, embedding: s
     have = getattr(source, "quant", None)
     if quantize is None:
         return have, False
-    if source.family != "llama":
+    from .models import model_spec
+
+    if not model_spec(source.family).quantizable:
         raise CheckpointError(f"{src}: --quantize supports the Llama family only; this "
                               f"checkpoint is {source.family!r}")
     want = QuantConfig(quantize, group_size if quantize == "int4" else 0, embedding)

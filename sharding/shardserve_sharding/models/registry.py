@@ -59,7 +59,7 @@ LLAMA = ModelSpec(
     config_prefix="", cache_spec=_llama_cache, cache_kind=CacheKind.PAGED_KV,
     tp_geometry=_llama_geometry, onnx_export=_llama_onnx, onnx_meta=_llama_onnx_meta,
     onnx_opset=23,  # llama_graph.OPSET: Attention with grouped KV heads
-    stage_layers=_llama_stage_layers,
+    stage_layers=_llama_stage_layers, quantizable=True, plan_measurable=True,
 )
 
 # ---- convlm: gated convolutional LM over a per-sequence conv state

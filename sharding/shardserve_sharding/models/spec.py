@@ -104,6 +104,10 @@ class ModelSpec:
     stage_layers: Callable[[nn.Module, torch.Tensor], torch.Tensor] = field(
         default=plain_stage_layers)
     """A pipeline stage's layers over whole sequences (training): h [B, T, dim] -> same."""
+    quantizable: bool = False
+    """Weight-only int8 / int4 (`quant/`) knows this family's linear layers."""
+    plan_measurable: bool = False
+    """`shardserve plan --measure` knows this family's layer GEMM shapes."""
 
     def build(self, config: Any) -> nn.Module:
         """The randomly initialised model for `config`."""
