@@ -41,7 +41,7 @@ from pathlib import Path
 
 import bench_vs_vllm as bv
 from results_io import cpu_flags, header, write_results
-from stream_stats import Request, SSEParser, TokenCounter, parse_event, window_stats
+from stream_stats import window_stats
 
 SYSTEM_TOKENS = 1000
 TURN_TOKENS = 20
@@ -70,37 +70,13 @@ def prompts(tok, n: int, shared: bool) -> list[str]:
     return out
 
 
-def sse_send(session, url: str, new_tokens: int):
-    async def send(prompt: str, req: Request) -> None:
-        body = {"model": bv.MODEL_NAME, "prompt": prompt, "max_tokens": new_tokens,
-                "temperature": 0.0, "ignore_eos": True, "stream": True,
-                "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
-        parser, counter = SSEParser(), TokenCounter()
-        async with session.post(url, json=body) as resp:
-            if resp.status != 200:
-                raise RuntimeError(f"{url}: HTTP {resp.status}: {(await resp.text())[:300]}")
-            async for chunk in resp.content.iter_any():
-                now = time.perf_counter()
-                for data in parser.feed(chunk):
-                    obj = parse_event(data)
-                    if obj is None:
-                        req.done = True
-                        continue
-                    n = counter.tokens(obj)
-                    if n:
-                        req.arrivals.append((now, n))
-        req.prompt_tokens = counter.prompt_tokens
-
-    return send
-
-
 async def measure(url: str, workloads: dict[str, list[str]], args) -> dict[str, tuple]:
     import aiohttp
 
     out = {}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                      timeout=aiohttp.ClientTimeout(total=900)) as s:
-        send = sse_send(s, url, args.new_tokens)
+        send = bv.sse_client(s, url, args.new_tokens)
         for name, ps in workloads.items():
             if args.warmup_seconds > 0:  # fills the cache with the system prompt, warms shapes
                 await bv.run_window(send, ps, 10_000, args.streams, args.warmup_seconds)

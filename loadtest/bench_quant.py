@@ -13,8 +13,7 @@ int8; int4 g32) runs LocalEngine in a subprocess of its own at bf16 activations;
 ignored, batches of the first B of bench_decode's 32 prompts; decode tok/s = B (N - 1) /
 (t_N - t_1) (prefill excluded); the variants alternate run by run; medians of --repeats. With
 --llamacpp-python (a Python with llama-cpp-python, see llamacpp_peer.py), llama.cpp's batch-1
-decode of the same GGUF runs in the same rotation; without it, the llama.cpp figure is the
-FACTS.md one, marked as not measured in this run.
+decode of the same GGUF runs in the same rotation; without it there is no llama.cpp figure.
 
 Quality, in this process at bf16 (fp32 for the reference row): perplexity of
 loadtest/data/heldout_en.txt (one forward over the whole text); greedy agreement with bf16 on
@@ -41,9 +40,6 @@ from results_io import cpu_flags, header, write_results  # noqa: E402
 
 TEXT = Path(__file__).resolve().parent / "data" / "heldout_en.txt"
 SPEED_VARIANTS = ("bf16", "int8", "int4-g32")
-LLAMACPP_FACTS = 99.0
-"""llama.cpp Q4_1, batch 1, tok/s on 2 cores (shared/FACTS.md, measured 2026-11-28)."""
-
 
 NOTES = [
     "- The float checkpoint is the bundled GGUF dequantized: its linear weights are Q4_1 values "
@@ -209,13 +205,12 @@ def main() -> int:
         lines.append(f"| {b} | " + " | ".join(f"{x:.1f}" for x in vals)
                      + f" | {vals[1] / vals[0]:.2f} | {vals[2] / vals[0]:.2f} |")
     lines.append("")
-    if ("llama.cpp Q4_1", 1) in med:
-        peer, note = med[("llama.cpp Q4_1", 1)], "measured in this run"
-    else:
-        peer, note = LLAMACPP_FACTS, "NOT measured in this run (FACTS.md figure, 2026-11-28)"
-    if 1 in args.batch_list:
-        lines.append(f"Batch 1, int4 g32 / llama.cpp Q4_1 ({peer:.1f} tok/s, {note}): "
-                     f"{med[('int4-g32', 1)] / peer:.2f}")
+    if ("llama.cpp Q4_1", 1) in med and 1 in args.batch_list:
+        peer = med[("llama.cpp Q4_1", 1)]
+        lines.append(f"Batch 1, int4 g32 / llama.cpp Q4_1 ({peer:.1f} tok/s, measured in this "
+                     f"run): {med[('int4-g32', 1)] / peer:.2f}")
+    else:  # a ratio is only against a peer measured in the same run
+        lines.append("llama.cpp Q4_1: not run (--llamacpp-python not given): no ratio.")
     lines += ["", "## Quality", "", *qrows, "", "## How to read this", "", *NOTES, "",
               "## Every run", "", *[f"- {x}" for x in log]]
     print(write_results(args.out, lines))

@@ -99,11 +99,13 @@ def make_prompts(tok, n: int, seed: int = 0) -> list[str]:
 Send = Callable[[str, Request], Awaitable[None]]
 
 
-def sse_client(session, url: str) -> Send:
-    """POST /v1/completions with stream=true; records each token-carrying event in req."""
+def sse_client(session, url: str, new_tokens: int | None = None) -> Send:
+    """POST /v1/completions with stream=true; records each token-carrying event in req.
+    new_tokens: max_tokens of each request (default NEW_TOKENS)."""
 
     async def send(prompt: str, req: Request) -> None:
-        body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": NEW_TOKENS,
+        body = {"model": MODEL_NAME, "prompt": prompt,
+                "max_tokens": NEW_TOKENS if new_tokens is None else new_tokens,
                 "temperature": 0.0, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
         parser, counter = SSEParser(), TokenCounter()

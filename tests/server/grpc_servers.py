@@ -1,7 +1,9 @@
-"""Start and stop real `shardserve serve` subprocesses on loopback for integration tests."""
+"""Start and stop real `shardserve serve` subprocesses on loopback for integration tests (and
+run `shardserve generate` at TP=1 and TP=2 side by side)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -15,6 +17,27 @@ from pathlib import Path
 from shardserve_client import READINESS, Client
 
 BIN = Path(sys.executable).parent
+
+
+def generate_tp1_and_tp2(model: Path) -> tuple[dict, dict]:
+    """`shardserve generate --json` (8 greedy tokens of a fixed prompt) in-process and through
+    a real TP=2 worker group, run concurrently; their JSON answers."""
+    cmd = [str(BIN / "shardserve"), "generate", "--model", str(model), "--prompt",
+           "the quick brown", "--max-new-tokens", "8", "--threads", "1", "--json"]
+    procs = [subprocess.Popen(cmd + extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True) for extra in ([], ["--tp", "2"])]
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+            outs.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(10)
+    return outs[0], outs[1]
 
 
 def free_port() -> int:

@@ -95,6 +95,11 @@ def test_every_option_of_every_command_has_help_and_version_prints():
     assert out.strip() == f"shardserve {__version__}"
     shown = " ".join(sub.choices["serve"].format_help().split())
     assert "KV-cache budget per worker group, in tokens (default: 16384)" in shown
+    assert ap.parse_args(["serve", "--model", "m"]).worker_nice == 10
+    for bad in ("-1", "20", "x"):  # workers only ever yield: argparse's usage error, exit 2
+        with pytest.raises(SystemExit) as e:
+            ap.parse_args(["serve", "--model", "m", "--worker-nice", bad])
+        assert e.value.code == 2
 
 
 def test_damaged_checkpoint_is_one_line_and_exit_2(tiny_llama_dir, tmp_path):

@@ -4,27 +4,18 @@ worker group (gloo, paged KV cache): the same greedy tokens, and the int8 kernel
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from grpc_servers import generate_tp1_and_tp2
 
 from shardserve_sharding.checkpoint.io import load_model
 from shardserve_sharding.checkpoint.manifest import read_manifest
 from shardserve_sharding.quant.kernels import Int8Weight
 
 EXE = Path(sys.executable).with_name("shardserve")
-
-
-def _generate(model: Path, *extra: str) -> subprocess.Popen:
-    cmd = [str(EXE), "generate", "--model", str(model), "--prompt", "the quick brown",
-           "--max-new-tokens", "8", "--threads", "1", "--json", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
 
 
 def test_cli_quantized_generate_tp2_equals_tp1(tiny_llama_dir, tmp_path):
@@ -39,19 +30,7 @@ def test_cli_quantized_generate_tp2_equals_tp1(tiny_llama_dir, tmp_path):
     assert isinstance(loaded.model.layers[0].attention.wqkv.qweight, Int8Weight)
     assert loaded.model.output.qweight is loaded.model.tok_embeddings.qweight  # tied, one copy
     assert loaded.model.tok_embeddings.qweight.q.dtype == torch.int8
-    procs = [_generate(dst), _generate(dst, "--tp", "2")]
-    outs = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=120)
-            assert p.returncode == 0, err
-            outs.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(10)
-    plain, tp2 = outs
+    plain, tp2 = generate_tp1_and_tp2(dst)
     assert len(plain["token_ids"]) == 8
     for key in ("token_ids", "text", "finish_reason", "prompt_tokens"):
         assert tp2[key] == plain[key], key

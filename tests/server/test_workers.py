@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import multiprocessing as mp
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from grpc_servers import generate_tp1_and_tp2
 
 from shardserve_server.engine.async_engine import AsyncEngine, EngineError, EngineLimits
 from shardserve_server.engine.local import LocalEngine
@@ -341,28 +338,8 @@ def test_hung_rank_fails_the_request_within_the_timeouts(engines, local_llama):
     _fault_scenario(engines, local_llama, signal.SIGSTOP, fail_within=5 + 5)
 
 
-def _cli(model: Path, *extra: str) -> subprocess.Popen:
-    exe = Path(sys.executable).with_name("shardserve")
-    cmd = [str(exe), "generate", "--model", str(model), "--prompt", "the quick brown",
-           "--max-new-tokens", "8", "--threads", "1", "--json", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-
-
 def test_cli_generate_tp2_equals_plain_generate(tiny_llama_dir):
-    procs = [_cli(tiny_llama_dir), _cli(tiny_llama_dir, "--tp", "2")]
-    outs = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=120)
-            assert p.returncode == 0, err
-            outs.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(10)
-    plain, tp2 = outs
+    plain, tp2 = generate_tp1_and_tp2(tiny_llama_dir)
     assert len(plain["token_ids"]) == 8
     for key in ("token_ids", "text", "finish_reason", "prompt_tokens"):
         assert tp2[key] == plain[key], key
