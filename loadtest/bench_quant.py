@@ -174,6 +174,8 @@ def main() -> int:
                     help="a Python with llama-cpp-python: llama.cpp runs in the same rotation")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                     help="before each run, wait up to S seconds for idle CPUs")
+    ap.add_argument("--note", default="", help="a line put in bold under the header (e.g. "
+                    "whether the machine was shared)")
     ap.add_argument("--out", default="quant", help="results file name (loadtest/results/)")
     args = ap.parse_args()
     args.batch_list = [int(b) for b in args.batches.split(",")]
@@ -189,7 +191,9 @@ def main() -> int:
     lines += [f"CPU flags: {cpu_flags()}; torch {torch.__version__}, capability "
               f"{torch.backends.cpu.get_cpu_capability()}; {args.threads} thread(s) per engine; "
               f"{args.new_tokens} new tokens; {args.repeats} repeats; "
-              f"{time.time() - t0:.0f} s. The machine was shared with other work.", ""]
+              f"{time.time() - t0:.0f} s.", ""]
+    if args.note:
+        lines += [f"**{args.note}**", ""]
     lines += ["## Decode tok/s (median; prefill excluded)", "",
               "| batch | " + " | ".join(SPEED_VARIANTS) + " | int8/bf16 | int4/bf16 |",
               "|---|" + "---|" * (len(SPEED_VARIANTS) + 2)]
