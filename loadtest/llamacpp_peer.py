@@ -15,6 +15,7 @@ batch API (llama_decode over one batch of BATCH sequences per step), prefill exc
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -61,11 +62,28 @@ def f32_gguf(src: Path, dst: Path) -> Path:
     return dst
 
 
+def extra_bufts() -> bool:
+    """Whether llama.cpp may repack weights into its extra CPU buffer types (the AMX one among
+    them). Off unless LLAMACPP_EXTRA_BUFTS=1: on the AMX Xeon VMs here, a native build's AMX
+    matmul dies with SIGILL at its first `tilezero` (seen 2026-12-06 with llama-cpp-python
+    0.3.36, GGML_NATIVE=ON), so the peer runs ggml's AVX-512 kernels."""
+    return os.environ.get("LLAMACPP_EXTRA_BUFTS", "0") == "1"
+
+
 def decode_rate(model: str, batch: int, new: int, threads: int) -> dict:
     """Greedy decode of `batch` sequences with the low-level batch API; tokens/s of decode."""
     import llama_cpp as lc
+    import llama_cpp.llama_cpp as low
     import numpy as np
 
+    default_params = low.llama_model_default_params
+
+    def model_params():  # Llama() exposes no use_extra_bufts argument
+        p = default_params()
+        p.use_extra_bufts = extra_bufts()
+        return p
+
+    low.llama_model_default_params = model_params  # what Llama() calls
     llm = lc.Llama(model_path=model, n_ctx=512, n_threads=threads, verbose=False)
     # a context of our own: Llama() does not expose n_seq_max (sequences decoded together)
     params = lc.llama_context_default_params()
