@@ -152,7 +152,8 @@ def main() -> int:
     costs = Path(args.costs) if args.costs else CACHE / "plan-costs.json"
     if not args.costs:
         subprocess.run([sys.executable, "-m", "shardserve_server.cli", "plan", "--model",
-                        str(model), "--measure", "--costs", str(costs), "--devices", "1"],
+                        str(model), "--measure", "--costs", str(costs), "--devices",
+                        str(max(CONFIGS[n][2] * CONFIGS[n][3] for n in names))],
                        check=True, stdout=subprocess.DEVNULL)
     cost_text = costs.read_text()
     onnx = onnx_export(model) if any(CONFIGS[n][0] == "onnx" for n in names) else model

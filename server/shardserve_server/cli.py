@@ -349,7 +349,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                              "has none it knows")
         log = (lambda *_: None) if args.json else print
         log(f"measuring this machine at {model.name}'s shapes (about a minute)")
-        costs = measure(model.config, log=log)
+        costs = measure(model.config, max_ranks=args.devices, log=log)
         costs.save(args.costs)
         log(f"stored {args.costs}")
     else:

@@ -105,17 +105,84 @@ def test_step_arithmetic_on_a_stored_costs_file(costs_file):
     attn = 4 * cfg.n_heads * cfg.head_dim * 2 * ctx * cfg.n_layers
     dec1 = (2 * fp1.stages[0].matmul_elems * 2 + attn) / RATE + 1e-3
     assert p1.itl_ms == pytest.approx(dec1 * 1e3, rel=1e-6)
-    # TP 2: half the GEMMs and heads, plus 2 * layers + 1 all-reduces and a logits gather
+    # TP 2: half the GEMMs and heads, plus 2 * layers + 1 all-reduces, a logits gather and
+    # the plan's 2 broadcasts
     fp2 = footprint("llama", cfg, 2, 1)
-    comm = (2 * cfg.n_layers + 1 + 1) * 1e-4
+    comm = (2 * cfg.n_layers + 1 + 1 + 2) * 1e-4
     dec2 = (2 * fp2.stages[0].matmul_elems * 2 + attn / 2) / RATE + comm + 1e-3
     assert p2.itl_ms == pytest.approx(dec2 * 1e3, rel=1e-6)
     assert p2.comm_share == pytest.approx(comm / dec2, rel=1e-6)
-    # 2 streams, 4 new tokens: 2 prefill steps (10 + 1 tokens) and 2 decode steps per period
-    pre1 = (2 * fp1.stages[0].matmul_elems * 11 + 4 * cfg.n_heads * cfg.head_dim * 11 * (
-        (10 * 10 / 2 + ctx) / 11) * cfg.n_layers) / RATE + 1e-3
-    assert p1.tok_s == pytest.approx(2 * 4 / (2 * pre1 + 2 * dec1), rel=1e-6)
-    assert p1.ttft_ms == pytest.approx((pre1 + dec1 / 2) * 1e3, rel=1e-6)
+    # 2 streams in phase: both prompts in one prefill step (20 tokens, each seeing half its
+    # prompt), then 3 decode steps per period
+    pre1 = (2 * fp1.stages[0].matmul_elems * 20 + 4 * cfg.n_heads * cfg.head_dim * 20 * 5
+            * cfg.n_layers) / RATE + 1e-3
+    assert p1.ttft_ms == pytest.approx(pre1 * 1e3, rel=1e-6)
+    assert p1.tok_s == pytest.approx(2 * 4 / (pre1 + 3 * dec1), rel=1e-6)
+
+
+def test_in_phase_prompts_are_chunked_and_the_front_end_adds_its_share(tmp_path):
+    """4 streams of 10-token prompts with 15 prompt tokens per step: chunks of 15, 15, 10; the
+    requests' first tokens come with steps 1, 2, 2, 3 (a request finished in an earlier step
+    decodes in the later ones); each waits the front end's first_token_s before its steps."""
+    d = {**COSTS, "overhead": {"torch": {"fixed_s": 1e-3, "per_row_s": 0.0,
+                                         "first_token_s": 0.02}}}
+    p = tmp_path / "costs.json"
+    p.write_text(json.dumps(d))
+    c = plan_costs.load(p)
+    cfg = LLAMA_CONFIGS["tiny"]
+    fp = footprint("llama", cfg, 1, 1)
+    work = Workload(streams=4, prompt_tokens=10, new_tokens=4, max_prefill_tokens=15)
+    (pred,) = predict(resolve_model("tiny"), c, 1, work, [LayoutChoice("torch", "fp32", 1, 1,
+                                                                       1)])
+
+    def step(tokens, ctx):
+        return (2 * fp.stages[0].matmul_elems * tokens
+                + 4 * cfg.n_heads * cfg.head_dim * tokens * ctx * cfg.n_layers) / RATE + 1e-3
+
+    s1 = step(15, 5)  # request 0 whole, 5 of request 1
+    s2 = step(15 + 1, (15 * 5 + 11) / 16)  # 5 of request 1, 10 of request 2; 0 decodes
+    s3 = step(10 + 3, (10 * 5 + 3 * 11) / 13)  # request 3; 0, 1, 2 decode
+    firsts = [0.02 + s1, 0.02 + s1 + s2, 0.02 + s1 + s2, 0.02 + s1 + s2 + s3]
+    assert pred.ttft_ms == pytest.approx((firsts[1] + firsts[2]) / 2 * 1e3, rel=1e-6)
+    dec = step(4, 10 + 4 / 2)
+    assert pred.itl_ms == pytest.approx(dec * 1e3, rel=1e-6)
+    assert pred.tok_s == pytest.approx(4 * 4 / (firsts[-1] + 3 * dec), rel=1e-6)
+
+
+def test_oversubscribed_tp_uses_the_measured_collective_cost(tmp_path):
+    """With more ranks than cores a TP step pays the layer loop's per-collective cost at that
+    rank count (and the largest measured count's beyond it), not the 2-process latency."""
+    d = {**COSTS, "host_threads": 2, "tp_collective_s": {"2": 2e-4, "3": 4e-3}}
+    p = tmp_path / "costs.json"
+    p.write_text(json.dumps(d))
+    c = plan_costs.load(p)
+    base = plan_costs.from_dict({**COSTS, "host_threads": 2})
+    assert c.collective_latency_s(1) == 0.0
+    assert c.collective_latency_s(2) == 2e-4 and c.collective_latency_s(3) == 4e-3
+    assert c.collective_latency_s(9) == 4e-3  # past the largest measured count
+    assert base.collective_latency_s(3) == 1e-4  # nothing measured: the latency
+    lay = LayoutChoice("torch", "fp32", 3, 1, 1)
+    model = resolve_model("smollm2-135m")
+    (slow,) = predict(model, c, 3, Workload(streams=1), [lay])
+    (fast,) = predict(model, base, 3, Workload(streams=1), [lay])
+    collectives = 2 * 30 + 1 + 1 + 2  # layers' all-reduces, embedding, logits, plan
+    assert slow.itl_ms - fast.itl_ms == pytest.approx(collectives * (4e-3 - 1e-4) * 1e3,
+                                                      rel=1e-6)
+    assert "oversubscribed TP: 4.0 ms per collective (measured)" in slow.why
+
+
+def test_overhead_per_dtype_falls_back_to_the_backend_default(tmp_path):
+    d = {**COSTS, "dtype_overhead": {"torch": {"bf16": {"fixed_s": 5e-3, "per_row_s": 0.0,
+                                                        "first_token_s": 0.01}}}}
+    p = tmp_path / "costs.json"
+    p.write_text(json.dumps(d))
+    c = plan_costs.load(p)
+    assert c.step_overhead("torch", "bf16").fixed_s == 5e-3
+    assert c.step_overhead("torch", "fp32") == c.overhead["torch"]
+    assert c.step_overhead("onnx", "fp32") == c.overhead["onnx"]
+    lays = [LayoutChoice("torch", "bf16", 1, 1, 1), LayoutChoice("torch", "fp32", 1, 1, 1)]
+    bf16, fp32 = predict(resolve_model("tiny"), c, 1, Workload(streams=1), lays)
+    assert bf16.itl_ms - fp32.itl_ms == pytest.approx(4.0, rel=1e-6)  # equal GEMM rates
 
 
 def test_recommendation_follows_the_targets(costs_file):
@@ -158,6 +225,12 @@ def test_cli_table(costs_file, capsys):
     (json.dumps({**COSTS, "allreduce_bw": -1}), "allreduce_bw must be a positive number"),
     (json.dumps({**COSTS, "schema": "x"}), "schema is 'x'"),
     (json.dumps({**COSTS, "gemm_flops": {"fp32": {"1": {"one": 1e9}}}}), "key 'one' is not"),
+    (json.dumps({**COSTS, "tp_collective_s": {"1": 1e-3}}), "tp_collective_s key '1' must be"),
+    (json.dumps({**COSTS, "tp_collective_s": {"3": -1}}), "tp_collective_s[3] must be a non-negative"),
+    (json.dumps({**COSTS, "overhead": {"torch": {"fixed_s": 0, "per_row_s": 0,
+                                                 "first_token_s": "x"}}}),
+     "first_token_s must be a non-negative number"),
+    (json.dumps({**COSTS, "dtype_overhead": {"torch": 1}}), "dtype_overhead must be a table"),
 ])
 def test_damaged_costs_file_is_one_line_exit_2(tmp_path, capsys, content, message):
     p = tmp_path / "costs.json"

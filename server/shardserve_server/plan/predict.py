@@ -2,26 +2,32 @@
 weight memory, KV capacity, TTFT, ITL and aggregate tok/s from a costs file.
 
 The step model follows our engine (engine/scheduler.py, runner.py): a step is one forward
-over all running rows' tokens; a new request's prompt is prefilled in a step that carries the
-other rows' decodes too (a flat step). For one rank of a stage and a step of T tokens over B
-rows at context C:
+over all running rows' tokens; prompts are prefilled in chunks of at most max_prefill_tokens
+per step, in the same (flat) step as the other rows' decodes. For one rank of a stage and a
+step of T tokens over B rows at context C:
 
     gemm   = max(2 * matmul_elems * T / rate(dtype, T, threads), matmul_bytes / bandwidth)
     attn   = B * C * kv_bytes_per_token / bandwidth + 4 * heads * head_dim * T * C / rate
-    comm   = allreduces * allreduce(T * dim * act_bytes) + gather(B * vocab * 4)   (TP > 1)
-    step   = sum over stages + (PP - 1) sends of T * dim + overhead(backend, B)
+    comm   = allreduces * allreduce(T * dim * act_bytes) + gather(B * vocab * 4)
+             + 2 plan broadcasts                                               (TP > 1)
+    step   = sum over stages + (PP - 1) sends of T * dim + overhead(backend, dtype, B)
 
-With S streams over R replicas a replica runs s = ceil(S / R) rows. Its decode step
-(T = B = s, C = prompt + new / 2) is the ITL; a prefill step has T = prompt + s - 1. TTFT is a
-prefill step plus half a decode step (the step in flight when the request came). Over one
-request's life a stream sees `new` steps, s of them prefills: tok/s per replica is
-s * new / (s * prefill + (new - s) * decode). Ranks on one host share its cores (a rank with
-fewer than one core gets a time share).
+A collective's latency is the one measured in the TP layer loop at that rank count where the
+costs have it (with more ranks than cores, each meeting waits for the OS scheduler).
+
+With S streams over R replicas a replica runs s = ceil(S / R) rows. Closed-loop streams of
+equal length run in phase: the s requests finish in one step and the next s arrive together,
+after the front end's share of a request (first_token_s). Its decode step (T = B = s,
+C = prompt + new / 2) is the ITL; the s prompts are prefilled together (s * prompt tokens,
+chunked), so TTFT p50 = first_token_s + the prefill steps up to the median request's last
+chunk, and tok/s per replica = s * new / (first_token_s + prefill steps + (new - 1) * decode).
+Ranks on one host share its cores (a rank with fewer than one core gets a time share).
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +38,8 @@ from .costs import MachineCosts
 from .footprint import ACT_BYTES, DTYPE_BYTES, Footprint, footprint
 
 GIB = 1024**3
+PLAN_BROADCASTS = 2
+"""Collectives per step outside the model at TP > 1 (runner.broadcast_plan)."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,8 @@ class Workload:
     """Fraction of a device's memory for weights + KV (the rest: activations, runtime)."""
     kv_tokens: int | None = None
     """A fixed KV budget per replica (shardserve serve --kv-cache-tokens); None: all that fits."""
+    max_prefill_tokens: int = 512
+    """Prompt tokens per step (shardserve serve's chunked-prefill budget)."""
 
 
 @dataclass(frozen=True)
@@ -161,12 +171,16 @@ def _step_s(fp: Footprint, costs: MachineCosts, lay: LayoutChoice, threads: floa
             c += costs.allreduce_s(vocab_rows * st.gathers_vocab * 4 / 2, lay.tp)
         total += gemm + attn + c
         comm += c
+    if lay.tp > 1:  # the leader broadcasts each step's plan: its size, then its data
+        plan = PLAN_BROADCASTS * costs.collective_latency_s(lay.tp)
+        total += plan
+        comm += plan
     if lay.pp > 1:
         send = (lay.pp - 1) * (costs.allreduce_latency_s + tokens * fp.dim * act
                                / costs.allreduce_bw)
         total += send
         comm += send
-    ov = costs.overhead[lay.backend]
+    ov = costs.step_overhead(lay.backend, lay.dtype)
     total += ov.fixed_s + ov.per_row_s * rows
     return total, comm
 
@@ -222,41 +236,65 @@ def _one(fp: Footprint, model: ModelRef, costs: MachineCosts, lay: LayoutChoice,
                           kv_capacity_tokens=kv_tokens)
     threads = (costs.host_threads / lay.devices) if costs.host_threads else \
         float(max(costs.gemm_flops[lay.dtype]))  # a device's own compute
-    ctx = work.prompt_tokens + work.new_tokens / 2
-    dec, dec_comm = _step_s(fp, costs, lay, threads, s, s, ctx, s)
-    pre, _ = _step_s(fp, costs, lay, threads, work.prompt_tokens + s - 1, s,
-                     _prefill_ctx(work, s), s)
-    ttft = pre + (dec / 2 if s > 1 else 0.0)
+    dec, dec_comm, ttft, _ = _replica(fp, costs, lay, threads, s, work)
     tok_s = 0.0
     left = work.streams
     for r in range(lay.replicas):  # streams spread as evenly as the balancer does
         n = -(-left // (lay.replicas - r))
         left -= n
-        if n == 0:
-            continue
-        d, _ = _step_s(fp, costs, lay, threads, n, n, ctx, n)
-        p, _ = _step_s(fp, costs, lay, threads, work.prompt_tokens + n - 1, n,
-                       _prefill_ctx(work, n), n)
-        g = work.new_tokens
-        period = min(n, g) * p + max(g - n, 0) * d
-        tok_s += n * g / period
+        if n:
+            tok_s += _replica(fp, costs, lay, threads, n, work)[3]
     notes = []
     if lay.pp > 1:
         notes.append("shardserve serve runs pp=1: planned for reference")
     if costs.host_threads and lay.devices > costs.host_threads:
         notes.append(f"{lay.devices} ranks share {costs.host_threads} cores")
+        if lay.tp > 1:
+            measured = lay.tp in costs.tp_collective_s
+            notes.append(f"oversubscribed TP: {costs.collective_latency_s(lay.tp) * 1e3:.1f} ms "
+                         "per collective" + (" (measured)" if measured else
+                                             " (not measured at this rank count)"))
     meets = (work.target_ttft_ms is None or ttft * 1e3 <= work.target_ttft_ms) and (
         work.target_itl_ms is None or dec * 1e3 <= work.target_itl_ms)
     return Prediction(lay, True, "; ".join(notes), weights / GIB, kv_tokens, ttft * 1e3,
                       dec * 1e3, tok_s, dec_comm / dec if dec else 0.0, meets)
 
 
-def _prefill_ctx(work: Workload, rows: int) -> float:
-    """Mean context per token of a flat prefill step: the prompt's tokens see half the prompt
-    on average, the other rows' decode tokens see a half-generated sequence each."""
-    ctx = work.prompt_tokens + work.new_tokens / 2
-    tokens = work.prompt_tokens + rows - 1
-    return (work.prompt_tokens * work.prompt_tokens / 2 + (rows - 1) * ctx) / tokens
+def _replica(fp: Footprint, costs: MachineCosts, lay: LayoutChoice, threads: float, n: int,
+             work: Workload) -> tuple[float, float, float, float]:
+    """(decode step s, of which collectives, TTFT p50 s, tok/s) of a replica serving `n`
+    closed-loop streams of equal length, which run in phase: all `n` finish in one step and
+    their next requests arrive together (after the front end's share), are prefilled together
+    in chunks of max_prefill_tokens (a request's first token comes with its last chunk's
+    step; rows done with their prompt decode in the later chunks' steps), then decode
+    together for new_tokens - 1 steps."""
+    p, g = work.prompt_tokens, work.new_tokens
+    dec, dec_comm = _step_s(fp, costs, lay, threads, n, n, p + g / 2, n)
+    front = costs.step_overhead(lay.backend, lay.dtype).first_token_s
+    left = [p] * n
+    done = 0
+    clock = front
+    firsts = []
+    while done < n:
+        budget, chunk, touched, finished = work.max_prefill_tokens, 0, 0, 0
+        for i in range(done, n):
+            if budget <= 0:
+                break
+            take = min(budget, left[i])
+            left[i] -= take
+            budget -= take
+            chunk += take
+            touched += 1
+            finished += left[i] == 0
+        tokens = chunk + done  # the prompt chunks, then one decode token per finished row
+        ctx = (chunk * p / 2 + done * (p + 1)) / tokens  # mean context per token
+        step, _ = _step_s(fp, costs, lay, threads, tokens, done + touched, ctx,
+                          done + finished)
+        clock += step
+        firsts += [clock] * finished
+        done += finished
+    period = clock + (g - 1) * dec
+    return dec, dec_comm, statistics.median(firsts), n * g / period
 
 
 def recommend(preds: list[Prediction], work: Workload) -> tuple[Prediction | None, str]:
