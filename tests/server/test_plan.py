@@ -1,6 +1,7 @@
 """The layout planner: per-rank sizes from the split table, validity, the step arithmetic on a
-stored costs file, the CLI's table and --json, damaged costs files. No real measurement runs
-here (those are `shardserve plan --measure` and loadtest/validate_plan.py)."""
+stored costs file, the CLI's table and --json, damaged costs files. The only real measurement
+here is one short run of the TP layer loop on the tiny config (2 ranks); the rest are
+`shardserve plan --measure` and loadtest/validate_plan.py."""
 
 from __future__ import annotations
 
@@ -271,3 +272,23 @@ def test_a_backend_with_its_own_gemm_table_uses_it(tmp_path):
     lays = [LayoutChoice("onnx", "fp32", 1, 1, 1), LayoutChoice("torch", "fp32", 1, 1, 1)]
     onnx, torch_ = predict(model, c, 1, Workload(streams=1), lays)
     assert onnx.itl_ms < torch_.itl_ms
+
+
+def test_layer_loop_shapes_are_the_split_tables_per_rank_gemms():
+    """The TP layer loop multiplies exactly one rank's share of every matmul weight."""
+    from shardserve_server.plan.measure import _rank_shapes
+
+    cfg = LLAMA_CONFIGS["smollm2-135m"]
+    fp = footprint("llama", cfg, 3, 1)
+    layer = _rank_shapes(cfg, 3)
+    head = -(-cfg.vocab_size // 3) * cfg.dim
+    assert cfg.n_layers * sum(o * i for o, i, _ in layer) + head == fp.stages[0].matmul_elems
+    assert sum(reduce for _, _, reduce in layer) * cfg.n_layers + 1 == fp.stages[0].allreduces
+
+
+def test_layer_loop_runs_in_a_real_gloo_group():
+    """Two worker-like rank processes (real gloo group) report a per-collective cost."""
+    from shardserve_server.plan.measure import measure_tp_collectives
+
+    got = measure_tp_collectives(LLAMA_CONFIGS["tiny"], (2,), cores=2, steps=2)
+    assert set(got) == {2} and 0.0 <= got[2] < 1.0
