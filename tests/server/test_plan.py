@@ -150,6 +150,27 @@ def test_in_phase_prompts_are_chunked_and_the_front_end_adds_its_share(tmp_path)
     assert pred.tok_s == pytest.approx(4 * 4 / (firsts[-1] + 3 * dec), rel=1e-6)
 
 
+def test_requests_over_replicas_arrive_alone(costs_file):
+    """Over 2 replicas the balancer splits requests that finished together: each is prefilled
+    in a flat step with the other row's decode, after half the step in flight."""
+    c = plan_costs.load(costs_file)
+    cfg = LLAMA_CONFIGS["tiny"]
+    fp = footprint("llama", cfg, 1, 1)
+    work = Workload(streams=4, prompt_tokens=10, new_tokens=4)
+    (pred,) = predict(resolve_model("tiny"), c, 2, work, [LayoutChoice("torch", "fp32", 1, 1,
+                                                                       2)])
+
+    def step(tokens, ctx):
+        return (2 * fp.stages[0].matmul_elems * tokens
+                + 4 * cfg.n_heads * cfg.head_dim * tokens * ctx * cfg.n_layers) / RATE + 1e-3
+
+    dec = step(2, 10 + 4 / 2)
+    pre = step(11, (10 * 5 + 12) / 11)  # the prompt, then the other row's decode token
+    assert pred.itl_ms == pytest.approx(dec * 1e3, rel=1e-6)
+    assert pred.ttft_ms == pytest.approx((pre + dec / 2) * 1e3, rel=1e-6)
+    assert pred.tok_s == pytest.approx(2 * 2 * 4 / (2 * pre + 2 * dec), rel=1e-6)
+
+
 def test_oversubscribed_tp_uses_the_measured_collective_cost(tmp_path):
     """With more ranks than cores a TP step pays the layer loop's per-collective cost at that
     rank count (and the largest measured count's beyond it), not the 2-process latency."""

@@ -15,12 +15,16 @@ step of T tokens over B rows at context C:
 A collective's latency is the one measured in the TP layer loop at that rank count where the
 costs have it (with more ranks than cores, each meeting waits for the OS scheduler).
 
-With S streams over R replicas a replica runs s = ceil(S / R) rows. Closed-loop streams of
-equal length run in phase: the s requests finish in one step and the next s arrive together,
-after the front end's share of a request (first_token_s). Its decode step (T = B = s,
-C = prompt + new / 2) is the ITL; the s prompts are prefilled together (s * prompt tokens,
-chunked), so TTFT p50 = first_token_s + the prefill steps up to the median request's last
-chunk, and tok/s per replica = s * new / (first_token_s + prefill steps + (new - 1) * decode).
+With S streams over R replicas a replica runs s = ceil(S / R) rows; its decode step
+(T = B = s, C = prompt + new / 2) is the ITL. On one replica closed-loop streams of equal
+length run in phase: the s requests finish in one step and the next s arrive together, after
+the front end's share of a request (first_token_s); the s prompts are prefilled together
+(s * prompt tokens, chunked), so TTFT p50 = first_token_s + the prefill steps up to the
+median request's last chunk, and tok/s = s * new / (first_token_s + prefill steps +
+(new - 1) * decode). Over several replicas the front end's balancing (fewest outstanding
+tokens) splits such groups, so a request arrives alone: TTFT = first_token_s + a flat step of
+prompt + s - 1 tokens + half the decode step in flight, and tok/s per replica =
+s * new / (s * prefill + (new - s) * decode) (see _replica).
 Ranks on one host share its cores (a rank with fewer than one core gets a time share).
 """
 
@@ -236,14 +240,15 @@ def _one(fp: Footprint, model: ModelRef, costs: MachineCosts, lay: LayoutChoice,
                           kv_capacity_tokens=kv_tokens)
     threads = (costs.host_threads / lay.devices) if costs.host_threads else \
         float(max(costs.gemm_flops[lay.dtype]))  # a device's own compute
-    dec, dec_comm, ttft, _ = _replica(fp, costs, lay, threads, s, work)
+    in_phase = lay.replicas == 1
+    dec, dec_comm, ttft, _ = _replica(fp, costs, lay, threads, s, work, in_phase)
     tok_s = 0.0
     left = work.streams
     for r in range(lay.replicas):  # streams spread as evenly as the balancer does
         n = -(-left // (lay.replicas - r))
         left -= n
         if n:
-            tok_s += _replica(fp, costs, lay, threads, n, work)[3]
+            tok_s += _replica(fp, costs, lay, threads, n, work, in_phase)[3]
     notes = []
     if lay.pp > 1:
         notes.append("shardserve serve runs pp=1: planned for reference")
@@ -261,16 +266,31 @@ def _one(fp: Footprint, model: ModelRef, costs: MachineCosts, lay: LayoutChoice,
 
 
 def _replica(fp: Footprint, costs: MachineCosts, lay: LayoutChoice, threads: float, n: int,
-             work: Workload) -> tuple[float, float, float, float]:
+             work: Workload, in_phase: bool) -> tuple[float, float, float, float]:
     """(decode step s, of which collectives, TTFT p50 s, tok/s) of a replica serving `n`
-    closed-loop streams of equal length, which run in phase: all `n` finish in one step and
-    their next requests arrive together (after the front end's share), are prefilled together
-    in chunks of max_prefill_tokens (a request's first token comes with its last chunk's
-    step; rows done with their prompt decode in the later chunks' steps), then decode
-    together for new_tokens - 1 steps."""
+    closed-loop streams of equal length.
+
+    In phase (one replica): all `n` finish in one step and their next requests arrive
+    together (after the front end's share), are prefilled together in chunks of
+    max_prefill_tokens (a request's first token comes with its last chunk's step; rows done
+    with their prompt decode in the later chunks' steps), then decode together for
+    new_tokens - 1 steps.
+
+    Out of phase (several replicas: the front end hands each new request to the replica with
+    the fewest outstanding tokens, which splits the requests that finished together): a
+    request arrives alone, waits for half the step in flight, and is prefilled in one flat
+    step with the other n - 1 rows' decodes; a stream's period holds n such steps and
+    new_tokens - n decode steps."""
     p, g = work.prompt_tokens, work.new_tokens
     dec, dec_comm = _step_s(fp, costs, lay, threads, n, n, p + g / 2, n)
     front = costs.step_overhead(lay.backend, lay.dtype).first_token_s
+    if not in_phase:
+        tokens = p + n - 1
+        ctx = (p * p / 2 + (n - 1) * (p + g / 2)) / tokens
+        pre, _ = _step_s(fp, costs, lay, threads, tokens, n, ctx, n)
+        ttft = front + pre + (dec / 2 if n > 1 else 0.0)
+        period = min(n, g) * pre + max(g - n, 0) * dec + (front if n == 1 else 0.0)
+        return dec, dec_comm, ttft, n * g / period
     left = [p] * n
     done = 0
     clock = front
