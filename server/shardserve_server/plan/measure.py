@@ -33,7 +33,9 @@ import torch
 
 from .costs import MachineCosts, StepOverhead
 
-ROWS = (1, 8, 32, 128)
+ROWS = (1, 8, 32, 128, 512)
+"""GEMM row counts timed: decode batches up to prefill chunks (serve's --max-prefill-tokens
+defaults to 512; in-phase streams prefill several prompts in one step)."""
 OVERHEAD_DTYPES = {"torch": ("fp32", "bf16"), "onnx": ("fp32",)}
 """The dtypes whose engine overhead is measured per backend (the first is the default)."""
 WEIGHT_BYTES_COLD = 96 * 2**20
