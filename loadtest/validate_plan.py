@@ -114,7 +114,9 @@ def predicted(costs_path: Path, cfg: tuple[str, str, int, int], streams: int,
 
     backend, dtype, tp, reps = cfg
     lay = LayoutChoice(backend, dtype, tp, 1, reps)
-    work = Workload(streams=streams, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
+    # the harness's closed-loop streams have equal lengths (EOS ignored): in phase
+    work = Workload(streams=streams, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                    in_phase=True)
     (p,) = predict(resolve_model("smollm2-135m"), plan_costs.load(costs_path), lay.devices,
                    work, [lay])
     if not p.valid:

@@ -366,7 +366,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                     target_itl_ms=args.target_itl_ms,
                     memory_per_device_gib=args.memory_per_device,
                     kv_tokens=args.kv_cache_tokens,
-                    max_prefill_tokens=args.max_prefill_tokens)
+                    max_prefill_tokens=args.max_prefill_tokens, in_phase=args.in_phase)
     preds = predict(model, costs, args.devices, work)
     best, why = recommend(preds, work)
     render = plan_json if args.json else plan_table
@@ -750,6 +750,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fixed KV budget per replica (default: all the memory left)")
     p.add_argument("--max-prefill-tokens", type=int, default=512,
                    help="prompt tokens per step, as `serve --max-prefill-tokens`")
+    p.add_argument("--in-phase", action="store_true",
+                   help="the streams are equal-length closed loops (a benchmark ignoring EOS): "
+                   "on one replica they finish together and their next prompts are prefilled "
+                   "together (default: requests arrive one at a time)")
     p.add_argument("--costs", default=str(Path.home() / ".cache" / "shardserve" /
                                           "plan-costs.json"),
                    help="costs file: read, or written by --measure")

@@ -98,7 +98,7 @@ def test_step_arithmetic_on_a_stored_costs_file(costs_file):
     costs = plan_costs.load(costs_file)
     model = resolve_model("tiny")
     cfg = LLAMA_CONFIGS["tiny"]
-    work = Workload(streams=2, prompt_tokens=10, new_tokens=4)
+    work = Workload(streams=2, prompt_tokens=10, new_tokens=4, in_phase=True)
     lay1, lay2 = LayoutChoice("torch", "fp32", 1, 1, 1), LayoutChoice("torch", "fp32", 2, 1, 1)
     p1, p2 = predict(model, costs, 2, work, [lay1, lay2])
     fp1 = footprint("llama", cfg, 1, 1)
@@ -132,7 +132,8 @@ def test_in_phase_prompts_are_chunked_and_the_front_end_adds_its_share(tmp_path)
     c = plan_costs.load(p)
     cfg = LLAMA_CONFIGS["tiny"]
     fp = footprint("llama", cfg, 1, 1)
-    work = Workload(streams=4, prompt_tokens=10, new_tokens=4, max_prefill_tokens=15)
+    work = Workload(streams=4, prompt_tokens=10, new_tokens=4, max_prefill_tokens=15,
+                    in_phase=True)
     (pred,) = predict(resolve_model("tiny"), c, 1, work, [LayoutChoice("torch", "fp32", 1, 1,
                                                                        1)])
 
@@ -151,12 +152,13 @@ def test_in_phase_prompts_are_chunked_and_the_front_end_adds_its_share(tmp_path)
 
 
 def test_requests_over_replicas_arrive_alone(costs_file):
-    """Over 2 replicas the balancer splits requests that finished together: each is prefilled
-    in a flat step with the other row's decode, after half the step in flight."""
+    """Over 2 replicas the balancer splits requests that finished together (in_phase or not):
+    each is prefilled in a flat step with the other row's decode, after half the step in
+    flight; as on one replica by default."""
     c = plan_costs.load(costs_file)
     cfg = LLAMA_CONFIGS["tiny"]
     fp = footprint("llama", cfg, 1, 1)
-    work = Workload(streams=4, prompt_tokens=10, new_tokens=4)
+    work = Workload(streams=4, prompt_tokens=10, new_tokens=4, in_phase=True)
     (pred,) = predict(resolve_model("tiny"), c, 2, work, [LayoutChoice("torch", "fp32", 1, 1,
                                                                        2)])
 
@@ -169,6 +171,12 @@ def test_requests_over_replicas_arrive_alone(costs_file):
     assert pred.itl_ms == pytest.approx(dec * 1e3, rel=1e-6)
     assert pred.ttft_ms == pytest.approx((pre + dec / 2) * 1e3, rel=1e-6)
     assert pred.tok_s == pytest.approx(2 * 2 * 4 / (2 * pre + 2 * dec), rel=1e-6)
+    # one replica with requests arriving one at a time (the default): the same per replica
+    (one,) = predict(resolve_model("tiny"), c, 1, Workload(streams=2, prompt_tokens=10,
+                                                            new_tokens=4),
+                     [LayoutChoice("torch", "fp32", 1, 1, 1)])
+    assert one.ttft_ms == pytest.approx(pred.ttft_ms) and one.tok_s == pytest.approx(
+        pred.tok_s / 2)
 
 
 def test_oversubscribed_tp_uses_the_measured_collective_cost(tmp_path):

@@ -16,15 +16,15 @@ A collective's latency is the one measured in the TP layer loop at that rank cou
 costs have it (with more ranks than cores, each meeting waits for the OS scheduler).
 
 With S streams over R replicas a replica runs s = ceil(S / R) rows; its decode step
-(T = B = s, C = prompt + new / 2) is the ITL. On one replica closed-loop streams of equal
-length run in phase: the s requests finish in one step and the next s arrive together, after
-the front end's share of a request (first_token_s); the s prompts are prefilled together
-(s * prompt tokens, chunked), so TTFT p50 = first_token_s + the prefill steps up to the
-median request's last chunk, and tok/s = s * new / (first_token_s + prefill steps +
-(new - 1) * decode). Over several replicas the front end's balancing (fewest outstanding
-tokens) splits such groups, so a request arrives alone: TTFT = first_token_s + a flat step of
-prompt + s - 1 tokens + half the decode step in flight, and tok/s per replica =
-s * new / (s * prefill + (new - s) * decode) (see _replica).
+(T = B = s, C = prompt + new / 2) is the ITL. By default a request arrives alone: TTFT =
+first_token_s (the front end's share) + a flat step of prompt + s - 1 tokens + half the
+decode step in flight, and tok/s per replica = s * new / (s * prefill + (new - s) * decode).
+With Workload.in_phase (closed-loop streams of equal length, as in our benchmarks) one
+replica's streams finish in one step and their next requests arrive together: the s prompts
+are prefilled together (s * prompt tokens, chunked), TTFT p50 = first_token_s + the prefill
+steps up to the median request's last chunk, tok/s = s * new / (first_token_s + prefill
+steps + (new - 1) * decode). Over several replicas the front end's balancing (fewest
+outstanding tokens) splits such groups: requests arrive alone there either way (_replica).
 Ranks on one host share its cores (a rank with fewer than one core gets a time share).
 """
 
@@ -64,6 +64,10 @@ class Workload:
     """A fixed KV budget per replica (shardserve serve --kv-cache-tokens); None: all that fits."""
     max_prefill_tokens: int = 512
     """Prompt tokens per step (shardserve serve's chunked-prefill budget)."""
+    in_phase: bool = False
+    """Streams of equal length (a benchmark with EOS ignored) on one replica finish in the
+    same step and send their next requests together; False: requests arrive one at a time
+    (over several replicas the balancer spreads them either way)."""
 
 
 @dataclass(frozen=True)
@@ -240,7 +244,7 @@ def _one(fp: Footprint, model: ModelRef, costs: MachineCosts, lay: LayoutChoice,
                           kv_capacity_tokens=kv_tokens)
     threads = (costs.host_threads / lay.devices) if costs.host_threads else \
         float(max(costs.gemm_flops[lay.dtype]))  # a device's own compute
-    in_phase = lay.replicas == 1
+    in_phase = work.in_phase and lay.replicas == 1
     dec, dec_comm, ttft, _ = _replica(fp, costs, lay, threads, s, work, in_phase)
     tok_s = 0.0
     left = work.streams
@@ -270,17 +274,17 @@ def _replica(fp: Footprint, costs: MachineCosts, lay: LayoutChoice, threads: flo
     """(decode step s, of which collectives, TTFT p50 s, tok/s) of a replica serving `n`
     closed-loop streams of equal length.
 
-    In phase (one replica): all `n` finish in one step and their next requests arrive
-    together (after the front end's share), are prefilled together in chunks of
-    max_prefill_tokens (a request's first token comes with its last chunk's step; rows done
-    with their prompt decode in the later chunks' steps), then decode together for
+    In phase (Workload.in_phase, one replica): all `n` finish in one step and their next
+    requests arrive together (after the front end's share), are prefilled together in chunks
+    of max_prefill_tokens (a request's first token comes with its last chunk's step; rows
+    done with their prompt decode in the later chunks' steps), then decode together for
     new_tokens - 1 steps.
 
-    Out of phase (several replicas: the front end hands each new request to the replica with
-    the fewest outstanding tokens, which splits the requests that finished together): a
-    request arrives alone, waits for half the step in flight, and is prefilled in one flat
-    step with the other n - 1 rows' decodes; a stream's period holds n such steps and
-    new_tokens - n decode steps."""
+    Out of phase (requests arriving one at a time; always over several replicas, where the
+    front end hands each new request to the replica with the fewest outstanding tokens and so
+    splits the requests that finished together): a request arrives alone, waits for half the
+    step in flight, and is prefilled in one flat step with the other n - 1 rows' decodes; a
+    stream's period holds n such steps and new_tokens - n decode steps."""
     p, g = work.prompt_tokens, work.new_tokens
     dec, dec_comm = _step_s(fp, costs, lay, threads, n, n, p + g / 2, n)
     front = costs.step_overhead(lay.backend, lay.dtype).first_token_s
