@@ -115,10 +115,21 @@ def test_step_arithmetic_on_a_stored_costs_file(costs_file):
     assert p2.comm_share == pytest.approx(comm / dec2, rel=1e-6)
     # 2 streams in phase: both prompts in one prefill step (20 tokens, each seeing half its
     # prompt), then 3 decode steps per period
-    pre1 = (2 * fp1.stages[0].matmul_elems * 20 + 4 * cfg.n_heads * cfg.head_dim * 20 * 5
-            * cfg.n_layers) / RATE + 1e-3
+    # (the output projection multiplies the 2 sampled rows only)
+    head = fp1.stages[0].head_elems
+    assert head == cfg.vocab_size * cfg.dim
+    pre1 = (2 * (fp1.stages[0].matmul_elems - head) * 20 + 2 * head * 2
+            + 4 * cfg.n_heads * cfg.head_dim * 20 * 5 * cfg.n_layers) / RATE + 1e-3
     assert p1.ttft_ms == pytest.approx(pre1 * 1e3, rel=1e-6)
     assert p1.tok_s == pytest.approx(2 * 4 / (pre1 + 3 * dec1), rel=1e-6)
+
+
+def _step(fp, cfg, tokens, ctx, sampled):
+    """A step on the flat-rate COSTS: GEMMs (the output projection on the sampled rows),
+    attention FLOPs, 1 ms overhead."""
+    st = fp.stages[0]
+    return (2 * (st.matmul_elems - st.head_elems) * tokens + 2 * st.head_elems * sampled
+            + 4 * cfg.n_heads * cfg.head_dim * tokens * ctx * cfg.n_layers) / RATE + 1e-3
 
 
 def test_in_phase_prompts_are_chunked_and_the_front_end_adds_its_share(tmp_path):
@@ -137,16 +148,12 @@ def test_in_phase_prompts_are_chunked_and_the_front_end_adds_its_share(tmp_path)
     (pred,) = predict(resolve_model("tiny"), c, 1, work, [LayoutChoice("torch", "fp32", 1, 1,
                                                                        1)])
 
-    def step(tokens, ctx):
-        return (2 * fp.stages[0].matmul_elems * tokens
-                + 4 * cfg.n_heads * cfg.head_dim * tokens * ctx * cfg.n_layers) / RATE + 1e-3
-
-    s1 = step(15, 5)  # request 0 whole, 5 of request 1
-    s2 = step(15 + 1, (15 * 5 + 11) / 16)  # 5 of request 1, 10 of request 2; 0 decodes
-    s3 = step(10 + 3, (10 * 5 + 3 * 11) / 13)  # request 3; 0, 1, 2 decode
+    s1 = _step(fp, cfg, 15, 5, 1)  # request 0 whole, 5 of request 1
+    s2 = _step(fp, cfg, 15 + 1, (15 * 5 + 11) / 16, 3)  # 5 of request 1, request 2; 0 decodes
+    s3 = _step(fp, cfg, 10 + 3, (10 * 5 + 3 * 11) / 13, 4)  # request 3; 0, 1, 2 decode
     firsts = [0.02 + s1, 0.02 + s1 + s2, 0.02 + s1 + s2, 0.02 + s1 + s2 + s3]
     assert pred.ttft_ms == pytest.approx((firsts[1] + firsts[2]) / 2 * 1e3, rel=1e-6)
-    dec = step(4, 10 + 4 / 2)
+    dec = _step(fp, cfg, 4, 10 + 4 / 2, 4)
     assert pred.itl_ms == pytest.approx(dec * 1e3, rel=1e-6)
     assert pred.tok_s == pytest.approx(4 * 4 / (firsts[-1] + 3 * dec), rel=1e-6)
 
@@ -162,12 +169,8 @@ def test_requests_over_replicas_arrive_alone(costs_file):
     (pred,) = predict(resolve_model("tiny"), c, 2, work, [LayoutChoice("torch", "fp32", 1, 1,
                                                                        2)])
 
-    def step(tokens, ctx):
-        return (2 * fp.stages[0].matmul_elems * tokens
-                + 4 * cfg.n_heads * cfg.head_dim * tokens * ctx * cfg.n_layers) / RATE + 1e-3
-
-    dec = step(2, 10 + 4 / 2)
-    pre = step(11, (10 * 5 + 12) / 11)  # the prompt, then the other row's decode token
+    dec = _step(fp, cfg, 2, 10 + 4 / 2, 2)
+    pre = _step(fp, cfg, 11, (10 * 5 + 12) / 11, 2)  # the prompt, the other row's decode
     assert pred.itl_ms == pytest.approx(dec * 1e3, rel=1e-6)
     assert pred.ttft_ms == pytest.approx((pre + dec / 2) * 1e3, rel=1e-6)
     assert pred.tok_s == pytest.approx(2 * 2 * 4 / (2 * pre + 2 * dec), rel=1e-6)
@@ -262,6 +265,8 @@ def test_cli_table(costs_file, capsys):
                                                  "first_token_s": "x"}}}),
      "first_token_s must be a non-negative number"),
     (json.dumps({**COSTS, "dtype_overhead": {"torch": 1}}), "dtype_overhead must be a table"),
+    (json.dumps({**COSTS, "nongemm_s": {"bf16": {"1": {"1": -1}}}}),
+     "nongemm_s[bf16][1][1] must be a positive number"),
 ])
 def test_damaged_costs_file_is_one_line_exit_2(tmp_path, capsys, content, message):
     p = tmp_path / "costs.json"
@@ -321,3 +326,34 @@ def test_layer_loop_runs_in_a_real_gloo_group():
 
     got = measure_tp_collectives(LLAMA_CONFIGS["tiny"], (2,), cores=2, steps=2)
     assert set(got) == {2} and 0.0 <= got[2] < 1.0
+
+
+def test_the_forward_outside_the_gemms_counts_for_torch_layouts(tmp_path):
+    """nongemm_s: linear in tokens through the measured points (and past them), the largest
+    measured thread count not above the rank's, a time share below one thread; torch only."""
+    d = {**COSTS, "nongemm_s": {"bf16": {"1": {"1": 0.010, "101": 0.030}}}}
+    p = tmp_path / "costs.json"
+    p.write_text(json.dumps(d))
+    c = plan_costs.load(p)
+    assert c.nongemm("bf16", 1, 1) == pytest.approx(0.010)
+    assert c.nongemm("bf16", 51, 1) == pytest.approx(0.020)
+    assert c.nongemm("bf16", 201, 1) == pytest.approx(0.050)
+    assert c.nongemm("bf16", 1, 0.5) == pytest.approx(0.020)  # half a core
+    assert c.nongemm("bf16", 1, 2) == pytest.approx(0.010)
+    assert c.nongemm("fp32", 1, 1) == 0.0
+    lays = [LayoutChoice("torch", "bf16", 1, 1, 1), LayoutChoice("torch", "fp32", 1, 1, 1)]
+    bf16, fp32 = predict(resolve_model("tiny"), c, 1, Workload(streams=1), lays)
+    assert bf16.itl_ms - fp32.itl_ms == pytest.approx(10.0, rel=1e-6)
+
+
+def test_nongemm_measurement_restores_the_gemms():
+    """measure_nongemm times the model's real forward with its GEMMs emptied, then puts
+    Linear.forward back (a costs file would otherwise be made with a broken model)."""
+    from shardserve_server.plan.measure import NONGEMM_TOKENS, measure_nongemm
+    from shardserve_sharding.models.llama import Linear
+
+    forward = Linear.forward
+    got = measure_nongemm(LLAMA_CONFIGS["tiny"], ("fp32",), (1,), rounds=1)
+    assert Linear.forward is forward
+    assert set(got["fp32"][1]) == set(NONGEMM_TOKENS) and all(
+        v > 0 for v in got["fp32"][1].values())

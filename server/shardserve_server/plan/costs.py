@@ -69,6 +69,10 @@ class MachineCosts:
     """ranks -> seconds a collective of a TP step costs when that many worker processes share
     the host's cores (the layer loop of measure.py: with more ranks than cores each meeting
     waits for the OS to run a descheduled rank); absent: the 2-process latency."""
+    nongemm_s: dict[str, dict[int, dict[int, float]]] = field(default_factory=dict)
+    """dtype -> threads -> tokens -> seconds of the whole model's eager torch forward outside
+    its GEMMs (norms, rotary, attention, activations, launches; measure.measure_nongemm);
+    absent: none counted. ONNX Runtime fuses these into its graph: torch layouts only."""
     source: str = ""
     """How the figures were obtained (the command, or the published sources)."""
     measured_at: str = ""
@@ -109,6 +113,24 @@ class MachineCosts:
             return self.allreduce_latency_s
         known = [r for r in self.tp_collective_s if r <= ranks]
         return self.tp_collective_s[max(known)] if known else self.allreduce_latency_s
+
+    def nongemm(self, dtype: str, tokens: float, threads: float) -> float:
+        """Seconds of the whole model's forward outside its GEMMs over `tokens` tokens with
+        `threads` threads (linear in tokens through the measured points; the largest measured
+        thread count not above `threads`, and below the smallest a time share); 0 where not
+        measured."""
+        by_threads = self.nongemm_s.get(dtype)
+        if not by_threads:
+            return 0.0
+        below = [t for t in by_threads if t <= threads]
+        th = max(below) if below else min(by_threads)
+        share = th / threads if threads < th else 1.0
+        pts = sorted(by_threads[th].items())
+        if len(pts) == 1:
+            return pts[0][1] * share
+        i = next((i for i, (t, _) in enumerate(pts) if tokens <= t), len(pts) - 1)
+        (a, ya), (b, yb) = pts[max(0, i - 1)], pts[max(1, i)]
+        return max(0.0, ya + (yb - ya) * (tokens - a) / (b - a)) * share
 
     def step_overhead(self, backend: str, dtype: str) -> StepOverhead:
         """The engine's overhead for `backend` at `dtype` (its default where not measured)."""
@@ -226,6 +248,8 @@ def from_dict(d: Any, where: str = "costs") -> MachineCosts:
                         for b, t in _tables(d.get("dtype_overhead", {}),
                                             f"{where}: dtype_overhead").items()},
         tp_collective_s=_tp_collectives(d.get("tp_collective_s"), where),
+        nongemm_s={str(k): _table(v, f"{where}: nongemm_s[{k}]", 2)
+                   for k, v in _tables(d.get("nongemm_s", {}), f"{where}: nongemm_s").items()},
         backend_gemm_flops={str(b): {str(k): _table(v, f"{where}: backend_gemm_flops[{b}][{k}]",
                                                     2) for k, v in t.items()}
                             for b, t in per_backend.items()},

@@ -9,9 +9,11 @@ Five measurements, each short (the whole run aims at about 90 s on 2 cores):
 3. All-reduce between 2 ranks of a real gloo group (the TP transport of our workers): the
    median time of a 4-byte all-reduce (latency) and of a 4 MiB one (bandwidth).
 4. Our engine's per-step overhead: a real `shardserve serve` of a tiny random Llama (its
-   GEMMs are negligible, its depth the model's) per backend and dtype, driven over gRPC with
-   1 and 8 streams; the inter-token time at 1 stream is the fixed overhead, its growth to 8
-   streams the per-row one, the time to first token less a step the front end's share.
+   forward is negligible) per backend and dtype, driven over gRPC with 1 and 8 streams; the
+   inter-token time at 1 stream is the fixed overhead, its growth to 8 streams the per-row
+   one, the time to first token less a step the front end's share. And the model's own
+   eager forward with its GEMMs emptied, at 1 and 128 tokens per dtype: the norms, rotary,
+   attention and activations outside the GEMMs (measure_nongemm).
 5. The TP layer loop: for each rank count (past the cores too) worker-like processes (their
    threads, niceness and gloo group) run the model's per-rank GEMMs with and without the
    collectives a TP step meets; the difference per collective is what a collective costs when
@@ -106,6 +108,61 @@ def measure_gemm(config: Any, dtypes: tuple[str, ...], thread_counts: tuple[int,
     for (dname, th, rows), times in samples.items():
         flops = 2 * sum(lin.in_features * lin.out_features for lin in stacks[dname]) * rows
         out.setdefault(dname, {}).setdefault(th, {})[rows] = flops / statistics.median(times)
+    return out
+
+
+NONGEMM_TOKENS = (1, 128)
+"""Tokens per forward at which the model's non-GEMM time is timed (linear in between)."""
+
+
+def measure_nongemm(config: Any, dtypes: tuple[str, ...], thread_counts: tuple[int, ...],
+                    rounds: int = 3) -> dict[str, dict[int, dict[int, float]]]:
+    """dtype -> threads -> tokens -> seconds of the model's own eager forward (TP 1, no
+    cache, logits of the last token) with every Linear's GEMM replaced by an empty result:
+    what the norms, rotary, attention, activations and kernel launches of all layers cost,
+    which no GEMM table holds (in bf16 several of them run slower than in fp32 on a CPU).
+    Rounds interleave as in measure_gemm; the median is kept."""
+    import copy
+
+    from shardserve_sharding.models.llama import Linear, Transformer
+
+    with torch.device("meta"):
+        base = Transformer(config)
+    base = base.to_empty(device="cpu")
+    base.reset_buffers()
+    with torch.no_grad():
+        for p in base.parameters():
+            p.fill_(0.01)
+    base.eval()
+    models = {d: copy.deepcopy(base).to({"fp32": torch.float32, "bf16": torch.bfloat16}[d])
+              for d in dtypes}
+    del base
+    gemm = Linear.forward
+
+    def no_gemm(self: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)  # [..., out]
+
+    samples: dict[tuple[str, int, int], list[float]] = {}
+    Linear.forward = no_gemm  # type: ignore[method-assign]
+    try:
+        with torch.no_grad():
+            for r in range(rounds + 1):  # round 0 warms
+                for d, model in models.items():
+                    for th in thread_counts:
+                        torch.set_num_threads(th)
+                        for t in NONGEMM_TOKENS:
+                            tokens = torch.zeros(1, t, dtype=torch.long)  # [1, T]
+                            pos = torch.arange(t).unsqueeze(0)  # [1, T]
+                            t0 = time.perf_counter()
+                            model(tokens, pos, None, torch.tensor([t - 1]))  # [1, V]
+                            if r:
+                                samples.setdefault((d, th, t), []).append(
+                                    time.perf_counter() - t0)
+    finally:
+        Linear.forward = gemm  # type: ignore[method-assign]
+    out: dict[str, dict[int, dict[int, float]]] = {}
+    for (d, th, t), times in samples.items():
+        out.setdefault(d, {}).setdefault(th, {})[t] = statistics.median(times)
     return out
 
 
@@ -338,10 +395,10 @@ def measure_tp_collectives(config: Any, rank_counts: tuple[int, ...], cores: int
 
 def measure_overhead(backend: str, work: Path, seconds: float = 3.0, dtype: str = "fp32",
                      n_layers: int = 2) -> StepOverhead:
-    """Inter-token time of a real server (`dtype`) on a tiny random model (dim 64, the
-    measured model's depth: the per-layer norms, rotary, attention and kernel launches that
-    no GEMM table holds) at 1 and 8 streams; and its time to first token at 1 stream less
-    one step: the front end's share of a TTFT (tokenizing, gRPC, admission, the pipes)."""
+    """Inter-token time of a real server (`dtype`) on a tiny random model (its forward is
+    negligible: what remains is the engine's scheduling, sampling and streaming) at 1 and 8
+    streams; and its time to first token at 1 stream less one step: the front end's share of
+    a TTFT (tokenizing, gRPC, admission, the pipes)."""
     import asyncio
     import re
     import subprocess
@@ -464,6 +521,11 @@ def measure(config: Any, *, backends: tuple[str, ...] = ("torch", "onnx"),
         log(f"  GEMMs at the model's shapes: {time.perf_counter() - t0:.1f} s")
         bw = measure_bandwidth(counts)
         log(f"  bandwidth: {max(bw.values()) / 1e9:.1f} GB/s")
+        t1 = time.perf_counter()
+        nongemm = measure_nongemm(config, ("fp32", "bf16"), counts)
+        log(f"  outside the GEMMs ({time.perf_counter() - t1:.0f} s): " + ", ".join(
+            f"{d} {tab[max(tab)][1] * 1e3:.1f} ms at 1 token"
+            for d, tab in nongemm.items()))
     finally:
         torch.set_num_threads(old)
     lat, arbw = measure_allreduce()
@@ -483,7 +545,7 @@ def measure(config: Any, *, backends: tuple[str, ...] = ("torch", "onnx"),
             log(f"  ONNX Runtime GEMMs: {time.perf_counter() - t1:.1f} s")
         for b in backends:
             for dt in OVERHEAD_DTYPES[b]:
-                ov = measure_overhead(b, Path(d), dtype=dt, n_layers=int(config.n_layers))
+                ov = measure_overhead(b, Path(d), dtype=dt)
                 by_dtype.setdefault(b, {})[dt] = ov
                 overhead.setdefault(b, ov)
                 log(f"  {b} {dt} step overhead: {ov.fixed_s * 1e3:.2f} ms + "
@@ -495,6 +557,7 @@ def measure(config: Any, *, backends: tuple[str, ...] = ("torch", "onnx"),
         memory_per_device_gib=round(mem / cores, 2), gemm_flops=gemm, mem_bw=bw,
         allreduce_latency_s=lat, allreduce_bw=arbw, overhead=overhead,
         backend_gemm_flops=backend_gemm, dtype_overhead=by_dtype, tp_collective_s=tp_coll,
+        nongemm_s=nongemm,
         source=f"shardserve plan --measure ({time.perf_counter() - t0:.0f} s)",
         measured_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )

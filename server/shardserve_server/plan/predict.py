@@ -7,9 +7,12 @@ per step, in the same (flat) step as the other rows' decodes. For one rank of a 
 step of T tokens over B rows at context C:
 
     gemm   = max(2 * matmul_elems * T / rate(dtype, T, threads), matmul_bytes / bandwidth)
+             (the output projection's elements over the R sampled rows instead of T)
     attn   = B * C * kv_bytes_per_token / bandwidth + 4 * heads * head_dim * T * C / rate
     comm   = allreduces * allreduce(T * dim * act_bytes) + gather(B * vocab * 4)
              + 2 plan broadcasts                                               (TP > 1)
+    other  = the model's measured forward outside its GEMMs at T tokens x the stage's share
+             of the layers (torch; ONNX Runtime fuses these into its graph)
     step   = sum over stages + (PP - 1) sends of T * dim + overhead(backend, dtype, B)
 
 A collective's latency is the one measured in the TP layer loop at that rank count where the
@@ -166,14 +169,21 @@ def _step_s(fp: Footprint, costs: MachineCosts, lay: LayoutChoice, threads: floa
     wbytes = DTYPE_BYTES[lay.dtype]
     act = ACT_BYTES[lay.dtype]
     rate = costs.gemm_rate(lay.dtype, tokens, threads, lay.backend)
+    head_rate = costs.gemm_rate(lay.dtype, vocab_rows, threads, lay.backend)
     bw = costs.bandwidth(threads)
     total = comm = 0.0
     for st in fp.stages:
-        gemm = max(2 * st.matmul_elems * tokens / rate, st.matmul_elems * wbytes / bw)
+        body = st.matmul_elems - st.head_elems
+        gemm = max(2 * body * tokens / rate, body * wbytes / bw)
+        if st.head_elems:  # the output projection runs on the sampled rows only
+            gemm += max(2 * st.head_elems * vocab_rows / head_rate, st.head_elems * wbytes / bw)
         layers_share = st.n_layers / max(1, max(s.n_layers for s in fp.stages))
         attn = layers_share * (rows * ctx * fp.kv_elems_per_token * act / bw
                                + 4 * fp.attn_heads * fp.head_dim * tokens * ctx
                                * st.n_layers / rate)
+        if lay.backend == "torch":  # norms, rotary, attention, activations (per rank)
+            attn += costs.nongemm(lay.dtype, tokens, threads) * st.n_layers / sum(
+                x.n_layers for x in fp.stages)
         c = st.allreduces * costs.allreduce_s(tokens * fp.dim * act, lay.tp)
         if st.gathers_vocab:
             c += costs.allreduce_s(vocab_rows * st.gathers_vocab * 4 / 2, lay.tp)
