@@ -3,14 +3,16 @@
     .venv/bin/python loadtest/validate_plan.py [--costs FILE | (measures first)]
         [--streams 1,4] [--seconds 12] [--configs all|NAME,...]
 
-1. The machine's costs: `shardserve plan --measure` (< 1 min) unless --costs names a file.
+1. The machine's costs: `shardserve plan --measure --devices D` (1-2 min; D = the largest
+   layout's ranks, so the TP layer loop covers it) unless --costs names a file.
 2. Each configuration in turn, alone on the machine with the client: `shardserve serve` of
    SmolLM2-135M (the bundled model; ONNX exported once into the bench cache) at the layout,
    then for each stream count a closed-loop window of the peer benchmark's harness
    (bench_vs_vllm.py: distinct ~100-token prompts, 64 new tokens, greedy, EOS ignored, the
    first 20% not counted): tok/s, TTFT p50, ITL p50.
 3. The planner's prediction for the same layout, workload and prompt length (predict.py, with
-   --devices = the layout's ranks: on this host ranks share its cores, as the costs say).
+   --devices = the layout's ranks: on this host ranks share its cores, as the costs say; and
+   in_phase: the harness's streams have equal lengths).
 4. loadtest/results/plan.md: predicted, measured and predicted / measured per configuration
    and stream count, the target (every ratio within 0.75..1.25) counted, every run listed.
 """
