@@ -348,7 +348,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             raise ValueError(f"--measure times Llama-family layer shapes; {model.family!r} "
                              "has none it knows")
         log = (lambda *_: None) if args.json else print
-        log(f"measuring this machine at {model.name}'s shapes (about a minute)")
+        log(f"measuring this machine at {model.name}'s shapes (one to two minutes)")
         costs = measure(model.config, max_ranks=args.devices, log=log)
         costs.save(args.costs)
         log(f"stored {args.costs}")
