@@ -3,14 +3,16 @@
     .venv/bin/python loadtest/validate_plan.py [--costs FILE | (measures first)]
         [--streams 1,4] [--seconds 12] [--configs all|NAME,...]
 
-1. The machine's costs: `shardserve plan --measure` (< 1 min) unless --costs names a file.
+1. The machine's costs: `shardserve plan --measure --devices D` (1-2 min; D = the largest
+   layout's ranks, so the TP layer loop covers it) unless --costs names a file.
 2. Each configuration in turn, alone on the machine with the client: `shardserve serve` of
    SmolLM2-135M (the bundled model; ONNX exported once into the bench cache) at the layout,
    then for each stream count a closed-loop window of the peer benchmark's harness
    (bench_vs_vllm.py: distinct ~100-token prompts, 64 new tokens, greedy, EOS ignored, the
    first 20% not counted): tok/s, TTFT p50, ITL p50.
 3. The planner's prediction for the same layout, workload and prompt length (predict.py, with
-   --devices = the layout's ranks: on this host ranks share its cores, as the costs say).
+   --devices = the layout's ranks: on this host ranks share its cores, as the costs say; and
+   in_phase: the harness's streams have equal lengths).
 4. loadtest/results/plan.md: predicted, measured and predicted / measured per configuration
    and stream count, the target (every ratio within 0.75..1.25) counted, every run listed.
 """
@@ -114,7 +116,9 @@ def predicted(costs_path: Path, cfg: tuple[str, str, int, int], streams: int,
 
     backend, dtype, tp, reps = cfg
     lay = LayoutChoice(backend, dtype, tp, 1, reps)
-    work = Workload(streams=streams, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
+    # the harness's closed-loop streams have equal lengths (EOS ignored): in phase
+    work = Workload(streams=streams, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                    in_phase=True)
     (p,) = predict(resolve_model("smollm2-135m"), plan_costs.load(costs_path), lay.devices,
                    work, [lay])
     if not p.valid:
@@ -152,7 +156,8 @@ def main() -> int:
     costs = Path(args.costs) if args.costs else CACHE / "plan-costs.json"
     if not args.costs:
         subprocess.run([sys.executable, "-m", "shardserve_server.cli", "plan", "--model",
-                        str(model), "--measure", "--costs", str(costs), "--devices", "1"],
+                        str(model), "--measure", "--costs", str(costs), "--devices",
+                        str(max(CONFIGS[n][2] * CONFIGS[n][3] for n in names))],
                        check=True, stdout=subprocess.DEVNULL)
     cost_text = costs.read_text()
     onnx = onnx_export(model) if any(CONFIGS[n][0] == "onnx" for n in names) else model

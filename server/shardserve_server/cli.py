@@ -348,13 +348,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
             raise ValueError(f"--measure times Llama-family layer shapes; {model.family!r} "
                              "has none it knows")
         log = (lambda *_: None) if args.json else print
-        log(f"measuring this machine at {model.name}'s shapes (about a minute)")
-        costs = measure(model.config, log=log)
+        log(f"measuring this machine at {model.name}'s shapes (one to two minutes)")
+        costs = measure(model.config, max_ranks=args.devices, log=log)
         costs.save(args.costs)
         log(f"stored {args.costs}")
     else:
         costs = plan_costs.load(args.costs)
-    for name in ("devices", "streams", "prompt_tokens", "new_tokens"):
+    for name in ("devices", "streams", "prompt_tokens", "new_tokens", "max_prefill_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     for name in ("memory_per_device", "target_ttft_ms", "target_itl_ms"):
@@ -365,7 +365,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                     new_tokens=args.new_tokens, target_ttft_ms=args.target_ttft_ms,
                     target_itl_ms=args.target_itl_ms,
                     memory_per_device_gib=args.memory_per_device,
-                    kv_tokens=args.kv_cache_tokens)
+                    kv_tokens=args.kv_cache_tokens,
+                    max_prefill_tokens=args.max_prefill_tokens, in_phase=args.in_phase)
     preds = predict(model, costs, args.devices, work)
     best, why = recommend(preds, work)
     render = plan_json if args.json else plan_table
@@ -747,12 +748,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=64, help="generated tokens per request")
     p.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="fixed KV budget per replica (default: all the memory left)")
+    p.add_argument("--max-prefill-tokens", type=int, default=512,
+                   help="prompt tokens per step, as `serve --max-prefill-tokens`")
+    p.add_argument("--in-phase", action="store_true",
+                   help="the streams are equal-length closed loops (a benchmark ignoring EOS): "
+                   "on one replica they finish together and their next prompts are prefilled "
+                   "together (default: requests arrive one at a time)")
     p.add_argument("--costs", default=str(Path.home() / ".cache" / "shardserve" /
                                           "plan-costs.json"),
                    help="costs file: read, or written by --measure")
     p.add_argument("--measure", action="store_true",
                    help="time this machine (GEMMs at the model's shapes, bandwidth, "
-                   "all-reduce, engine step overhead; < 1 min) and store the costs first")
+                   "all-reduce, a TP layer loop up to max(--devices, cores + 1) ranks, engine "
+                   "step overhead per dtype; 1-2 min) and store the costs first")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_plan)
 

@@ -1,6 +1,7 @@
 """The layout planner: per-rank sizes from the split table, validity, the step arithmetic on a
-stored costs file, the CLI's table and --json, damaged costs files. No real measurement runs
-here (those are `shardserve plan --measure` and loadtest/validate_plan.py)."""
+stored costs file, the CLI's table and --json, damaged costs files. The only real measurement
+here is one short run of the TP layer loop on the tiny config (2 ranks); the rest are
+`shardserve plan --measure` and loadtest/validate_plan.py."""
 
 from __future__ import annotations
 
@@ -97,7 +98,7 @@ def test_step_arithmetic_on_a_stored_costs_file(costs_file):
     costs = plan_costs.load(costs_file)
     model = resolve_model("tiny")
     cfg = LLAMA_CONFIGS["tiny"]
-    work = Workload(streams=2, prompt_tokens=10, new_tokens=4)
+    work = Workload(streams=2, prompt_tokens=10, new_tokens=4, in_phase=True)
     lay1, lay2 = LayoutChoice("torch", "fp32", 1, 1, 1), LayoutChoice("torch", "fp32", 2, 1, 1)
     p1, p2 = predict(model, costs, 2, work, [lay1, lay2])
     fp1 = footprint("llama", cfg, 1, 1)
@@ -105,17 +106,116 @@ def test_step_arithmetic_on_a_stored_costs_file(costs_file):
     attn = 4 * cfg.n_heads * cfg.head_dim * 2 * ctx * cfg.n_layers
     dec1 = (2 * fp1.stages[0].matmul_elems * 2 + attn) / RATE + 1e-3
     assert p1.itl_ms == pytest.approx(dec1 * 1e3, rel=1e-6)
-    # TP 2: half the GEMMs and heads, plus 2 * layers + 1 all-reduces and a logits gather
+    # TP 2: half the GEMMs and heads, plus 2 * layers + 1 all-reduces, a logits gather and
+    # the plan's 2 broadcasts
     fp2 = footprint("llama", cfg, 2, 1)
-    comm = (2 * cfg.n_layers + 1 + 1) * 1e-4
+    comm = (2 * cfg.n_layers + 1 + 1 + 2) * 1e-4
     dec2 = (2 * fp2.stages[0].matmul_elems * 2 + attn / 2) / RATE + comm + 1e-3
     assert p2.itl_ms == pytest.approx(dec2 * 1e3, rel=1e-6)
     assert p2.comm_share == pytest.approx(comm / dec2, rel=1e-6)
-    # 2 streams, 4 new tokens: 2 prefill steps (10 + 1 tokens) and 2 decode steps per period
-    pre1 = (2 * fp1.stages[0].matmul_elems * 11 + 4 * cfg.n_heads * cfg.head_dim * 11 * (
-        (10 * 10 / 2 + ctx) / 11) * cfg.n_layers) / RATE + 1e-3
-    assert p1.tok_s == pytest.approx(2 * 4 / (2 * pre1 + 2 * dec1), rel=1e-6)
-    assert p1.ttft_ms == pytest.approx((pre1 + dec1 / 2) * 1e3, rel=1e-6)
+    # 2 streams in phase: both prompts in one prefill step (20 tokens, each seeing half its
+    # prompt), then 3 decode steps per period
+    # (the output projection multiplies the 2 sampled rows only)
+    head = fp1.stages[0].head_elems
+    assert head == cfg.vocab_size * cfg.dim
+    pre1 = (2 * (fp1.stages[0].matmul_elems - head) * 20 + 2 * head * 2
+            + 4 * cfg.n_heads * cfg.head_dim * 20 * 5 * cfg.n_layers) / RATE + 1e-3
+    assert p1.ttft_ms == pytest.approx(pre1 * 1e3, rel=1e-6)
+    assert p1.tok_s == pytest.approx(2 * 4 / (pre1 + 3 * dec1), rel=1e-6)
+
+
+def _step(fp, cfg, tokens, ctx, sampled):
+    """A step on the flat-rate COSTS: GEMMs (the output projection on the sampled rows),
+    attention FLOPs, 1 ms overhead."""
+    st = fp.stages[0]
+    return (2 * (st.matmul_elems - st.head_elems) * tokens + 2 * st.head_elems * sampled
+            + 4 * cfg.n_heads * cfg.head_dim * tokens * ctx * cfg.n_layers) / RATE + 1e-3
+
+
+def test_in_phase_prompts_are_chunked_and_the_front_end_adds_its_share(tmp_path):
+    """4 streams of 10-token prompts with 15 prompt tokens per step: chunks of 15, 15, 10; the
+    requests' first tokens come with steps 1, 2, 2, 3 (a request finished in an earlier step
+    decodes in the later ones); each waits the front end's first_token_s before its steps."""
+    d = {**COSTS, "overhead": {"torch": {"fixed_s": 1e-3, "per_row_s": 0.0,
+                                         "first_token_s": 0.02}}}
+    p = tmp_path / "costs.json"
+    p.write_text(json.dumps(d))
+    c = plan_costs.load(p)
+    cfg = LLAMA_CONFIGS["tiny"]
+    fp = footprint("llama", cfg, 1, 1)
+    work = Workload(streams=4, prompt_tokens=10, new_tokens=4, max_prefill_tokens=15,
+                    in_phase=True)
+    (pred,) = predict(resolve_model("tiny"), c, 1, work, [LayoutChoice("torch", "fp32", 1, 1,
+                                                                       1)])
+
+    s1 = _step(fp, cfg, 15, 5, 1)  # request 0 whole, 5 of request 1
+    s2 = _step(fp, cfg, 15 + 1, (15 * 5 + 11) / 16, 3)  # 5 of request 1, request 2; 0 decodes
+    s3 = _step(fp, cfg, 10 + 3, (10 * 5 + 3 * 11) / 13, 4)  # request 3; 0, 1, 2 decode
+    firsts = [0.02 + s1, 0.02 + s1 + s2, 0.02 + s1 + s2, 0.02 + s1 + s2 + s3]
+    assert pred.ttft_ms == pytest.approx((firsts[1] + firsts[2]) / 2 * 1e3, rel=1e-6)
+    dec = _step(fp, cfg, 4, 10 + 4 / 2, 4)
+    assert pred.itl_ms == pytest.approx(dec * 1e3, rel=1e-6)
+    assert pred.tok_s == pytest.approx(4 * 4 / (firsts[-1] + 3 * dec), rel=1e-6)
+
+
+def test_requests_over_replicas_arrive_alone(costs_file):
+    """Over 2 replicas the balancer splits requests that finished together (in_phase or not):
+    each is prefilled in a flat step with the other row's decode, after half the step in
+    flight; as on one replica by default."""
+    c = plan_costs.load(costs_file)
+    cfg = LLAMA_CONFIGS["tiny"]
+    fp = footprint("llama", cfg, 1, 1)
+    work = Workload(streams=4, prompt_tokens=10, new_tokens=4, in_phase=True)
+    (pred,) = predict(resolve_model("tiny"), c, 2, work, [LayoutChoice("torch", "fp32", 1, 1,
+                                                                       2)])
+
+    dec = _step(fp, cfg, 2, 10 + 4 / 2, 2)
+    pre = _step(fp, cfg, 11, (10 * 5 + 12) / 11, 2)  # the prompt, the other row's decode
+    assert pred.itl_ms == pytest.approx(dec * 1e3, rel=1e-6)
+    assert pred.ttft_ms == pytest.approx((pre + dec / 2) * 1e3, rel=1e-6)
+    assert pred.tok_s == pytest.approx(2 * 2 * 4 / (2 * pre + 2 * dec), rel=1e-6)
+    # one replica with requests arriving one at a time (the default): the same per replica
+    (one,) = predict(resolve_model("tiny"), c, 1, Workload(streams=2, prompt_tokens=10,
+                                                            new_tokens=4),
+                     [LayoutChoice("torch", "fp32", 1, 1, 1)])
+    assert one.ttft_ms == pytest.approx(pred.ttft_ms) and one.tok_s == pytest.approx(
+        pred.tok_s / 2)
+
+
+def test_oversubscribed_tp_uses_the_measured_collective_cost(tmp_path):
+    """With more ranks than cores a TP step pays the layer loop's per-collective cost at that
+    rank count (and the largest measured count's beyond it), not the 2-process latency."""
+    d = {**COSTS, "host_threads": 2, "tp_collective_s": {"2": 2e-4, "3": 4e-3}}
+    p = tmp_path / "costs.json"
+    p.write_text(json.dumps(d))
+    c = plan_costs.load(p)
+    base = plan_costs.from_dict({**COSTS, "host_threads": 2})
+    assert c.collective_latency_s(1) == 0.0
+    assert c.collective_latency_s(2) == 2e-4 and c.collective_latency_s(3) == 4e-3
+    assert c.collective_latency_s(9) == 4e-3  # past the largest measured count
+    assert base.collective_latency_s(3) == 1e-4  # nothing measured: the latency
+    lay = LayoutChoice("torch", "fp32", 3, 1, 1)
+    model = resolve_model("smollm2-135m")
+    (slow,) = predict(model, c, 3, Workload(streams=1), [lay])
+    (fast,) = predict(model, base, 3, Workload(streams=1), [lay])
+    collectives = 2 * 30 + 1 + 1 + 2  # layers' all-reduces, embedding, logits, plan
+    assert slow.itl_ms - fast.itl_ms == pytest.approx(collectives * (4e-3 - 1e-4) * 1e3,
+                                                      rel=1e-6)
+    assert "oversubscribed TP: 4.0 ms per collective (measured)" in slow.why
+
+
+def test_overhead_per_dtype_falls_back_to_the_backend_default(tmp_path):
+    d = {**COSTS, "dtype_overhead": {"torch": {"bf16": {"fixed_s": 5e-3, "per_row_s": 0.0,
+                                                        "first_token_s": 0.01}}}}
+    p = tmp_path / "costs.json"
+    p.write_text(json.dumps(d))
+    c = plan_costs.load(p)
+    assert c.step_overhead("torch", "bf16").fixed_s == 5e-3
+    assert c.step_overhead("torch", "fp32") == c.overhead["torch"]
+    assert c.step_overhead("onnx", "fp32") == c.overhead["onnx"]
+    lays = [LayoutChoice("torch", "bf16", 1, 1, 1), LayoutChoice("torch", "fp32", 1, 1, 1)]
+    bf16, fp32 = predict(resolve_model("tiny"), c, 1, Workload(streams=1), lays)
+    assert bf16.itl_ms - fp32.itl_ms == pytest.approx(4.0, rel=1e-6)  # equal GEMM rates
 
 
 def test_recommendation_follows_the_targets(costs_file):
@@ -158,6 +258,15 @@ def test_cli_table(costs_file, capsys):
     (json.dumps({**COSTS, "allreduce_bw": -1}), "allreduce_bw must be a positive number"),
     (json.dumps({**COSTS, "schema": "x"}), "schema is 'x'"),
     (json.dumps({**COSTS, "gemm_flops": {"fp32": {"1": {"one": 1e9}}}}), "key 'one' is not"),
+    (json.dumps({**COSTS, "tp_collective_s": {"1": 1e-3}}), "tp_collective_s key '1' must be"),
+    (json.dumps({**COSTS, "tp_collective_s": {"3": -1}}),
+     "tp_collective_s[3] must be a non-negative"),
+    (json.dumps({**COSTS, "overhead": {"torch": {"fixed_s": 0, "per_row_s": 0,
+                                                 "first_token_s": "x"}}}),
+     "first_token_s must be a non-negative number"),
+    (json.dumps({**COSTS, "dtype_overhead": {"torch": 1}}), "dtype_overhead must be a table"),
+    (json.dumps({**COSTS, "nongemm_s": {"bf16": {"1": {"1": -1}}}}),
+     "nongemm_s[bf16][1][1] must be a positive number"),
 ])
 def test_damaged_costs_file_is_one_line_exit_2(tmp_path, capsys, content, message):
     p = tmp_path / "costs.json"
@@ -197,3 +306,54 @@ def test_a_backend_with_its_own_gemm_table_uses_it(tmp_path):
     lays = [LayoutChoice("onnx", "fp32", 1, 1, 1), LayoutChoice("torch", "fp32", 1, 1, 1)]
     onnx, torch_ = predict(model, c, 1, Workload(streams=1), lays)
     assert onnx.itl_ms < torch_.itl_ms
+
+
+def test_layer_loop_shapes_are_the_split_tables_per_rank_gemms():
+    """The TP layer loop multiplies exactly one rank's share of every matmul weight."""
+    from shardserve_server.plan.measure import _rank_shapes
+
+    cfg = LLAMA_CONFIGS["smollm2-135m"]
+    fp = footprint("llama", cfg, 3, 1)
+    layer = _rank_shapes(cfg, 3)
+    head = -(-cfg.vocab_size // 3) * cfg.dim
+    assert cfg.n_layers * sum(o * i for o, i, _ in layer) + head == fp.stages[0].matmul_elems
+    assert sum(reduce for _, _, reduce in layer) * cfg.n_layers + 1 == fp.stages[0].allreduces
+
+
+def test_layer_loop_runs_in_a_real_gloo_group():
+    """Two worker-like rank processes (real gloo group) report a per-collective cost."""
+    from shardserve_server.plan.measure import measure_tp_collectives
+
+    got = measure_tp_collectives(LLAMA_CONFIGS["tiny"], (2,), cores=2, steps=2)
+    assert set(got) == {2} and 0.0 <= got[2] < 1.0
+
+
+def test_the_forward_outside_the_gemms_counts_for_torch_layouts(tmp_path):
+    """nongemm_s: linear in tokens through the measured points (and past them), the largest
+    measured thread count not above the rank's, a time share below one thread; torch only."""
+    d = {**COSTS, "nongemm_s": {"bf16": {"1": {"1": 0.010, "101": 0.030}}}}
+    p = tmp_path / "costs.json"
+    p.write_text(json.dumps(d))
+    c = plan_costs.load(p)
+    assert c.nongemm("bf16", 1, 1) == pytest.approx(0.010)
+    assert c.nongemm("bf16", 51, 1) == pytest.approx(0.020)
+    assert c.nongemm("bf16", 201, 1) == pytest.approx(0.050)
+    assert c.nongemm("bf16", 1, 0.5) == pytest.approx(0.020)  # half a core
+    assert c.nongemm("bf16", 1, 2) == pytest.approx(0.010)
+    assert c.nongemm("fp32", 1, 1) == 0.0
+    lays = [LayoutChoice("torch", "bf16", 1, 1, 1), LayoutChoice("torch", "fp32", 1, 1, 1)]
+    bf16, fp32 = predict(resolve_model("tiny"), c, 1, Workload(streams=1), lays)
+    assert bf16.itl_ms - fp32.itl_ms == pytest.approx(10.0, rel=1e-6)
+
+
+def test_nongemm_measurement_restores_the_gemms():
+    """measure_nongemm times the model's real forward with its GEMMs emptied, then puts
+    Linear.forward back (a costs file would otherwise be made with a broken model)."""
+    from shardserve_server.plan.measure import NONGEMM_TOKENS, measure_nongemm
+    from shardserve_sharding.models.llama import Linear
+
+    forward = Linear.forward
+    got = measure_nongemm(LLAMA_CONFIGS["tiny"], ("fp32",), (1,), rounds=1)
+    assert Linear.forward is forward
+    assert set(got["fp32"][1]) == set(NONGEMM_TOKENS) and all(
+        v > 0 for v in got["fp32"][1].values())

@@ -33,6 +33,9 @@ class StepOverhead:
     """Per step."""
     per_row_s: float
     """Per sequence in the step (sampling, detokenizing, streaming its token)."""
+    first_token_s: float = 0.0
+    """Per request, outside its steps: tokenizing, gRPC, admission and the pipes to the
+    worker and back (a measured time to first token less one step)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,17 @@ class MachineCosts:
         default_factory=dict)
     """backend -> dtype -> threads -> rows -> FLOP/s where a backend has its own kernels
     (ONNX Runtime's MLAS and thread pool); absent: gemm_flops (torch's)."""
+    dtype_overhead: dict[str, dict[str, StepOverhead]] = field(default_factory=dict)
+    """backend -> dtype -> overhead where measured per dtype (bf16 norms, rotary and attention
+    cost more per layer than fp32 on a CPU); absent: `overhead`."""
+    tp_collective_s: dict[int, float] = field(default_factory=dict)
+    """ranks -> seconds a collective of a TP step costs when that many worker processes share
+    the host's cores (the layer loop of measure.py: with more ranks than cores each meeting
+    waits for the OS to run a descheduled rank); absent: the 2-process latency."""
+    nongemm_s: dict[str, dict[int, dict[int, float]]] = field(default_factory=dict)
+    """dtype -> threads -> tokens -> seconds of the whole model's eager torch forward outside
+    its GEMMs (norms, rotary, attention, activations, launches; measure.measure_nongemm);
+    absent: none counted. ONNX Runtime fuses these into its graph: torch layouts only."""
     source: str = ""
     """How the figures were obtained (the command, or the published sources)."""
     measured_at: str = ""
@@ -84,10 +98,43 @@ class MachineCosts:
         return _interp_threads(self.mem_bw, threads)
 
     def allreduce_s(self, nbytes: float, ranks: int) -> float:
-        """Ring all-reduce: latency plus 2 (n-1)/n of the bytes over the bus bandwidth."""
+        """Ring all-reduce: latency plus 2 (n-1)/n of the bytes over the bus bandwidth; the
+        latency is the TP layer loop's per-collective cost at `ranks` where measured (beyond
+        the largest measured count: that count's, as ranks past the cores wait alike)."""
         if ranks <= 1:
             return 0.0
-        return self.allreduce_latency_s + 2 * (ranks - 1) / ranks * nbytes / self.allreduce_bw
+        return self.collective_latency_s(ranks) + 2 * (ranks - 1) / ranks * nbytes / \
+            self.allreduce_bw
+
+    def collective_latency_s(self, ranks: int) -> float:
+        if ranks <= 1:
+            return 0.0
+        if not self.tp_collective_s:
+            return self.allreduce_latency_s
+        known = [r for r in self.tp_collective_s if r <= ranks]
+        return self.tp_collective_s[max(known)] if known else self.allreduce_latency_s
+
+    def nongemm(self, dtype: str, tokens: float, threads: float) -> float:
+        """Seconds of the whole model's forward outside its GEMMs over `tokens` tokens with
+        `threads` threads (linear in tokens through the measured points; the largest measured
+        thread count not above `threads`, and below the smallest a time share); 0 where not
+        measured."""
+        by_threads = self.nongemm_s.get(dtype)
+        if not by_threads:
+            return 0.0
+        below = [t for t in by_threads if t <= threads]
+        th = max(below) if below else min(by_threads)
+        share = th / threads if threads < th else 1.0
+        pts = sorted(by_threads[th].items())
+        if len(pts) == 1:
+            return pts[0][1] * share
+        i = next((i for i, (t, _) in enumerate(pts) if tokens <= t), len(pts) - 1)
+        (a, ya), (b, yb) = pts[max(0, i - 1)], pts[max(1, i)]
+        return max(0.0, ya + (yb - ya) * (tokens - a) / (b - a)) * share
+
+    def step_overhead(self, backend: str, dtype: str) -> StepOverhead:
+        """The engine's overhead for `backend` at `dtype` (its default where not measured)."""
+        return self.dtype_overhead.get(backend, {}).get(dtype) or self.overhead[backend]
 
     # ---- file
 
@@ -194,12 +241,15 @@ def from_dict(d: Any, where: str = "costs") -> MachineCosts:
         mem_bw=_table(d.get("mem_bw"), f"{where}: mem_bw", 1),
         allreduce_latency_s=_num(d, "allreduce_latency_s", where, positive=False),
         allreduce_bw=_num(d, "allreduce_bw", where),
-        overhead={str(k): StepOverhead(_num(v, "fixed_s", f"{where}: overhead[{k}]",
-                                            positive=False),
-                                       _num(v, "per_row_s", f"{where}: overhead[{k}]",
-                                            positive=False))
-                  if isinstance(v, dict) else _bad(f"{where}: overhead[{k}] is not a table")
+        overhead={str(k): _overhead(v, f"{where}: overhead[{k}]")
                   for k, v in overhead.items()},
+        dtype_overhead={str(b): {str(k): _overhead(v, f"{where}: dtype_overhead[{b}][{k}]")
+                                 for k, v in t.items()}
+                        for b, t in _tables(d.get("dtype_overhead", {}),
+                                            f"{where}: dtype_overhead").items()},
+        tp_collective_s=_tp_collectives(d.get("tp_collective_s"), where),
+        nongemm_s={str(k): _table(v, f"{where}: nongemm_s[{k}]", 2)
+                   for k, v in _tables(d.get("nongemm_s", {}), f"{where}: nongemm_s").items()},
         backend_gemm_flops={str(b): {str(k): _table(v, f"{where}: backend_gemm_flops[{b}][{k}]",
                                                     2) for k, v in t.items()}
                             for b, t in per_backend.items()},
@@ -208,8 +258,41 @@ def from_dict(d: Any, where: str = "costs") -> MachineCosts:
     )
 
 
-def _bad(msg: str):
-    raise CostsError(msg)
+def _overhead(v: Any, where: str) -> StepOverhead:
+    if not isinstance(v, dict):
+        raise CostsError(f"{where} is not a table")
+    return StepOverhead(_num(v, "fixed_s", where, positive=False),
+                        _num(v, "per_row_s", where, positive=False),
+                        _num({"first_token_s": 0.0, **v}, "first_token_s", where,
+                             positive=False))
+
+
+def _tp_collectives(d: Any, where: str) -> dict[int, float]:
+    """{ranks >= 2: non-negative seconds}."""
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise CostsError(f"{where}: tp_collective_s must be a table")
+    out = {}
+    for k, v in d.items():
+        try:
+            ranks = int(k)
+        except (TypeError, ValueError):
+            raise CostsError(f"{where}: tp_collective_s key {k!r} is not an integer") from None
+        if ranks < 2:
+            raise CostsError(f"{where}: tp_collective_s key {k!r} must be >= 2")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or v < 0:
+            raise CostsError(f"{where}: tp_collective_s[{k}] must be a non-negative number, "
+                             f"got {v!r}")
+        out[ranks] = float(v)
+    return out
+
+
+def _tables(d: Any, where: str) -> dict:
+    if not isinstance(d, dict) or not all(isinstance(v, dict) for v in d.values()):
+        raise CostsError(f"{where} must be a table of tables")
+    return d
 
 
 def load(path: str | Path) -> MachineCosts:

@@ -50,6 +50,9 @@ class StageFootprint:
     """All-reduces of [tokens, dim] per forward (0 at TP 1)."""
     gathers_vocab: int
     """Elements per sampled row all-gathered for the output logits (0 at TP 1 or not last)."""
+    head_elems: int = 0
+    """Of matmul_elems, the output projection's: it multiplies only the rows that sample
+    (the model takes logits_index), not every prompt token."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ def footprint(family: str, config: Any, tp: int, pp: int) -> Footprint:
     matmul = [0] * pp
     allreduces = [0] * pp
     gathers = [0] * pp
+    head = [0] * pp
     params = 0
     dim = int(config.dim)
     for name, shape in expected_tensors(family, config):
@@ -101,16 +105,19 @@ def footprint(family: str, config: Any, tp: int, pp: int) -> Footprint:
             allreduces[stage] += 1
         if is_embedding and kind is SplitKind.VOCAB and tp > 1:
             allreduces[stage] += 1  # masked lookup, summed over ranks
+        if name.startswith("output.") and len(shape) == 2:
+            head[stage] += worst
         if name.startswith("output.") and kind is SplitKind.VOCAB and tp > 1:
             gathers[stage] += padded_vocab(shape[0], tp)
         if is_embedding and tied:  # the output projection of the last stage
             matmul[pp - 1] += worst
+            head[pp - 1] += worst
             if pp > 1:
                 weights[pp - 1] += worst  # the last stage keeps its own copy
             if tp > 1:
                 gathers[pp - 1] += padded_vocab(shape[0], tp)
     stages = tuple(StageFootprint(weights[s], matmul[s], len(layer_ranges[s]), allreduces[s],
-                                  gathers[s]) for s in range(pp))
+                                  gathers[s], head[s]) for s in range(pp))
     kv, state, heads, head_dim = 0, 0, 0, 0
     most_layers = max(len(r) for r in layer_ranges)
     if spec.cache_kind is CacheKind.PAGED_KV:

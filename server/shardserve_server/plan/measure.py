@@ -1,6 +1,6 @@
 """`shardserve plan --measure`: time this machine's costs and store them (costs.py schema).
 
-Four measurements, each short (the whole run aims at < 60 s on 2 cores):
+Five measurements, each short (the whole run aims at about 90 s on 2 cores):
 1. GEMMs at the model's layer shapes (fused QKV, output, gate/up, down of one layer, TP 1)
    through the model's own Linear (cpu_gemm's bf16 path), in each dtype, at 1..host threads
    and several row counts, cycling through enough copies of the layer that the weights come
@@ -9,8 +9,15 @@ Four measurements, each short (the whole run aims at < 60 s on 2 cores):
 3. All-reduce between 2 ranks of a real gloo group (the TP transport of our workers): the
    median time of a 4-byte all-reduce (latency) and of a 4 MiB one (bandwidth).
 4. Our engine's per-step overhead: a real `shardserve serve` of a tiny random Llama (its
-   GEMMs are negligible) per backend, driven over gRPC with 1 and 8 streams; the inter-token
-   time at 1 stream is the fixed overhead, its growth to 8 streams the per-row one.
+   forward is negligible) per backend and dtype, driven over gRPC with 1 and 8 streams; the
+   inter-token time at 1 stream is the fixed overhead, its growth to 8 streams the per-row
+   one, the time to first token less a step the front end's share. And the model's own
+   eager forward with its GEMMs emptied, at 1 and 128 tokens per dtype: the norms, rotary,
+   attention and activations outside the GEMMs (measure_nongemm).
+5. The TP layer loop: for each rank count (past the cores too) worker-like processes (their
+   threads, niceness and gloo group) run the model's per-rank GEMMs with and without the
+   collectives a TP step meets; the difference per collective is what a collective costs when
+   ranks share the cores (measure_tp_collectives).
 """
 
 from __future__ import annotations
@@ -28,7 +35,11 @@ import torch
 
 from .costs import MachineCosts, StepOverhead
 
-ROWS = (1, 8, 32, 128)
+ROWS = (1, 8, 32, 128, 512)
+"""GEMM row counts timed: decode batches up to prefill chunks (serve's --max-prefill-tokens
+defaults to 512; in-phase streams prefill several prompts in one step)."""
+OVERHEAD_DTYPES = {"torch": ("fp32", "bf16"), "onnx": ("fp32",)}
+"""The dtypes whose engine overhead is measured per backend (the first is the default)."""
 WEIGHT_BYTES_COLD = 96 * 2**20
 """Cycle over at least this many bytes of weights per GEMM pass (past the caches)."""
 
@@ -97,6 +108,61 @@ def measure_gemm(config: Any, dtypes: tuple[str, ...], thread_counts: tuple[int,
     for (dname, th, rows), times in samples.items():
         flops = 2 * sum(lin.in_features * lin.out_features for lin in stacks[dname]) * rows
         out.setdefault(dname, {}).setdefault(th, {})[rows] = flops / statistics.median(times)
+    return out
+
+
+NONGEMM_TOKENS = (1, 128)
+"""Tokens per forward at which the model's non-GEMM time is timed (linear in between)."""
+
+
+def measure_nongemm(config: Any, dtypes: tuple[str, ...], thread_counts: tuple[int, ...],
+                    rounds: int = 3) -> dict[str, dict[int, dict[int, float]]]:
+    """dtype -> threads -> tokens -> seconds of the model's own eager forward (TP 1, no
+    cache, logits of the last token) with every Linear's GEMM replaced by an empty result:
+    what the norms, rotary, attention, activations and kernel launches of all layers cost,
+    which no GEMM table holds (in bf16 several of them run slower than in fp32 on a CPU).
+    Rounds interleave as in measure_gemm; the median is kept."""
+    import copy
+
+    from shardserve_sharding.models.llama import Linear, Transformer
+
+    with torch.device("meta"):
+        base = Transformer(config)
+    base = base.to_empty(device="cpu")
+    base.reset_buffers()
+    with torch.no_grad():
+        for p in base.parameters():
+            p.fill_(0.01)
+    base.eval()
+    models = {d: copy.deepcopy(base).to({"fp32": torch.float32, "bf16": torch.bfloat16}[d])
+              for d in dtypes}
+    del base
+    gemm = Linear.forward
+
+    def no_gemm(self: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)  # [..., out]
+
+    samples: dict[tuple[str, int, int], list[float]] = {}
+    Linear.forward = no_gemm  # type: ignore[method-assign]
+    try:
+        with torch.no_grad():
+            for r in range(rounds + 1):  # round 0 warms
+                for d, model in models.items():
+                    for th in thread_counts:
+                        torch.set_num_threads(th)
+                        for t in NONGEMM_TOKENS:
+                            tokens = torch.zeros(1, t, dtype=torch.long)  # [1, T]
+                            pos = torch.arange(t).unsqueeze(0)  # [1, T]
+                            t0 = time.perf_counter()
+                            model(tokens, pos, None, torch.tensor([t - 1]))  # [1, V]
+                            if r:
+                                samples.setdefault((d, th, t), []).append(
+                                    time.perf_counter() - t0)
+    finally:
+        Linear.forward = gemm  # type: ignore[method-assign]
+    out: dict[str, dict[int, dict[int, float]]] = {}
+    for (d, th, t), times in samples.items():
+        out.setdefault(d, {}).setdefault(th, {})[t] = statistics.median(times)
     return out
 
 
@@ -208,26 +274,150 @@ def measure_allreduce() -> tuple[float, float]:
     return lat, bw
 
 
-def measure_overhead(backend: str, work: Path, seconds: float = 3.0) -> StepOverhead:
-    """Inter-token time of a real server on a tiny random model at 1 and 8 streams."""
+# ---- 5. collectives as the TP workers meet them, ranks sharing the host's cores
+
+LOOP_STEPS = 6
+
+
+def _rank_shapes(config: Any, ranks: int) -> list[tuple[int, int, bool]]:
+    """(out, in, ends in an all-reduce) of one TP rank's GEMMs in one layer: the split table's
+    rowwise tensors are cut along `in` and summed over ranks, the others cut along `out`."""
+    from shardserve_sharding.models import expected_tensors
+    from shardserve_sharding.split_table import SplitKind, split_kind
+
+    out = []
+    for name, shape in expected_tensors("llama", config):
+        if not name.startswith("layers.0.") or len(shape) != 2:
+            continue
+        o, i = shape
+        if split_kind("llama", name) is SplitKind.ROWWISE:
+            out.append((o, -(-i // ranks), True))
+        else:
+            out.append((-(-o // ranks), i, False))
+    return out
+
+
+def _layer_loop_rank(rank: int, ranks: int, port: int, threads: int, config: Any,
+                     steps: int, q: Any) -> None:
+    """One rank of the synthetic layer loop: the worker's threads, niceness and gloo group,
+    the model's per-rank GEMMs at one row (decode) over every layer (weights cold), and per
+    step the collectives a worker meets: the plan's 2 broadcasts, the embedding's all-reduce,
+    2 all-reduces per layer, the logits' all-gather. Run once without and once with the
+    collectives; rank 0 reports the step times, barrier to barrier."""
+    import torch.distributed as dist
+
+    from shardserve_sharding.models.llama import Linear
+
+    from ..workers.worker import WorkerConfig
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    os.nice(WorkerConfig.__dataclass_fields__["nice"].default)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=ranks)
+    dim = int(config.dim)
+    with torch.no_grad():
+        layers = []
+        for _ in range(int(config.n_layers)):
+            layer = []
+            for o, i, reduce in _rank_shapes(config, ranks):
+                lin = Linear(i, o, bias=False)
+                lin.requires_grad_(False)
+                lin.weight.fill_(0.01)
+                layer.append((lin, reduce))
+            layers.append(layer)
+        head = Linear(dim, -(-int(config.vocab_size) // ranks), bias=False)
+        head.requires_grad_(False)
+        head.weight.fill_(0.01)
+        xs = {i: torch.full((1, i), 0.5) for layer in layers for lin, _ in layer
+              for i in (lin.in_features,)}
+        res = {}
+        for variant in ("free", "sync"):
+            sync = variant == "sync"
+            times = []
+            for s in range(steps + 1):  # step 0 warms
+                dist.barrier()
+                t0 = time.perf_counter()
+                if sync:
+                    for n in (1, 64):  # the plan: its size, then its data
+                        dist.broadcast(torch.zeros(n, dtype=torch.long), src=0)
+                    dist.all_reduce(torch.zeros(1, dim))  # [1, dim] embedding rows
+                for layer in layers:
+                    for lin, reduce in layer:
+                        y = lin(xs[lin.in_features])  # [1, out]
+                        if reduce and sync:
+                            dist.all_reduce(y)
+                logits = head(xs[dim])  # [1, vocab / ranks]
+                if sync:
+                    dist.all_gather([torch.empty_like(logits) for _ in range(ranks)], logits)
+                dist.barrier()
+                if s:
+                    times.append(time.perf_counter() - t0)
+            res[variant] = statistics.median(times)
+    if rank == 0:
+        n = 2 + 1 + 2 * int(config.n_layers) + 1
+        q.put((res["free"], res["sync"], n))
+    dist.destroy_process_group()
+
+
+def measure_tp_collectives(config: Any, rank_counts: tuple[int, ...], cores: int,
+                           steps: int = LOOP_STEPS) -> dict[int, float]:
+    """ranks -> seconds each collective adds to a TP decode step when `ranks` worker-like
+    processes (max(1, cores // ranks) threads each, as `shardserve serve` gives them) share
+    this host: (step with collectives - step without) / collectives per step. With more ranks
+    than cores every meeting waits for the OS to run the rank it descheduled, which no
+    2-process latency test shows."""
+    import torch.multiprocessing as mp
+
+    from ..workers.group import free_port
+
+    ctx = mp.get_context("spawn")
+    out = {}
+    for ranks in rank_counts:
+        q = ctx.Queue()
+        port = free_port()
+        threads = max(1, cores // ranks)
+        procs = [ctx.Process(target=_layer_loop_rank,
+                             args=(r, ranks, port, threads, config, steps, q))
+                 for r in range(ranks)]
+        for p in procs:
+            p.start()
+        try:
+            free, sync, n = q.get(timeout=300)
+        finally:
+            for p in procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
+        out[ranks] = max(0.0, (sync - free) / n)
+    return out
+
+
+def measure_overhead(backend: str, work: Path, seconds: float = 3.0, dtype: str = "fp32",
+                     n_layers: int = 2) -> StepOverhead:
+    """Inter-token time of a real server (`dtype`) on a tiny random model (its forward is
+    negligible: what remains is the engine's scheduling, sampling and streaming) at 1 and 8
+    streams; and its time to first token at 1 stream less one step: the front end's share of
+    a TTFT (tokenizing, gRPC, admission, the pipes)."""
     import asyncio
     import re
     import subprocess
     import sys
 
-    model = work / "tiny"
+    model = work / f"tiny-{n_layers}"
     if not model.exists():
-        _write_tiny(model)
+        _write_tiny(model, n_layers)
     if backend == "onnx":
-        onnx_dir = work / "tiny-onnx"
+        onnx_dir = work / f"tiny-{n_layers}-onnx"
         if not onnx_dir.exists():
             from shardserve_sharding.onnx_export.export import export_onnx
 
             export_onnx(model, onnx_dir, dtype="fp32", verify_hashes=False)
         model = onnx_dir
-    log = work / f"serve-{backend}.log"
+    log = work / f"serve-{backend}-{dtype}.log"
     cmd = [sys.executable, "-m", "shardserve_server.cli", "serve", "--model", str(model),
-           "--backend", backend, "--port", "0", "--metrics-port", "-1", "--no-verify"]
+           "--backend", backend, "--dtype", dtype, "--port", "0", "--metrics-port", "-1",
+           "--no-verify"]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -242,17 +432,19 @@ def measure_overhead(backend: str, work: Path, seconds: float = 3.0) -> StepOver
             time.sleep(0.2)
         if target is None:
             raise RuntimeError(f"tiny {backend} server did not start; see {log}")
-        itl1, itl8 = asyncio.run(_itl(target, seconds))
+        itl1, itl8, ttft1 = asyncio.run(_itl(target, seconds))
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-    return StepOverhead(fixed_s=itl1, per_row_s=max(0.0, (itl8 - itl1) / 7))
+    return StepOverhead(fixed_s=itl1, per_row_s=max(0.0, (itl8 - itl1) / 7),
+                        first_token_s=max(0.0, ttft1 - itl1))
 
 
-async def _itl(target: str, seconds: float) -> tuple[float, float]:
+async def _itl(target: str, seconds: float) -> tuple[float, float, float]:
+    """(ITL p50 at 1 stream, at 8 streams, TTFT p50 at 1 stream)."""
     import asyncio
 
     from shardserve_client import READINESS, AsyncClient
@@ -266,20 +458,24 @@ async def _itl(target: str, seconds: float) -> tuple[float, float]:
                 pass
             await asyncio.sleep(0.2)
         out = []
+        ttfts: list[float] = []
         for streams in (1, 8):
             gaps: list[float] = []
             stop = time.perf_counter() + seconds
 
-            async def stream(gaps=gaps, stop=stop) -> None:
+            async def stream(gaps=gaps, stop=stop, streams=streams) -> None:
                 while time.perf_counter() < stop:
                     first = last = None
                     n = 0
+                    sent = time.perf_counter()
                     async for chunk in c.generate_stream("hello world", max_new_tokens=24,
                                                          temperature=0.0, ignore_eos=True):
                         if chunk.token_ids:
                             last = time.perf_counter()
                             first = first or last
                             n += len(chunk.token_ids)
+                    if streams == 1 and first is not None:
+                        ttfts.append(first - sent)
                     if n > 2 and first is not None and last is not None:
                         # the decode span over its tokens: chunks that arrive together
                         # (several tokens per message) neither shrink nor stretch it
@@ -287,10 +483,10 @@ async def _itl(target: str, seconds: float) -> tuple[float, float]:
 
             await asyncio.gather(*(stream() for _ in range(streams)))
             out.append(statistics.median(gaps))
-        return out[0], out[1]
+        return out[0], out[1], statistics.median(ttfts)
 
 
-def _write_tiny(dst: Path) -> None:
+def _write_tiny(dst: Path, n_layers: int = 2) -> None:
     from shardserve_sharding.checkpoint.io import write_checkpoint
     from shardserve_sharding.checkpoint.safetensors_stream import TensorSpec
     from shardserve_sharding.models import build_model, checkpoint_names
@@ -299,8 +495,8 @@ def _write_tiny(dst: Path) -> None:
 
     tok = train_bpe(["hello world, the quick brown fox jumps over the lazy dog. " * 4],
                     vocab_size=300)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                      intermediate_size=96, max_seq_len=512)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, dim=64, n_layers=n_layers, n_heads=4,
+                      n_kv_heads=2, intermediate_size=96, max_seq_len=512)
     torch.manual_seed(0)
     model = build_model("llama", cfg)
     params = dict(model.named_parameters())
@@ -312,8 +508,10 @@ def _write_tiny(dst: Path) -> None:
 
 
 def measure(config: Any, *, backends: tuple[str, ...] = ("torch", "onnx"),
-            log: Any = print) -> MachineCosts:
-    """Every measurement of the module docstring at `config`'s shapes (a Llama config)."""
+            max_ranks: int = 1, log: Any = print) -> MachineCosts:
+    """Every measurement of the module docstring at `config`'s shapes (a Llama config); the
+    TP layer loop for 2 .. max(max_ranks, cores + 1) ranks (always one count past the cores,
+    where ranks start to wait on the OS scheduler)."""
     t0 = time.perf_counter()
     cores = len(os.sched_getaffinity(0))
     counts = tuple(sorted({1, cores}))
@@ -323,11 +521,22 @@ def measure(config: Any, *, backends: tuple[str, ...] = ("torch", "onnx"),
         log(f"  GEMMs at the model's shapes: {time.perf_counter() - t0:.1f} s")
         bw = measure_bandwidth(counts)
         log(f"  bandwidth: {max(bw.values()) / 1e9:.1f} GB/s")
+        t1 = time.perf_counter()
+        nongemm = measure_nongemm(config, ("fp32", "bf16"), counts)
+        log(f"  outside the GEMMs ({time.perf_counter() - t1:.0f} s): " + ", ".join(
+            f"{d} {tab[max(tab)][1] * 1e3:.1f} ms at 1 token"
+            for d, tab in nongemm.items()))
     finally:
         torch.set_num_threads(old)
     lat, arbw = measure_allreduce()
     log(f"  all-reduce: {lat * 1e3:.2f} ms latency, {arbw / 1e9:.2f} GB/s")
+    t1 = time.perf_counter()
+    tp_coll = measure_tp_collectives(config, tuple(range(2, max(max_ranks, cores + 1) + 1)),
+                                     cores)
+    log(f"  TP layer loop ({time.perf_counter() - t1:.0f} s): per collective " + ", ".join(
+        f"{r} ranks {c * 1e3:.2f} ms" for r, c in tp_coll.items()))
     overhead = {}
+    by_dtype: dict[str, dict[str, StepOverhead]] = {}
     backend_gemm = {}
     with tempfile.TemporaryDirectory(prefix="shardserve-plan-") as d:
         if "onnx" in backends:
@@ -335,15 +544,20 @@ def measure(config: Any, *, backends: tuple[str, ...] = ("torch", "onnx"),
             backend_gemm["onnx"] = {"fp32": measure_gemm_onnx(config, counts, Path(d))}
             log(f"  ONNX Runtime GEMMs: {time.perf_counter() - t1:.1f} s")
         for b in backends:
-            overhead[b] = measure_overhead(b, Path(d))
-            log(f"  {b} step overhead: {overhead[b].fixed_s * 1e3:.2f} ms + "
-                f"{overhead[b].per_row_s * 1e3:.3f} ms/row")
+            for dt in OVERHEAD_DTYPES[b]:
+                ov = measure_overhead(b, Path(d), dtype=dt)
+                by_dtype.setdefault(b, {})[dt] = ov
+                overhead.setdefault(b, ov)
+                log(f"  {b} {dt} step overhead: {ov.fixed_s * 1e3:.2f} ms + "
+                    f"{ov.per_row_s * 1e3:.3f} ms/row; first token {ov.first_token_s * 1e3:.1f}"
+                    " ms")
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return MachineCosts(
         device=cpu_description(), host_threads=cores,
         memory_per_device_gib=round(mem / cores, 2), gemm_flops=gemm, mem_bw=bw,
         allreduce_latency_s=lat, allreduce_bw=arbw, overhead=overhead,
-        backend_gemm_flops=backend_gemm,
+        backend_gemm_flops=backend_gemm, dtype_overhead=by_dtype, tp_collective_s=tp_coll,
+        nongemm_s=nongemm,
         source=f"shardserve plan --measure ({time.perf_counter() - t0:.0f} s)",
         measured_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )

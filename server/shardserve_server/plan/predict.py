@@ -2,26 +2,39 @@
 weight memory, KV capacity, TTFT, ITL and aggregate tok/s from a costs file.
 
 The step model follows our engine (engine/scheduler.py, runner.py): a step is one forward
-over all running rows' tokens; a new request's prompt is prefilled in a step that carries the
-other rows' decodes too (a flat step). For one rank of a stage and a step of T tokens over B
-rows at context C:
+over all running rows' tokens; prompts are prefilled in chunks of at most max_prefill_tokens
+per step, in the same (flat) step as the other rows' decodes. For one rank of a stage and a
+step of T tokens over B rows at context C:
 
     gemm   = max(2 * matmul_elems * T / rate(dtype, T, threads), matmul_bytes / bandwidth)
+             (the output projection's elements over the R sampled rows instead of T)
     attn   = B * C * kv_bytes_per_token / bandwidth + 4 * heads * head_dim * T * C / rate
-    comm   = allreduces * allreduce(T * dim * act_bytes) + gather(B * vocab * 4)   (TP > 1)
-    step   = sum over stages + (PP - 1) sends of T * dim + overhead(backend, B)
+    comm   = allreduces * allreduce(T * dim * act_bytes) + gather(B * vocab * 4)
+             + 2 plan broadcasts                                               (TP > 1)
+    other  = the model's measured forward outside its GEMMs at T tokens x the stage's share
+             of the layers (torch; ONNX Runtime fuses these into its graph)
+    step   = sum over stages + (PP - 1) sends of T * dim + overhead(backend, dtype, B)
 
-With S streams over R replicas a replica runs s = ceil(S / R) rows. Its decode step
-(T = B = s, C = prompt + new / 2) is the ITL; a prefill step has T = prompt + s - 1. TTFT is a
-prefill step plus half a decode step (the step in flight when the request came). Over one
-request's life a stream sees `new` steps, s of them prefills: tok/s per replica is
-s * new / (s * prefill + (new - s) * decode). Ranks on one host share its cores (a rank with
-fewer than one core gets a time share).
+A collective's latency is the one measured in the TP layer loop at that rank count where the
+costs have it (with more ranks than cores, each meeting waits for the OS scheduler).
+
+With S streams over R replicas a replica runs s = ceil(S / R) rows; its decode step
+(T = B = s, C = prompt + new / 2) is the ITL. By default a request arrives alone: TTFT =
+first_token_s (the front end's share) + a flat step of prompt + s - 1 tokens + half the
+decode step in flight, and tok/s per replica = s * new / (s * prefill + (new - s) * decode).
+With Workload.in_phase (closed-loop streams of equal length, as in our benchmarks) one
+replica's streams finish in one step and their next requests arrive together: the s prompts
+are prefilled together (s * prompt tokens, chunked), TTFT p50 = first_token_s + the prefill
+steps up to the median request's last chunk, tok/s = s * new / (first_token_s + prefill
+steps + (new - 1) * decode). Over several replicas the front end's balancing (fewest
+outstanding tokens) splits such groups: requests arrive alone there either way (_replica).
+Ranks on one host share its cores (a rank with fewer than one core gets a time share).
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +45,8 @@ from .costs import MachineCosts
 from .footprint import ACT_BYTES, DTYPE_BYTES, Footprint, footprint
 
 GIB = 1024**3
+PLAN_BROADCASTS = 2
+"""Collectives per step outside the model at TP > 1 (runner.broadcast_plan)."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +65,12 @@ class Workload:
     """Fraction of a device's memory for weights + KV (the rest: activations, runtime)."""
     kv_tokens: int | None = None
     """A fixed KV budget per replica (shardserve serve --kv-cache-tokens); None: all that fits."""
+    max_prefill_tokens: int = 512
+    """Prompt tokens per step (shardserve serve's chunked-prefill budget)."""
+    in_phase: bool = False
+    """Streams of equal length (a benchmark with EOS ignored) on one replica finish in the
+    same step and send their next requests together; False: requests arrive one at a time
+    (over several replicas the balancer spreads them either way)."""
 
 
 @dataclass(frozen=True)
@@ -148,25 +169,36 @@ def _step_s(fp: Footprint, costs: MachineCosts, lay: LayoutChoice, threads: floa
     wbytes = DTYPE_BYTES[lay.dtype]
     act = ACT_BYTES[lay.dtype]
     rate = costs.gemm_rate(lay.dtype, tokens, threads, lay.backend)
+    head_rate = costs.gemm_rate(lay.dtype, vocab_rows, threads, lay.backend)
     bw = costs.bandwidth(threads)
     total = comm = 0.0
     for st in fp.stages:
-        gemm = max(2 * st.matmul_elems * tokens / rate, st.matmul_elems * wbytes / bw)
+        body = st.matmul_elems - st.head_elems
+        gemm = max(2 * body * tokens / rate, body * wbytes / bw)
+        if st.head_elems:  # the output projection runs on the sampled rows only
+            gemm += max(2 * st.head_elems * vocab_rows / head_rate, st.head_elems * wbytes / bw)
         layers_share = st.n_layers / max(1, max(s.n_layers for s in fp.stages))
         attn = layers_share * (rows * ctx * fp.kv_elems_per_token * act / bw
                                + 4 * fp.attn_heads * fp.head_dim * tokens * ctx
                                * st.n_layers / rate)
+        if lay.backend == "torch":  # norms, rotary, attention, activations (per rank)
+            attn += costs.nongemm(lay.dtype, tokens, threads) * st.n_layers / sum(
+                x.n_layers for x in fp.stages)
         c = st.allreduces * costs.allreduce_s(tokens * fp.dim * act, lay.tp)
         if st.gathers_vocab:
             c += costs.allreduce_s(vocab_rows * st.gathers_vocab * 4 / 2, lay.tp)
         total += gemm + attn + c
         comm += c
+    if lay.tp > 1:  # the leader broadcasts each step's plan: its size, then its data
+        plan = PLAN_BROADCASTS * costs.collective_latency_s(lay.tp)
+        total += plan
+        comm += plan
     if lay.pp > 1:
         send = (lay.pp - 1) * (costs.allreduce_latency_s + tokens * fp.dim * act
                                / costs.allreduce_bw)
         total += send
         comm += send
-    ov = costs.overhead[lay.backend]
+    ov = costs.step_overhead(lay.backend, lay.dtype)
     total += ov.fixed_s + ov.per_row_s * rows
     return total, comm
 
@@ -222,41 +254,81 @@ def _one(fp: Footprint, model: ModelRef, costs: MachineCosts, lay: LayoutChoice,
                           kv_capacity_tokens=kv_tokens)
     threads = (costs.host_threads / lay.devices) if costs.host_threads else \
         float(max(costs.gemm_flops[lay.dtype]))  # a device's own compute
-    ctx = work.prompt_tokens + work.new_tokens / 2
-    dec, dec_comm = _step_s(fp, costs, lay, threads, s, s, ctx, s)
-    pre, _ = _step_s(fp, costs, lay, threads, work.prompt_tokens + s - 1, s,
-                     _prefill_ctx(work, s), s)
-    ttft = pre + (dec / 2 if s > 1 else 0.0)
+    in_phase = work.in_phase and lay.replicas == 1
+    dec, dec_comm, ttft, _ = _replica(fp, costs, lay, threads, s, work, in_phase)
     tok_s = 0.0
     left = work.streams
     for r in range(lay.replicas):  # streams spread as evenly as the balancer does
         n = -(-left // (lay.replicas - r))
         left -= n
-        if n == 0:
-            continue
-        d, _ = _step_s(fp, costs, lay, threads, n, n, ctx, n)
-        p, _ = _step_s(fp, costs, lay, threads, work.prompt_tokens + n - 1, n,
-                       _prefill_ctx(work, n), n)
-        g = work.new_tokens
-        period = min(n, g) * p + max(g - n, 0) * d
-        tok_s += n * g / period
+        if n:
+            tok_s += _replica(fp, costs, lay, threads, n, work, in_phase)[3]
     notes = []
     if lay.pp > 1:
         notes.append("shardserve serve runs pp=1: planned for reference")
     if costs.host_threads and lay.devices > costs.host_threads:
         notes.append(f"{lay.devices} ranks share {costs.host_threads} cores")
+        if lay.tp > 1:
+            measured = lay.tp in costs.tp_collective_s
+            notes.append(f"oversubscribed TP: {costs.collective_latency_s(lay.tp) * 1e3:.1f} ms "
+                         "per collective" + (" (measured)" if measured else
+                                             " (not measured at this rank count)"))
     meets = (work.target_ttft_ms is None or ttft * 1e3 <= work.target_ttft_ms) and (
         work.target_itl_ms is None or dec * 1e3 <= work.target_itl_ms)
     return Prediction(lay, True, "; ".join(notes), weights / GIB, kv_tokens, ttft * 1e3,
                       dec * 1e3, tok_s, dec_comm / dec if dec else 0.0, meets)
 
 
-def _prefill_ctx(work: Workload, rows: int) -> float:
-    """Mean context per token of a flat prefill step: the prompt's tokens see half the prompt
-    on average, the other rows' decode tokens see a half-generated sequence each."""
-    ctx = work.prompt_tokens + work.new_tokens / 2
-    tokens = work.prompt_tokens + rows - 1
-    return (work.prompt_tokens * work.prompt_tokens / 2 + (rows - 1) * ctx) / tokens
+def _replica(fp: Footprint, costs: MachineCosts, lay: LayoutChoice, threads: float, n: int,
+             work: Workload, in_phase: bool) -> tuple[float, float, float, float]:
+    """(decode step s, of which collectives, TTFT p50 s, tok/s) of a replica serving `n`
+    closed-loop streams of equal length.
+
+    In phase (Workload.in_phase, one replica): all `n` finish in one step and their next
+    requests arrive together (after the front end's share), are prefilled together in chunks
+    of max_prefill_tokens (a request's first token comes with its last chunk's step; rows
+    done with their prompt decode in the later chunks' steps), then decode together for
+    new_tokens - 1 steps.
+
+    Out of phase (requests arriving one at a time; always over several replicas, where the
+    front end hands each new request to the replica with the fewest outstanding tokens and so
+    splits the requests that finished together): a request arrives alone, waits for half the
+    step in flight, and is prefilled in one flat step with the other n - 1 rows' decodes; a
+    stream's period holds n such steps and new_tokens - n decode steps."""
+    p, g = work.prompt_tokens, work.new_tokens
+    dec, dec_comm = _step_s(fp, costs, lay, threads, n, n, p + g / 2, n)
+    front = costs.step_overhead(lay.backend, lay.dtype).first_token_s
+    if not in_phase:
+        tokens = p + n - 1
+        ctx = (p * p / 2 + (n - 1) * (p + g / 2)) / tokens
+        pre, _ = _step_s(fp, costs, lay, threads, tokens, n, ctx, n)
+        ttft = front + pre + (dec / 2 if n > 1 else 0.0)
+        period = min(n, g) * pre + max(g - n, 0) * dec + (front if n == 1 else 0.0)
+        return dec, dec_comm, ttft, n * g / period
+    left = [p] * n
+    done = 0
+    clock = front
+    firsts = []
+    while done < n:
+        budget, chunk, touched, finished = work.max_prefill_tokens, 0, 0, 0
+        for i in range(done, n):
+            if budget <= 0:
+                break
+            take = min(budget, left[i])
+            left[i] -= take
+            budget -= take
+            chunk += take
+            touched += 1
+            finished += left[i] == 0
+        tokens = chunk + done  # the prompt chunks, then one decode token per finished row
+        ctx = (chunk * p / 2 + done * (p + 1)) / tokens  # mean context per token
+        step, _ = _step_s(fp, costs, lay, threads, tokens, done + touched, ctx,
+                          done + finished)
+        clock += step
+        firsts += [clock] * finished
+        done += finished
+    period = clock + (g - 1) * dec
+    return dec, dec_comm, statistics.median(firsts), n * g / period
 
 
 def recommend(preds: list[Prediction], work: Workload) -> tuple[Prediction | None, str]:

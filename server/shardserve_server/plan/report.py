@@ -18,6 +18,8 @@ def plan_dict(model: ModelRef, devices: int, work: Workload, costs: MachineCosts
         "devices": devices,
         "workload": {"streams": work.streams, "prompt_tokens": work.prompt_tokens,
                      "new_tokens": work.new_tokens, "target_ttft_ms": work.target_ttft_ms,
+                     "max_prefill_tokens": work.max_prefill_tokens,
+                     "in_phase": work.in_phase,
                      "target_itl_ms": work.target_itl_ms,
                      "memory_per_device_gib": work.memory_per_device_gib
                      or costs.memory_per_device_gib},
