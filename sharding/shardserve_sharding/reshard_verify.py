@@ -40,6 +40,7 @@ def verify_reshard(
     source = open_any_source(src, source_format, tokenizer=tokenizer, config=config)
     torch.manual_seed(seed)
     state = {n: source.tensor(n).float() for n, _ in source.names_and_shapes()}
+    source.close()
     ref_model = materialize(source.family, source.config, state)
     del state
     tokens, positions = _probe(source.config.vocab_size, seed)

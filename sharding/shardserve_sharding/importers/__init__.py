@@ -99,7 +99,7 @@ def import_model(
 
     return write_checkpoint(
         dst,
-        family="llama",
+        family=source.family,
         config=source.config.to_dict(),
         tensors=tensors(),
         specs=specs,
