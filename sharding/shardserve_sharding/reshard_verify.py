@@ -13,9 +13,8 @@ from typing import Any
 import torch
 
 from .checkpoint.manifest import CheckpointError, read_manifest
-from .materialize import materialize
-from .sharded_load import load_sharded_model
-from .tp.comm import ThreadGroup, run_ranks
+
+# the model-building modules are imported when verification runs (a plain reshard never does)
 
 
 def verify_reshard(
@@ -32,7 +31,9 @@ def verify_reshard(
     same random tokens; raises CheckpointError unless max|a-b| <= tolerance * max|ref|. A
     quantized dst is compared with itself served at TP=1 (its integers and scales are the
     source's by construction; tests/sharding/test_quant.py checks that)."""
+    from .materialize import materialize
     from .reshard import open_any_source
+    from .tp.comm import run_ranks
 
     manifest = read_manifest(dst)
     if manifest.quantization is not None:
@@ -53,6 +54,8 @@ def verify_reshard(
 
 def _verify_quantized(dst: str | os.PathLike[str], tolerance: float, seed: int) -> float:
     """Logits of a quantized dst at its own TP (threads) against dst at TP=1 (fp32)."""
+    from .tp.comm import ThreadGroup, run_ranks
+
     m = read_manifest(dst)
     tokens, positions = _probe(int(m.config["vocab_size"]), seed)
     run = _runner(dst, tokens, positions)
@@ -73,6 +76,8 @@ def _runner(dst: Any, tokens: torch.Tensor, positions: torch.Tensor) -> Any:
     """run(comm, rank): dst's logits [2, 16, V] served at comm's TP (fp32)."""
 
     def run(comm, rank):
+        from .sharded_load import load_sharded_model
+
         model = load_sharded_model(dst, comm, dtype=torch.float32)
         with torch.no_grad():
             return model(tokens, positions)
