@@ -17,9 +17,9 @@ import torch
 from .checkpoint.io import read_rank_file
 from .checkpoint.manifest import CheckpointError
 from .checkpoint.source import ShardserveSource
+from .materialize import materialize
 from .partition import TPGeometry, check_tp, local_shape, shard_spec
 from .split_table import split_kind
-from .tp.apply import apply_tensor_parallel, load_tp_state
 from .tp.comm import Comm
 
 
@@ -57,8 +57,6 @@ def load_sharded_model(
     verify_hashes: bool = True,
 ) -> torch.nn.Module:
     """The model for rank comm.rank of comm.world_size, with only its slices in memory."""
-    from .models import build_model
-
     source = ShardserveSource(Path(directory), verify_hashes=verify_hashes)
     check_tp(source.family, source.config, comm.world_size)
     if source.quant is not None:
@@ -66,18 +64,6 @@ def load_sharded_model(
 
         check_quantized_tp(source.family, source.config, source.names_and_shapes(), source.quant,
                            comm.world_size)
-    with torch.device("meta"):
-        model = build_model(source.family, source.config)
-    apply_tensor_parallel(model, comm)
     state = read_rank_state(source, comm.world_size, comm.rank)
-    if source.quant is not None:
-        from .quant.apply import install_quantized
-
-        try:
-            state = install_quantized(model, state, source.quant, dtype)
-        except ValueError as e:
-            raise CheckpointError(f"{source.root}: {e}") from None
-    load_tp_state(model, {k: v.to(dtype) for k, v in state.items()})
-    if hasattr(model, "reset_buffers"):
-        model.reset_buffers()
-    return model.eval()
+    return materialize(source.family, source.config, state, dtype=dtype, comm=comm,
+                       quant=source.quant, where=source.root)

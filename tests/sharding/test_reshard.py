@@ -390,7 +390,7 @@ def test_chunked_streaming_equals_whole_tensor_cuts(tiny, tmp_path, monkeypatch,
     dim-0 piece, dim-1 column cut, replicated KV head and vocabulary pad crosses chunk
     borders) give bitwise the slices of cutting the whole tensor, and the same files as
     large chunks."""
-    import shardserve_sharding.reshard as mod
+    import shardserve_sharding.reshard_write as mod
 
     tp, pp = target
     reshard(tiny[src_name], tmp_path / "big", tp=tp, pp=pp)

@@ -262,7 +262,8 @@ def load_model(
     device: str = "cpu",
 ) -> LoadedModel:
     """Build the model described by the manifest and load its weights (TP=1 checkpoints)."""
-    from ..models import build_model, checkpoint_names, config_from_dict
+    from ..materialize import materialize
+    from ..models import config_from_dict, expected_tensors
 
     root = Path(directory)
     if read_manifest(root).quantization is not None:  # quantized modules: the TP loader's job
@@ -276,29 +277,19 @@ def load_model(
     manifest, state = load_full_state_dict(root, verify_hashes=verify_hashes)
     try:
         config = config_from_dict(manifest.family, manifest.config)
-        with torch.device("meta"):
-            model = build_model(manifest.family, config)
+        shapes = dict(expected_tensors(manifest.family, config))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{root / 'manifest.json'}: invalid model config ({e})") from e
-    params = dict(model.named_parameters())
-    wrong = [f"{n} {list(t.shape)} vs config {list(params[n].shape)}" for n, t in state.items()
-             if n in params and tuple(t.shape) != tuple(params[n].shape)]
+    wrong = [f"{n} {list(t.shape)} vs config {list(shapes[n])}" for n, t in state.items()
+             if n in shapes and tuple(t.shape) != tuple(shapes[n])]
     if wrong:
         raise CheckpointError(f"{root / 'manifest.json'}: config does not fit the weights: "
                               f"{wrong[:3]}")
-    expected = set(checkpoint_names(model))
-    missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+    missing, extra = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
     if missing or extra:
         raise CheckpointError(
             f"{root / 'manifest.json'}: weights do not match the {manifest.family} config "
             f"(missing {missing[:5]}, unexpected {extra[:5]})"
         )
-    model = model.to_empty(device=device)
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
-    model.to(dtype)
-    if getattr(config, "tie_embeddings", False):
-        model.output.weight = model.tok_embeddings.weight
-    if hasattr(model, "reset_buffers"):
-        model.reset_buffers()
-    model.eval()
+    model = materialize(manifest.family, config, state, dtype=dtype, device=device)
     return LoadedModel(model, load_tokenizer(root, manifest), manifest)

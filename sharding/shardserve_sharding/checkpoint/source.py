@@ -21,13 +21,15 @@ from ..split_table import SplitKind, split_kind
 from .io import load_tokenizer
 from .manifest import CheckpointError, read_manifest
 from .raw_safetensors import RawSafetensors
+from .reader import CheckpointSource
 from .verify import verify_checkpoint
 
 
-class ShardserveSource:
-    """Reader for our own format (the reshard/serving side of the reader interface)."""
+class ShardserveSource(CheckpointSource):
+    """Reader for our own format, at any layout (a CheckpointSource, see reader.py)."""
 
     family: str
+    positioned_reads = True
 
     def __init__(self, directory: str | os.PathLike[str], *, verify_hashes: bool = True):
         from ..models import config_from_dict, expected_tensors

@@ -10,6 +10,7 @@ import torch
 
 from ..checkpoint.io import write_checkpoint
 from ..checkpoint.manifest import CheckpointError
+from ..checkpoint.reader import CheckpointSource
 from ..checkpoint.safetensors_stream import TensorSpec
 
 
@@ -36,8 +37,8 @@ def detect_format(src: str | os.PathLike[str]) -> str:
 def open_source(
     src: str | os.PathLike[str], source_format: str = "auto", *, tokenizer: Any = None,
     config: str | os.PathLike[str] | None = None,
-) -> Any:
-    """A reader with names_and_shapes(), tensor(name), tokenizer(), source_info() and config.
+) -> CheckpointSource:
+    """The CheckpointSource (checkpoint/reader.py) for src in any format but our own.
 
     tokenizer (a loaded TokenizerBundle) and config (a params.json path) serve the formats
     that store neither: Megatron-LM (tokenizer) and DCP (both).
@@ -98,7 +99,7 @@ def import_model(
 
     return write_checkpoint(
         dst,
-        family="llama",
+        family=source.family,
         config=source.config.to_dict(),
         tensors=tensors(),
         specs=specs,

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from ..checkpoint.manifest import CheckpointError
-from ..models import expected_tensors
 from ..models.llama import LlamaConfig
+from .base import ImportedLlamaSource
 from .gguf_reader import unpermute_rope
 from .safe_pickle import load_dcp_metadata
 
@@ -45,10 +45,8 @@ def read_params(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"{p}: not valid JSON ({e})") from e
 
 
-class DCPSource:
+class DCPSource(ImportedLlamaSource):
     """A torchtitan Llama DCP checkpoint seen as shardserve tensors, one tensor at a time."""
-
-    family = "llama"
 
     def __init__(
         self,
@@ -135,9 +133,6 @@ class DCPSource:
                 f"{self.root}: chunks of {fqn} cover {filled} of {out.numel()} elements"
             )
         return out.float()
-
-    def names_and_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
-        return expected_tensors("llama", self.config)
 
     def tensor(self, name: str) -> torch.Tensor:
         c = self.config

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from ..checkpoint.manifest import CheckpointError
-from ..models import expected_tensors
 from ..models.llama import LlamaConfig
+from .base import ImportedLlamaSource
 
 try:
     import gguf
@@ -120,7 +120,7 @@ def unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     )
 
 
-class GGUFLlamaSource:
+class GGUFLlamaSource(ImportedLlamaSource):
     """A GGUF file seen as shardserve Llama tensors (global, fp32), read one at a time."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -147,9 +147,6 @@ class GGUFLlamaSource:
             arr = gguf.quants.dequantize(np.asarray(data), t.tensor_type).astype(np.float32)
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # GGUF lists ne0 first
         return torch.from_numpy(np.array(arr, dtype=np.float32, copy=True).reshape(shape))
-
-    def names_and_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
-        return expected_tensors("llama", self.config)
 
     def tensor(self, name: str) -> torch.Tensor:
         """One shardserve tensor by name, built from the GGUF tensors it comes from."""

@@ -19,8 +19,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..checkpoint.manifest import CheckpointError
-from ..models import expected_tensors
 from ..models.llama import LlamaConfig
+from .base import ImportedLlamaSource
 
 HF_LLAMA_TYPES = frozenset({"llama", "mistral"})
 
@@ -111,7 +111,7 @@ def hf_rows(name: str, config: LlamaConfig) -> tuple[int, ...]:
     return ()  # one part: the whole tensor
 
 
-class HFLlamaSource:
+class HFLlamaSource(ImportedLlamaSource):
     """A Hugging Face Llama directory seen as shardserve tensors, read one at a time."""
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
@@ -160,9 +160,6 @@ class HFLlamaSource:
                 return f.get_tensor(hf_name).float()
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path}: unreadable tensor {hf_name} ({e})") from e
-
-    def names_and_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
-        return expected_tensors("llama", self.config)
 
     def tensor(self, name: str) -> torch.Tensor:
         parts = [self._load(hf) for hf in hf_names(name)]

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from ..checkpoint.manifest import CheckpointError
-from ..models import expected_tensors
 from ..models.llama import LlamaConfig
+from .base import ImportedLlamaSource
 from .safe_pickle import torch_load_safe
 
 _LAYER = re.compile(r"^(?:language_model\.encoder|decoder)\.layers\.(\d+)\.(.+)$")
@@ -82,10 +82,8 @@ def find_iteration_dir(root: Path) -> Path:
     return root / f"iter_{int(text):07d}"
 
 
-class MegatronSource:
+class MegatronSource(ImportedLlamaSource):
     """A Megatron-LM checkpoint seen as shardserve Llama tensors (global, one at a time)."""
-
-    family = "llama"
 
     def __init__(self, directory: str | os.PathLike[str], tokenizer: Any = None) -> None:
         self.root = Path(directory)
@@ -221,9 +219,6 @@ class MegatronSource:
             ) from None
 
     # ---- the reader interface
-    def names_and_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
-        return expected_tensors("llama", self.config)
-
     def tensor(self, name: str) -> torch.Tensor:
         c = self.config
         per_stage = c.n_layers // self.pp

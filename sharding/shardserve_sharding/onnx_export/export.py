@@ -51,22 +51,14 @@ class ExportReport:
 
 def load_full_model(model_dir: str | Path, *, verify_hashes: bool = True
                     ) -> tuple[torch.nn.Module, ShardserveSource]:
-    from ..models import build_model
+    from ..materialize import materialize
 
     src = ShardserveSource(model_dir, verify_hashes=verify_hashes)
     if src.quant is not None:
         raise CheckpointError(f"{model_dir}: the ONNX export reads float weights; this checkpoint "
                               f"is {src.quant.scheme}-quantized (export its float source)")
-    with torch.device("meta"):
-        model = build_model(src.family, src.config)
     state = {n: src.tensor(n).float() for n, _ in src.names_and_shapes()}
-    model = model.to_empty(device="cpu")
-    model.load_state_dict(state, strict=False, assign=True)
-    if getattr(src.config, "tie_embeddings", False):
-        model.output.weight = model.tok_embeddings.weight
-    if hasattr(model, "reset_buffers"):
-        model.reset_buffers()
-    return model.eval().float(), src
+    return materialize(src.family, src.config, state).float(), src
 
 
 def export_torch_step(step: torch.nn.Module, model: torch.nn.Module, cache: StateSlotSpec,
