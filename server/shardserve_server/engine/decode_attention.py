@@ -49,11 +49,13 @@ inline void to_float<at::BFloat16>(const at::BFloat16* x, float* y, int64_t n) {
 // q [R, H, D]; pool [slots, 2, Hkv, D] (one layer: K then V of each slot); tables [R, nb]
 // int64 block ids; lens [R] int64 keys per row (position + 1) -> out [R, H, D] in q's dtype.
 // Built with -ffast-math: every value here is finite (no -inf initial maximum, no masks).
-template <typename T>
+// DC, GC > 0: head size and query heads per KV head known at compile time (the loops unroll
+// and the G x D accumulators stay in registers); 0: taken from the arguments.
+template <typename T, int64_t DC, int64_t GC>
 static void run(const T* q, const T* pool, const int64_t* tables, const int64_t* lens,
-                T* out, int64_t R, int64_t H, int64_t Hkv, int64_t D, int64_t nb,
+                T* out, int64_t R, int64_t H, int64_t Hkv, int64_t D_, int64_t nb,
                 int64_t bs, float scale) {
-  const int64_t G = H / Hkv;
+  const int64_t D = DC ? DC : D_, G = GC ? GC : H / Hkv;
   const int64_t slot_stride = 2 * Hkv * D;  // elements from one slot to the next
   at::parallel_for(0, R * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(G * D), acc(G * D), kf(D), sc, mx(G), den(G);
@@ -127,9 +129,12 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor pool, torch:
   }
   auto out = torch::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
-    run<scalar_t>(q.data_ptr<scalar_t>(), pool.data_ptr<scalar_t>(), tables.data_ptr<int64_t>(),
-                  lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), R, H, Hkv, D,
-                  nb, block_size, static_cast<float>(scale));
+    auto* fn = &run<scalar_t, 0, 0>;
+    if (D == 64 && H / Hkv == 3) fn = &run<scalar_t, 64, 3>;  // SmolLM2
+    else if (D == 128 && H / Hkv == 4) fn = &run<scalar_t, 128, 4>;  // Llama 3 8B-like
+    fn(q.data_ptr<scalar_t>(), pool.data_ptr<scalar_t>(), tables.data_ptr<int64_t>(),
+       lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), R, H, Hkv, D, nb, block_size,
+       static_cast<float>(scale));
   });
   return out;
 }
