@@ -7,8 +7,10 @@ row count, the best of --repeats timings of 10 calls, each path in turn; then th
 GEMM time per forward (30 layers + lm_head). With one thread the clock is the thread's CPU time,
 which other processes on the machine barely disturb; with more, wall time. The weights stay in
 cache between calls here, so the figures are a floor for a real forward, which streams them.
-Decides nothing by itself: the packed path is opt-in (SHARDSERVE_PACKED_BF16=1), see
-shardserve_sharding/models/cpu_gemm.py and loadtest/results/engine.md.
+Decides nothing by itself: the packed path is the default for GEMMs of at most
+cpu_gemm.PACKED_BF16_MAX_ROWS rows (SHARDSERVE_PACKED_BF16=1: all, 0: none), set from whole
+decode steps (loadtest/profile_step.py), see shardserve_sharding/models/cpu_gemm.py and
+loadtest/results/engine.md.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
     .venv/bin/python loadtest/profile_step.py [--model models/smollm2-135m] [--rows 32]
         [--prompt-tokens 100] [--new-tokens 64] [--threads 2] [--dtype bf16] [--top 25]
+        [--clock cpu]
 
 Runs the group leader's loop in-process (GroupScheduler + ModelRunner, TP=1, no IPC), times
 schedule / forward / process per step (prefill steps and decode steps apart), then profiles
@@ -46,8 +47,12 @@ def main() -> int:
     ap.add_argument("--padded", action="store_true",
                     help="padded prefill and decode forwards instead of one flat forward")
     ap.add_argument("--no-profile", action="store_true", help="skip the operator table")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="time steps by wall clock, or by this process's CPU time (steadier on "
+                         "a busy machine with --threads 1; with 2 threads it counts both)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    clock = time.perf_counter if a.clock == "wall" else time.process_time
     dtype = DTYPES[{"bf16": "bfloat16", "fp32": "float32"}.get(a.dtype, a.dtype)]
     tok = TokenizerBundle.load(Path(a.model) / "tokenizer")
     model = load_sharded_model(a.model, ThreadGroup(1).comm(0), dtype=dtype)
@@ -66,10 +71,10 @@ def main() -> int:
     parts: dict[str, list[float]] = {"schedule": [], "forward": [], "process": []}
     profiled = a.no_profile
     while sched.has_work():
-        t0 = time.perf_counter()
+        t0 = clock()
         sched.reap()
         plans = sched.schedule()
-        t1 = time.perf_counter()
+        t1 = clock()
         tf = tp = 0.0
         for plan, rows, samples in plans:
             decode = int(plan.num_new.max()) == 1 and len(rows) == a.rows
@@ -80,11 +85,11 @@ def main() -> int:
                     for _ in range(3):
                         runner.forward(plan)
                 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.top))
-            s0 = time.perf_counter()
+            s0 = clock()
             logits = runner.forward(plan)
-            s1 = time.perf_counter()
+            s1 = clock()
             sched.run([(plan, rows, samples)], lambda _plan, x=logits: x)  # process only
-            s2 = time.perf_counter()
+            s2 = clock()
             tf += s1 - s0
             tp += s2 - s1
         if plans:
@@ -93,8 +98,9 @@ def main() -> int:
                 parts["schedule"].append(t1 - t0)
                 parts["forward"].append(tf)
                 parts["process"].append(tp)
-            times[kind].append(time.perf_counter() - t0)
-    print(f"cpu: {cpu_flags()}  torch {torch.__version__}  threads {a.threads}  {a.dtype}")
+            times[kind].append(clock() - t0)
+    print(f"cpu: {cpu_flags()}  torch {torch.__version__}  threads {a.threads}  {a.dtype}  "
+          f"clock {a.clock}")
     for k, v in times.items():
         if v:
             print(f"{k}: {len(v)} steps, median {1e3 * statistics.median(v):.1f} ms, "

@@ -130,17 +130,23 @@ def test_paged_kv_cache_equals_full_forward(llama, block_size, seed):
 
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_flat_steps_equal_full_forward(llama, block_size, seed):
+@pytest.mark.parametrize("decode_kernel", [True, False], ids=["kernel", "gather"])
+def test_flat_steps_equal_full_forward(llama, block_size, seed, decode_kernel):
     """FLAT steps (all of a step's tokens in one row): prompt chunks from position 0 and from
     mid-sequence, one-token rows before, between and after them (the trailing ones take the
-    batched decode path, reading whole blocks), garbage in every free slot, a second wave on
-    dirty blocks: every logit equals the full forward's."""
+    batched decode path: the C++ kernel reading the pool in place, or whole-block gathers +
+    SDPA), garbage in every free slot, a second wave on dirty blocks: every logit equals the
+    full forward's."""
     rng = random.Random(100 + seed)
     attn = llama.layers[0].attention
     num_blocks = 160 // block_size + 8
     cache = PagedKVCache(n_layers=len(llama.layers), num_blocks=num_blocks,
                          block_size=block_size, n_kv_heads=attn.n_kv_heads,
                          head_dim=attn.head_dim, dtype=torch.float32)
+    if decode_kernel and cache._decode_kernel is None:
+        pytest.skip("the decode attention kernel could not be built here (no C++ toolchain)")
+    if not decode_kernel:
+        cache._decode_kernel = None  # the torch path
     cache.k.normal_(0, 100.0)
     cache.v.normal_(0, 100.0)
     alloc = BlockAllocator(num_blocks, block_size)

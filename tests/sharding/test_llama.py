@@ -195,3 +195,25 @@ def test_compiled_bf16_gemm_reads_the_prepared_fp32_copy_without_a_graph_break()
         got = torch.compile(lin, backend="eager", fullgraph=True)(x)
     assert got.dtype == torch.bfloat16
     assert rel_err(got.float(), want.float()) <= 1e-2  # one bf16 rounding apart at most
+
+
+def test_packed_bf16_gemm_takes_few_rows_by_default_and_matches_plain():
+    """Where bf16 is native, the default (SHARDSERVE_PACKED_BF16 unset) runs GEMMs of at most
+    PACKED_BF16_MAX_ROWS rows over the packed copy and larger ones through F.linear; both give
+    the plain bf16 GEMM's result."""
+    from shardserve_sharding.models import cpu_gemm
+
+    torch.manual_seed(0)
+    lin = Linear(64, 300, bias=False).to(torch.bfloat16)
+    small = torch.randn(1, cpu_gemm.PACKED_BF16_MAX_ROWS, 64).bfloat16()
+    large = torch.randn(cpu_gemm.PACKED_BF16_MAX_ROWS + 1, 64).bfloat16()
+    if not (cpu_gemm.PACKED_BF16 and cpu_gemm._PACKED_ROWS_LIMIT is not None):
+        pytest.skip("no native bf16 here, or SHARDSERVE_PACKED_BF16 set to 0 or 1")
+    with torch.inference_mode():
+        assert cpu_gemm.use_packed_bf16(small, lin.weight)
+        assert not cpu_gemm.use_packed_bf16(large, lin.weight)
+        for x in (small, large):
+            got = lin(x)
+            want = torch.nn.functional.linear(x, lin.weight)
+            assert rel_err(got.float(), want.float()) <= 1e-2  # one bf16 rounding apart at most
+    assert "_bf16_packed" in lin.__dict__

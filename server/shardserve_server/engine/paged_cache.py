@@ -17,6 +17,7 @@ import torch
 
 from shardserve_sharding.models import StateSlotSpec
 
+from . import decode_attention
 from .attention_op import activate
 
 
@@ -43,6 +44,9 @@ class PagedKVCache:
         # elsewhere the mask is cast once per layer, a [B, 1, T, S] tensor)
         self._mask_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
         self._flat = False
+        self._decode_kernel = (decode_attention.kernel() if torch.device(device).type == "cpu"
+                               else None)
+        """The C++ decode attention (decode_attention.py), or None: gather + SDPA."""
 
     def set_step(self, block_tables: torch.Tensor, positions: torch.Tensor,
                  num_new: torch.Tensor) -> None:
@@ -130,7 +134,12 @@ class PagedKVCache:
             self._chunks.append((o, n, read, mask))
             o += n
         self._dec_from, self._dec_rows = o, n_dec
-        if n_dec:
+        self._dec_lens = None
+        if n_dec and self._decode_kernel is not None:
+            # the kernel reads the rows' blocks in place: tables and key counts are all it needs
+            self._dec_tables = block_tables[n_chunks:].contiguous()  # [Dn, nb]
+            self._dec_lens = torch.tensor(starts[n_chunks:], device=dev) + 1  # [Dn]
+        elif n_dec:
             # decode rows read whole blocks (16x fewer, 16x longer copies than slot by slot:
             # 2x faster for SmolLM2 at 32 rows); a row's table is padded with its own last
             # block, and keys past its position are masked
@@ -180,7 +189,12 @@ class PagedKVCache:
             vv = kv[:, 1].transpose(0, 1).unsqueeze(0)
             outs.append(attention(q[:, :, o : o + n], kk, vv, mask, is_causal=mask is None,
                                   enable_gqa=gqa))  # [1, H, n, D]
-        if self._dec_rows:
+        if self._dec_lens is not None:  # one query per row, read in place from the pool
+            qd = q[0, :, self._dec_from :].transpose(0, 1).contiguous()  # [Dn, H, D]
+            od = self._decode_kernel(qd, pool, self._dec_tables, self._dec_lens,
+                                     self.block_size, d ** -0.5)  # [Dn, H, D]
+            outs.append(od.transpose(0, 1).unsqueeze(0))  # [1, H, Dn, D]
+        elif self._dec_rows:
             rows = self._dec_rows
             qd = q[0, :, self._dec_from :].transpose(0, 1).unsqueeze(2)  # [Dn, H, 1, D]
             blocks = pool.view(-1, self.block_size * 2 * hkv * d)  # [num_blocks, bs*2*Hkv*D]

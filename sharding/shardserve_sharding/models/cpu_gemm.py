@@ -5,11 +5,12 @@ Two kinds of CPU run our bf16 models (see ../shared FACTS): those with bf16 inst
 emulates bf16 element by element. `cpu_linear` is the one entry the model's and the TP code's
 linear layers call:
 
-- native bf16: torch's bf16 GEMM (oneDNN); opt-in (SHARDSERVE_PACKED_BF16=1), the same over
-  a copy of the weight packed (reordered) for oneDNN once, `packed_bf16`: on one thread of a
-  Xeon with AMX, SmolLM2's GEMMs per forward, ms, 1 row 34.4 -> 21.0, 32 rows 46.1 -> 27.9,
-  132 rows 99.1 -> 77.1, 512 rows 180 -> 152 (loadtest/bench_cpu_gemm.py), but the 2-thread
-  server served 15-30% fewer tok/s with it (loadtest/results/engine.md);
+- native bf16: torch's bf16 GEMM (oneDNN), or the same over a copy of the weight packed
+  (reordered) for oneDNN once, `packed_bf16`: on one thread of a Xeon with AMX, SmolLM2's
+  GEMMs per forward, ms, 1 row 34.4 -> 21.0, 32 rows 46.1 -> 27.9, 132 rows 99.1 -> 77.1, 512
+  rows 180 -> 152 (loadtest/bench_cpu_gemm.py), but the 2-thread server served 15-30% fewer
+  tok/s with it for every GEMM (loadtest/results/engine.md): by default only GEMMs of at most
+  PACKED_BF16_MAX_ROWS rows take it;
 - emulated bf16: GEMMs of BF16_GEMM_AS_FP32_MIN_ROWS rows or more run in fp32 over a cached
   (packed) fp32 copy, which is several times faster than the emulation;
 - anything else (fp32, training, autograd): plain F.linear;
@@ -174,11 +175,22 @@ def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-PACKED_BF16 = (_NATIVE_BF16 and _PACKED_GEMM
-               and os.environ.get("SHARDSERVE_PACKED_BF16", "0") == "1")
-"""With SHARDSERVE_PACKED_BF16=1, native-bf16 CPUs run inference GEMMs over a oneDNN-packed
-copy of each bf16 weight (off by default: slower in the 2-thread server, see the module
-docstring). Costs one more copy of the weight bytes."""
+_PACKED_MODE = os.environ.get("SHARDSERVE_PACKED_BF16", "auto")
+
+PACKED_BF16_MAX_ROWS = 8
+"""Where bf16 is native, GEMMs of at most this many rows run over the packed bf16 copy by
+default (SHARDSERVE_PACKED_BF16 unset or "auto"): decode steps of few sequences, where the
+GEMMs read each weight for one or a few rows. Set from loadtest/profile_step.py A/B runs (2
+vCPUs with AMX, loadtest/results/engine.md, 2026-12-06): packed forwards were faster at 1 and
+8 rows and not at 32."""
+
+PACKED_BF16 = _NATIVE_BF16 and _PACKED_GEMM and _PACKED_MODE != "0"
+"""Native-bf16 CPUs may run inference GEMMs over a oneDNN-packed copy of each bf16 weight:
+SHARDSERVE_PACKED_BF16=1 for every GEMM, unset/"auto" for GEMMs of at most
+PACKED_BF16_MAX_ROWS rows, 0 never. Costs one more copy of the weight bytes (built on the
+first GEMM that uses it)."""
+
+_PACKED_ROWS_LIMIT = None if _PACKED_MODE == "1" else PACKED_BF16_MAX_ROWS
 
 
 def packed_bf16(owner: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:
@@ -189,9 +201,12 @@ def packed_bf16(owner: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:
 
 def use_packed_bf16(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether x @ weight.T should run over the packed bf16 copy: bf16 inference on a CPU with
-    bf16 instructions, outside torch.compile (which cannot lower the packed op)."""
+    bf16 instructions, of few enough rows (PACKED_BF16), outside torch.compile (which cannot
+    lower the packed op)."""
     return (PACKED_BF16 and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
             and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and (_PACKED_ROWS_LIMIT is None
+                 or x.numel() <= _PACKED_ROWS_LIMIT * x.shape[-1])
             and not torch.compiler.is_compiling())
 
 
