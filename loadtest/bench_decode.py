@@ -3,12 +3,13 @@ transformers' `generate`, in the same run, on the same weights and the same prom
 
     .venv/bin/python loadtest/bench_decode.py [--model DIR] [--batches 1,8,32]
         [--dtypes fp32,bf16] [--new-tokens 128] [--threads 2] [--repeats 3]
-        [--compile auto|on|off] [--wait-quiet 60] [--quick]
+        [--wait-quiet 60] [--quick]
 
 What it measures: greedy decoding (temperature 0, EOS ignored, exactly N new tokens per row)
 of batches of 1, 8 and 32 fixed prompts of different lengths (8 to 30 tokens; batch b takes
 the first b), fp32 and bf16, with `--threads` torch threads. shardserve runs its LocalEngine
-(ragged prefill, batched decode with the dense KV cache); transformers runs `generate` on the
+(the workers' GroupScheduler + ModelRunner in-process: flat prefill and decode forwards over
+the paged KV cache); transformers runs `generate` on the
 bundled GGUF loaded with `AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)` (weights
 dequantized to the same fp32 values shardserve imports, then cast to the dtype), prompts
 left-padded, default (SDPA) attention and dynamic cache. Both get the same token ids.
@@ -21,8 +22,7 @@ would otherwise fight over the cores), so slow drifts in background load hit bot
 CPU time that other processes used during the runs is recorded as "other load" (cores).
 
 Without --model, the bundled model is imported once (`shardserve import bundled`) into
-$SHARDSERVE_BENCH_CACHE or ~/.cache/shardserve/bench. --compile: torch.compile for shardserve's
-decode step (auto = the measured default, see EngineConfig). --wait-quiet S: before each run,
+$SHARDSERVE_BENCH_CACHE or ~/.cache/shardserve/bench. --wait-quiet S: before each run,
 wait up to S seconds for the other processes to leave the CPUs idle. --quick: 16 new tokens,
 one repeat, printed only (unless --out is given). Writes loadtest/results/decode.md.
 """
@@ -136,10 +136,6 @@ def _shardserve(args: argparse.Namespace, dtype):
     from shardserve_server.engine.stopping import StoppingParams
 
     cfg = EngineConfig(dtype=dtype, threads=args.threads, max_batch_size=64)
-    if args.compile != "auto":
-        cfg = EngineConfig(
-            dtype=dtype, threads=args.threads, max_batch_size=64, compile=args.compile == "on"
-        )
     engine = LocalEngine.from_checkpoint(args.model, cfg)
     greedy = SamplingParams(temperature=0.0)
 
@@ -148,7 +144,7 @@ def _shardserve(args: argparse.Namespace, dtype):
         reqs = [GenerationRequest(tuple(p), greedy, stop) for p in prompts]
         return [r.token_ids for r in engine.generate(reqs)]
 
-    return run, {"compile": bool(getattr(engine.config, "compile", False))}
+    return run, {}
 
 
 def _transformers(args: argparse.Namespace, dtype):
@@ -196,8 +192,7 @@ class Engine:
                    TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                    HF_HUB_DISABLE_PROGRESS_BARS="1")
         cmd = [sys.executable, __file__, "--worker", name, "--dtype", dtype, "--model",
-               str(model), "--gguf", str(gguf), "--threads", str(args.threads),
-               "--compile", args.compile]
+               str(model), "--gguf", str(gguf), "--threads", str(args.threads)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env)
         self.info = self._read()
@@ -358,8 +353,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--engines", default="shardserve,transformers")
-    ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                    help="torch.compile shardserve's decode step (auto: EngineConfig default)")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                     help="before each run wait up to S s for idle CPUs")
     ap.add_argument("--quick", action="store_true", help="16 new tokens, 1 repeat, no file")
@@ -403,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             for batch in batches:
                 res = {name: {"full": [], "one": [], "other": [], "tokens": None}
                        for name in engines}
-                for name in engines:  # warm-up (and, with --compile, compilation)
+                for name in engines:  # warm-up
                     t0 = time.perf_counter()
                     procs[name].run(batch, 4)
                     res[name]["warmup_s"] = time.perf_counter() - t0

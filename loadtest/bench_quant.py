@@ -179,7 +179,6 @@ def main() -> int:
     ap.add_argument("--out", default="quant", help="results file name (loadtest/results/)")
     args = ap.parse_args()
     args.batch_list = [int(b) for b in args.batches.split(",")]
-    args.compile = "off"
     model, gguf = bd._ensure_model(args.model)
     dirs = checkpoints(model)
     t0 = time.time()

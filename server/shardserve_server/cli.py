@@ -5,6 +5,7 @@ shardserve reshard SRC DST --tp N      # any checkpoint (ours, HF, GGUF, Megatro
 shardserve generate --model DIR --prompt "Hello" [--tp N] [--json]
 shardserve serve --model DIR [--tp N] [--replicas R]    # gRPC API, /metrics
                  [--http-port 8000]                     # + OpenAI-compatible HTTP API
+shardserve worker --join HOST:PORT --model DIR --ranks 2,3  # follower ranks of a multi-host group
 shardserve train --out RUN [--dp 2 --tp 2 --pp 2]       # hybrid-parallel trainer
 shardserve export-onnx MODEL_DIR OUT_DIR                # ONNX Runtime replicas
 shardserve export-hf MODEL_DIR OUT_DIR                  # transformers / vLLM directory
@@ -640,12 +641,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None,
                    help="the model's name in the HTTP API (default: the --model directory's "
                    "name)")
-    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-batch-size", type=int, default=WorkerConfig.max_batch_size)
     p.add_argument("--max-queued-requests", type=int, default=256)
     p.add_argument("--max-queued-tokens", type=int, default=1 << 20)
     p.add_argument("--kv-cache-tokens", type=int, default=WorkerConfig.kv_cache_tokens)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-prefill-tokens", type=int, default=512)
+    p.add_argument("--block-size", type=int, default=WorkerConfig.block_size)
+    p.add_argument("--max-prefill-tokens", type=int,
+                   default=WorkerConfig.max_prefill_tokens)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--max-new-tokens-limit", type=int, default=2048)
     p.add_argument("--threads", type=int, default=None, help="torch threads per rank")

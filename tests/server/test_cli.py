@@ -102,6 +102,44 @@ def test_every_option_of_every_command_has_help_and_version_prints():
         assert e.value.code == 2
 
 
+def test_every_command_is_in_the_docstring_and_every_default_is_shown():
+    """Walks every subparser's actions: an option with a default shows it in --help (flags
+    and options without a default excepted), and the module docstring names every command."""
+    import argparse
+
+    from shardserve_server import cli
+
+    ap = cli.build_parser()
+    [sub] = [a for a in ap._actions if isinstance(a, argparse._SubParsersAction)]
+    listed = {line.split()[1] for line in cli.__doc__.splitlines()
+              if line.startswith("shardserve ")}
+    assert listed == set(sub.choices), listed ^ set(sub.choices)
+    hidden = []
+    for name, p in sub.choices.items():
+        shown = " ".join(p.format_help().split())
+        for a in p._actions:
+            if (a.default is None or a.default is argparse.SUPPRESS or not a.option_strings
+                    or isinstance(a, (argparse._StoreTrueAction, argparse._HelpAction))):
+                continue
+            if f"(default: {a.default})" not in shown:
+                hidden.append(f"{name} {a.option_strings[0]}")
+    assert not hidden, hidden
+
+
+def test_one_kv_budget_default():
+    from shardserve_server.cli import build_parser
+    from shardserve_server.engine import defaults
+    from shardserve_server.engine.scheduler import SchedulerConfig
+    from shardserve_server.workers.worker import WorkerConfig
+
+    serve = build_parser().parse_args(["serve", "--model", "m"])
+    for name in ("kv_cache_tokens", "block_size", "max_batch_size", "max_prefill_tokens"):
+        want = getattr(defaults, name.upper())
+        got = (getattr(SchedulerConfig(), name), getattr(WorkerConfig("m"), name),
+               getattr(serve, name))
+        assert got == (want, want, want), (name, got)
+
+
 def test_damaged_checkpoint_is_one_line_and_exit_2(tiny_llama_dir, tmp_path):
     import shutil
 

@@ -15,6 +15,7 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -75,6 +76,28 @@ def results_of(result: Any) -> list[Any]:
     if result is None:
         return []
     return list(result) if isinstance(result, list) else [result]
+
+
+def first_error(result: Any) -> str | None:
+    """The error of the first sample that failed in the engine (FinishReason.ERROR), or None.
+    Unary answers of both protocols fail as a whole when one sample failed."""
+    for r in results_of(result):
+        if r.finish_reason is FinishReason.ERROR:
+            return r.error or "the request failed in the engine"
+    return None
+
+
+@dataclass
+class Ending:
+    """How an admitted gRPC request ended, filled in while it runs; `_finish` accounts it."""
+
+    outcome: str = "error"
+    """ok, cancelled, deadline, invalid or error (the metrics label)."""
+    result: Any = None
+    """Its GenerationResult, or the list of an n > 1 request's; None if it never finished."""
+    failure: str | None = None
+    """Set when the engine failed or refused it after admission (EngineError)."""
+    accounted: bool = False
 
 
 class TextGenerationServicer(pb_grpc.TextGenerationServicer):
@@ -180,56 +203,83 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
         self._log(method, None, outcome, message=message)
 
     async def _run(self, method: str, msg: Any, prompt: str | None, context, streaming: bool):
+        """One RPC, in three parts: admission (`_admit_or_abort`), the answer (`_replies`:
+        the stream's messages, or the one unary response) and finishing (`_finish`: metrics
+        and the log line, exactly once, however the RPC ends)."""
+        p, stream = await self._admit_or_abort(method, msg, prompt, context)
+        end = Ending()
         try:
-            p, stream = self.admit(msg, prompt)
-        except InvalidArgument as e:
-            await self._abort(context, method, "invalid", grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except ValueError as e:
+            async for out in self._replies(p, stream, streaming, end):
+                yield out
+        except (asyncio.CancelledError, GeneratorExit):
+            # closed after its last message (unary, or a finished stream): nothing to cancel.
+            # Otherwise the client went away or its deadline passed, while we awaited the next
+            # event (CancelledError) or sat at a yield (the stream was closed: GeneratorExit)
+            if end.result is None:
+                remaining = context.time_remaining()
+                end.outcome = "deadline" if remaining is not None and remaining <= 0 \
+                    else "cancelled"
+                self.engine.cancel(p.request.request_id)
+            raise
+        except EngineError as e:  # a dead group is retryable; a failed request is not
+            end.outcome = "invalid" if isinstance(e, RequestRefused) else "error"
+            end.result, end.failure = None, str(e)
+            code = (grpc.StatusCode.UNAVAILABLE if isinstance(e, GroupFailed)
+                    else grpc.StatusCode.INVALID_ARGUMENT if isinstance(e, RequestRefused)
+                    else grpc.StatusCode.INTERNAL)
+            self._finish(method, p, stream, end)  # before abort, which raises
+            await context.abort(code, str(e))
+        finally:
+            self._finish(method, p, stream, end)
+
+    async def _admit_or_abort(self, method: str, msg: Any, prompt: str | None, context
+                              ) -> tuple[Prepared, RequestStream]:
+        """Admission: `admit`, or abort the RPC with the refusal's status code (bad input:
+        INVALID_ARGUMENT, a full queue: RESOURCE_EXHAUSTED, draining or no engine:
+        UNAVAILABLE) after counting and logging it."""
+        try:
+            return self.admit(msg, prompt)
+        except (InvalidArgument, ValueError) as e:
             await self._abort(context, method, "invalid", grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except QueueFull as e:
             await self._abort(context, method, "overloaded", grpc.StatusCode.RESOURCE_EXHAUSTED,
                               str(e))
         except (Draining, EngineError) as e:
             await self._abort(context, method, "error", grpc.StatusCode.UNAVAILABLE, str(e))
-        outcome, result = "error", None
-        try:
-            if streaming:
-                async for out in self._stream(p, stream):
-                    if stream.final is not None:
-                        result = stream.final
-                        outcome = self.outcome_of(result)
-                    yield out
-            else:
-                result = await stream.results()
-                outcome = self.outcome_of(result)
-                failed = [r for r in result if r.finish_reason is FinishReason.ERROR]
-                if failed:
-                    raise EngineError(failed[0].error or "the request failed in the engine")
-                yield self._response(p, stream, result)
-        except (asyncio.CancelledError, GeneratorExit):
-            # closed after its last message (unary, or a finished stream): nothing to cancel.
-            # Otherwise the client went away or its deadline passed, while we awaited the next
-            # event (CancelledError) or sat at a yield (the stream was closed: GeneratorExit)
-            if result is None:
-                remaining = context.time_remaining()
-                outcome = "deadline" if remaining is not None and remaining <= 0 else "cancelled"
-                self.engine.cancel(p.request.request_id)
-            raise
-        except EngineError as e:  # a dead group is retryable; a failed request is not
-            outcome = "invalid" if isinstance(e, RequestRefused) else "error"
-            result = None
-            self.metrics.on_request_done(
-                method, outcome, finish_reason="error", prompt_tokens=len(p.request.prompt_ids),
-                generated=stream.generated, timing=stream.timing, elapsed_s=stream.elapsed())
-            self._log(method, p, outcome, message=str(e))
-            self.active -= 1
-            code = (grpc.StatusCode.UNAVAILABLE if isinstance(e, GroupFailed)
-                    else grpc.StatusCode.INVALID_ARGUMENT if isinstance(e, RequestRefused)
-                    else grpc.StatusCode.INTERNAL)
-            await context.abort(code, str(e))
-        finally:
-            if outcome != "error" or result is not None:
-                self.account(method, p, stream, outcome, result)
+        raise AssertionError("context.abort returned")  # it always raises
+
+    async def _replies(self, p: Prepared, stream: RequestStream, streaming: bool, end: Ending):
+        """Streaming: one GenerateStreamResponse per event; unary: the one GenerateResponse
+        (a sample that failed in the engine raises EngineError). Records the result and its
+        outcome in `end` as soon as they are known."""
+        if streaming:
+            async for out in self._stream(p, stream):
+                if stream.final is not None:
+                    end.result = stream.final
+                    end.outcome = self.outcome_of(end.result)
+                yield out
+            return
+        end.result = await stream.results()
+        end.outcome = self.outcome_of(end.result)
+        error = first_error(end.result)
+        if error is not None:
+            raise EngineError(error)
+        yield self._response(p, stream, end.result)
+
+    def _finish(self, method: str, p: Prepared, stream: RequestStream, end: Ending) -> None:
+        """Finishing: account an admitted request once (metrics, its log line, `active`).
+        A request the engine failed or refused counts with finish_reason "error"."""
+        if end.accounted:
+            return
+        end.accounted = True
+        if end.failure is None:
+            self.account(method, p, stream, end.outcome, end.result)
+            return
+        self.metrics.on_request_done(
+            method, end.outcome, finish_reason="error", prompt_tokens=len(p.request.prompt_ids),
+            generated=stream.generated, timing=stream.timing, elapsed_s=stream.elapsed())
+        self._log(method, p, end.outcome, message=end.failure)
+        self.active -= 1
 
     @staticmethod
     def outcome_of(result: Any) -> str:

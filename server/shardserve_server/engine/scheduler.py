@@ -33,6 +33,7 @@ import torch
 from shardserve_sharding.models import CacheKind, model_spec
 
 from ..workers.protocol import GroupStats, TokenOutput
+from . import defaults
 from .block_pool import ROOT_KEY, BlockAllocator, block_key, prefix_keys
 from .grammar import GrammarBackend
 from .runner import FLAT, ForwardPlan
@@ -47,13 +48,13 @@ log = logging.getLogger("shardserve.leader")
 class SchedulerConfig:
     """Batching limits of one worker group."""
 
-    max_batch_size: int = 32
+    max_batch_size: int = defaults.MAX_BATCH_SIZE
     """Most sequences in the running batch."""
-    kv_cache_tokens: int = 16384
+    kv_cache_tokens: int = defaults.KV_CACHE_TOKENS
     """KV-cache budget in tokens (all running sequences together)."""
-    block_size: int = 16
+    block_size: int = defaults.BLOCK_SIZE
     """Tokens per KV block."""
-    max_prefill_tokens: int = 512
+    max_prefill_tokens: int = defaults.MAX_PREFILL_TOKENS
     """Prompt tokens processed per step (chunked prefill)."""
     prefix_caching: bool = True
     """Share the KV blocks of equal prompt prefixes between requests (paged-KV families)."""

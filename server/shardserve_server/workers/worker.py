@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..engine import defaults
 from .protocol import Fatal
 
 
@@ -44,10 +45,11 @@ class WorkerConfig:
     """TCP port of the group's rendezvous on 127.0.0.1 (TP > 1)."""
     pg_timeout_s: float = 10.0
     """A collective waiting longer than this fails the group."""
-    kv_cache_tokens: int = 16384
-    block_size: int = 16
-    max_batch_size: int = 32
-    max_prefill_tokens: int = 512
+    kv_cache_tokens: int = defaults.KV_CACHE_TOKENS
+    """KV-cache budget of the group, in tokens."""
+    block_size: int = defaults.BLOCK_SIZE
+    max_batch_size: int = defaults.MAX_BATCH_SIZE
+    max_prefill_tokens: int = defaults.MAX_PREFILL_TOKENS
     prefix_caching: bool = True
     """Share the KV blocks of equal prompt prefixes between requests (Llama family)."""
     backend: str = "torch"

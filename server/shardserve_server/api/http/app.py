@@ -31,7 +31,7 @@ from starlette.routing import Route
 from ...engine.async_engine import EngineError, QueueFull, RequestRefused, RequestStream
 from ...engine.stopping import FinishReason
 from ..convert import InvalidArgument, Prepared
-from ..servicer import Draining
+from ..servicer import Draining, first_error
 from . import translate as tr
 from .errors import HttpError, from_validation
 from .schemas import (
@@ -295,10 +295,9 @@ class _Run:
                     return HttpError(503, str(e), None, "unavailable").response()
                 outcome = self.api.s.outcome_of(result)
                 self._cached = result[0].cached_tokens
-                failed = [r for r in result if r.finish_reason is FinishReason.ERROR]
-                if failed:
-                    return HttpError(500, failed[0].error or "the request failed in the engine",
-                                     None, "engine_error").response()
+                error = first_error(result)
+                if error is not None:
+                    return HttpError(500, error, None, "engine_error").response()
                 return _json(self._whole(result))
             self.api.s.engine.cancel(self.rid)
             if gone in done:
