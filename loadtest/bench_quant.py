@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import subprocess
 import sys
 import time
@@ -54,8 +55,8 @@ NOTES = [
     "6 rows, a dequantized bf16 copy from 6 rows up (quant/kernels.py), so batch 32 runs "
     "the same bf16 GEMMs as the float model; loadtest/results/quant_kernels.md has the "
     "per-shape timings and torchao's (0.18: int8 only on CPU, slower than the aten op).",
-    "- Batch-1 wall rates here are dominated by other processes on the 2 cores; the "
-    "per-CPU-second rates of 1-thread engines are the comparable figures.",
+    "- Which rates to compare: on a quiet machine, the wall rates; where other processes "
+    "share the cores, the per-CPU-second rates of 1-thread engines (--threads 1).",
 ]
 
 
@@ -186,7 +187,7 @@ def main() -> int:
     qrows = quality(dirs, tokens, args.threads)
     med = {k: bd._median(v) for k, v in rates.items()}
     lines = header("Weight-only int8 / int4 against bf16 (SmolLM2-135M)",
-                   "python loadtest/bench_quant.py " + " ".join(sys.argv[1:]))
+                   "python loadtest/bench_quant.py " + shlex.join(sys.argv[1:]))
     lines += [f"CPU flags: {cpu_flags()}; torch {torch.__version__}, capability "
               f"{torch.backends.cpu.get_cpu_capability()}; {args.threads} thread(s) per engine; "
               f"{args.new_tokens} new tokens; {args.repeats} repeats; "
