@@ -336,6 +336,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.model, EngineConfig(dtype=torch_dtype(args.dtype), threads=args.threads,
                                  verify_hashes=not args.no_verify)
     )
+    engine.warmup()  # weight preparation counts as loading, as in a server's start
     load_s = time.perf_counter() - t0
     reqs = _samples(_requests(args, engine)[0], args.n)
     t0 = time.perf_counter()
