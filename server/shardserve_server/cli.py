@@ -239,11 +239,48 @@ def _requests(args: argparse.Namespace, engine) -> list:
         seed=args.seed,
     )
     stopping = StoppingParams(max_new_tokens=args.max_new_tokens, stop=tuple(args.stop or ()))
-    return [GenerationRequest(tuple(engine.encode(prompt)), sampling, stopping, "cli")]
+    return [GenerationRequest(tuple(engine.encode(prompt)), sampling, stopping, "cli",
+                              constraint=_constraint(args))]
+
+
+def _constraint(args: argparse.Namespace):
+    """generate's --json-schema / --json-object / --regex / --choice as a Constraint (checked
+    here; the grammar compiles when the request is scheduled), or None."""
+    from shardserve_server.engine.grammar import Constraint
+
+    if args.json_schema is not None:
+        spec = args.json_schema
+        if spec.startswith("@"):
+            spec = Path(spec[1:]).read_text()
+        c = Constraint("json_schema", spec)
+    elif args.json_object:
+        c = Constraint("json_object")
+    elif args.regex is not None:
+        c = Constraint("regex", args.regex)
+    elif args.choice:
+        c = Constraint("choice", tuple(args.choice))
+    else:
+        return None
+    c.validate()
+    return c
+
+
+def _samples(req, n: int) -> list:
+    """The n requests of an n-sample generate (sample i seeded --seed + i, as the servers do)."""
+    import dataclasses
+
+    from shardserve_server.engine.async_engine import MAX_N, child_seed
+
+    if not 1 <= n <= MAX_N:
+        raise ValueError(f"--n must be in [1, {MAX_N}], got {n}")
+    if n == 1:
+        return [req]
+    return [dataclasses.replace(req, request_id=f"cli#{i}", sampling=dataclasses.replace(
+        req.sampling, seed=child_seed(req.sampling.seed, i))) for i in range(n)]
 
 
 def _generate_workers(args: argparse.Namespace):
-    """Run the request through a worker group of --tp ranks; returns (result, load_s)."""
+    """Run the request through a worker group of --tp ranks; returns (results, load_s)."""
     import asyncio
 
     from shardserve_server.engine.async_engine import AsyncEngine
@@ -260,6 +297,7 @@ def _generate_workers(args: argparse.Namespace):
             return self.tokenizer.encode(text)
 
     req = _requests(args, _Tok())[0]
+    _samples(req, args.n)  # checks --n before the group starts
     threads = args.threads or max(1, (os.cpu_count() or 2) // args.tp)
     cfg = WorkerConfig(args.model, tp=args.tp, dtype={"fp32": "float32", "bf16": "bfloat16"}[
         args.dtype], threads=threads, kv_cache_tokens=max(4096, len(req.prompt_ids) + 4096),
@@ -271,12 +309,12 @@ def _generate_workers(args: argparse.Namespace):
         await engine.start()
         load_s = time.perf_counter() - t0
         try:
-            result = None
-            async for ev in engine.submit(req):
-                if not args.json and ev.text:
+            stream = engine.submit(req, n=args.n)
+            async for ev in stream:
+                if not args.json and args.n == 1 and ev.text:
                     print(ev.text, end="", flush=True)
-                result = ev.result or result
-            return result, load_s
+            final = stream.final
+            return (final if isinstance(final, list) else [final]), load_s
         finally:
             await engine.shutdown()
 
@@ -290,7 +328,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         res, load_s = _generate_workers(args)
         gen_s = time.perf_counter() - t0 - load_s
-        if not args.json:
+        if not args.json and args.n == 1:
             print()
         return _report(args, res, load_s, gen_s)
     t0 = time.perf_counter()
@@ -298,40 +336,39 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.model, EngineConfig(dtype=torch_dtype(args.dtype), threads=args.threads,
                                  verify_hashes=not args.no_verify)
     )
+    engine.warmup()  # weight preparation counts as loading, as in a server's start
     load_s = time.perf_counter() - t0
-    reqs = _requests(args, engine)
+    reqs = _samples(_requests(args, engine)[0], args.n)
     t0 = time.perf_counter()
-    if args.json:
-        res = engine.generate(reqs)[0]
+    if args.json or args.n > 1:
+        res = engine.generate(reqs)
     else:
-        res = engine.generate(reqs, on_token=lambda _, e: print(e.text, end="", flush=True))[0]
+        res = engine.generate(reqs, on_token=lambda _, e: print(e.text, end="", flush=True))
         print()
     gen_s = time.perf_counter() - t0
     return _report(args, res, load_s, gen_s)
 
 
-def _report(args: argparse.Namespace, res, load_s: float, gen_s: float) -> int:
+def _report(args: argparse.Namespace, results: list, load_s: float, gen_s: float) -> int:
+    """Print the results: one JSON object (with n > 1, the samples in "samples"), or the
+    samples' texts (n > 1; n == 1 streamed already) and a summary line on stderr."""
+    def one(r) -> dict:
+        return {"text": r.text, "token_ids": r.token_ids,
+                "finish_reason": r.finish_reason.value, "prompt_tokens": r.prompt_tokens}
+
+    n = sum(len(r.token_ids) for r in results)
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "text": res.text,
-                    "token_ids": res.token_ids,
-                    "finish_reason": res.finish_reason.value,
-                    "prompt_tokens": res.prompt_tokens,
-                    "load_s": round(load_s, 3),
-                    "generate_s": round(gen_s, 3),
-                },
-                ensure_ascii=False,
-            )
-        )
-    else:
-        n = len(res.token_ids)
-        print(
-            f"[{n} tokens, {res.finish_reason.value}, {n / max(gen_s, 1e-9):.1f} tok/s, "
-            f"load {load_s:.1f} s]",
-            file=sys.stderr,
-        )
+        out = one(results[0]) if len(results) == 1 else {
+            "samples": [one(r) for r in results], "prompt_tokens": results[0].prompt_tokens}
+        out.update(load_s=round(load_s, 3), generate_s=round(gen_s, 3))
+        print(json.dumps(out, ensure_ascii=False))
+        return 0
+    if len(results) > 1:
+        for i, r in enumerate(results):
+            print(f"[sample {i}] {r.text}")
+    reasons = ", ".join(sorted({r.finish_reason.value for r in results}))
+    print(f"[{n} tokens, {reasons}, {n / max(gen_s, 1e-9):.1f} tok/s, load {load_s:.1f} s]",
+          file=sys.stderr)
     return 0
 
 
@@ -618,6 +655,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (per rank)")
     p.add_argument("--tp", type=int, default=None,
                    help="run through a group of TP shard-worker processes")
+    p.add_argument("--n", type=int, default=1,
+                   help="samples of the prompt (seeds --seed + i; the prompt's KV is shared)")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json-schema", default=None, metavar="SCHEMA",
+                     help="constrain the output to JSON valid under this schema (JSON text, "
+                     "or @FILE)")
+    fmt.add_argument("--json-object", action="store_true",
+                     help="constrain the output to one JSON object")
+    fmt.add_argument("--regex", default=None, help="constrain the output to this regex")
+    fmt.add_argument("--choice", action="append", default=None,
+                     help="constrain the output to one of these strings (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the sha256 check of the checkpoint's files (sizes are still checked)")

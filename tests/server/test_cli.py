@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,25 @@ def test_generate_bf16(smollm2_dir, fp32_out, smollm2):
     assert len(out["token_ids"]) == 8 and out["finish_reason"] == "max_tokens"
     assert out["text"] == smollm2.tokenizer.decode(out["token_ids"])
     assert out["token_ids"][:4] == fp32_out["token_ids"][:4]
+
+
+def test_generate_n_samples_and_structured_output(smollm2_dir):
+    """--n gives n samples seeded --seed + i (sample 0 is the n=1 output of the same seed);
+    --regex and --choice constrain every sample; a bad --n is one line and exit 2."""
+    kw = ("--temperature", "1.0", "--seed", "5")
+    one = generate_json(smollm2_dir, *kw)
+    many = generate_json(smollm2_dir, *kw, "--n", "3")
+    assert [s["token_ids"] for s in many["samples"]][0] == one["token_ids"]
+    assert len(many["samples"]) == 3 and many["prompt_tokens"] == one["prompt_tokens"]
+    assert len({tuple(s["token_ids"]) for s in many["samples"]}) > 1
+    pattern = "[a-z]{2,5}!"
+    fmt = generate_json(smollm2_dir, *kw, "--n", "2", "--regex", pattern,
+                        "--max-new-tokens", "12")
+    assert all(re.fullmatch(pattern, s["text"]) for s in fmt["samples"]), fmt
+    pick = generate_json(smollm2_dir, *kw, "--choice", "Paris", "--choice", "Lyon")
+    assert pick["text"] in ("Paris", "Lyon")
+    p = cli("generate", "--model", str(smollm2_dir), "--prompt", "hi", "--n", "17")
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "--n" in p.stderr
 
 
 def test_import_of_a_missing_file_fails_clearly_and_creates_nothing(tmp_path):

@@ -34,6 +34,9 @@ class _RefusingStream:
     def elapsed(self) -> float:
         return 0.01
 
+    def close(self) -> None:
+        pass
+
     async def results(self):
         raise self.error
 

@@ -214,6 +214,11 @@ def test_cancelled_streams_free_their_kv_blocks(engines, local_llama):
         await asyncio.wait_for(it.__anext__(), 30)
         await wait_for(lambda: engine.stats()["kv_used_blocks"] > 0, 10, "KV in use")
         assert await asyncio.wait_for(abandon(), 30) == 3
+        never_read = engine.submit(greedy(ids, 400, "never-read"), n=3)
+        await wait_for(lambda: sum(r.startswith("never-read") for r in engine.inflight) == 3,
+                       10, "the three samples in the group")
+        never_read.close()  # an SSE response closed before its first chunk does this
+        assert "never-read" not in engine._families  # no family entry outlives its request
         assert engine.cancel("by-id")
         last = None
         async for ev in it:

@@ -272,6 +272,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
         if end.accounted:
             return
         end.accounted = True
+        stream.close()  # a stream never iterated (RPC cancelled early) left its samples
         if end.failure is None:
             self.account(method, p, stream, end.outcome, end.result)
             return

@@ -145,10 +145,17 @@ class RequestStream:
                         self.final = self._done[0] if self.n == 1 else list(self._done)
                 yield item
         finally:
-            for r in self._rs:
-                if not r.done:  # consumer went away (or a sibling failed): cancel in the group
-                    self._engine.cancel(r.req.request_id)
-            self._engine._families.pop(self.request_id, None)
+            self.close()
+
+    def close(self) -> None:
+        """Cancel the samples still running in the group and forget the request's family
+        (idempotent). Iterating to the end, or leaving the iteration, calls it; a caller that
+        may stop before iterating at all (an SSE response closed before its first chunk)
+        calls it itself, since a generator that never started runs no `finally`."""
+        for r in self._rs:
+            if not r.done:  # consumer went away (or a sibling failed): cancel in the group
+                self._engine.cancel(r.req.request_id)
+        self._engine._families.pop(self.request_id, None)
 
     @property
     def timing(self) -> dict[str, float | None]:

@@ -270,8 +270,7 @@ class _Run:
         if self._accounted:
             return
         self._accounted = True
-        if self.result is None:
-            self.api.s.engine.cancel(self.rid)  # client gone or failed: leave the batch now
+        self.stream.close()  # client gone or failed: the samples leave the batch now
         self.api.s.account(self.method, self.p, self.stream, self.outcome, self.result,
                            **self._log_extra())
 
