@@ -114,7 +114,7 @@ def serve_config(side: Side, model: Path, name: str, args, repeat: int,
     run_args = argparse.Namespace(**vars(args))
     run_args.shardserve_args = extra
     run_args.streams = sorted(set(grpc_streams) | set(http_streams))
-    if name == "onnx":
+    if CONFIGS[name][0].startswith("--backend onnx"):
         model = onnx_export(side, model)
     server = bv.shardserve_server(model, bool(http_streams), run_args)
     proc, targets = server.start(next(RUNS))
