@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import statistics
@@ -118,10 +119,12 @@ class StepStats:
         self.steps: list[dict] = []
         self.last: dict = {}
 
-    def __call__(self, stats: dict, replica: int) -> None:
-        self.last = stats
-        if stats.get("last_step"):
-            self.steps.append(dict(stats["last_step"]))
+    def __call__(self, stats, replica: int) -> None:
+        """stats: the group's GroupStats (workers/protocol.py), kept as plain dicts here."""
+        self.last = {"forward_s": stats.forward_s_total, "comm_s": stats.comm_s_total,
+                     "steps": stats.steps}
+        if stats.last_step is not None:
+            self.steps.append(dataclasses.asdict(stats.last_step))
 
 
 async def run_concurrency(engine, prompts, new_tokens: int, tag: str) -> dict:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -47,6 +48,8 @@ from ..workers.protocol import (
 )
 from ..workers.worker import WorkerConfig
 from .sequence import GenerationRequest, GenerationResult
+
+log = logging.getLogger(__name__)
 
 MAX_N = 16
 """Most samples per request (n)."""
@@ -405,7 +408,10 @@ class AsyncEngine:
             stats = msg.stats
             rep.stats = stats
             if self.on_stats is not None:
-                self.on_stats(stats, rep.index)
+                try:  # an observer's bug must not stop delivery (the group would look hung)
+                    self.on_stats(stats, rep.index)
+                except Exception:
+                    log.exception("on_stats callback failed; tokens are still delivered")
             if stats.steps != rep.last_steps or not rep.inflight:
                 rep.last_steps = stats.steps
                 rep.last_progress = time.monotonic()
