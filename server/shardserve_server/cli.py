@@ -266,17 +266,12 @@ def _constraint(args: argparse.Namespace):
 
 
 def _samples(req, n: int) -> list:
-    """The n requests of an n-sample generate (sample i seeded --seed + i, as the servers do)."""
-    import dataclasses
-
-    from shardserve_server.engine.async_engine import MAX_N, child_seed
+    """The n requests of an n-sample generate, fanned out as the servers do."""
+    from shardserve_server.engine.async_engine import MAX_N, sample_requests
 
     if not 1 <= n <= MAX_N:
         raise ValueError(f"--n must be in [1, {MAX_N}], got {n}")
-    if n == 1:
-        return [req]
-    return [dataclasses.replace(req, request_id=f"cli#{i}", sampling=dataclasses.replace(
-        req.sampling, seed=child_seed(req.sampling.seed, i))) for i in range(n)]
+    return sample_requests(req, n)
 
 
 def _generate_workers(args: argparse.Namespace):

@@ -62,6 +62,16 @@ def child_seed(seed: int | None, index: int) -> int | None:
     return None if seed is None else (seed + index) % _SEED_MOD
 
 
+def sample_requests(req: GenerationRequest, n: int) -> list[GenerationRequest]:
+    """The n requests of an n-sample request: sample i is `{id}#{i}`, seeded child_seed(seed,
+    i) (n == 1: the request itself)."""
+    if n == 1:
+        return [req]
+    return [dataclasses.replace(req, request_id=f"{req.request_id}#{i}", sampling=dataclasses
+                                .replace(req.sampling, seed=child_seed(req.sampling.seed, i)))
+            for i in range(n)]
+
+
 class QueueFull(RuntimeError):
     """The waiting queue is at its request or token limit."""
 
@@ -321,12 +331,7 @@ class AsyncEngine:
         if not req.request_id:  # the caller gave none: the engine names it
             req = dataclasses.replace(req, request_id=self.new_request_id())
         parent = req.request_id
-        if n == 1:
-            reqs = [req]
-        else:
-            reqs = [dataclasses.replace(req, request_id=f"{parent}#{i}", sampling=dataclasses
-                                        .replace(req.sampling, seed=child_seed(
-                                            req.sampling.seed, i))) for i in range(n)]
+        reqs = sample_requests(req, n)
         ids = {r.request_id for r in reqs} | {parent}
         if parent in self._families or any(i in self.inflight for i in ids) or any(
             w.req.request_id in ids for w in self.waiting

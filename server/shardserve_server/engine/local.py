@@ -22,7 +22,7 @@ import torch
 
 from .defaults import BLOCK_SIZE
 from .runner import CacheGeometry, ModelRunner
-from .scheduler import GroupScheduler, SchedulerConfig
+from .scheduler import GroupScheduler, SchedulerConfig, warmup_request
 from .sequence import GenerationRequest, GenerationResult, TokenEvent
 
 TokenCallback = Callable[[int, TokenEvent], None]
@@ -69,14 +69,7 @@ class LocalEngine:
         """Run one short request (2 tokens), so that what the first forwards prepare (packed or
         fp32 weight copies, the decode attention kernel) is done now, as a worker group does it
         before readiness, and not inside the first generate()'s time."""
-        from shardserve_sharding.models.cpu_gemm import BF16_GEMM_AS_FP32_MIN_ROWS
-
-        from .sampling import SamplingParams
-        from .stopping import StoppingParams
-
-        prompt = tuple(range(1, BF16_GEMM_AS_FP32_MIN_ROWS + 3))
-        self.generate([GenerationRequest(prompt, SamplingParams(temperature=0.0), StoppingParams(
-            max_new_tokens=2, ignore_eos=True), "warmup")])
+        self.generate([warmup_request()])
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)

@@ -571,3 +571,17 @@ def _table_tensor(tables: list[list[int]]) -> torch.Tensor:
     for i, t in enumerate(tables):
         flat[i * nb : i * nb + len(t)] = t
     return torch.tensor(flat).view(len(tables), nb)
+
+
+def warmup_request() -> GenerationRequest:
+    """The short request a group (and LocalEngine) runs before serving: long enough for the
+    fp32 GEMM path of bf16 models, so that cached weight copies are built then, not on the
+    first real request."""
+    from shardserve_sharding.models.cpu_gemm import BF16_GEMM_AS_FP32_MIN_ROWS
+
+    from .sampling import SamplingParams
+    from .stopping import StoppingParams
+
+    return GenerationRequest(tuple(range(1, BF16_GEMM_AS_FP32_MIN_ROWS + 3)),
+                             SamplingParams(temperature=0.0),
+                             StoppingParams(max_new_tokens=2, ignore_eos=True), "__warmup__")

@@ -202,16 +202,19 @@ def _table(d: Any, where: str, depth: int) -> dict:
         return d
     if not isinstance(d, dict) or not d:
         raise CostsError(f"{where} must be a non-empty table")
-    out = {}
-    for k, v in d.items():
-        try:
-            key = int(k)
-        except (TypeError, ValueError):
-            raise CostsError(f"{where}: key {k!r} is not an integer") from None
-        if key <= 0:
-            raise CostsError(f"{where}: key {k!r} must be positive")
-        out[key] = _table(v, f"{where}[{k}]", depth - 1)
-    return out
+    return {_int_key(k, f"{where}:", 1): _table(v, f"{where}[{k}]", depth - 1)
+            for k, v in d.items()}
+
+
+def _int_key(k: Any, where: str, minimum: int) -> int:
+    """A table key as an integer >= minimum (JSON keys are strings)."""
+    try:
+        key = int(k)
+    except (TypeError, ValueError):
+        raise CostsError(f"{where} key {k!r} is not an integer") from None
+    if key < minimum:
+        raise CostsError(f"{where} key {k!r} must be >= {minimum}")
+    return key
 
 
 def from_dict(d: Any, where: str = "costs") -> MachineCosts:
@@ -275,12 +278,7 @@ def _tp_collectives(d: Any, where: str) -> dict[int, float]:
         raise CostsError(f"{where}: tp_collective_s must be a table")
     out = {}
     for k, v in d.items():
-        try:
-            ranks = int(k)
-        except (TypeError, ValueError):
-            raise CostsError(f"{where}: tp_collective_s key {k!r} is not an integer") from None
-        if ranks < 2:
-            raise CostsError(f"{where}: tp_collective_s key {k!r} must be >= 2")
+        ranks = _int_key(k, f"{where}: tp_collective_s", 2)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
                 or v < 0:
             raise CostsError(f"{where}: tp_collective_s[{k}] must be a non-negative number, "

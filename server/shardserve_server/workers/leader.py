@@ -15,13 +15,8 @@ from typing import Any
 
 import torch
 
-from shardserve_sharding.models.cpu_gemm import BF16_GEMM_AS_FP32_MIN_ROWS
-
 from ..engine.runner import ForwardPlan, broadcast_plan
-from ..engine.sampling import SamplingParams
-from ..engine.scheduler import GroupScheduler, SchedulerConfig
-from ..engine.sequence import GenerationRequest
-from ..engine.stopping import StoppingParams
+from ..engine.scheduler import GroupScheduler, SchedulerConfig, warmup_request
 from .protocol import (
     AddRequest,
     CancelRequest,
@@ -77,12 +72,7 @@ class Leader:
 
     def warmup(self) -> float:
         t0 = time.perf_counter()
-        # long enough for the fp32 GEMM path of bf16 models, so that its cached fp32 weight
-        # copies are built here, before readiness, not on the first request
-        prompt = tuple(range(1, BF16_GEMM_AS_FP32_MIN_ROWS + 3))
-        req = GenerationRequest(prompt, SamplingParams(temperature=0.0),
-                                StoppingParams(max_new_tokens=2, ignore_eos=True), "__warmup__")
-        self.scheduler.add(req)
+        self.scheduler.add(warmup_request())  # weight copies built before readiness
         while self.scheduler.has_work():
             self.scheduler.step(self._forward)
         self.scheduler.reap()
