@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from results_io import cpu_flags, header, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sharding"))
+from shardserve_sharding.quant import cpu_kernel  # noqa: E402
 from shardserve_sharding.quant.kernels import Int4Weight, Int8Weight  # noqa: E402
 from shardserve_sharding.quant.scheme import quantize_int4, quantize_int8  # noqa: E402
 
@@ -98,7 +99,9 @@ def main() -> int:
     out(f"cpu: {cpu_flags()}  capability {torch.backends.cpu.get_cpu_capability()}  "
         f"torch {torch.__version__}  threads {a.threads}  layers {a.layers}  clock "
         f"{'thread CPU time' if a.threads == 1 else 'wall'}")
+    qk = cpu_kernel.kernel()
     cols = ["bf16", "int8", "int4 g32", "int4 g64"] + (
+        ["qk int8", "qk int4 g32"] if qk is not None else []) + (
         ["ao int8", "ao int4 g32"] if a.torchao else [])
     out("| M | in | out | " + " | ".join(f"{c} us" for c in cols) + " | int8/bf16 | "
         "int4 g32/bf16 |")
@@ -119,6 +122,10 @@ def main() -> int:
                     "int8": [lambda x=x, q=q: I8MM(x, q.q, q.scale) for q in i8],
                     "int4 g32": [lambda x=x, q=q: I4MM(x, q.packed, 32, q.qparams) for q in i4],
                     "int4 g64": [lambda x=x, q=q: I4MM(x, q.packed, 64, q.qparams) for q in i4b],
+                    "qk int8": [lambda x=x, q=q: qk.int8_linear(x, q._kw, q._ks, q.out_features)
+                                for q in i8] if qk is not None else None,
+                    "qk int4 g32": [lambda x=x, q=q: qk.int4_linear(x, q._kw, q._ks, q._n, 32)
+                                    for q in i4] if qk is not None else None,
                     "ao int8": [lambda x=x, q=q: q(x) for q in ao8] if ao8 else None,
                     "ao int4 g32": [lambda x=x, q=q: q(x) for q in ao4] if ao4 else None,
                 }

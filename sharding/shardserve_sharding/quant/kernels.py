@@ -1,5 +1,10 @@
-"""Quantized linear weights at run time, over torch's own CPU weight-only kernels.
+"""Quantized linear weights at run time: our AVX512-VNNI kernel for few rows, else torch's own
+CPU weight-only kernels.
 
+Where quant/cpu_kernel.py is built (a CPU with AVX512-VNNI; SHARDSERVE_QUANT_KERNEL=0 turns it
+off), calls of at most KERNEL_MAX_ROWS rows (decode) run there over a copy of the weight
+repacked once at load (never stored; the checkpoint keeps its bytes), with the activation
+quantized to int8 per 32 columns as llama.cpp does. Otherwise (AVX2-only CPUs, no compiler):
 - int8: `torch.ops.aten._weight_int8pack_mm(x [M, K], q int8 [N, K], scale [N])`, the op
   gpt-fast's WeightOnlyInt8Linear lowers to on CPU;
 - int4: `torch.ops.aten._weight_int4pack_mm_for_cpu(x [M, K], packed, group, qparams
@@ -32,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.cpu_gemm import cpu_linear
+from . import cpu_kernel
 from .scheme import dequantize_int4, dequantize_int8, unpack_int4
 
 DENSE_MIN_ROWS = int(os.environ.get("SHARDSERVE_QUANT_DENSE_MIN_ROWS", "6"))
@@ -42,8 +48,18 @@ weights streamed from memory, kernel time / bf16 F.linear time: int8 0.37-0.60 a
 (loadtest/results/quant_kernels.md): the crossover is 5-8 rows."""
 
 
+KERNEL_MAX_ROWS = int(os.environ.get("SHARDSERVE_QUANT_KERNEL_MAX_ROWS", "8"))
+"""Calls of at most this many rows run in quant/cpu_kernel.py where it is built; more rows take
+the dense copy (or, with DENSE_MIN_ROWS=0, the kernel in chunks of 8 rows)."""
+
+
 def _use_dense(x2: torch.Tensor) -> bool:
     return DENSE_MIN_ROWS > 0 and x2.shape[0] >= DENSE_MIN_ROWS
+
+
+def _use_kernel(owner: nn.Module, x2: torch.Tensor) -> bool:
+    """Whether owner's kernel copy serves x2 [M, K]: built, and few rows (or no dense copy)."""
+    return "_kw" in owner.__dict__ and (x2.shape[0] <= KERNEL_MAX_ROWS or DENSE_MIN_ROWS <= 0)
 
 
 def _dense(owner: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -62,6 +78,11 @@ class Int8Weight(nn.Module):
         super().__init__()
         self.register_buffer("q", q.contiguous())  # [N, K] int8
         self.register_buffer("scale", scale.to(dtype).contiguous())  # [N]
+        mod = cpu_kernel.kernel()
+        if mod is not None and q.shape[1] % cpu_kernel.BLOCK == 0:
+            # the kernel's copy: q + 128 in 16-row tiles, fp32 row scales (not buffers: never
+            # saved, never cast by .to())
+            self.__dict__["_kw"], self.__dict__["_ks"] = cpu_kernel.pack_int8(q, scale)
 
     @property
     def out_features(self) -> int:
@@ -69,6 +90,10 @@ class Int8Weight(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # [M, K]
+        if _use_kernel(self, x2):
+            y = cpu_kernel.kernel().int8_linear(x2.contiguous(), self._kw, self._ks,
+                                                self.out_features)  # [M, N]
+            return y.view(*x.shape[:-1], -1)
         if _use_dense(x2):
             return cpu_linear(self, x, _dense(self, x.dtype), None)  # [..., N]
         if x2.dtype != self.scale.dtype:
@@ -101,14 +126,34 @@ class Int4Weight(nn.Module):
         # the stored bytes [N, K/2], kept (not a buffer) for the dense copy
         self.__dict__["_stored"] = packed if DENSE_MIN_ROWS > 0 else None
         pad = -n % 16  # the repacking wants N divisible by 16: zero rows, sliced off
-        q = unpack_int4(packed).to(torch.int32) + 8  # [N, K] in [0, 15]
-        q = F.pad(q, (0, 0, 0, pad), value=8).contiguous()  # [N + pad, K]
-        self.register_buffer(
-            "packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))  # opaque
+        mod = cpu_kernel.kernel()
+        if mod is not None:
+            # the kernel's copy: 16-row tiles of nibbles, (scale, min) per tile and group (not
+            # buffers: never saved, never cast by .to()); torch's packing is then made only if
+            # some call needs it (the `packed` property)
+            self.__dict__["_kw"], self.__dict__["_ks"] = cpu_kernel.pack_int4(packed, qparams)
+            self.__dict__["_stored"] = packed
+        else:
+            self.register_buffer("_torch_packed", self._torch_pack(packed, pad))
         qp = F.pad(qparams.float(), (0, 0, 0, 0, 0, pad))  # [N + pad, K/G, 2]
         # [K/G, N + pad, 2] (scale, offset): the kernel's layout
         self.register_buffer("qparams", qp.to(dtype).transpose(0, 1).contiguous())
         self._n = n
+
+    @staticmethod
+    def _torch_pack(packed: torch.Tensor, pad: int) -> torch.Tensor:
+        """torch's opaque int4 CPU layout of stored bytes [N, K/2], N padded by pad rows."""
+        q = unpack_int4(packed).to(torch.int32) + 8  # [N, K] in [0, 15]
+        q = F.pad(q, (0, 0, 0, pad), value=8).contiguous()  # [N + pad, K]
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # opaque
+
+    @property
+    def packed(self) -> torch.Tensor:
+        """The weight in torch's `_weight_int4pack_mm_for_cpu` layout (made on first use where
+        our kernel serves the few-row calls)."""
+        if self.__dict__.get("_buffers", {}).get("_torch_packed") is None:
+            self.register_buffer("_torch_packed", self._torch_pack(self._stored, -self._n % 16))
+        return self._torch_packed
 
     @property
     def out_features(self) -> int:
@@ -116,6 +161,10 @@ class Int4Weight(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # [M, K]
+        if _use_kernel(self, x2):
+            y = cpu_kernel.kernel().int4_linear(x2.contiguous(), self._kw, self._ks, self._n,
+                                                self.group_size)  # [M, N]
+            return y.view(*x.shape[:-1], self._n)
         if _use_dense(x2):
             return cpu_linear(self, x, _dense(self, x.dtype), None)  # [..., N]
         if x2.dtype != self.qparams.dtype:

@@ -1,0 +1,140 @@
+"""The AVX512-VNNI int4 / int8 GEMV kernel (quant/cpu_kernel.py) against its plain-torch
+reference (the same int8 activation blocks, float64 sums) and the reference against the exact
+product with the kernel's weights (off by at most the activation's rounding, half a block step
+per column): random shapes with odd output counts (padded 16-row tiles), every int4 group size,
+1-8 rows and chunks beyond, fp32 / bf16 activations, fp16 and fp32 scale packs.
+
+Errors are measured against the size of the products' terms, mag = |x| @ |w|.T (a single
+output of a few columns can cancel to near zero, where max|ref| says nothing)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tp_cases import rel_err
+
+from shardserve_sharding.quant import cpu_kernel
+from shardserve_sharding.quant.scheme import (
+    INT4_GROUP_SIZES,
+    dequantize_int4,
+    dequantize_int8,
+    quantize_int4,
+    quantize_int8,
+)
+
+pytestmark = pytest.mark.skipif(
+    cpu_kernel.kernel() is None,
+    reason="quantized GEMV kernel not built here (no AVX512-VNNI, no compiler, or disabled)")
+PROPERTY = settings(deadline=None, max_examples=25)
+
+
+def _within(y: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+            t: float) -> bool:
+    """max|y - ref| <= t * max(|x| @ |w|.T): x [M, K], w [N, K]."""
+    mag = x.double().abs() @ w.double().abs().T  # [M, N]
+    return float((y.double() - ref.double()).abs().max()) <= t * float(mag.max())
+
+
+def _activation_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """[M, N]: sum over columns of |w| * da / 2, the most the int8 activation can move y when
+    the integer dot products run over w [N, K] (int8: the weight; int4: v * scale)."""
+    _, da, _ = cpu_kernel.quantize_activation(x)  # [M, K/32]
+    half_step = (da / 2).repeat_interleave(cpu_kernel.BLOCK, dim=1)  # [M, K]
+    return half_step @ w.double().abs().T * (1 + 1e-9) + 1e-12
+
+
+def _case(seed: int, m: int, n: int, k: int, dtype: torch.dtype):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * 0.05  # [N, K]
+    x = (torch.randn(m, k, generator=gen) * 3).to(dtype)  # [M, K]
+    return w, x
+
+
+@given(seed=st.integers(0, 2**16), m=st.integers(1, 8), n=st.integers(1, 70),
+       blocks=st.integers(1, 3), group=st.sampled_from(INT4_GROUP_SIZES),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+@PROPERTY
+def test_int4_kernel_equals_its_reference(seed, m, n, blocks, group, dtype):
+    """int4: the kernel within 1e-5 (fp32 out) / 8e-3 (bf16 out) of its reference, the
+    reference within the activation's rounding of x @ w.T (w: the kernel's scales), and that
+    within 1e-3 of x @ dequantize(stored).T (fp16 scales)."""
+    w, x = _case(seed, m, n, blocks * group, dtype)
+    packed, qp = quantize_int4(w, group)
+    kw, ks = cpu_kernel.pack_int4(packed, qp)
+    y = cpu_kernel.kernel().int4_linear(x, kw, ks, n, group)  # [M, N]
+    ref = cpu_kernel.reference_int4(x, packed, qp)
+    assert y.shape == (m, n) and y.dtype == dtype
+    wq = dequantize_int4(packed, qp)  # [N, K] the stored weights
+    assert _within(y, ref, x, wq, 1e-5 if dtype == torch.float32 else 8e-3)
+    sm = cpu_kernel.int4_scales(qp)  # (scale, min) as the kernel holds them
+    wk = dequantize_int4(packed, torch.stack([sm[..., 0], sm[..., 1] + 8 * sm[..., 0]], -1))
+    exact = x.double() @ wk.double().T
+    vs = dequantize_int4(packed, torch.stack([sm[..., 0], torch.zeros_like(sm[..., 0])], -1))
+    assert bool(((ref - exact).abs() <= _activation_bound(x, vs)).all())
+    assert _within(exact, x.double() @ wq.double().T, x, wq, 1e-3)
+
+
+@given(seed=st.integers(0, 2**16), m=st.integers(1, 8), n=st.integers(1, 70),
+       blocks=st.integers(1, 6), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+@PROPERTY
+def test_int8_kernel_equals_its_reference(seed, m, n, blocks, dtype):
+    """int8 per row: the kernel within 1e-5 / 8e-3 of its reference, which is within the
+    activation's rounding of x @ dequantize(w).T."""
+    w, x = _case(seed, m, n, blocks * 32, dtype)
+    q, scale = quantize_int8(w)
+    kw, ks = cpu_kernel.pack_int8(q, scale)
+    y = cpu_kernel.kernel().int8_linear(x, kw, ks, n)  # [M, N]
+    ref = cpu_kernel.reference_int8(x, q, scale)
+    assert y.shape == (m, n) and y.dtype == dtype
+    wq = dequantize_int8(q, scale)  # [N, K]
+    assert _within(y, ref, x, wq, 1e-5 if dtype == torch.float32 else 8e-3)
+    exact = x.double() @ wq.double().T
+    assert bool(((ref - exact).abs() <= _activation_bound(x, wq)).all())
+
+
+@pytest.mark.parametrize("m", [9, 19])
+def test_rows_beyond_eight_run_in_chunks(m):
+    """More than 8 rows: chunks of 8 over the same tiles, each row as if alone."""
+    w, x = _case(m, m, 45, 96, torch.float32)
+    packed, qp = quantize_int4(w, 32)
+    kw, ks = cpu_kernel.pack_int4(packed, qp)
+    y = cpu_kernel.kernel().int4_linear(x, kw, ks, 45, 32)
+    assert rel_err(y, cpu_kernel.reference_int4(x, packed, qp)) <= 1e-5
+    one = cpu_kernel.kernel().int4_linear(x[m - 1:].contiguous(), kw, ks, 45, 32)
+    assert rel_err(y[m - 1:], one) <= 1e-6
+    q, scale = quantize_int8(w)
+    kw8, ks8 = cpu_kernel.pack_int8(q, scale)
+    y8 = cpu_kernel.kernel().int8_linear(x, kw8, ks8, 45)
+    assert rel_err(y8, cpu_kernel.reference_int8(x, q, scale)) <= 1e-5
+
+
+def test_scales_fp16_can_not_hold_stay_fp32():
+    """Scales below fp16's normal range are packed as fp32 (no precision lost); GGUF-like ones
+    as fp16; a zero row gives zeros."""
+    w, x = _case(1, 3, 40, 64, torch.float32)
+    packed, qp = quantize_int4(w, 32)
+    assert cpu_kernel.pack_int4(packed, qp)[1].dtype == torch.float16
+    tiny = qp * 1e-6
+    kw, ks = cpu_kernel.pack_int4(packed, tiny)
+    assert ks.dtype == torch.float32
+    y = cpu_kernel.kernel().int4_linear(x, kw, ks, 40, 32)
+    assert rel_err(y, cpu_kernel.reference_int4(x, packed, tiny)) <= 1e-5
+    zero = torch.zeros_like(qp)
+    kw, ks = cpu_kernel.pack_int4(torch.zeros_like(packed), zero)
+    assert torch.equal(cpu_kernel.kernel().int4_linear(x, kw, ks, 40, 32), torch.zeros(3, 40))
+
+
+def test_zero_activation_rows_and_mismatched_packs():
+    """An all-zero row (block max 0) gives zeros; a pack that does not match x is a clear
+    error, not a read past its end."""
+    w, _ = _case(2, 1, 20, 64, torch.float32)
+    q, scale = quantize_int8(w)
+    kw, ks = cpu_kernel.pack_int8(q, scale)
+    x = torch.zeros(2, 64)
+    assert torch.equal(cpu_kernel.kernel().int8_linear(x, kw, ks, 20), torch.zeros(2, 20))
+    with pytest.raises(RuntimeError, match="does not match"):
+        cpu_kernel.kernel().int8_linear(torch.zeros(1, 96), kw, ks, 20)
+    with pytest.raises(RuntimeError, match="does not match"):
+        cpu_kernel.kernel().int8_linear(x, kw, ks, 40)
