@@ -124,7 +124,10 @@ def speed(args, dirs: dict[str, Path], gguf: Path) -> tuple[dict, dict, list[str
 def quality(dirs: dict[str, Path], tokens: dict[str, list[list[int]]], threads: int) -> list[str]:
     from shardserve_sharding.checkpoint.io import load_model, load_tokenizer
     from shardserve_sharding.checkpoint.manifest import read_manifest
+    from shardserve_sharding.quant import cpu_kernel
+    from shardserve_sharding.quant import kernels as qk
 
+    kernel_max_rows = qk.KERNEL_MAX_ROWS
     torch.set_num_threads(threads)
     tok = load_tokenizer(dirs["bf16"], read_manifest(dirs["bf16"]))
     ids = torch.tensor([tok.encode(TEXT.read_text())])  # [1, T]
@@ -135,8 +138,14 @@ def quality(dirs: dict[str, Path], tokens: dict[str, list[list[int]]], threads: 
             "mean common prefix | teacher-forced top-1 agreement |",
             "|---|---|---|---|---|---|---|"]
     ppl_bf16 = None
-    for variant, dtype in (("bf16", torch.float32), *((v, torch.bfloat16) for v in dirs)):
+    runs = [("bf16", torch.float32, False), *((v, torch.bfloat16, False) for v in dirs)]
+    if cpu_kernel.kernel() is not None:  # every row through the decode kernel (int8 activations)
+        runs += [(v, torch.bfloat16, True) for v in dirs if v != "bf16"]
+    for variant, dtype, forced in runs:
         name = "fp32 (the GGUF's Q4_1/Q8_0 values)" if dtype == torch.float32 else variant
+        if forced:
+            name += ", every row in the decode kernel"
+        qk.KERNEL_MAX_ROWS = 1 << 30 if forced else kernel_max_rows
         model = load_model(dirs[variant], dtype=dtype).model
         logits = model(ids, pos)[0, :-1].float()  # [T - 1, V]
         ppl = math.exp(float(F.cross_entropy(logits, ids[0, 1:])))
@@ -152,14 +161,16 @@ def quality(dirs: dict[str, Path], tokens: dict[str, list[list[int]]], threads: 
                 hits += int((pred == torch.tensor(cont)).sum())
                 total += len(cont)
             agree = f"{hits / total:.3f}"
-            if variant in tokens:
+            if variant in tokens and not forced:
                 n_same, pre = bd._compare(tokens[variant], ref_tokens)
                 same, prefix = f"{n_same}/{len(ref_tokens)}", f"{pre:.1f}"
         rel = "-" if ppl_bf16 is None or dtype == torch.float32 else f"{ppl / ppl_bf16 - 1:+.2%}"
-        act = "fp32" if dtype == torch.float32 else "bf16"
+        act = ("fp32" if dtype == torch.float32 else
+               "bf16, int8 per 32 columns in the kernel" if forced else "bf16")
         rows.append(f"| {name} | {act} | {ppl:.3f} | {rel} | {same} | {prefix} | {agree} |")
         print(rows[-1], file=sys.stderr, flush=True)
         del model
+    qk.KERNEL_MAX_ROWS = kernel_max_rows
     return rows + ["", f"Text: {TEXT.relative_to(TEXT.parents[2])}, {ids.shape[1]} tokens. "
                    "Greedy: the batch-32 speed run's 32 prompts x the run's new tokens."]
 

@@ -38,11 +38,12 @@ def _within(y: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, w: torch.Tensor
 
 
 def _activation_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """[M, N]: sum over columns of |w| * da / 2, the most the int8 activation can move y when
-    the integer dot products run over w [N, K] (int8: the weight; int4: v * scale)."""
-    _, da, _ = cpu_kernel.quantize_activation(x)  # [M, K/32]
-    half_step = (da / 2).repeat_interleave(cpu_kernel.BLOCK, dim=1)  # [M, K]
-    return half_step @ w.double().abs().T * (1 + 1e-9) + 1e-12
+    """[M, N]: sum over columns of |w| * step, the most the two-digit int8 activation (error
+    at most one step per column) can move y when the integer dot products run over w [N, K]
+    (int8: the weight; int4: v * scale)."""
+    _, step, _ = cpu_kernel.quantize_activation(x)  # [M, K/32]
+    per_col = step.repeat_interleave(cpu_kernel.BLOCK, dim=1)  # [M, K]
+    return per_col @ w.double().abs().T * (1 + 1e-6) + 1e-12
 
 
 def _case(seed: int, m: int, n: int, k: int, dtype: torch.dtype):

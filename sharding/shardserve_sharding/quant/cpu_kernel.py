@@ -66,10 +66,12 @@ bool available() {
 #endif
 }
 
-// x [M, K] -> a int8 [M, K], per 32-column block: da = max|x| / 127, sx = sum x (fp32),
-// sa = sum a. K is a multiple of 32.
+// x [M, K] -> per 32-column block (K a multiple of 32) two int8 digits a [M, K/32, 2, 32]:
+// x ~= step * (256 a1 + a2) with step = max|x| / 127 / 256, a1 = round(x / (256 step)), a2 =
+// round((x - 256 step a1) / step) (clamped to +-127); ds = step, sx = sum x (fp32), sa = 256
+// sum a1 + sum a2.
 template <typename T>
-static void quantize_rows(const T* x, int64_t M, int64_t K, int8_t* a, float* da, float* sx,
+static void quantize_rows(const T* x, int64_t M, int64_t K, int8_t* a, float* ds, float* sx,
                           int32_t* sa) {
   const int64_t KB = K / 32;
   for (int64_t m = 0; m < M; ++m) {
@@ -80,16 +82,23 @@ static void quantize_rows(const T* x, int64_t M, int64_t K, int8_t* a, float* da
         amax = std::fabs(v[i]) > amax ? std::fabs(v[i]) : amax;
         s += v[i];
       }
-      const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      int32_t isum = 0;
+      const float d1 = amax / 127.f, inv1 = amax > 0.f ? 127.f / amax : 0.f;
+      const float inv2 = amax > 0.f ? 32512.f / amax : 0.f;
+      int8_t* ab = a + (m * KB + kb) * 64;
+      int32_t s1 = 0, s2 = 0;
       for (int i = 0; i < 32; ++i) {
-        const int q = static_cast<int>(std::nearbyint(v[i] * inv));
-        a[m * K + kb * 32 + i] = static_cast<int8_t>(q);
-        isum += q;
+        const float q1 = std::nearbyint(v[i] * inv1);
+        const float r = v[i] - q1 * d1;
+        float q2 = std::nearbyint(r * inv2);
+        q2 = q2 > 127.f ? 127.f : (q2 < -127.f ? -127.f : q2);
+        ab[i] = static_cast<int8_t>(q1);
+        ab[32 + i] = static_cast<int8_t>(q2);
+        s1 += static_cast<int32_t>(q1);
+        s2 += static_cast<int32_t>(q2);
       }
-      da[m * KB + kb] = amax / 127.f;
+      ds[m * KB + kb] = d1 / 256.f;
       sx[m * KB + kb] = s;
-      sa[m * KB + kb] = isum;
+      sa[m * KB + kb] = 256 * s1 + s2;
     }
   }
 }
@@ -128,9 +137,15 @@ static inline void int4_tile(const uint8_t* w, const S* sc, const int8_t* a, con
       wv[2 * t + 1] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), lo);
     }
     for (int m = 0; m < MC; ++m) {
-      const int32_t* ap = reinterpret_cast<const int32_t*>(a + m * K + kb * 32);
-      __m512i d = _mm512_set1_epi32(-8 * sa[m * KB + kb]);  // dot(q, a) - 8 sum(a) = dot(v, a)
-      for (int c = 0; c < 8; ++c) d = _mm512_dpbusd_epi32(d, wv[c], _mm512_set1_epi32(ap[c]));
+      const int32_t* ap = reinterpret_cast<const int32_t*>(a + (m * KB + kb) * 64);
+      __m512i d1 = _mm512_setzero_si512();
+      // dot(q, 256 a1 + a2) - 8 (256 sum a1 + sum a2) = dot(v, 256 a1 + a2)
+      __m512i d = _mm512_set1_epi32(-8 * sa[m * KB + kb]);
+      for (int c = 0; c < 8; ++c) {
+        d1 = _mm512_dpbusd_epi32(d1, wv[c], _mm512_set1_epi32(ap[c]));
+        d = _mm512_dpbusd_epi32(d, wv[c], _mm512_set1_epi32(ap[8 + c]));
+      }
+      d = _mm512_add_epi32(d, _mm512_slli_epi32(d1, 8));
       acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d),
                                _mm512_mul_ps(s, _mm512_set1_ps(da[m * KB + kb])), acc[m]);
       acc[m] = _mm512_fmadd_ps(off, _mm512_set1_ps(sx[m * KB + kb]), acc[m]);
@@ -155,9 +170,15 @@ static inline void int8_tile(const uint8_t* w, const float* rs, const int8_t* a,
     __m512i wv[8];
     for (int c = 0; c < 8; ++c) wv[c] = _mm512_loadu_si512(w + kb * 512 + c * 64);
     for (int m = 0; m < MC; ++m) {
-      const int32_t* ap = reinterpret_cast<const int32_t*>(a + m * K + kb * 32);
+      const int32_t* ap = reinterpret_cast<const int32_t*>(a + (m * KB + kb) * 64);
+      __m512i d1 = _mm512_setzero_si512();
+      // dot(q + 128, 256 a1 + a2) - 128 (256 sum a1 + sum a2) = dot(q, 256 a1 + a2)
       __m512i d = _mm512_set1_epi32(-128 * sa[m * KB + kb]);
-      for (int c = 0; c < 8; ++c) d = _mm512_dpbusd_epi32(d, wv[c], _mm512_set1_epi32(ap[c]));
+      for (int c = 0; c < 8; ++c) {
+        d1 = _mm512_dpbusd_epi32(d1, wv[c], _mm512_set1_epi32(ap[c]));
+        d = _mm512_dpbusd_epi32(d, wv[c], _mm512_set1_epi32(ap[8 + c]));
+      }
+      d = _mm512_add_epi32(d, _mm512_slli_epi32(d1, 8));
       acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(da[m * KB + kb]), acc[m]);
     }
   }
@@ -205,7 +226,7 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor sc, in
               N > NT * 16 - 16, "int4 pack does not match x");
   auto out = torch::empty({M, N}, x.options());
   if (M == 0) return out;
-  std::vector<int8_t> a(M * K);
+  std::vector<int8_t> a(2 * M * K);
   std::vector<float> da(M * (K / 32)), sx(M * (K / 32));
   std::vector<int32_t> sa(M * (K / 32));
 #ifdef QK_AVX512
@@ -218,7 +239,7 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor sc, in
     auto run = [&](auto* sp) {
       at::parallel_for(0, NT, grain_tiles(K), [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
-          QK_CHUNKS(M, (int4_tile<MC>(wp + t * KB * 256, sp + t * NG * 32, a.data() + m0 * K,
+          QK_CHUNKS(M, (int4_tile<MC>(wp + t * KB * 256, sp + t * NG * 32, a.data() + m0 * 2 * K,
                                       da.data() + m0 * KB, sx.data() + m0 * KB, sa.data() + m0 * KB,
                                       op + m0 * N,
                                       K, G, N, t * 16)));
@@ -244,7 +265,7 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor rs, in
               N > NT * 16 - 16, "int8 pack does not match x");
   auto out = torch::empty({M, N}, x.options());
   if (M == 0) return out;
-  std::vector<int8_t> a(M * K);
+  std::vector<int8_t> a(2 * M * K);
   std::vector<float> da(M * (K / 32)), sx(M * (K / 32));
   std::vector<int32_t> sa(M * (K / 32));
 #ifdef QK_AVX512
@@ -257,7 +278,7 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor rs, in
     const int64_t KB = K / 32;
     at::parallel_for(0, NT, grain_tiles(K), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        QK_CHUNKS(M, (int8_tile<MC>(wp + t * KB * 512, rp + t * 16, a.data() + m0 * K,
+        QK_CHUNKS(M, (int8_tile<MC>(wp + t * KB * 512, rp + t * 16, a.data() + m0 * 2 * K,
                                     da.data() + m0 * KB, sa.data() + m0 * KB, op + m0 * N, K,
                                     N, t * 16)));
       }
@@ -336,13 +357,17 @@ def pack_int8(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (a [M, K/32, 32] integers in [-127, 127] as float64, da [M, K/32], sx
-    [M, K/32] float64) as the kernel computes them (float32 arithmetic, ties to even)."""
+    """x [M, K] -> (c [M, K/32, 32] = 256 a1 + a2 as float64, step [M, K/32], sx [M, K/32]
+    float64) as the kernel computes them (float32 arithmetic, ties to even): x ~= step * c."""
     xb = x.float().reshape(x.shape[0], -1, BLOCK)  # [M, K/32, 32]
-    amax = xb.abs().amax(dim=-1)  # [M, K/32]
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
-    a = torch.round(xb * inv[..., None])
-    return a.double(), (amax / 127.0).double(), xb.double().sum(dim=-1)
+    amax = xb.abs().amax(dim=-1, keepdim=True)  # [M, K/32, 1]
+    d1 = amax / 127.0
+    zero = torch.zeros_like(amax)
+    a1 = torch.round(xb * torch.where(amax > 0, 127.0 / amax, zero))
+    r = (xb.double() - a1.double() * d1.double()).float()  # one rounding, as the kernel's fma
+    a2 = torch.round(r * torch.where(amax > 0, 32512.0 / amax, zero)).clamp_(-127, 127)
+    c = a1.double() * 256 + a2.double()
+    return c, (d1 / 256.0).double()[..., 0], xb.double().sum(dim=-1)
 
 
 def reference_int4(x: torch.Tensor, packed: torch.Tensor, qparams: torch.Tensor) -> torch.Tensor:
@@ -355,16 +380,16 @@ def reference_int4(x: torch.Tensor, packed: torch.Tensor, qparams: torch.Tensor)
     mn = sm[..., 1].repeat_interleave(bpg, dim=1)
     u = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(n, k)
     v = ((u ^ 8).double() - 8).view(n, -1, BLOCK)  # [N, K/32, 32] v = q - 8
-    a, da, sx = quantize_activation(x)
-    dot = torch.einsum("mbi,nbi->mnb", a, v)  # [M, N, K/32]
+    c, step, sx = quantize_activation(x)
+    dot = torch.einsum("mbi,nbi->mnb", c, v)  # [M, N, K/32]
     off = (mn + 8 * scale)[None]  # [1, N, K/32]
-    return (dot * da[:, None, :] * scale[None] + sx[:, None, :] * off).sum(dim=-1)
+    return (dot * step[:, None, :] * scale[None] + sx[:, None, :] * off).sum(dim=-1)
 
 
 def reference_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The int8 kernel's result in plain torch: x [M, K], stored q [N, K] and scale [N] ->
     [M, N] float64."""
-    a, da, _ = quantize_activation(x)
+    c, step, _ = quantize_activation(x)
     qb = q.double().view(q.shape[0], -1, BLOCK)  # [N, K/32, 32]
-    dot = torch.einsum("mbi,nbi->mnb", a, qb)  # [M, N, K/32]
-    return (dot * da[:, None, :]).sum(dim=-1) * scale.double()[None]
+    dot = torch.einsum("mbi,nbi->mnb", c, qb)  # [M, N, K/32]
+    return (dot * step[:, None, :]).sum(dim=-1) * scale.double()[None]
