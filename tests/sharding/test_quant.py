@@ -144,7 +144,10 @@ def test_reshard_quantize_at_tp3_then_back_equals_quantize_at_tp1(float_dir, tmp
 
 def test_quantized_tp3_generates_the_same_greedy_tokens_as_tp1(float_dir, tmp_path):
     """int4 g32 at TP=3 (threads, one rank file each) and TP=1: the same greedy tokens, by
-    the kernels (one row per step) and the dense path (the prompt), logits within 1e-5."""
+    the kernels (one row per step) and the dense path (the prompt), logits within 1e-5 with
+    torch's kernels, 2e-4 with ours (cpu_kernel.py): its activation rounding is a step
+    function, so where the ranks' sums differ in the last bit a column can move by one step
+    (1/32512 of its 32-column block's max), and 12 steps of a random model amplify that."""
     tp1 = reshard(float_dir, tmp_path / "q1", tp=1, quantize="int4", group_size=32).dst
     tp3 = reshard(float_dir, tmp_path / "q3", tp=3, quantize="int4", group_size=32).dst
     prompt = [3, 17, 40, 5, 9, 22, 1, 0]
@@ -167,10 +170,11 @@ def test_quantized_tp3_generates_the_same_greedy_tokens_as_tp1(float_dir, tmp_pa
         return ids[len(prompt):], torch.stack(logits)
 
     ref_ids, ref_logits = run_ranks(1, greedy, tp1)[0]
+    tol = 1e-5 if cpu_kernel.kernel() is None else 2e-4
     for directory in (tp1, tp3):
         for ids, logits in run_ranks(3, greedy, directory):
             assert ids == ref_ids
-            assert rel_err(logits, ref_logits) <= 1e-5
+            assert rel_err(logits, ref_logits) <= tol
     assert len(set(ref_ids)) > 1  # not a degenerate repeat
 
 
