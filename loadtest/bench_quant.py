@@ -51,10 +51,14 @@ NOTES = [
     "two blocks' ranges (about 8-9% weight error here, hence its perplexity).",
     "- The embedding / lm_head (tied) is int8 per vocabulary row in every quantized variant: "
     "one copy serves the lookup and the output GEMM.",
-    "- Kernels: torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` for fewer than "
-    "6 rows, a dequantized bf16 copy from 6 rows up (quant/kernels.py), so batch 32 runs "
+    "- Kernels: where AVX512-VNNI is there, our C++ kernel (quant/cpu_kernel.py) for at most "
+    "8 rows, else torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` for fewer than "
+    "6 rows; a dequantized bf16 copy above that (quant/kernels.py), so batch 32 runs "
     "the same bf16 GEMMs as the float model; loadtest/results/quant_kernels.md has the "
-    "per-shape timings and torchao's (0.18: int8 only on CPU, slower than the aten op).",
+    "per-shape timings and torchao's (0.18: int8 only on CPU, slower than the aten op). "
+    "Perplexity and top-1 agreement run whole sequences (the dense copy); the rows 'every "
+    "row in the decode kernel' run them through our kernel instead, as decode steps do "
+    "(its activation is two int8 digits per 32 columns).",
     "- Which rates to compare: on a quiet machine, the wall rates; where other processes "
     "share the cores, the per-CPU-second rates of 1-thread engines (--threads 1).",
 ]

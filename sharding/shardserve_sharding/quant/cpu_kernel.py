@@ -213,18 +213,20 @@ static int64_t grain_tiles(int64_t K) {
   return g < 1 ? 1 : g;
 }
 
-// x [M, K] (float, bf16 or half); w [NT, K/32, 4, 16, 4] uint8; sc [NT, K/G, 2, 16] (half or
-// float) -> [M, N] in x's dtype.
+// x [..., K] (M rows; float, bf16 or half); w [NT, K/32, 4, 16, 4] uint8; sc [NT, K/G, 2, 16]
+// (half or float) -> [..., N] in x's dtype.
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor sc, int64_t N,
                           int64_t G) {
   TORCH_CHECK(available(), "built without AVX512-VNNI");
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.is_contiguous() && sc.is_contiguous(),
-              "contiguous x [M, K] expected");
-  const int64_t M = x.size(0), K = x.size(1), NT = w.size(0);
+  TORCH_CHECK(x.dim() >= 1 && x.is_contiguous() && w.is_contiguous() && sc.is_contiguous(),
+              "contiguous x [..., K] expected");
+  const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, NT = w.size(0);
   TORCH_CHECK(G % 32 == 0 && K % G == 0 && w.scalar_type() == at::kByte &&
               w.numel() == NT * K * 8 && sc.numel() == NT * (K / G) * 32 && NT * 16 >= N &&
               N > NT * 16 - 16, "int4 pack does not match x");
-  auto out = torch::empty({M, N}, x.options());
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  auto out = torch::empty(shape, x.options());
   if (M == 0) return out;
   std::vector<int8_t> a(2 * M * K);
   std::vector<float> da(M * (K / 32)), sx(M * (K / 32));
@@ -254,16 +256,19 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor sc, in
   return out;
 }
 
-// x [M, K]; w [NT, K/32, 8, 16, 4] uint8 (q + 128); rs [NT * 16] float -> [M, N] in x's dtype.
+// x [..., K] (M rows); w [NT, K/32, 8, 16, 4] uint8 (q + 128); rs [NT * 16] float -> [..., N]
+// in x's dtype.
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor rs, int64_t N) {
   TORCH_CHECK(available(), "built without AVX512-VNNI");
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.is_contiguous() && rs.is_contiguous(),
-              "contiguous x [M, K] expected");
-  const int64_t M = x.size(0), K = x.size(1), NT = w.size(0);
+  TORCH_CHECK(x.dim() >= 1 && x.is_contiguous() && w.is_contiguous() && rs.is_contiguous(),
+              "contiguous x [..., K] expected");
+  const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, NT = w.size(0);
   TORCH_CHECK(K % 32 == 0 && w.scalar_type() == at::kByte && w.numel() == NT * K * 16 &&
               rs.scalar_type() == at::kFloat && rs.numel() == NT * 16 && NT * 16 >= N &&
               N > NT * 16 - 16, "int8 pack does not match x");
-  auto out = torch::empty({M, N}, x.options());
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  auto out = torch::empty(shape, x.options());
   if (M == 0) return out;
   std::vector<int8_t> a(2 * M * K);
   std::vector<float> da(M * (K / 32)), sx(M * (K / 32));

@@ -3,8 +3,10 @@ CPU weight-only kernels.
 
 Where quant/cpu_kernel.py is built (a CPU with AVX512-VNNI; SHARDSERVE_QUANT_KERNEL=0 turns it
 off), calls of at most KERNEL_MAX_ROWS rows (decode) run there over a copy of the weight
-repacked once at load (never stored; the checkpoint keeps its bytes), with the activation
-quantized to int8 per 32 columns as llama.cpp does. Otherwise (AVX2-only CPUs, no compiler):
+repacked once at load (never stored; the checkpoint keeps its bytes), with integer dot
+products over the activation split per 32 columns into two int8 digits (llama.cpp's Q8_1 idea,
+one digit more: the result is as exact as fp32 math up to the output's rounding). Otherwise
+(AVX2-only CPUs, no compiler), and for few rows where the dense copy is off:
 - int8: `torch.ops.aten._weight_int8pack_mm(x [M, K], q int8 [N, K], scale [N])`, the op
   gpt-fast's WeightOnlyInt8Linear lowers to on CPU;
 - int4: `torch.ops.aten._weight_int4pack_mm_for_cpu(x [M, K], packed, group, qparams
@@ -50,16 +52,24 @@ weights streamed from memory, kernel time / bf16 F.linear time: int8 0.37-0.60 a
 
 KERNEL_MAX_ROWS = int(os.environ.get("SHARDSERVE_QUANT_KERNEL_MAX_ROWS", "8"))
 """Calls of at most this many rows run in quant/cpu_kernel.py where it is built; more rows take
-the dense copy (or, with DENSE_MIN_ROWS=0, the kernel in chunks of 8 rows)."""
+the dense copy (or, with DENSE_MIN_ROWS=0, the kernel in chunks of 8 rows). Measured on one
+Xeon core with AMX (thread CPU time, SmolLM2's four layer shapes, shared machine): the kernel
+beats bf16 F.linear at every shape up to 16 rows with one int8 digit per activation
+(results/quant_kernels.md); the second digit costs ~45% more at 8 rows (compute-bound there,
+memory-bound at 1 row), so 8 rows keep a margin and 16 would not."""
 
 
 def _use_dense(x2: torch.Tensor) -> bool:
     return DENSE_MIN_ROWS > 0 and x2.shape[0] >= DENSE_MIN_ROWS
 
 
-def _use_kernel(owner: nn.Module, x2: torch.Tensor) -> bool:
-    """Whether owner's kernel copy serves x2 [M, K]: built, and few rows (or no dense copy)."""
-    return "_kw" in owner.__dict__ and (x2.shape[0] <= KERNEL_MAX_ROWS or DENSE_MIN_ROWS <= 0)
+def _kernel_rows(owner: nn.Module, x: torch.Tensor) -> int:
+    """The row count M of x [..., K] where owner's kernel copy serves it (built, and few rows,
+    or no dense copy), else 0. Kept cheap: it runs once per linear layer per decode step."""
+    if "_kfn" not in owner.__dict__ or x.shape[-1] == 0:
+        return 0
+    rows = x.numel() // x.shape[-1]
+    return rows if (rows <= KERNEL_MAX_ROWS or DENSE_MIN_ROWS <= 0) else 0
 
 
 def _dense(owner: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -78,22 +88,23 @@ class Int8Weight(nn.Module):
         super().__init__()
         self.register_buffer("q", q.contiguous())  # [N, K] int8
         self.register_buffer("scale", scale.to(dtype).contiguous())  # [N]
+        self._n = q.shape[0]
         mod = cpu_kernel.kernel()
         if mod is not None and q.shape[1] % cpu_kernel.BLOCK == 0:
             # the kernel's copy: q + 128 in 16-row tiles, fp32 row scales (not buffers: never
             # saved, never cast by .to())
             self.__dict__["_kw"], self.__dict__["_ks"] = cpu_kernel.pack_int8(q, scale)
+            self.__dict__["_kfn"] = mod.int8_linear
 
     @property
     def out_features(self) -> int:
         return self.q.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _kernel_rows(self, x):
+            return self._kfn(x if x.is_contiguous() else x.contiguous(), self._kw, self._ks,
+                             self._n)  # [..., N]
         x2 = x.reshape(-1, x.shape[-1])  # [M, K]
-        if _use_kernel(self, x2):
-            y = cpu_kernel.kernel().int8_linear(x2.contiguous(), self._kw, self._ks,
-                                                self.out_features)  # [M, N]
-            return y.view(*x.shape[:-1], -1)
         if _use_dense(x2):
             return cpu_linear(self, x, _dense(self, x.dtype), None)  # [..., N]
         if x2.dtype != self.scale.dtype:
@@ -132,6 +143,7 @@ class Int4Weight(nn.Module):
             # buffers: never saved, never cast by .to()); torch's packing is then made only if
             # some call needs it (the `packed` property)
             self.__dict__["_kw"], self.__dict__["_ks"] = cpu_kernel.pack_int4(packed, qparams)
+            self.__dict__["_kfn"] = mod.int4_linear
             self.__dict__["_stored"] = packed
         else:
             self.register_buffer("_torch_packed", self._torch_pack(packed, pad))
@@ -160,11 +172,10 @@ class Int4Weight(nn.Module):
         return self._n
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _kernel_rows(self, x):
+            return self._kfn(x if x.is_contiguous() else x.contiguous(), self._kw, self._ks,
+                             self._n, self.group_size)  # [..., N]
         x2 = x.reshape(-1, x.shape[-1])  # [M, K]
-        if _use_kernel(self, x2):
-            y = cpu_kernel.kernel().int4_linear(x2.contiguous(), self._kw, self._ks, self._n,
-                                                self.group_size)  # [M, N]
-            return y.view(*x.shape[:-1], self._n)
         if _use_dense(x2):
             return cpu_linear(self, x, _dense(self, x.dtype), None)  # [..., N]
         if x2.dtype != self.qparams.dtype:
