@@ -110,6 +110,10 @@ static inline void store_tile(const float* acc, T* out, int64_t n0, int64_t N) {
 }
 
 #ifdef QK_AVX512
+// Bytes of weight prefetched ahead of the loads (a hint: past the end of a buffer it is
+// harmless). Measured over SmolLM2's int4 layers + int8 lm_head, one row, one thread: 3.73 ms
+// -> 3.22 ms a forward (1024: 3.41, 4096/8192 as 2048); no change at 8 rows.
+#define QK_AHEAD 2048
 static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 static inline __m512 load16(const at::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -132,6 +136,7 @@ static inline void int4_tile(const uint8_t* w, const S* sc, const int8_t* a, con
     const __m512 off = _mm512_fmadd_ps(_mm512_set1_ps(8.f), s, load16(sp + 16));  // min + 8 s
     __m512i wv[8];
     for (int t = 0; t < 4; ++t) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + kb * 256 + t * 64 + QK_AHEAD), _MM_HINT_T0);
       const __m512i raw = _mm512_loadu_si512(w + kb * 256 + t * 64);
       wv[2 * t] = _mm512_and_si512(raw, lo);
       wv[2 * t + 1] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), lo);
@@ -168,7 +173,10 @@ static inline void int8_tile(const uint8_t* w, const float* rs, const int8_t* a,
   for (int m = 0; m < MC; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t kb = 0; kb < KB; ++kb) {
     __m512i wv[8];
-    for (int c = 0; c < 8; ++c) wv[c] = _mm512_loadu_si512(w + kb * 512 + c * 64);
+    for (int c = 0; c < 8; ++c) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + kb * 512 + c * 64 + QK_AHEAD), _MM_HINT_T0);
+      wv[c] = _mm512_loadu_si512(w + kb * 512 + c * 64);
+    }
     for (int m = 0; m < MC; ++m) {
       const int32_t* ap = reinterpret_cast<const int32_t*>(a + (m * KB + kb) * 64);
       __m512i d1 = _mm512_setzero_si512();
