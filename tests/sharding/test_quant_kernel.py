@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from tp_cases import rel_err
 
 from shardserve_sharding.quant import cpu_kernel
+from shardserve_sharding.quant.kernels import Int4Weight, Int8Weight
 from shardserve_sharding.quant.scheme import (
     INT4_GROUP_SIZES,
     dequantize_int4,
@@ -139,3 +140,27 @@ def test_zero_activation_rows_and_mismatched_packs():
         cpu_kernel.kernel().int8_linear(torch.zeros(1, 96), kw, ks, 20)
     with pytest.raises(RuntimeError, match="does not match"):
         cpu_kernel.kernel().int8_linear(x, kw, ks, 40)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_modules_route_few_rows_of_any_layout_to_the_kernel(dtype):
+    """Int8Weight / Int4Weight: [B, T, K] inputs, strided ones and an empty batch take the
+    kernel and equal its reference; many rows take the dense copy (x @ dequantize(w).T)."""
+    w, _ = _case(3, 1, 37, 96, torch.float32)
+    x = (torch.randn(3, 2, 96, generator=torch.Generator().manual_seed(4)) * 2).to(dtype)
+    strided = torch.randn(96, 2, generator=torch.Generator().manual_seed(5)).to(dtype).T
+    tol = 1e-5 if dtype == torch.float32 else 8e-3
+    q, scale = quantize_int8(w)
+    packed, qp = quantize_int4(w, 32)
+    i8, i4 = Int8Weight(q, scale, dtype), Int4Weight(packed, qp, dtype)
+    refs = {i8: lambda a: cpu_kernel.reference_int8(a, q, scale),
+            i4: lambda a: cpu_kernel.reference_int4(a, packed, qp)}
+    for mod, ref in refs.items():
+        y = mod(x)  # 6 rows: the kernel
+        assert y.shape == (3, 2, 37) and y.dtype == dtype
+        assert _within(y.reshape(6, 37), ref(x.reshape(6, 96)), x.reshape(6, 96), w, tol)
+        assert _within(mod(strided), ref(strided.contiguous()), strided, w, tol)
+        assert mod(x[:0]).shape == (0, 2, 37)
+        many = x.reshape(6, 96).repeat(2, 1)  # 12 rows: the dense copy
+        dense = many.float() @ mod.dequantize().to(dtype).float().T
+        assert rel_err(mod(many), dense) <= (1e-5 if dtype == torch.float32 else 2e-2)

@@ -229,7 +229,7 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor sc, in
   TORCH_CHECK(x.dim() >= 1 && x.is_contiguous() && w.is_contiguous() && sc.is_contiguous(),
               "contiguous x [..., K] expected");
   const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, NT = w.size(0);
-  TORCH_CHECK(G % 32 == 0 && K % G == 0 && w.scalar_type() == at::kByte &&
+  TORCH_CHECK(G > 0 && G % 32 == 0 && K > 0 && K % G == 0 && w.scalar_type() == at::kByte &&
               w.numel() == NT * K * 8 && sc.numel() == NT * (K / G) * 32 && NT * 16 >= N &&
               N > NT * 16 - 16, "int4 pack does not match x");
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -271,7 +271,7 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor rs, in
   TORCH_CHECK(x.dim() >= 1 && x.is_contiguous() && w.is_contiguous() && rs.is_contiguous(),
               "contiguous x [..., K] expected");
   const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, NT = w.size(0);
-  TORCH_CHECK(K % 32 == 0 && w.scalar_type() == at::kByte && w.numel() == NT * K * 16 &&
+  TORCH_CHECK(K > 0 && K % 32 == 0 && w.scalar_type() == at::kByte && w.numel() == NT * K * 16 &&
               rs.scalar_type() == at::kFloat && rs.numel() == NT * 16 && NT * 16 >= N &&
               N > NT * 16 - 16, "int8 pack does not match x");
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());

@@ -63,13 +63,12 @@ def _use_dense(x2: torch.Tensor) -> bool:
     return DENSE_MIN_ROWS > 0 and x2.shape[0] >= DENSE_MIN_ROWS
 
 
-def _kernel_rows(owner: nn.Module, x: torch.Tensor) -> int:
-    """The row count M of x [..., K] where owner's kernel copy serves it (built, and few rows,
-    or no dense copy), else 0. Kept cheap: it runs once per linear layer per decode step."""
-    if "_kfn" not in owner.__dict__ or x.shape[-1] == 0:
-        return 0
-    rows = x.numel() // x.shape[-1]
-    return rows if (rows <= KERNEL_MAX_ROWS or DENSE_MIN_ROWS <= 0) else 0
+def _use_kernel(owner: nn.Module, x: torch.Tensor) -> bool:
+    """Whether owner's kernel copy serves x [..., K]: built, and few rows (an empty batch
+    too), or no dense copy. Kept cheap: it runs once per linear layer per decode step."""
+    if "_kfn" not in owner.__dict__:
+        return False
+    return DENSE_MIN_ROWS <= 0 or x.numel() <= KERNEL_MAX_ROWS * x.shape[-1]
 
 
 def _dense(owner: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -101,7 +100,7 @@ class Int8Weight(nn.Module):
         return self.q.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _kernel_rows(self, x):
+        if _use_kernel(self, x):
             return self._kfn(x if x.is_contiguous() else x.contiguous(), self._kw, self._ks,
                              self._n)  # [..., N]
         x2 = x.reshape(-1, x.shape[-1])  # [M, K]
@@ -172,7 +171,7 @@ class Int4Weight(nn.Module):
         return self._n
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _kernel_rows(self, x):
+        if _use_kernel(self, x):
             return self._kfn(x if x.is_contiguous() else x.contiguous(), self._kw, self._ks,
                              self._n, self.group_size)  # [..., N]
         x2 = x.reshape(-1, x.shape[-1])  # [M, K]
