@@ -109,8 +109,10 @@ async def measure(target: str, prompts: list[str], streams: list[int], seconds: 
     return out
 
 
-def predicted(costs_path: Path, cfg: tuple[str, str, int, int], streams: int,
+def predicted(costs: Path | object, cfg: tuple[str, str, int, int], streams: int,
               prompt_tokens: int, new_tokens: int) -> dict:
+    """The planner's tok/s, TTFT and ITL for one configuration; `costs` is a costs file or a
+    loaded MachineCosts (loadtest/replan.py re-predicts from a results file's stored costs)."""
     from shardserve_server.plan import costs as plan_costs
     from shardserve_server.plan.predict import LayoutChoice, Workload, predict, resolve_model
 
@@ -119,8 +121,9 @@ def predicted(costs_path: Path, cfg: tuple[str, str, int, int], streams: int,
     # the harness's closed-loop streams have equal lengths (EOS ignored): in phase
     work = Workload(streams=streams, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                     in_phase=True)
-    (p,) = predict(resolve_model("smollm2-135m"), plan_costs.load(costs_path), lay.devices,
-                   work, [lay])
+    if not isinstance(costs, plan_costs.MachineCosts):
+        costs = plan_costs.load(costs)
+    (p,) = predict(resolve_model("smollm2-135m"), costs, lay.devices, work, [lay])
     if not p.valid:
         raise SystemExit(f"{lay.name}: the planner calls it invalid: {p.why}")
     return {"tok_s": p.tok_s, "ttft_ms": p.ttft_ms, "itl_ms": p.itl_ms}
