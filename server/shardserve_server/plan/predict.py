@@ -34,13 +34,13 @@ Ranks on one host share its cores (a rank with fewer than one core gets a time s
 from __future__ import annotations
 
 import json
-import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from shardserve_sharding.models import NAMED_CONFIGS, CacheKind, config_from_dict
 
+from . import closed_loop
 from .costs import MachineCosts
 from .footprint import ACT_BYTES, DTYPE_BYTES, Footprint, footprint
 
@@ -254,15 +254,18 @@ def _one(fp: Footprint, model: ModelRef, costs: MachineCosts, lay: LayoutChoice,
                           kv_capacity_tokens=kv_tokens)
     threads = (costs.host_threads / lay.devices) if costs.host_threads else \
         float(max(costs.gemm_flops[lay.dtype]))  # a device's own compute
-    in_phase = work.in_phase and lay.replicas == 1
-    dec, dec_comm, ttft, _ = _replica(fp, costs, lay, threads, s, work, in_phase)
-    tok_s = 0.0
-    left = work.streams
-    for r in range(lay.replicas):  # streams spread as evenly as the balancer does
-        n = -(-left // (lay.replicas - r))
-        left -= n
-        if n:
-            tok_s += _replica(fp, costs, lay, threads, n, work, in_phase)[3]
+    dec, dec_comm, ttft, _ = _replica(fp, costs, lay, threads, s, work)
+    if work.in_phase and lay.replicas == 1:  # equal-length streams: replayed step by step
+        loop = _closed_loop(fp, costs, lay, threads, work)
+        ttft, dec, tok_s = loop.ttft_p50_s, loop.itl_p50_s, loop.tok_s
+    else:
+        tok_s = 0.0
+        left = work.streams
+        for r in range(lay.replicas):  # streams spread as evenly as the balancer does
+            n = -(-left // (lay.replicas - r))
+            left -= n
+            if n:
+                tok_s += _replica(fp, costs, lay, threads, n, work)[3]
     notes = []
     if lay.pp > 1:
         notes.append("shardserve serve runs pp=1: planned for reference")
@@ -280,55 +283,39 @@ def _one(fp: Footprint, model: ModelRef, costs: MachineCosts, lay: LayoutChoice,
 
 
 def _replica(fp: Footprint, costs: MachineCosts, lay: LayoutChoice, threads: float, n: int,
-             work: Workload, in_phase: bool) -> tuple[float, float, float, float]:
+             work: Workload) -> tuple[float, float, float, float]:
     """(decode step s, of which collectives, TTFT p50 s, tok/s) of a replica serving `n`
-    closed-loop streams of equal length.
-
-    In phase (Workload.in_phase, one replica): all `n` finish in one step and their next
-    requests arrive together (after the front end's share), are prefilled together in chunks
-    of max_prefill_tokens (a request's first token comes with its last chunk's step; rows
-    done with their prompt decode in the later chunks' steps), then decode together for
-    new_tokens - 1 steps.
-
-    Out of phase (requests arriving one at a time; always over several replicas, where the
-    front end hands each new request to the replica with the fewest outstanding tokens and so
-    splits the requests that finished together): a request arrives alone, waits for half the
-    step in flight, and is prefilled in one flat step with the other n - 1 rows' decodes; a
-    stream's period holds n such steps and new_tokens - n decode steps."""
+    closed-loop streams whose requests arrive one at a time: a request arrives alone, waits
+    for half the step in flight, and is prefilled in one flat step with the other n - 1 rows'
+    decodes; a stream's period holds n such steps and new_tokens - n decode steps."""
     p, g = work.prompt_tokens, work.new_tokens
     dec, dec_comm = _step_s(fp, costs, lay, threads, n, n, p + g / 2, n)
     front = costs.step_overhead(lay.backend, lay.dtype).first_token_s
-    if not in_phase:
-        tokens = p + n - 1
-        ctx = (p * p / 2 + (n - 1) * (p + g / 2)) / tokens
-        pre, _ = _step_s(fp, costs, lay, threads, tokens, n, ctx, n)
-        ttft = front + pre + (dec / 2 if n > 1 else 0.0)
-        period = min(n, g) * pre + max(g - n, 0) * dec + (front if n == 1 else 0.0)
-        return dec, dec_comm, ttft, n * g / period
-    left = [p] * n
-    done = 0
-    clock = front
-    firsts = []
-    while done < n:
-        budget, chunk, touched, finished = work.max_prefill_tokens, 0, 0, 0
-        for i in range(done, n):
-            if budget <= 0:
-                break
-            take = min(budget, left[i])
-            left[i] -= take
-            budget -= take
-            chunk += take
-            touched += 1
-            finished += left[i] == 0
-        tokens = chunk + done  # the prompt chunks, then one decode token per finished row
-        ctx = (chunk * p / 2 + done * (p + 1)) / tokens  # mean context per token
-        step, _ = _step_s(fp, costs, lay, threads, tokens, done + touched, ctx,
-                          done + finished)
-        clock += step
-        firsts += [clock] * finished
-        done += finished
-    period = clock + (g - 1) * dec
-    return dec, dec_comm, statistics.median(firsts), n * g / period
+    tokens = p + n - 1
+    ctx = (p * p / 2 + (n - 1) * (p + g / 2)) / tokens
+    pre, _ = _step_s(fp, costs, lay, threads, tokens, n, ctx, n)
+    ttft = front + pre + (dec / 2 if n > 1 else 0.0)
+    period = min(n, g) * pre + max(g - n, 0) * dec + (front if n == 1 else 0.0)
+    return dec, dec_comm, ttft, n * g / period
+
+
+def _closed_loop(fp: Footprint, costs: MachineCosts, lay: LayoutChoice, threads: float,
+                 work: Workload) -> closed_loop.LoopResult:
+    """Workload.in_phase on one replica: the streams replayed step by step (closed_loop.py),
+    each step costed by _step_s."""
+    memo: dict[tuple[int, int, int, int], float] = {}
+
+    def cost(tokens: int, rows: int, ctx: float, sampled: int) -> float:
+        key = (tokens, rows, round(ctx), sampled)
+        if key not in memo:
+            memo[key] = _step_s(fp, costs, lay, threads, tokens, rows, round(ctx), sampled)[0]
+        return memo[key]
+
+    return closed_loop.simulate(
+        cost, streams=work.streams, prompt=work.prompt_tokens,
+        new=work.new_tokens, max_prefill_tokens=work.max_prefill_tokens,
+        front_s=costs.step_overhead(lay.backend, lay.dtype).first_token_s,
+        flat=lay.backend == "torch")
 
 
 def recommend(preds: list[Prediction], work: Workload) -> tuple[Prediction | None, str]:
