@@ -23,11 +23,15 @@ With S streams over R replicas a replica runs s = ceil(S / R) rows; its decode s
 first_token_s (the front end's share) + a flat step of prompt + s - 1 tokens + half the
 decode step in flight, and tok/s per replica = s * new / (s * prefill + (new - s) * decode).
 With Workload.in_phase (closed-loop streams of equal length, as in our benchmarks) one
-replica's streams finish in one step and their next requests arrive together: the s prompts
-are prefilled together (s * prompt tokens, chunked), TTFT p50 = first_token_s + the prefill
-steps up to the median request's last chunk, tok/s = s * new / (first_token_s + prefill
-steps + (new - 1) * decode). Over several replicas the front end's balancing (fewest
-outstanding tokens) splits such groups: requests arrive alone there either way (_replica).
+replica's streams finish in one step and send their next requests together; how the leader
+takes them (the first alone, the rest a step later; two stable phases) is replayed step by
+step in closed_loop.py on this step cost. Over several replicas the front end's balancing
+(fewest outstanding tokens) splits such groups, so requests arrive alone there too, but
+each is sent at a step boundary (its predecessor's last token) and reaches the replica it
+goes to (the one it left: one row fewer) first_token_s later, while that replica's next step
+has just begun: it waits that whole step, less first_token_s, not half of one. The server
+logs behind results/plan_quiet.md show it: at 4 streams on 2 replicas the requests waited
+36-59 ms for admission, one decode step (ITL p50 44 and 55 ms), unless their replica was idle.
 Ranks on one host share its cores (a rank with fewer than one core gets a time share).
 """
 
@@ -257,7 +261,7 @@ def _one(fp: Footprint, model: ModelRef, costs: MachineCosts, lay: LayoutChoice,
     dec, dec_comm, ttft, _ = _replica(fp, costs, lay, threads, s, work)
     if work.in_phase and lay.replicas == 1:  # equal-length streams: replayed step by step
         loop = _closed_loop(fp, costs, lay, threads, work)
-        ttft, dec, tok_s = loop.ttft_p50_s, loop.itl_p50_s, loop.tok_s
+        ttft, tok_s = loop.ttft_p50_s, loop.tok_s  # the ITL stays the s-row decode step
     else:
         tok_s = 0.0
         left = work.streams
@@ -286,15 +290,18 @@ def _replica(fp: Footprint, costs: MachineCosts, lay: LayoutChoice, threads: flo
              work: Workload) -> tuple[float, float, float, float]:
     """(decode step s, of which collectives, TTFT p50 s, tok/s) of a replica serving `n`
     closed-loop streams whose requests arrive one at a time: a request arrives alone, waits
-    for half the step in flight, and is prefilled in one flat step with the other n - 1 rows'
-    decodes; a stream's period holds n such steps and new_tokens - n decode steps."""
+    for the step in flight (half of it on average; with Workload.in_phase, all of it less the
+    front end's share: it was sent at a step boundary, see the module docstring), and is
+    prefilled in one flat step with the other n - 1 rows' decodes; a stream's period holds n
+    such steps and new_tokens - n decode steps."""
     p, g = work.prompt_tokens, work.new_tokens
     dec, dec_comm = _step_s(fp, costs, lay, threads, n, n, p + g / 2, n)
     front = costs.step_overhead(lay.backend, lay.dtype).first_token_s
     tokens = p + n - 1
     ctx = (p * p / 2 + (n - 1) * (p + g / 2)) / tokens
     pre, _ = _step_s(fp, costs, lay, threads, tokens, n, ctx, n)
-    ttft = front + pre + (dec / 2 if n > 1 else 0.0)
+    wait = max(0.0, dec - front) if work.in_phase else dec / 2
+    ttft = front + pre + (wait if n > 1 else 0.0)
     period = min(n, g) * pre + max(g - n, 0) * dec + (front if n == 1 else 0.0)
     return dec, dec_comm, ttft, n * g / period
 
