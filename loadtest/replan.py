@@ -1,6 +1,7 @@
 """Re-predict a validate_plan results file offline: no server, no measurement, seconds.
 
     .venv/bin/python loadtest/replan.py [loadtest/results/plan_quiet.md] [--json]
+        [--server-logs ~/.cache/shardserve/bench/logs]
 
 A results file of loadtest/validate_plan.py stores every measured point (configuration,
 streams, tok/s, TTFT p50, ITL p50, and the prediction made then) and the costs file the
@@ -10,13 +11,22 @@ makes, `validate_plan.predicted`) on those stored costs, and prints per point th
 tok/s and TTFT ratios fall within validate_plan's tolerance: what a change to the cost model
 does to the measured points before anyone reruns the (10-minute, quiet-machine) validation.
 A file that cannot be parsed is one line on stderr and exit code 2.
+
+--server-logs DIR also digests the servers' request logs of that run (validate_plan's
+validate-plan-<run>.log, one per configuration in CONFIGS order): per configuration, the
+median prompt step and decode step at 1 stream (server TTFT less queueing; the rest of the
+request over its new tokens) and, at more streams, each request's queueing (until the leader
+admitted it) and admission-to-first-token time: which requests shared a prompt step and what
+they waited for, the evidence behind the in-phase arrival model (plan/closed_loop.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import re
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,12 +76,59 @@ def parse(text: str, where: str) -> tuple[list[Point], plan_costs.MachineCosts, 
     return points, costs, new_tokens
 
 
+def digest_log(text: str) -> dict[str, dict[str, list[float]]]:
+    """One server log's completed requests, split into those that ran alone (the 1-stream
+    window) and those that overlapped others: each one's queueing (until the leader admitted
+    it), admission-to-first-token time and mean decode step (seconds)."""
+    rows = []
+    for line in text.splitlines():
+        m = re.match(r"(\S+ \S+) INFO shardserve\.requests (\{.*\})$", line)
+        if not m:
+            continue
+        d = json.loads(m.group(2))
+        if d.get("outcome") != "ok" or "queue_s" not in d:
+            continue
+        end = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        rows.append((end - d["total_s"], end, d))
+    out: dict[str, dict[str, list[float]]] = {}
+    for start, end, d in rows:
+        # another request running in the middle of this one (not just touching its ends)
+        shared = any(s < end - 0.1 and e > start + 0.1 for s, e, o in rows if o is not d)
+        w = out.setdefault("with others" if shared else "alone",
+                           {"queue": [], "first": [], "decode": []})
+        w["queue"].append(d["queue_s"])
+        w["first"].append(d["ttft_s"] - d["queue_s"])
+        w["decode"].append((d["total_s"] - d["ttft_s"]) / max(1, d["generated_tokens"] - 1))
+    return out
+
+
+def print_logs(folder: Path) -> None:
+    names = list(CONFIGS)
+    print(f"\nserver logs in {folder} (ms; 'alone': requests that ran alone, the 1-stream "
+          "window; 'with others': the rest)")
+    for run, name in enumerate(names):
+        p = folder / f"validate-plan-{run}.log"
+        if not p.is_file():
+            continue
+        for label, w in sorted(digest_log(p.read_text()).items()):
+            med = {k: statistics.median(v) * 1e3 for k, v in w.items()}
+            print(f"{name:<20}{label:>9}: n={len(w['queue']):>3}  queue p50 {med['queue']:6.1f}"
+                  f"  admission->first token p50 {med['first']:6.1f}  decode step p50 "
+                  f"{med['decode']:6.1f}")
+            if label == "with others":
+                print(f"{'':<31}admission->first token, sorted: "
+                      f"{[round(x * 1e3) for x in sorted(w['first'])]}")
+                print(f"{'':<31}queue, sorted: {[round(x * 1e3) for x in sorted(w['queue'])]}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", nargs="?", default=str(RESULTS / "plan_quiet.md"),
                     help="a validate_plan results file (default: results/plan_quiet.md)")
     ap.add_argument("--json", action="store_true", help="one JSON object per point")
+    ap.add_argument("--server-logs", help="folder of that run's validate-plan-<run>.log files "
+                    "(validate_plan's bench cache logs/): digest them too")
     args = ap.parse_args()
     try:
         points, costs, new_tokens = parse(Path(args.results).read_text(), args.results)
@@ -104,6 +161,8 @@ def main() -> int:
     total = 2 * len(rows)
     print(f"tok/s and TTFT within {TOLERANCE:.0%}: old {inside['old']} of {total}, "
           f"new {inside['new']} of {total} (* : outside, new)")
+    if args.server_logs:
+        print_logs(Path(args.server_logs).expanduser())
     return 0
 
 

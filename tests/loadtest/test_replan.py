@@ -3,6 +3,7 @@ costs (the committed quiet-machine file, and damaged copies of it)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -48,3 +49,27 @@ def test_a_damaged_file_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, cu
     assert replan.main() == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and message in err
+
+
+def _line(end: str, queue: float, ttft: float, total: float) -> str:
+    d = {"event": "request", "outcome": "ok", "generated_tokens": 5, "queue_s": queue,
+         "ttft_s": ttft, "total_s": total}
+    return f"2026-12-06 05:47:{end} INFO shardserve.requests {json.dumps(d)}"
+
+
+def test_server_log_digest_splits_lone_and_shared_requests():
+    """Two requests one after the other (alone), then two that overlap: queueing,
+    admission-to-first-token and the mean decode step of each; cancelled ones skipped."""
+    log = "\n".join([
+        "2026-12-06 05:47:00,000 INFO shardserve.server serving llama",
+        _line("01,000", 0.001, 0.101, 1.0),
+        _line("02,000", 0.001, 0.121, 1.0),
+        _line("04,000", 0.050, 0.350, 1.5),
+        _line("04,100", 0.010, 0.210, 1.6),
+        '2026-12-06 05:47:05,000 INFO shardserve.requests {"outcome": "cancelled"}',
+    ])
+    got = replan.digest_log(log)
+    assert got["alone"]["queue"] == [0.001, 0.001]
+    assert got["alone"]["first"] == pytest.approx([0.1, 0.12])
+    assert got["alone"]["decode"] == pytest.approx([(1.0 - 0.101) / 4, (1.0 - 0.121) / 4])
+    assert got["with others"]["first"] == pytest.approx([0.3, 0.2])
