@@ -23,7 +23,6 @@ they waited for, the evidence behind the in-phase arrival model (plan/closed_loo
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import re
 import statistics
@@ -31,6 +30,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from server_log import digest_log
 from validate_plan import CONFIGS, TOLERANCE, predicted
 
 from shardserve_server.plan import costs as plan_costs
@@ -74,32 +74,6 @@ def parse(text: str, where: str) -> tuple[list[Point], plan_costs.MachineCosts, 
     if not points:
         raise ValueError(f"{where}: no measured rows")
     return points, costs, new_tokens
-
-
-def digest_log(text: str) -> dict[str, dict[str, list[float]]]:
-    """One server log's completed requests, split into those that ran alone (the 1-stream
-    window) and those that overlapped others: each one's queueing (until the leader admitted
-    it), admission-to-first-token time and mean decode step (seconds)."""
-    rows = []
-    for line in text.splitlines():
-        m = re.match(r"(\S+ \S+) INFO shardserve\.requests (\{.*\})$", line)
-        if not m:
-            continue
-        d = json.loads(m.group(2))
-        if d.get("outcome") != "ok" or "queue_s" not in d:
-            continue
-        end = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-        rows.append((end - d["total_s"], end, d))
-    out: dict[str, dict[str, list[float]]] = {}
-    for start, end, d in rows:
-        # another request running in the middle of this one (not just touching its ends)
-        shared = any(s < end - 0.1 and e > start + 0.1 for s, e, o in rows if o is not d)
-        w = out.setdefault("with others" if shared else "alone",
-                           {"queue": [], "first": [], "decode": []})
-        w["queue"].append(d["queue_s"])
-        w["first"].append(d["ttft_s"] - d["queue_s"])
-        w["decode"].append((d["total_s"] - d["ttft_s"]) / max(1, d["generated_tokens"] - 1))
-    return out
 
 
 def print_logs(folder: Path) -> None:

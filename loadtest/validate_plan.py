@@ -14,7 +14,9 @@
    --devices = the layout's ranks: on this host ranks share its cores, as the costs say; and
    in_phase: the harness's streams have equal lengths).
 4. loadtest/results/plan.md: predicted, measured and predicted / measured per configuration
-   and stream count, the target (every ratio within 0.75..1.25) counted, every run listed.
+   and stream count, the target (every ratio within 0.75..1.25) counted, every run listed,
+   and a digest of each server's request log (server_log.py: queueing and step times).
+`loadtest/replan.py` re-predicts such a file offline from its stored costs.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import time
 from pathlib import Path
 
 import bench_vs_vllm
+import server_log
 from bench_vs_vllm import (
     CACHE,
     SKIP,
@@ -169,6 +172,7 @@ def main() -> int:
 
     prompts = make_prompts(load_tokenizer(model, read_manifest(model)), 2000)
     rows = []
+    logs: dict[str, list[str]] = {}
     for run, name in enumerate(names):
         cfg = CONFIGS[name]
         t0 = time.perf_counter()
@@ -179,6 +183,8 @@ def main() -> int:
                                       args.warmup_seconds, args.new_tokens))
         finally:
             proc.stop()
+        log = CACHE / "logs" / f"validate-plan-{run}.log"
+        logs[name] = server_log.summary(log.read_text(errors="replace")) if log.is_file() else []
         for s, st, load in got:
             # the planner is told the prompt length the server counted
             pred = predicted(costs, cfg, s, 100, args.new_tokens)
@@ -214,7 +220,14 @@ def main() -> int:
     errs = [abs(pred["tok_s"] / st.tok_s - 1) for _, _, pred, st, _ in rows if st.tok_s]
     lines += ["", f"tok/s and TTFT predictions within {TOLERANCE:.0%}: {inside} of {total}; "
               f"median |tok/s error| {statistics.median(errs):.0%}" if errs else "", "",
-              "## Costs used", "", "```json", cost_text.strip(), "```"]
+              "## Server logs", "",
+              "Each configuration's own request log (server clock; warm-up and every window; "
+              "loadtest/server_log.py): queueing until the leader admitted a request, the step "
+              "that gave its first token, its decode steps. With several streams the admission "
+              "times show which prompts shared a step and what each waited for.", ""]
+    for name, summary in logs.items():
+        lines += [f"- **{name}**"] + [f"  - {x}" for x in summary]
+    lines += ["", "## Costs used", "", "```json", cost_text.strip(), "```"]
     print(write_results(args.out, lines))
     return 0
 

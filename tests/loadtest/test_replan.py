@@ -13,6 +13,7 @@ LOADTEST = Path(__file__).resolve().parents[2] / "loadtest"
 sys.path.insert(0, str(LOADTEST))
 
 import replan  # noqa: E402
+import server_log  # noqa: E402
 
 QUIET = LOADTEST / "results" / "plan_quiet.md"
 
@@ -68,8 +69,12 @@ def test_server_log_digest_splits_lone_and_shared_requests():
         _line("04,100", 0.010, 0.210, 1.6),
         '2026-12-06 05:47:05,000 INFO shardserve.requests {"outcome": "cancelled"}',
     ])
-    got = replan.digest_log(log)
+    got = server_log.digest_log(log)
     assert got["alone"]["queue"] == [0.001, 0.001]
     assert got["alone"]["first"] == pytest.approx([0.1, 0.12])
     assert got["alone"]["decode"] == pytest.approx([(1.0 - 0.101) / 4, (1.0 - 0.121) / 4])
     assert got["with others"]["first"] == pytest.approx([0.3, 0.2])
+    lines = server_log.summary(log)
+    assert lines[0].startswith("alone: 2 requests, queue p50 1.0 ms")
+    assert lines[-2] == "admission to first token, ms: 200 300"
+    assert lines[-1] == "queue, ms: 10 50"
