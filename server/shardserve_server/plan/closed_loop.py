@@ -24,9 +24,10 @@ another, so:
 
 A step is one flat forward (torch: prompt chunks and decode rows together) or, for runners
 without flat batches (ONNX), a prefill forward whose first tokens go out at once, then a
-decode forward (scheduler.step's flush). The streams start together against an idle leader
-and run `rounds` requests each; the first `skip_rounds` are not counted (the benchmark's
-first 20% and warm-up).
+decode forward (scheduler.step's flush). Phase 1 starts all streams together against an
+idle leader, phase 2 starts stream 0 alone and the others when its first token comes (the
+others then trail it by two steps); each stream runs `rounds` requests and the first
+`skip_rounds` are not counted (the benchmark's warm-up and first 20%).
 """
 
 from __future__ import annotations
