@@ -72,9 +72,10 @@ class Workload:
     max_prefill_tokens: int = 512
     """Prompt tokens per step (shardserve serve's chunked-prefill budget)."""
     in_phase: bool = False
-    """Streams of equal length (a benchmark with EOS ignored) on one replica finish in the
-    same step and send their next requests together; False: requests arrive one at a time
-    (over several replicas the balancer spreads them either way)."""
+    """Streams of equal length (a benchmark with EOS ignored): on one replica they finish in
+    the same step and send their next requests together (replayed by closed_loop.py); over
+    several replicas the balancer spreads them, each waiting for the step its replica has
+    just begun. False: requests arrive one at a time, half a step in flight on average."""
 
 
 @dataclass(frozen=True)
