@@ -127,20 +127,37 @@ def test_step_arithmetic_on_a_stored_costs_file(costs_file):
     assert p1.ttft_ms != pytest.approx(pre1 * 1e3, rel=0.05)  # the old all-together value
 
 
-def _loop(fp, cfg, work, front_s):
+def _loop(fp, cfg, work, front_s, flat=True, overhead=1e-3):
     """closed_loop.simulate on this file's own step arithmetic (_step)."""
     return closed_loop.simulate(
-        lambda tokens, rows, ctx, sampled: _step(fp, cfg, tokens, round(ctx), sampled),
+        lambda tokens, rows, ctx, sampled: _step(fp, cfg, tokens, round(ctx), sampled,
+                                                 overhead),
         streams=work.streams, prompt=work.prompt_tokens, new=work.new_tokens,
-        max_prefill_tokens=work.max_prefill_tokens, front_s=front_s)
+        max_prefill_tokens=work.max_prefill_tokens, front_s=front_s, flat=flat)
 
 
-def _step(fp, cfg, tokens, ctx, sampled):
+def _step(fp, cfg, tokens, ctx, sampled, overhead=1e-3):
     """A step on the flat-rate COSTS: GEMMs (the output projection on the sampled rows),
-    attention FLOPs, 1 ms overhead."""
+    attention FLOPs, the backend's overhead (torch 1 ms)."""
     st = fp.stages[0]
     return (2 * (st.matmul_elems - st.head_elems) * tokens + 2 * st.head_elems * sampled
-            + 4 * cfg.n_heads * cfg.head_dim * tokens * ctx * cfg.n_layers) / RATE + 1e-3
+            + 4 * cfg.n_heads * cfg.head_dim * tokens * ctx * cfg.n_layers) / RATE + overhead
+
+
+def test_in_phase_onnx_steps_are_a_prefill_then_a_decode_forward(costs_file):
+    """The ONNX runner has no flat batches: the replay runs a prefill forward (its first
+    tokens out at once) and a decode forward per step, not one flat forward."""
+    c = plan_costs.load(costs_file)
+    cfg = LLAMA_CONFIGS["tiny"]
+    fp = footprint("llama", cfg, 1, 1)
+    work = Workload(streams=4, prompt_tokens=10, new_tokens=4, in_phase=True)
+    (pred,) = predict(resolve_model("tiny"), c, 1, work, [LayoutChoice("onnx", "fp32", 1, 1,
+                                                                       1)])
+    loop = _loop(fp, cfg, work, 0.0, flat=False, overhead=5e-4)
+    assert pred.ttft_ms == pytest.approx(loop.ttft_p50_s * 1e3, rel=1e-6)
+    assert pred.tok_s == pytest.approx(loop.tok_s, rel=1e-6)
+    flat = _loop(fp, cfg, work, 0.0, flat=True, overhead=5e-4)
+    assert pred.tok_s != pytest.approx(flat.tok_s, rel=1e-3)
 
 
 def test_in_phase_streams_on_one_replica_are_replayed_with_the_front_end_share(tmp_path):
