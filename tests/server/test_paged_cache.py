@@ -11,7 +11,7 @@ import torch
 from serving_models import random_model, rel_err, tiny_config
 
 from shardserve_server.engine.block_pool import BlockAllocator
-from shardserve_server.engine.paged_cache import PagedKVCache, StateSlotPool
+from shardserve_server.engine.paged_cache import PagedKVCache, StateSlotPool, _adjacent_kv
 from shardserve_server.engine.runner import FLAT, CacheGeometry, ForwardPlan, ModelRunner
 from shardserve_sharding.models import fused_ops, model_spec
 
@@ -233,6 +233,18 @@ def test_bf16_flat_steps_with_fused_ops_are_bit_identical(llama, monkeypatch):
     plain = run()
     assert all(torch.equal(a.view(torch.int16), b.view(torch.int16))
                for a, b in zip(fused, plain, strict=True))
+
+
+def test_adjacent_kv_views_only_adjacent_heads():
+    """K and V heads side by side in one fused QKV row (the fused rotary leaves them so) are
+    written with one copy as a [N, 2, Hkv, D] view; anything else is left to two copies."""
+    qkv = torch.randn(1, 5, 4 + 2 * 2, 8)  # [1, N, H + 2 Hkv, D]
+    k, v = qkv[:, :, 4:6].transpose(1, 2), qkv[:, :, 6:].transpose(1, 2)  # [1, Hkv, N, D]
+    kv = _adjacent_kv(k, v)
+    assert kv is not None and torch.equal(kv, torch.stack([k[0], v[0]]).permute(2, 0, 1, 3))
+    assert _adjacent_kv(k.clone(), v) is None  # another tensor
+    assert _adjacent_kv(v, k) is None  # V before K
+    assert _adjacent_kv(k, qkv[:, :, 5:7].transpose(1, 2)) is None  # overlapping heads
 
 
 def test_compiled_forward_sees_one_opaque_attention_op_per_layer(llama):

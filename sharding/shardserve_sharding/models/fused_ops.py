@@ -280,6 +280,8 @@ def _cflags() -> list[str]:
 def kernels():
     """The built extension (add_rms_norm_, rotary_, silu_mul), or None (SHARDSERVE_FUSED_OPS=0,
     or no compiler)."""
+    if "mod" in _STATE:  # built (or refused) already: no lock on the per-layer path
+        return _STATE["mod"]
     with _LOCK:
         if "mod" not in _STATE:
             mod = None
@@ -303,6 +305,8 @@ def active(x: torch.Tensor) -> bool:
 def contiguous(t: torch.Tensor) -> torch.Tensor:
     """t as the kernels take it: contiguous bf16 (a layer swapped in from outside, e.g. a
     quantized one, may return another layout)."""
+    if t.dtype == torch.bfloat16 and t.is_contiguous():
+        return t
     return t.to(torch.bfloat16).contiguous()
 
 

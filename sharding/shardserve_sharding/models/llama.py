@@ -377,15 +377,17 @@ class Transformer(nn.Module):
         k = fused_ops.kernels()
         x = x.contiguous()  # the residual stream, updated in place
         pos = positions.reshape(-1).contiguous()  # [B * T]
-        first = self.layers[0].attention_norm
-        h = k.add_rms_norm_(x, None, first.weight, first.eps)  # [B, T, dim]
-        nxt = [layer.attention_norm for layer in self.layers[1:]] + [self.norm]
-        for layer, after in zip(self.layers, nxt, strict=True):
-            a = layer.attention.forward_fused(h, pos, self.rope_cos, self.rope_sin, cache)
-            h = k.add_rms_norm_(x, fused_ops.contiguous(a), layer.ffn_norm.weight,
-                                layer.ffn_norm.eps)
+        layers = list(self.layers)  # (slicing a ModuleList builds a new one: ~40 us)
+        cos, sin = self.rope_cos, self.rope_sin
+        norm = layers[0].attention_norm
+        h = k.add_rms_norm_(x, None, norm.weight, norm.eps)  # [B, T, dim]
+        for i, layer in enumerate(layers):
+            a = layer.attention.forward_fused(h, pos, cos, sin, cache)  # [B, T, dim]
+            norm = layer.ffn_norm
+            h = k.add_rms_norm_(x, fused_ops.contiguous(a), norm.weight, norm.eps)
             m = layer.feed_forward.forward_fused(h)  # [B, T, dim]
-            h = k.add_rms_norm_(x, fused_ops.contiguous(m), after.weight, after.eps)
+            norm = layers[i + 1].attention_norm if i + 1 < len(layers) else self.norm
+            h = k.add_rms_norm_(x, fused_ops.contiguous(m), norm.weight, norm.eps)
         if logits_index is None:
             return h  # [B, T, dim]
         if h.shape[1] == 1:
