@@ -19,9 +19,12 @@ additions of torch's fp32 row sum), so that their outputs are meant to be bit-id
 `reference_*` below, the torch path itself; tests/sharding/test_fused_ops.py checks that.
 
 Built like the decode attention kernel (models/native_build.py: g++, -march=native, cached per
-CPU kind; built once by .ci/setup). `kernels()` is None where it cannot be built or
-SHARDSERVE_FUSED_OPS=0; `active(x)` says whether a forward over x may use them: bf16 on the CPU,
-no autograd (training and fp32 inference keep the plain torch path), not inside torch.compile.
+CPU kind and per ATen vector capability, since the kernels must use the vector code torch's
+own kernels run at: checked bit-identical here at AVX512, AVX2 and DEFAULT, the last two
+through ATEN_CPU_CAPABILITY; built once by .ci/setup). `kernels()` is None where it cannot be
+built or SHARDSERVE_FUSED_OPS=0; `active(x)` says whether a forward over x may use them: bf16 on
+the CPU, no autograd (training and fp32 inference keep the plain torch path), not inside
+torch.compile or a jit trace.
 """
 
 from __future__ import annotations
@@ -286,8 +289,10 @@ def kernels():
         if "mod" not in _STATE:
             mod = None
             if os.environ.get("SHARDSERVE_FUSED_OPS", "1") != "0":
+                cap = torch.backends.cpu.get_cpu_capability().lower()  # (ATEN_CPU_CAPABILITY)
                 mod = native_build.build(
-                    "shardserve_fused_ops", _SOURCE, ["add_rms_norm_", "rotary_", "silu_mul"],
+                    f"shardserve_fused_ops_{cap}", _SOURCE,
+                    ["add_rms_norm_", "rotary_", "silu_mul"],
                     cflags=_cflags(), what="fused RMSNorm/rotary/SiLU kernels (plain torch ops)")
             _STATE["mod"] = mod
         return _STATE["mod"]
