@@ -375,8 +375,9 @@ class Transformer(nn.Module):
         add is done in place in the same pass as the norm that follows it (the next block's
         attention_norm, or the final norm); same values as the plain loop of forward()."""
         k = fused_ops.kernels()
-        x = x.contiguous()  # the residual stream, updated in place
-        pos = positions.reshape(-1).contiguous()  # [B * T]
+        # the residual stream, updated in place: never a view of something else (a weight)
+        x = x.clone() if x._is_view() else x.contiguous()
+        pos = positions.reshape(-1).to(torch.long).contiguous()  # [B * T] (the kernel's type)
         layers = list(self.layers)  # (slicing a ModuleList builds a new one: ~40 us)
         cos, sin = self.rope_cos, self.rope_sin
         norm = layers[0].attention_norm
