@@ -11,21 +11,19 @@ torch's intra-op threads), the G = H / Hkv query heads of a KV head share its re
 
 Built on first use with torch.utils.cpp_extension (g++, ~20-60 s once; cached under
 TORCH_EXTENSIONS_DIR, in a folder named after this CPU's flags since `-march=native` code must
-not run on another CPU kind). Where it cannot be built, or SHARDSERVE_DECODE_KERNEL=0, `kernel()`
-is None and the cache keeps the gather + SDPA path. `reference` is the same computation in
-plain torch (tests compare the two).
+not run on another CPU kind: shardserve_sharding.models.native_build). Where it cannot be built,
+or SHARDSERVE_DECODE_KERNEL=0, `kernel()` is None and the cache keeps the gather + SDPA path.
+`reference` is the same computation in plain torch (tests compare the two).
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
 import threading
 
 import torch
 
-log = logging.getLogger(__name__)
+from shardserve_sharding.models import native_build
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -144,16 +142,6 @@ _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 
 
-def _cpu_tag() -> str:
-    """A short hash of this CPU's model and flags (the build is -march=native)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [ln for ln in f if ln.startswith(("flags", "model name"))][:2]
-    except OSError:
-        lines = [torch.backends.cpu.get_cpu_capability()]
-    return hashlib.sha1("".join(lines).encode()).hexdigest()[:10]
-
-
 def kernel():
     """The built extension's `paged_decode_attention`, or None (disabled, or no compiler)."""
     with _LOCK:
@@ -161,18 +149,11 @@ def kernel():
             return _STATE["fn"]
         fn = None
         if os.environ.get("SHARDSERVE_DECODE_KERNEL", "1") != "0":
-            try:
-                from torch.utils.cpp_extension import load_inline
-
-                mod = load_inline(
-                    name=f"shardserve_decode_attention_{_cpu_tag()}", cpp_sources=_SOURCE,
-                    functions=["paged_decode_attention"],
-                    extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
-                fn = mod.paged_decode_attention
-            except Exception as e:  # no compiler, headers or ninja: keep the torch path
-                log.warning("decode attention kernel not built (%s); using gather + SDPA",
-                            str(e).splitlines()[0] if str(e) else type(e).__name__)
+            mod = native_build.build(
+                "shardserve_decode_attention", _SOURCE, ["paged_decode_attention"],
+                cflags=["-O3", "-march=native", "-ffast-math"],
+                what="decode attention kernel (using gather + SDPA)")
+            fn = None if mod is None else mod.paged_decode_attention
         _STATE["fn"] = fn
         return fn
 
