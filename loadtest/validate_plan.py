@@ -14,7 +14,9 @@
    --devices = the layout's ranks: on this host ranks share its cores, as the costs say; and
    in_phase: the harness's streams have equal lengths).
 4. loadtest/results/plan.md: predicted, measured and predicted / measured per configuration
-   and stream count, the target (every ratio within 0.75..1.25) counted, every run listed.
+   and stream count, the target (every ratio within 0.75..1.25) counted, every run listed,
+   and a digest of each server's request log (server_log.py: queueing and step times).
+`loadtest/replan.py` re-predicts such a file offline from its stored costs.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import time
 from pathlib import Path
 
 import bench_vs_vllm
+import server_log
 from bench_vs_vllm import (
     CACHE,
     SKIP,
@@ -109,8 +112,10 @@ async def measure(target: str, prompts: list[str], streams: list[int], seconds: 
     return out
 
 
-def predicted(costs_path: Path, cfg: tuple[str, str, int, int], streams: int,
+def predicted(costs: Path | object, cfg: tuple[str, str, int, int], streams: int,
               prompt_tokens: int, new_tokens: int) -> dict:
+    """The planner's tok/s, TTFT and ITL for one configuration; `costs` is a costs file or a
+    loaded MachineCosts (loadtest/replan.py re-predicts from a results file's stored costs)."""
     from shardserve_server.plan import costs as plan_costs
     from shardserve_server.plan.predict import LayoutChoice, Workload, predict, resolve_model
 
@@ -119,8 +124,9 @@ def predicted(costs_path: Path, cfg: tuple[str, str, int, int], streams: int,
     # the harness's closed-loop streams have equal lengths (EOS ignored): in phase
     work = Workload(streams=streams, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                     in_phase=True)
-    (p,) = predict(resolve_model("smollm2-135m"), plan_costs.load(costs_path), lay.devices,
-                   work, [lay])
+    if not isinstance(costs, plan_costs.MachineCosts):
+        costs = plan_costs.load(costs)
+    (p,) = predict(resolve_model("smollm2-135m"), costs, lay.devices, work, [lay])
     if not p.valid:
         raise SystemExit(f"{lay.name}: the planner calls it invalid: {p.why}")
     return {"tok_s": p.tok_s, "ttft_ms": p.ttft_ms, "itl_ms": p.itl_ms}
@@ -166,6 +172,7 @@ def main() -> int:
 
     prompts = make_prompts(load_tokenizer(model, read_manifest(model)), 2000)
     rows = []
+    logs: dict[str, list[str]] = {}
     for run, name in enumerate(names):
         cfg = CONFIGS[name]
         t0 = time.perf_counter()
@@ -176,6 +183,8 @@ def main() -> int:
                                       args.warmup_seconds, args.new_tokens))
         finally:
             proc.stop()
+        log = CACHE / "logs" / f"validate-plan-{run}.log"
+        logs[name] = server_log.summary(log.read_text(errors="replace")) if log.is_file() else []
         for s, st, load in got:
             # the planner is told the prompt length the server counted
             pred = predicted(costs, cfg, s, 100, args.new_tokens)
@@ -211,7 +220,14 @@ def main() -> int:
     errs = [abs(pred["tok_s"] / st.tok_s - 1) for _, _, pred, st, _ in rows if st.tok_s]
     lines += ["", f"tok/s and TTFT predictions within {TOLERANCE:.0%}: {inside} of {total}; "
               f"median |tok/s error| {statistics.median(errs):.0%}" if errs else "", "",
-              "## Costs used", "", "```json", cost_text.strip(), "```"]
+              "## Server logs", "",
+              "Each configuration's own request log (server clock; warm-up and every window; "
+              "loadtest/server_log.py): queueing until the leader admitted a request, the step "
+              "that gave its first token, its decode steps. With several streams the admission "
+              "times show which prompts shared a step and what each waited for.", ""]
+    for name, summary in logs.items():
+        lines += [f"- **{name}**"] + [f"  - {x}" for x in summary]
+    lines += ["", "## Costs used", "", "```json", cost_text.strip(), "```"]
     print(write_results(args.out, lines))
     return 0
 

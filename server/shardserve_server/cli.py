@@ -797,8 +797,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt tokens per step, as `serve --max-prefill-tokens`")
     p.add_argument("--in-phase", action="store_true",
                    help="the streams are equal-length closed loops (a benchmark ignoring EOS): "
-                   "on one replica they finish together and their next prompts are prefilled "
-                   "together (default: requests arrive one at a time)")
+                   "on one replica they finish together and the leader takes the first "
+                   "request alone, the rest a step later (replayed step by step; default: "
+                   "requests arrive one at a time)")
     p.add_argument("--costs", default=str(Path.home() / ".cache" / "shardserve" /
                                           "plan-costs.json"),
                    help="costs file: read, or written by --measure")

@@ -11,9 +11,9 @@ import torch
 from serving_models import random_model, rel_err, tiny_config
 
 from shardserve_server.engine.block_pool import BlockAllocator
-from shardserve_server.engine.paged_cache import PagedKVCache, StateSlotPool
+from shardserve_server.engine.paged_cache import PagedKVCache, StateSlotPool, _adjacent_kv
 from shardserve_server.engine.runner import FLAT, CacheGeometry, ForwardPlan, ModelRunner
-from shardserve_sharding.models import model_spec
+from shardserve_sharding.models import fused_ops, model_spec
 
 TOL = 1e-5
 
@@ -184,6 +184,67 @@ def test_flat_steps_equal_full_forward(llama, block_size, seed, decode_kernel):
         for t in tables:
             alloc.free(t)
     assert decode_batches, "some step should batch several one-token rows"
+
+
+def test_bf16_flat_steps_with_fused_ops_are_bit_identical(llama, monkeypatch):
+    """bf16 FLAT steps (prompt chunks, then batched decode rows through the C++ attention)
+    give the same bits with the fused RMSNorm/rotary/SiLU kernels (models/fused_ops.py) as
+    with plain torch ops, and greedy continuations pick the same tokens."""
+    if fused_ops.kernels() is None:
+        pytest.skip("the fused kernels could not be built here (no C++ toolchain)")
+    model = random_model("llama", tiny_config("llama", vocab_size=97, max_seq_len=96), seed=3)
+    model = model.to(torch.bfloat16)
+    model.reset_buffers()  # fp32 rotary tables, as the loader leaves them
+    attn = model.layers[0].attention
+    rng = random.Random(7)
+    seqs = _prompts(rng, 4, 97, lo=3, hi=20)
+    steps = list(_random_steps(rng, [len(s) for s in seqs]))
+
+    def run() -> list[torch.Tensor]:
+        cache = PagedKVCache(n_layers=len(model.layers), num_blocks=40, block_size=4,
+                             n_kv_heads=attn.n_kv_heads, head_dim=attn.head_dim,
+                             dtype=torch.bfloat16)
+        alloc, tables = BlockAllocator(40, 4), [[] for _ in seqs]
+        outs, gen = [], [list(s) for s in seqs]
+        for step in [*steps, *[[(i, len(s) + t, 1) for i, s in enumerate(seqs)]
+                               for t in range(4)]]:  # then 4 greedy decode steps of every row
+            step = sorted(step, key=lambda r: r[2] == 1)  # chunks first, decode rows last
+            toks, pos, lens = [], [], []
+            for i, start, n in step:
+                alloc.grow(tables[i], start + n)
+                toks += gen[i][start : start + n]
+                pos += range(start, start + n)
+                lens.append(n)
+            bt = torch.full((len(step), max(len(tables[i]) for i, _, _ in step)), -1)
+            for r, (i, _, _) in enumerate(step):
+                bt[r, : len(tables[i])] = torch.tensor(tables[i])
+            cache.set_flat_step(bt, torch.tensor(pos), torch.tensor(lens))
+            with torch.inference_mode():
+                out = model(torch.tensor([toks]), torch.tensor([pos]), cache)[0]  # [N, V]
+            outs.append(out)
+            last = torch.tensor(lens).cumsum(0) - 1
+            for r, (i, start, n) in enumerate(step):
+                if start + n == len(gen[i]):
+                    gen[i].append(int(out[last[r]].argmax()))  # greedy next token
+        return outs
+
+    fused = run()
+    monkeypatch.setitem(fused_ops._STATE, "mod", None)  # the plain torch path
+    plain = run()
+    assert all(torch.equal(a.view(torch.int16), b.view(torch.int16))
+               for a, b in zip(fused, plain, strict=True))
+
+
+def test_adjacent_kv_views_only_adjacent_heads():
+    """K and V heads side by side in one fused QKV row (the fused rotary leaves them so) are
+    written with one copy as a [N, 2, Hkv, D] view; anything else is left to two copies."""
+    qkv = torch.randn(1, 5, 4 + 2 * 2, 8)  # [1, N, H + 2 Hkv, D]
+    k, v = qkv[:, :, 4:6].transpose(1, 2), qkv[:, :, 6:].transpose(1, 2)  # [1, Hkv, N, D]
+    kv = _adjacent_kv(k, v)
+    assert kv is not None and torch.equal(kv, torch.stack([k[0], v[0]]).permute(2, 0, 1, 3))
+    assert _adjacent_kv(k.clone(), v) is None  # another tensor
+    assert _adjacent_kv(v, k) is None  # V before K
+    assert _adjacent_kv(k, qkv[:, :, 5:7].transpose(1, 2)) is None  # overlapping heads
 
 
 def test_compiled_forward_sees_one_opaque_attention_op_per_layer(llama):

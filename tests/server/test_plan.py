@@ -11,6 +11,7 @@ import math
 import pytest
 
 from shardserve_server.cli import main
+from shardserve_server.plan import closed_loop
 from shardserve_server.plan import costs as plan_costs
 from shardserve_server.plan.footprint import footprint
 from shardserve_server.plan.predict import (
@@ -113,29 +114,57 @@ def test_step_arithmetic_on_a_stored_costs_file(costs_file):
     dec2 = (2 * fp2.stages[0].matmul_elems * 2 + attn / 2) / RATE + comm + 1e-3
     assert p2.itl_ms == pytest.approx(dec2 * 1e3, rel=1e-6)
     assert p2.comm_share == pytest.approx(comm / dec2, rel=1e-6)
-    # 2 streams in phase: both prompts in one prefill step (20 tokens, each seeing half its
-    # prompt), then 3 decode steps per period
-    # (the output projection multiplies the 2 sampled rows only)
+    # 2 streams in phase: replayed step by step on this step arithmetic (closed_loop.py);
+    # the second request waits for the first one's prompt step (the old model prefilled both
+    # prompts in one step: TTFT = that step)
     head = fp1.stages[0].head_elems
     assert head == cfg.vocab_size * cfg.dim
     pre1 = (2 * (fp1.stages[0].matmul_elems - head) * 20 + 2 * head * 2
             + 4 * cfg.n_heads * cfg.head_dim * 20 * 5 * cfg.n_layers) / RATE + 1e-3
-    assert p1.ttft_ms == pytest.approx(pre1 * 1e3, rel=1e-6)
-    assert p1.tok_s == pytest.approx(2 * 4 / (pre1 + 3 * dec1), rel=1e-6)
+    loop = _loop(fp1, cfg, work, 0.0)
+    assert p1.ttft_ms == pytest.approx(loop.ttft_p50_s * 1e3, rel=1e-6)
+    assert p1.tok_s == pytest.approx(loop.tok_s, rel=1e-6)
+    assert p1.ttft_ms != pytest.approx(pre1 * 1e3, rel=0.05)  # the old all-together value
 
 
-def _step(fp, cfg, tokens, ctx, sampled):
+def _loop(fp, cfg, work, front_s, flat=True, overhead=1e-3):
+    """closed_loop.simulate on this file's own step arithmetic (_step)."""
+    return closed_loop.simulate(
+        lambda tokens, rows, ctx, sampled: _step(fp, cfg, tokens, round(ctx), sampled,
+                                                 overhead),
+        streams=work.streams, prompt=work.prompt_tokens, new=work.new_tokens,
+        max_prefill_tokens=work.max_prefill_tokens, front_s=front_s, flat=flat)
+
+
+def _step(fp, cfg, tokens, ctx, sampled, overhead=1e-3):
     """A step on the flat-rate COSTS: GEMMs (the output projection on the sampled rows),
-    attention FLOPs, 1 ms overhead."""
+    attention FLOPs, the backend's overhead (torch 1 ms)."""
     st = fp.stages[0]
     return (2 * (st.matmul_elems - st.head_elems) * tokens + 2 * st.head_elems * sampled
-            + 4 * cfg.n_heads * cfg.head_dim * tokens * ctx * cfg.n_layers) / RATE + 1e-3
+            + 4 * cfg.n_heads * cfg.head_dim * tokens * ctx * cfg.n_layers) / RATE + overhead
 
 
-def test_in_phase_prompts_are_chunked_and_the_front_end_adds_its_share(tmp_path):
-    """4 streams of 10-token prompts with 15 prompt tokens per step: chunks of 15, 15, 10; the
-    requests' first tokens come with steps 1, 2, 2, 3 (a request finished in an earlier step
-    decodes in the later ones); each waits the front end's first_token_s before its steps."""
+def test_in_phase_onnx_steps_are_a_prefill_then_a_decode_forward(costs_file):
+    """The ONNX runner has no flat batches: the replay runs a prefill forward (its first
+    tokens out at once) and a decode forward per step, not one flat forward."""
+    c = plan_costs.load(costs_file)
+    cfg = LLAMA_CONFIGS["tiny"]
+    fp = footprint("llama", cfg, 1, 1)
+    work = Workload(streams=4, prompt_tokens=10, new_tokens=4, in_phase=True)
+    (pred,) = predict(resolve_model("tiny"), c, 1, work, [LayoutChoice("onnx", "fp32", 1, 1,
+                                                                       1)])
+    loop = _loop(fp, cfg, work, 0.0, flat=False, overhead=5e-4)
+    assert pred.ttft_ms == pytest.approx(loop.ttft_p50_s * 1e3, rel=1e-6)
+    assert pred.tok_s == pytest.approx(loop.tok_s, rel=1e-6)
+    flat = _loop(fp, cfg, work, 0.0, flat=True, overhead=5e-4)
+    assert pred.tok_s != pytest.approx(flat.tok_s, rel=1e-3)
+
+
+def test_in_phase_streams_on_one_replica_are_replayed_with_the_front_end_share(tmp_path):
+    """4 streams of 10-token prompts with 15 prompt tokens per step, in phase: the plan's TTFT
+    and tok/s are closed_loop's replay (the first request alone, the rest chunked a step
+    later: tests/server/test_plan_closed_loop.py) on the step arithmetic, each request
+    reaching the leader the front end's first_token_s after it is sent."""
     d = {**COSTS, "overhead": {"torch": {"fixed_s": 1e-3, "per_row_s": 0.0,
                                          "first_token_s": 0.02}}}
     p = tmp_path / "costs.json"
@@ -147,22 +176,24 @@ def test_in_phase_prompts_are_chunked_and_the_front_end_adds_its_share(tmp_path)
                     in_phase=True)
     (pred,) = predict(resolve_model("tiny"), c, 1, work, [LayoutChoice("torch", "fp32", 1, 1,
                                                                        1)])
-
-    s1 = _step(fp, cfg, 15, 5, 1)  # request 0 whole, 5 of request 1
-    s2 = _step(fp, cfg, 15 + 1, (15 * 5 + 11) / 16, 3)  # 5 of request 1, request 2; 0 decodes
-    s3 = _step(fp, cfg, 10 + 3, (10 * 5 + 3 * 11) / 13, 4)  # request 3; 0, 1, 2 decode
-    firsts = [0.02 + s1, 0.02 + s1 + s2, 0.02 + s1 + s2, 0.02 + s1 + s2 + s3]
-    assert pred.ttft_ms == pytest.approx((firsts[1] + firsts[2]) / 2 * 1e3, rel=1e-6)
-    dec = _step(fp, cfg, 4, 10 + 4 / 2, 4)
+    loop = _loop(fp, cfg, work, 0.02)
+    assert pred.ttft_ms == pytest.approx(loop.ttft_p50_s * 1e3, rel=1e-6)
+    assert pred.tok_s == pytest.approx(loop.tok_s, rel=1e-6)
+    assert pred.ttft_ms > _loop(fp, cfg, work, 0.0).ttft_p50_s * 1e3 + 19
+    dec = _step(fp, cfg, 4, 10 + 4 / 2, 4)  # the ITL: the 4-row decode step
     assert pred.itl_ms == pytest.approx(dec * 1e3, rel=1e-6)
-    assert pred.tok_s == pytest.approx(4 * 4 / (firsts[-1] + 3 * dec), rel=1e-6)
 
 
-def test_requests_over_replicas_arrive_alone(costs_file):
-    """Over 2 replicas the balancer splits requests that finished together (in_phase or not):
-    each is prefilled in a flat step with the other row's decode, after half the step in
-    flight; as on one replica by default."""
-    c = plan_costs.load(costs_file)
+def test_requests_over_replicas_arrive_alone(tmp_path):
+    """Over 2 replicas the balancer splits requests that finished together: each is prefilled
+    in a flat step with the other row's decode. In phase (closed-loop streams, sent at a step
+    boundary) it waits for the whole step its replica has just begun, less the front end's
+    share (the old model: half a step); arriving at random (the default), half a step."""
+    d = {**COSTS, "overhead": {"torch": {"fixed_s": 1e-3, "per_row_s": 0.0,
+                                         "first_token_s": 2e-4}}}
+    p = tmp_path / "costs.json"
+    p.write_text(json.dumps(d))
+    c = plan_costs.load(p)
     cfg = LLAMA_CONFIGS["tiny"]
     fp = footprint("llama", cfg, 1, 1)
     work = Workload(streams=4, prompt_tokens=10, new_tokens=4, in_phase=True)
@@ -172,14 +203,19 @@ def test_requests_over_replicas_arrive_alone(costs_file):
     dec = _step(fp, cfg, 2, 10 + 4 / 2, 2)
     pre = _step(fp, cfg, 11, (10 * 5 + 12) / 11, 2)  # the prompt, the other row's decode
     assert pred.itl_ms == pytest.approx(dec * 1e3, rel=1e-6)
-    assert pred.ttft_ms == pytest.approx((pre + dec / 2) * 1e3, rel=1e-6)
+    assert pred.ttft_ms == pytest.approx((2e-4 + pre + dec - 2e-4) * 1e3, rel=1e-6)
     assert pred.tok_s == pytest.approx(2 * 2 * 4 / (2 * pre + 2 * dec), rel=1e-6)
-    # one replica with requests arriving one at a time (the default): the same per replica
+    # the same requests arriving at random (the default): half the step in flight
+    (rand,) = predict(resolve_model("tiny"), c, 2, Workload(streams=4, prompt_tokens=10,
+                                                             new_tokens=4),
+                      [LayoutChoice("torch", "fp32", 1, 1, 2)])
+    assert rand.ttft_ms == pytest.approx((2e-4 + pre + dec / 2) * 1e3, rel=1e-6)
+    # one replica by default: the same per replica
     (one,) = predict(resolve_model("tiny"), c, 1, Workload(streams=2, prompt_tokens=10,
                                                             new_tokens=4),
                      [LayoutChoice("torch", "fp32", 1, 1, 1)])
-    assert one.ttft_ms == pytest.approx(pred.ttft_ms) and one.tok_s == pytest.approx(
-        pred.tok_s / 2)
+    assert one.ttft_ms == pytest.approx(rand.ttft_ms) and one.tok_s == pytest.approx(
+        rand.tok_s / 2)
 
 
 def test_oversubscribed_tp_uses_the_measured_collective_cost(tmp_path):

@@ -11,8 +11,8 @@ torch's intra-op threads), the G = H / Hkv query heads of a KV head share its re
 
 Built on first use with torch.utils.cpp_extension (g++, ~20-60 s once; cached under
 TORCH_EXTENSIONS_DIR, in a folder named after this CPU's flags since `-march=native` code must
-not run on another CPU kind: shardserve_sharding.native). Where it cannot be built, or
-SHARDSERVE_DECODE_KERNEL=0, `kernel()` is None and the cache keeps the gather + SDPA path.
+not run on another CPU kind: shardserve_sharding.models.native_build). Where it cannot be built,
+or SHARDSERVE_DECODE_KERNEL=0, `kernel()` is None and the cache keeps the gather + SDPA path.
 `reference` is the same computation in plain torch (tests compare the two).
 """
 
@@ -23,7 +23,7 @@ import threading
 
 import torch
 
-from shardserve_sharding.native import build_cpu_extension
+from shardserve_sharding.models import native_build
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -149,9 +149,11 @@ def kernel():
             return _STATE["fn"]
         fn = None
         if os.environ.get("SHARDSERVE_DECODE_KERNEL", "1") != "0":
-            mod = build_cpu_extension("shardserve_decode_attention", _SOURCE,
-                                      ["paged_decode_attention"], "decode attention kernel")
-            fn = mod.paged_decode_attention if mod is not None else None
+            mod = native_build.build(
+                "shardserve_decode_attention", _SOURCE, ["paged_decode_attention"],
+                cflags=["-O3", "-march=native", "-ffast-math"],
+                what="decode attention kernel (using gather + SDPA)")
+            fn = None if mod is None else mod.paged_decode_attention
         _STATE["fn"] = fn
         return fn
 

@@ -180,8 +180,12 @@ class PagedKVCache:
             return attention(q, k_all, v_all, mask, enable_gqa=gqa)  # [B, H, T, D]
         _, hkv, _, d = k.shape
         pool = self.kv[layer]  # [slots, 2, Hkv, D]
-        pool[:, 0].index_copy_(0, self._write, k[0].transpose(0, 1))  # [N, Hkv, D] in
-        pool[:, 1].index_copy_(0, self._write, v[0].transpose(0, 1))
+        kv = _adjacent_kv(k, v)
+        if kv is not None:  # one copy of each token's K and V heads into its slot
+            pool.index_copy_(0, self._write, kv)  # [N, 2, Hkv, D] in
+        else:
+            pool[:, 0].index_copy_(0, self._write, k[0].transpose(0, 1))  # [N, Hkv, D] in
+            pool[:, 1].index_copy_(0, self._write, v[0].transpose(0, 1))
         outs = []
         for o, n, read, mask in self._chunks:
             kv = pool.index_select(0, read)  # [S, 2, Hkv, D]
@@ -220,6 +224,20 @@ class PagedKVCache:
         kk = kv[:, :, 0].transpose(1, 2)  # [B, Hkv, S, D]
         vv = kv[:, :, 1].transpose(1, 2)  # [B, Hkv, S, D]
         return kk, vv, self._mask
+
+
+def _adjacent_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """k, v [1, Hkv, N, D] as one [N, 2, Hkv, D] view when each token's V heads follow its K
+    heads in memory, as in the fused QKV output the Llama model rotates in place (models/
+    fused_ops.py): that is a pool slot's layout, so one index_copy_ writes both. None
+    otherwise (e.g. k is a rotated copy)."""
+    _, hkv, n, d = k.shape
+    if (k.dtype != v.dtype or k.stride(3) != 1 or k.stride(1) != d or k.stride() != v.stride()
+            or k.stride(2) < 2 * hkv * d
+            or v.data_ptr() - k.data_ptr() != hkv * d * k.element_size()
+            or v.untyped_storage().data_ptr() != k.untyped_storage().data_ptr()):
+        return None
+    return k.as_strided((n, 2, hkv, d), (k.stride(2), hkv * d, d, 1))  # [N, 2, Hkv, D]
 
 
 class StateSlotPool:

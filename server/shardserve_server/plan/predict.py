@@ -23,24 +23,28 @@ With S streams over R replicas a replica runs s = ceil(S / R) rows; its decode s
 first_token_s (the front end's share) + a flat step of prompt + s - 1 tokens + half the
 decode step in flight, and tok/s per replica = s * new / (s * prefill + (new - s) * decode).
 With Workload.in_phase (closed-loop streams of equal length, as in our benchmarks) one
-replica's streams finish in one step and their next requests arrive together: the s prompts
-are prefilled together (s * prompt tokens, chunked), TTFT p50 = first_token_s + the prefill
-steps up to the median request's last chunk, tok/s = s * new / (first_token_s + prefill
-steps + (new - 1) * decode). Over several replicas the front end's balancing (fewest
-outstanding tokens) splits such groups: requests arrive alone there either way (_replica).
+replica's streams finish in one step and send their next requests together; how the leader
+takes them (the first alone, the rest a step later; two stable phases) is replayed step by
+step in closed_loop.py on this step cost. Over several replicas the front end's balancing
+(fewest outstanding tokens) splits such groups, so requests arrive alone there too, but
+each is sent at a step boundary (its predecessor's last token) and reaches the replica it
+goes to (the one it left: one row fewer) first_token_s later, while that replica's next step
+has just begun: it waits that whole step, less first_token_s, not half of one. The server
+logs behind results/plan_quiet.md show it: at 4 streams on 2 replicas the requests waited
+36-59 ms for admission, one decode step (ITL p50 44 and 55 ms), unless their replica was idle.
 Ranks on one host share its cores (a rank with fewer than one core gets a time share).
 """
 
 from __future__ import annotations
 
 import json
-import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from shardserve_sharding.models import NAMED_CONFIGS, CacheKind, config_from_dict
 
+from . import closed_loop
 from .costs import MachineCosts
 from .footprint import ACT_BYTES, DTYPE_BYTES, Footprint, footprint
 
@@ -68,9 +72,10 @@ class Workload:
     max_prefill_tokens: int = 512
     """Prompt tokens per step (shardserve serve's chunked-prefill budget)."""
     in_phase: bool = False
-    """Streams of equal length (a benchmark with EOS ignored) on one replica finish in the
-    same step and send their next requests together; False: requests arrive one at a time
-    (over several replicas the balancer spreads them either way)."""
+    """Streams of equal length (a benchmark with EOS ignored): on one replica they finish in
+    the same step and send their next requests together (replayed by closed_loop.py); over
+    several replicas the balancer spreads them, each waiting for the step its replica has
+    just begun. False: requests arrive one at a time, half a step in flight on average."""
 
 
 @dataclass(frozen=True)
@@ -254,15 +259,18 @@ def _one(fp: Footprint, model: ModelRef, costs: MachineCosts, lay: LayoutChoice,
                           kv_capacity_tokens=kv_tokens)
     threads = (costs.host_threads / lay.devices) if costs.host_threads else \
         float(max(costs.gemm_flops[lay.dtype]))  # a device's own compute
-    in_phase = work.in_phase and lay.replicas == 1
-    dec, dec_comm, ttft, _ = _replica(fp, costs, lay, threads, s, work, in_phase)
-    tok_s = 0.0
-    left = work.streams
-    for r in range(lay.replicas):  # streams spread as evenly as the balancer does
-        n = -(-left // (lay.replicas - r))
-        left -= n
-        if n:
-            tok_s += _replica(fp, costs, lay, threads, n, work, in_phase)[3]
+    dec, dec_comm, ttft, _ = _replica(fp, costs, lay, threads, s, work)
+    if work.in_phase and lay.replicas == 1:  # equal-length streams: replayed step by step
+        loop = _closed_loop(fp, costs, lay, threads, work)
+        ttft, tok_s = loop.ttft_p50_s, loop.tok_s  # the ITL stays the s-row decode step
+    else:
+        tok_s = 0.0
+        left = work.streams
+        for r in range(lay.replicas):  # streams spread as evenly as the balancer does
+            n = -(-left // (lay.replicas - r))
+            left -= n
+            if n:
+                tok_s += _replica(fp, costs, lay, threads, n, work)[3]
     notes = []
     if lay.pp > 1:
         notes.append("shardserve serve runs pp=1: planned for reference")
@@ -280,55 +288,42 @@ def _one(fp: Footprint, model: ModelRef, costs: MachineCosts, lay: LayoutChoice,
 
 
 def _replica(fp: Footprint, costs: MachineCosts, lay: LayoutChoice, threads: float, n: int,
-             work: Workload, in_phase: bool) -> tuple[float, float, float, float]:
+             work: Workload) -> tuple[float, float, float, float]:
     """(decode step s, of which collectives, TTFT p50 s, tok/s) of a replica serving `n`
-    closed-loop streams of equal length.
-
-    In phase (Workload.in_phase, one replica): all `n` finish in one step and their next
-    requests arrive together (after the front end's share), are prefilled together in chunks
-    of max_prefill_tokens (a request's first token comes with its last chunk's step; rows
-    done with their prompt decode in the later chunks' steps), then decode together for
-    new_tokens - 1 steps.
-
-    Out of phase (requests arriving one at a time; always over several replicas, where the
-    front end hands each new request to the replica with the fewest outstanding tokens and so
-    splits the requests that finished together): a request arrives alone, waits for half the
-    step in flight, and is prefilled in one flat step with the other n - 1 rows' decodes; a
-    stream's period holds n such steps and new_tokens - n decode steps."""
+    closed-loop streams whose requests arrive one at a time: a request arrives alone, waits
+    for the step in flight (half of it on average; with Workload.in_phase, all of it less the
+    front end's share: it was sent at a step boundary, see the module docstring), and is
+    prefilled in one flat step with the other n - 1 rows' decodes; a stream's period holds n
+    such steps and new_tokens - n decode steps."""
     p, g = work.prompt_tokens, work.new_tokens
     dec, dec_comm = _step_s(fp, costs, lay, threads, n, n, p + g / 2, n)
     front = costs.step_overhead(lay.backend, lay.dtype).first_token_s
-    if not in_phase:
-        tokens = p + n - 1
-        ctx = (p * p / 2 + (n - 1) * (p + g / 2)) / tokens
-        pre, _ = _step_s(fp, costs, lay, threads, tokens, n, ctx, n)
-        ttft = front + pre + (dec / 2 if n > 1 else 0.0)
-        period = min(n, g) * pre + max(g - n, 0) * dec + (front if n == 1 else 0.0)
-        return dec, dec_comm, ttft, n * g / period
-    left = [p] * n
-    done = 0
-    clock = front
-    firsts = []
-    while done < n:
-        budget, chunk, touched, finished = work.max_prefill_tokens, 0, 0, 0
-        for i in range(done, n):
-            if budget <= 0:
-                break
-            take = min(budget, left[i])
-            left[i] -= take
-            budget -= take
-            chunk += take
-            touched += 1
-            finished += left[i] == 0
-        tokens = chunk + done  # the prompt chunks, then one decode token per finished row
-        ctx = (chunk * p / 2 + done * (p + 1)) / tokens  # mean context per token
-        step, _ = _step_s(fp, costs, lay, threads, tokens, done + touched, ctx,
-                          done + finished)
-        clock += step
-        firsts += [clock] * finished
-        done += finished
-    period = clock + (g - 1) * dec
-    return dec, dec_comm, statistics.median(firsts), n * g / period
+    tokens = p + n - 1
+    ctx = (p * p / 2 + (n - 1) * (p + g / 2)) / tokens
+    pre, _ = _step_s(fp, costs, lay, threads, tokens, n, ctx, n)
+    wait = max(0.0, dec - front) if work.in_phase else dec / 2
+    ttft = front + pre + (wait if n > 1 else 0.0)
+    period = min(n, g) * pre + max(g - n, 0) * dec + (front if n == 1 else 0.0)
+    return dec, dec_comm, ttft, n * g / period
+
+
+def _closed_loop(fp: Footprint, costs: MachineCosts, lay: LayoutChoice, threads: float,
+                 work: Workload) -> closed_loop.LoopResult:
+    """Workload.in_phase on one replica: the streams replayed step by step (closed_loop.py),
+    each step costed by _step_s."""
+    memo: dict[tuple[int, int, int, int], float] = {}
+
+    def cost(tokens: int, rows: int, ctx: float, sampled: int) -> float:
+        key = (tokens, rows, round(ctx), sampled)
+        if key not in memo:
+            memo[key] = _step_s(fp, costs, lay, threads, tokens, rows, round(ctx), sampled)[0]
+        return memo[key]
+
+    return closed_loop.simulate(
+        cost, streams=work.streams, prompt=work.prompt_tokens,
+        new=work.new_tokens, max_prefill_tokens=work.max_prefill_tokens,
+        front_s=costs.step_overhead(lay.backend, lay.dtype).first_token_s,
+        flat=lay.backend == "torch")
 
 
 def recommend(preds: list[Prediction], work: Workload) -> tuple[Prediction | None, str]:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused_ops
 from .cpu_gemm import bf16_emulated, cpu_linear
 from .kv_cache import DenseKVCache
 
@@ -209,9 +210,36 @@ class Attention(nn.Module):
         qk = apply_rope(
             qkv[:, :, : h + hkv], cos.transpose(1, 2), sin.transpose(1, 2)
         )  # [B, T, H + Hkv, D]
+        return self._attend(qk, qkv[:, :, h + hkv :], cache)
+
+    def forward_fused(
+        self,
+        x: torch.Tensor,  # [B, T, dim] bf16
+        positions: torch.Tensor,  # [B * T] int64
+        rope_cos: torch.Tensor,  # [S, D] fp32 table
+        rope_sin: torch.Tensor,  # [S, D] fp32 table
+        cache: DenseKVCache | None,
+    ) -> torch.Tensor:
+        """forward() with the rotary embedding applied in place by the fused kernel (reads each
+        token's row of the tables: no gathered cos/sin); same values (fused_ops.py)."""
+        bsz, seqlen, _ = x.shape
+        h, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = fused_ops.contiguous(self.wqkv(x))  # [B, T, (H + 2 Hkv) D]
+        fused_ops.kernels().rotary_(qkv, positions, rope_cos, rope_sin, h + hkv, d)
+        qkv = qkv.view(bsz, seqlen, h + 2 * hkv, d)  # [B, T, H + 2 Hkv, D]
+        return self._attend(qkv[:, :, : h + hkv], qkv[:, :, h + hkv :], cache)
+
+    def _attend(
+        self,
+        qk: torch.Tensor,  # [B, T, H + Hkv, D], rotated
+        v: torch.Tensor,  # [B, T, Hkv, D]
+        cache: DenseKVCache | None,
+    ) -> torch.Tensor:
+        bsz, seqlen = qk.shape[:2]
+        h, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
         q = qk[:, :, :h].transpose(1, 2)  # [B, H, T, D]
         k = qk[:, :, h:].transpose(1, 2)  # [B, Hkv, T, D]
-        v = qkv[:, :, h + hkv :].transpose(1, 2)  # [B, Hkv, T, D]
+        v = v.transpose(1, 2)  # [B, Hkv, T, D]
         if cache is None:
             out = attention(q, k, v, is_causal=True, enable_gqa=h != hkv)  # [B, H, T, D]
         elif getattr(cache, "attends", False):  # the cache runs the whole attention step
@@ -232,6 +260,11 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x).chunk(2, dim=-1)  # [B, T, I] each
         return self.w2(F.silu(gate) * up)
+
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """forward() with silu(gate) * up in one kernel pass (fused_ops.py): same values."""
+        gate_up = fused_ops.contiguous(self.w13(x))  # [B, T, 2I]
+        return self.w2(fused_ops.kernels().silu_mul(gate_up))  # [B, T, dim]
 
 
 class TransformerBlock(nn.Module):
@@ -311,6 +344,8 @@ class Transformer(nn.Module):
         logits_index: torch.Tensor | None = None,  # [B]
     ) -> torch.Tensor:
         x = self.embed(tokens)  # [B, T, dim]
+        if self._can_fuse(x):
+            return self.lm_head(self._fused_layers(x, positions, cache, logits_index))
         cos = self.rope_cos[positions].unsqueeze(1).to(x.dtype)  # [B, 1, T, D]
         sin = self.rope_sin[positions].unsqueeze(1).to(x.dtype)  # [B, 1, T, D]
         for layer in self.layers:
@@ -322,6 +357,43 @@ class Transformer(nn.Module):
                 rows = torch.arange(x.shape[0], device=x.device)
                 x = x[rows, logits_index]  # [B, dim]
         return self.lm_head(self.norm(x))  # [B, V] or [B, T, V]
+
+    def _can_fuse(self, x: torch.Tensor) -> bool:
+        """bf16 CPU inference with the fused kernels built (fused_ops.active), bf16 norm
+        weights and fp32 rotary tables (the kernels' inputs)."""
+        return (fused_ops.active(x) and self.norm.weight.dtype == torch.bfloat16
+                and self.rope_cos.dtype == torch.float32)
+
+    def _fused_layers(
+        self,
+        x: torch.Tensor,  # [B, T, dim]
+        positions: torch.Tensor,  # [B, T]
+        cache: DenseKVCache | None,
+        logits_index: torch.Tensor | None,  # [B]
+    ) -> torch.Tensor:
+        """The blocks and the final norm through the fused kernels (fused_ops.py): each residual
+        add is done in place in the same pass as the norm that follows it (the next block's
+        attention_norm, or the final norm); same values as the plain loop of forward()."""
+        k = fused_ops.kernels()
+        # the residual stream, updated in place: never a view of something else (a weight)
+        x = x.clone() if x._is_view() else x.contiguous()
+        pos = positions.reshape(-1).to(torch.long).contiguous()  # [B * T] (the kernel's type)
+        layers = list(self.layers)  # (slicing a ModuleList builds a new one: ~40 us)
+        cos, sin = self.rope_cos, self.rope_sin
+        norm = layers[0].attention_norm
+        h = k.add_rms_norm_(x, None, norm.weight, norm.eps)  # [B, T, dim]
+        for i, layer in enumerate(layers):
+            a = layer.attention.forward_fused(h, pos, cos, sin, cache)  # [B, T, dim]
+            norm = layer.ffn_norm
+            h = k.add_rms_norm_(x, fused_ops.contiguous(a), norm.weight, norm.eps)
+            m = layer.feed_forward.forward_fused(h)  # [B, T, dim]
+            norm = layers[i + 1].attention_norm if i + 1 < len(layers) else self.norm
+            h = k.add_rms_norm_(x, fused_ops.contiguous(m), norm.weight, norm.eps)
+        if logits_index is None:
+            return h  # [B, T, dim]
+        if h.shape[1] == 1:
+            return h[:, 0]  # [B, dim]
+        return h[torch.arange(h.shape[0], device=h.device), logits_index]  # [B, dim]
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token embedding lookup; the TP code replaces tok_embeddings, not this method."""

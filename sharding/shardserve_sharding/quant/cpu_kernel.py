@@ -28,7 +28,7 @@ thing in plain torch (float64) for the tests.
 Needs AVX512F/BW and AVX512-VNNI at build time (`-march=native`); elsewhere (AVX2-only CPUs),
 without a compiler, or with SHARDSERVE_QUANT_KERNEL=0, `kernel()` is None and quant/kernels.py
 keeps torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu`. Built once per CPU kind
-(native.py; .ci/setup builds it next to the decode attention kernel).
+(models/native_build.py; .ci/setup builds it next to the other native kernels).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from ..native import build_cpu_extension
+from ..models import native_build
 
 BLOCK = 32
 """Activation block: columns sharing one int8 scale (the int4 group is a multiple of it)."""
@@ -313,9 +313,10 @@ def kernel():
         if "mod" not in _STATE:
             mod = None
             if os.environ.get("SHARDSERVE_QUANT_KERNEL", "1") != "0":
-                mod = build_cpu_extension("shardserve_quant_gemv", _SOURCE,
-                                          ["available", "int4_linear", "int8_linear"],
-                                          "quantized GEMV kernel")
+                mod = native_build.build(
+                    "shardserve_quant_gemv", _SOURCE, ["available", "int4_linear", "int8_linear"],
+                    cflags=["-O3", "-march=native", "-ffast-math"],
+                    what="quantized GEMV kernel (torch's int8/int4 ops instead)")
                 if mod is not None and not mod.available():
                     mod = None  # built, but this CPU has no AVX512-VNNI: torch's kernels
             _STATE["mod"] = mod
