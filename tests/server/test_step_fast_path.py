@@ -27,6 +27,7 @@ def _tied(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_argmax_rows_is_torch_argmax(vocab: int, dtype: torch.dtype) -> None:
     x = _tied((9, vocab), vocab).to(dtype)  # [B, V]
+    assert torch.equal(argmax_rows(x[:1]), x[:1].argmax(dim=-1))
     x[1] = float("-inf")  # every token masked: index 0
     x[2, : vocab // 2] = float("-inf")
     x[3, -1] = 50.0  # the max in the short last block
@@ -102,8 +103,10 @@ def _run(names: list[str], logits: list[torch.Tensor], cols: list[int]) -> dict[
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """argmax_rows' blocks of 64 columns, so that the tiny vocabulary has several."""
+    """argmax_rows' blocks of 64 columns, so that the tiny vocabulary has several, and the
+    blocked path for a single row too."""
     monkeypatch.setattr(sampling, "_ARGMAX_CHUNK", 64)
+    monkeypatch.setattr(sampling, "_ARGMAX_BLOCK_MIN_ROWS", 1)
 
 
 def test_batched_greedy_path_matches_general_path(small_blocks, monkeypatch) -> None:

@@ -320,6 +320,11 @@ def apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> 
 
 _ARGMAX_CHUNK = 1024
 """Columns per block in `argmax_rows`' first pass."""
+_ARGMAX_BLOCK_MIN_ROWS = 3
+"""Fewer rows take torch's argmax: right after a forward (cold caches) the blocked path's
+five small ops cost more than they save at 1 row (process step 0.20 -> 0.24 ms in
+loadtest/profile_step.py, SmolLM2, one Zen 4 core), though alone it is faster at every B
+(1 row 36 vs 67 us, 2 rows 42 vs 127 us, 4 rows 56 vs 253 us)."""
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
@@ -327,12 +332,12 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     the same ints, found in two passes: the vectorised max of each block of _ARGMAX_CHUNK
     columns, then argmax over the first block that holds the row's max only. torch's CPU
     argmax over the vocabulary is not vectorised: 2.1 ms for [32, 49152] fp32 on one Zen 4
-    core, 0.3 ms this way. Rows holding NaN (argmax picks the first NaN) and non-CPU tensors
-    take x.argmax."""
+    core, 0.3 ms this way. Rows holding NaN (argmax picks the first NaN), non-CPU tensors and
+    batches of fewer than _ARGMAX_BLOCK_MIN_ROWS rows take x.argmax."""
     b, v = x.shape
     c = _ARGMAX_CHUNK
     n = v // c
-    if n < 2 or x.device.type != "cpu" or x.stride(-1) != 1:
+    if n < 2 or b < _ARGMAX_BLOCK_MIN_ROWS or x.device.type != "cpu" or x.stride(-1) != 1:
         return x.argmax(dim=-1)  # [B]
     block_max = x[:, : n * c].unflatten(1, (n, c)).amax(dim=-1)  # [B, n]
     if n * c < v:
