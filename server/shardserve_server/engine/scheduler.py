@@ -413,7 +413,12 @@ class GroupScheduler:
         `logits` [B, V] is the forward's output, usually an inference-mode tensor: it is
         never written to (masks are applied out of place). A row whose logits are not all
         finite (NaN or inf weights, an overflow) ends with FinishReason.ERROR and a message;
-        the other rows sample as usual."""
+        the other rows sample as usual.
+
+        When every row is plain greedy (`_plain_greedy`) the tokens come from one batched
+        pass (finite check and argmax, one .tolist()); otherwise Sampler.sample, whose
+        tokens are the same for such rows (tests/server/test_step_fast_path.py). Per row
+        remains only `_emit`: detokenizing, stop checks, finishing."""
         idx = [i for i, flag in enumerate(samples) if flag]
         if not idx:
             return []
