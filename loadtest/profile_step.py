@@ -2,7 +2,7 @@
 
     .venv/bin/python loadtest/profile_step.py [--model models/smollm2-135m] [--rows 32]
         [--prompt-tokens 100] [--new-tokens 64] [--threads 2] [--dtype bf16] [--top 25]
-        [--clock cpu]
+        [--clock cpu] [--temperature 0.8 --top-p 0.9]
 
 Runs the group leader's loop in-process (GroupScheduler + ModelRunner, TP=1, no IPC), times
 schedule / forward / process per step (prefill steps and decode steps apart), then profiles
@@ -47,6 +47,10 @@ def main() -> int:
     ap.add_argument("--padded", action="store_true",
                     help="padded prefill and decode forwards instead of one flat forward")
     ap.add_argument("--no-profile", action="store_true", help="skip the operator table")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="sampling temperature of every row (0: greedy); sampled rows are "
+                         "seeded (row i: seed i)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's top_p")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="time steps by wall clock, or by this process's CPU time (steadier on "
                          "a busy machine with --threads 1; with 2 threads it counts both)")
@@ -64,7 +68,9 @@ def main() -> int:
     g = torch.Generator().manual_seed(0)
     for i in range(a.rows):
         ids = torch.randint(100, 40000, (a.prompt_tokens,), generator=g).tolist()
-        sched.add(GenerationRequest(tuple(ids), SamplingParams(temperature=0.0),
+        sampling = SamplingParams(temperature=a.temperature, top_p=a.top_p,
+                                  seed=i if a.temperature > 0 else None)
+        sched.add(GenerationRequest(tuple(ids), sampling,
                                     StoppingParams(max_new_tokens=a.new_tokens, ignore_eos=True),
                                     f"r{i}"))
     times: dict[str, list[float]] = {"prefill": [], "decode": []}
@@ -100,7 +106,7 @@ def main() -> int:
                 parts["process"].append(tp)
             times[kind].append(clock() - t0)
     print(f"cpu: {cpu_flags()}  torch {torch.__version__}  threads {a.threads}  {a.dtype}  "
-          f"clock {a.clock}")
+          f"clock {a.clock}  temperature {a.temperature}  top_p {a.top_p}")
     for k, v in times.items():
         if v:
             print(f"{k}: {len(v)} steps, median {1e3 * statistics.median(v):.1f} ms, "

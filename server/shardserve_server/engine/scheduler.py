@@ -37,7 +37,7 @@ from . import defaults
 from .block_pool import ROOT_KEY, BlockAllocator, block_key, prefix_keys
 from .grammar import GrammarBackend
 from .runner import FLAT, ForwardPlan
-from .sampling import Sampler
+from .sampling import Sampler, argmax_rows
 from .sequence import GenerationRequest, Sequence
 from .stopping import FinishReason
 
@@ -413,7 +413,12 @@ class GroupScheduler:
         `logits` [B, V] is the forward's output, usually an inference-mode tensor: it is
         never written to (masks are applied out of place). A row whose logits are not all
         finite (NaN or inf weights, an overflow) ends with FinishReason.ERROR and a message;
-        the other rows sample as usual."""
+        the other rows sample as usual.
+
+        When every row is plain greedy (`_plain_greedy`) the tokens come from one batched
+        pass (finite check and argmax, one .tolist()); otherwise Sampler.sample, whose
+        tokens are the same for such rows (tests/server/test_step_fast_path.py). Per row
+        remains only `_emit`: detokenizing, stop checks, finishing."""
         idx = [i for i, flag in enumerate(samples) if flag]
         if not idx:
             return []
@@ -421,7 +426,16 @@ class GroupScheduler:
         seqs = [rows[i] for i in idx]
         events: list[TokenOutput] = []
         self._partial = events  # what process_safely salvages if sampling raises midway
-        finite = torch.isfinite(lg.sum(dim=-1, dtype=torch.float32)).tolist()  # [B']
+        finite_rows = torch.isfinite(lg.sum(dim=-1, dtype=torch.float32))  # [B']
+        if all(map(_plain_greedy, seqs)):
+            # the common case in one batched pass and one .tolist(): the argmax is the whole
+            # answer (what Sampler.sample returns for such rows), no [B', V] copies
+            finite, tok_list = torch.stack((finite_rows.long(), argmax_rows(lg))).tolist()
+            if all(finite):
+                self._emit(seqs, tok_list, None, None, events)
+                return events
+        else:
+            finite = finite_rows.tolist()  # [B']
         if not all(finite):
             keep = [j for j, ok in enumerate(finite) if ok]
             for j, ok in enumerate(finite):
@@ -443,6 +457,7 @@ class GroupScheduler:
             lg = lg.to(torch.float32, copy=lg is unsuppressed)  # [B', V]
             grammar.apply(lg, constrained, bitmask, before=before)
         want_top = any(s.seq.req.logprobs for s in seqs)
+        want_lp = any(s.seq.req.logprobs is not None for s in seqs)
         params = [s.seq.req.sampling for s in seqs]
         gens = [s.seq.generator for s in seqs]
         prompts = [s.seq.prompt_ids for s in seqs]
@@ -452,27 +467,38 @@ class GroupScheduler:
             tokens, lps, full = self.sampler.sample_with_full_logprobs(lg, params, gens, prompts,
                                                                         outs)
         else:
-            tokens, lps = self.sampler.sample(
-                lg, params, gens, prompts, outs,
-                logprobs=any(s.seq.req.logprobs is not None for s in seqs))
-        tok_list = tokens.tolist()
+            tokens, lps = self.sampler.sample(lg, params, gens, prompts, outs, logprobs=want_lp)
+        if want_lp and lps is not None:
+            tok_list, lp_list = torch.stack((tokens.double(), lps.double())).tolist()
+            tok_list = [int(t) for t in tok_list]  # exact: token ids < 2**53
+        else:
+            tok_list, lp_list = tokens.tolist(), None
+        self._emit(seqs, tok_list, lp_list, full, events)
+        return events
+
+    def _emit(self, seqs: list[Scheduled], tok_list: list[int], lp_list: list[float] | None,
+              full: torch.Tensor | None, events: list[TokenOutput]) -> None:
+        """Append each row's sampled token to its sequence (detokenize, stop checks, finish)
+        and its TokenOutput to `events`: the per-row part of a step. lp_list: the chosen
+        tokens' logprobs (None: no row asked); full [B', V]: the rows' whole log-distributions
+        (for top logprobs), or None."""
         self.tokens_out += len(tok_list)
-        lp_list = lps.tolist() if lps is not None else [None] * len(seqs)
         now = time.monotonic()
-        for j, (s, tok, lp) in enumerate(zip(seqs, tok_list, lp_list, strict=True)):
-            n_top = s.seq.req.logprobs or 0
+        for j, (s, tok) in enumerate(zip(seqs, tok_list, strict=True)):
+            req = s.seq.req
+            n_top = req.logprobs or 0
             top = None
             if n_top and full is not None:
                 vals, ids = full[j].topk(min(n_top, full.shape[-1]))
                 top = list(zip(ids.tolist(), vals.tolist(), strict=True))
             if s.first_token_at is None:
                 s.first_token_at = now
-            ev = s.seq.append(tok, lp if s.seq.req.logprobs is not None else None, top)
+            lp = lp_list[j] if lp_list is not None and req.logprobs is not None else None
+            ev = s.seq.append(tok, lp, top)
             out = TokenOutput(s.id, tok, ev.text, ev.logprob, top)
             if s.seq.finished:
                 out = self._final(s, out)
             events.append(out)
-        return events
 
     @staticmethod
     def _suppress(lg: torch.Tensor, seqs: list[Scheduled]) -> torch.Tensor:
@@ -562,6 +588,16 @@ class GroupScheduler:
                     continue
                 out.append(self._final(s) if s.seq.finished else self.fail(s, msg))
             return out
+
+
+def _plain_greedy(s: Scheduled) -> bool:
+    """Whether the row's next token is just the argmax of its logits: greedy, no penalties,
+    logit bias, logprobs, grammar or tokens masked this step (min_new_tokens)."""
+    seq = s.seq
+    p = seq.req.sampling
+    return (p.is_greedy and not p.has_penalties and not p.logit_bias
+            and seq.req.logprobs is None and seq.matcher is None
+            and not seq.stop.suppressed_token_ids(len(seq.output_ids)))
 
 
 def _table_tensor(tables: list[list[int]]) -> torch.Tensor:

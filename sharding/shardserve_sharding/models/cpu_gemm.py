@@ -72,9 +72,10 @@ def _cached_copy(owner: torch.nn.Module, weight: torch.Tensor, slot: str,
                 build) -> torch.Tensor:
     """owner's copy of `weight` made by build(weight), cached in owner.__dict__[slot] (not a
     parameter or buffer, so never saved) and rebuilt when the weight changes."""
-    # inference tensors keep no version counter (and cannot change outside inference mode)
+    # inference tensors keep no version counter (and cannot change outside inference mode);
+    # weight.data = ... keeps the version but moves data_ptr
     version = -1 if weight.is_inference() else weight._version
-    key = (weight.data_ptr(), version, tuple(weight.shape), weight.dtype)
+    key = (weight.data_ptr(), version, weight.shape, weight.dtype)
     cached = owner.__dict__.get(slot)
     if cached is None or cached[0] != key:
         cached = (key, build(weight.detach()))
@@ -202,27 +203,36 @@ def packed_bf16(owner: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:
 def use_packed_bf16(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether x @ weight.T should run over the packed bf16 copy: bf16 inference on a CPU with
     bf16 instructions, of few enough rows (PACKED_BF16), outside torch.compile (which cannot
-    lower the packed op)."""
-    return (PACKED_BF16 and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
-            and x.device.type == "cpu" and not torch.is_grad_enabled()
+    lower the packed op). Cheapest tests first: cpu_linear asks it for every GEMM."""
+    return (PACKED_BF16 and x.dtype is _BF16 and weight.dtype is _BF16
             and (_PACKED_ROWS_LIMIT is None
                  or x.numel() <= _PACKED_ROWS_LIMIT * x.shape[-1])
+            and not torch.is_grad_enabled() and x.is_cpu
             and not torch.compiler.is_compiling())
+
+
+_BF16 = torch.bfloat16
+_packed_linear = torch.ops.mkldnn._linear_pointwise if _PACKED_GEMM else None
 
 
 def cpu_linear(owner: torch.nn.Module | None, x: torch.Tensor, weight: torch.Tensor | None,
                bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, weight, bias) [..., in] -> [..., out] by the fastest path this CPU has
     (module docstring); `owner` holds the cached weight copies (None: no caching), or the
-    quantized weight when `weight` is None."""
+    quantized weight when `weight` is None.
+
+    Called for every GEMM of a forward (121 per SmolLM2 step), so the choice costs little:
+    where bf16 is native the fp32 test (never true there) is skipped, and the packed test
+    runs its cheapest checks first (about 2 us less per call on one Zen 4 core)."""
     if weight is None:
         y = owner.qweight(x)  # [..., out]
         return y if bias is None else y + bias
-    if gemm_as_fp32(x, weight):
+    if _NATIVE_BF16:
+        if owner is not None and use_packed_bf16(x, weight):
+            return _packed_linear(x, packed_bf16(owner, weight), bias, "none", [],
+                                  "")  # [..., out]
+    elif gemm_as_fp32(x, weight):
         return fp32_gemm(owner, x, weight, bias)
-    if owner is not None and use_packed_bf16(x, weight):
-        return torch.ops.mkldnn._linear_pointwise(
-            x, packed_bf16(owner, weight), bias, "none", [], "")  # [..., out]
-    if bias is None and x.dtype == torch.bfloat16 and torch.compiler.is_compiling():
+    if bias is None and x.dtype is _BF16 and torch.compiler.is_compiling():
         return opaque_linear(x, weight)  # [..., out]
     return F.linear(x, weight, bias)

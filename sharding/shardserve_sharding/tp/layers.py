@@ -28,14 +28,6 @@ from ..models.cpu_gemm import cpu_linear
 from .comm import Comm
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            owner: nn.Module | None = None) -> torch.Tensor:
-    """F.linear by this CPU's fastest bf16 inference path (models.cpu_gemm.cpu_linear, as
-    models.llama.Linear uses): packed bf16 weights where bf16 is native, fp32 GEMMs over a
-    cached fp32 copy where it is emulated; owner holds the cached copies."""
-    return cpu_linear(owner, x, weight, bias)
-
-
 class _CopyToTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, comm: Comm) -> torch.Tensor:
@@ -152,11 +144,12 @@ class ColumnParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(output_size_per_partition, **kw)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
+        p = self._parameters  # not self.weight: nn.Module.__getattr__ costs ~0.5 us a lookup
+        w = p["weight"]
         if (self.replicated_rows is not None and torch.is_grad_enabled() and w is not None
                 and w.requires_grad):
             w = _SumReplicaGrads.apply(w, self.comm, self.replicated_rows)
-        y = _linear(copy_to_tp(x, self.comm), w, self.bias, self)  # [..., out/p]
+        y = cpu_linear(self, copy_to_tp(x, self.comm), w, p.get("bias"))  # [..., out/p]
         if self.gather_output:
             y = gather_from_tp(y, self.comm)  # [..., out_padded]
             if self.output_size is not None and y.shape[-1] != self.output_size:
@@ -184,8 +177,10 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(output_size, **kw)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_from_tp(_linear(x, self.weight, None, self), self.comm)  # [..., out]
-        return y + self.bias if self.bias is not None else y
+        p = self._parameters  # not self.weight: nn.Module.__getattr__ costs ~0.5 us a lookup
+        y = reduce_from_tp(cpu_linear(self, x, p["weight"], None), self.comm)  # [..., out]
+        bias = p.get("bias")
+        return y + bias if bias is not None else y
 
 
 class VocabParallelEmbedding(nn.Module):

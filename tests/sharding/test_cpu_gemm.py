@@ -1,0 +1,78 @@
+"""cpu_gemm.cpu_linear's per-call choice, as the model's and the TP code's linear layers reach
+it: which kernel runs for which row count (packed bf16 for few rows where bf16 is native),
+results equal to F.linear, and the cached packed weight following weight changes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shardserve_sharding.models import cpu_gemm
+from shardserve_sharding.models.llama import Linear
+from shardserve_sharding.tp.comm import ThreadGroup
+from shardserve_sharding.tp.layers import ColumnParallelLinear, RowParallelLinear
+
+needs_packed = pytest.mark.skipif(
+    not (cpu_gemm.PACKED_BF16 and cpu_gemm._PACKED_ROWS_LIMIT is not None),
+    reason="no native bf16 here, or SHARDSERVE_PACKED_BF16 set to 0 or 1")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _layers() -> list[torch.nn.Module]:
+    comm = ThreadGroup(1).comm(0)
+    torch.manual_seed(0)
+    layers = [Linear(64, 96, bias=True), ColumnParallelLinear(64, 96, comm, bias=True),
+              RowParallelLinear(64, 96, comm, bias=True)]
+    for m in layers[1:]:
+        torch.nn.init.normal_(m.weight)
+        torch.nn.init.normal_(m.bias)
+    return [m.to(torch.bfloat16) for m in layers]
+
+
+@needs_packed
+@pytest.mark.parametrize("rows", [1, 3, cpu_gemm.PACKED_BF16_MAX_ROWS,
+                                  cpu_gemm.PACKED_BF16_MAX_ROWS + 1, 32])
+def test_packed_kernel_for_few_rows_only(rows: int, monkeypatch) -> None:
+    calls = []
+    real = cpu_gemm._packed_linear
+    monkeypatch.setattr(cpu_gemm, "_packed_linear", lambda *a: calls.append(1) or real(*a))
+    for lin in _layers():
+        x = torch.randn(1, rows, 64).bfloat16()
+        with torch.inference_mode():
+            got = lin(x)
+        assert rel_err(got, F.linear(x, lin.weight, lin.bias)) <= 1e-2, type(lin).__name__
+    assert len(calls) == (3 if rows <= cpu_gemm.PACKED_BF16_MAX_ROWS else 0)
+    calls.clear()  # grad mode on (training) never takes the packed copy
+    lin = _layers()[0]
+    lin(torch.randn(1, 64).bfloat16()).sum().backward()
+    assert calls == [] and lin.weight.grad is not None
+
+
+@needs_packed
+def test_packed_copy_follows_weight_changes() -> None:
+    lin = _layers()[0]
+    x = torch.randn(2, 64).bfloat16()
+    with torch.inference_mode():
+        lin(x)
+    with torch.no_grad():
+        lin.weight.mul_(2)  # in place: the version counter moves
+    with torch.inference_mode():
+        assert rel_err(lin(x), F.linear(x, lin.weight, lin.bias)) <= 1e-2
+    lin.weight.data = torch.randn(96, 64).bfloat16()  # same version, new storage
+    with torch.inference_mode():
+        assert rel_err(lin(x), F.linear(x, lin.weight, lin.bias)) <= 1e-2
+
+
+def test_fp32_and_bias_free_layers_are_plain_linear() -> None:
+    comm = ThreadGroup(1).comm(0)
+    for lin in (Linear(64, 96, bias=False), ColumnParallelLinear(64, 96, comm),
+                RowParallelLinear(64, 96, comm)):
+        torch.nn.init.normal_(lin.weight)
+        x = torch.randn(5, 64)
+        with torch.inference_mode():
+            assert torch.allclose(lin(x), F.linear(x, lin.weight), rtol=1e-5, atol=1e-5)
