@@ -8,9 +8,9 @@ linear layers call:
 - native bf16: torch's bf16 GEMM (oneDNN), or the same over a copy of the weight packed
   (reordered) for oneDNN once, `packed_bf16`: on one thread of a Xeon with AMX, SmolLM2's
   GEMMs per forward, ms, 1 row 34.4 -> 21.0, 32 rows 46.1 -> 27.9, 132 rows 99.1 -> 77.1, 512
-  rows 180 -> 152 (loadtest/bench_cpu_gemm.py), but the 2-thread server served 15-30% fewer
-  tok/s with it for every GEMM (loadtest/results/engine.md): by default only GEMMs of at most
-  PACKED_BF16_MAX_ROWS rows take it;
+  rows 180 -> 152 (loadtest/bench_cpu_gemm.py); with 2 threads on a quiet machine it is
+  faster up to 256 rows and slower from 384 (loadtest/results/engine.md section 7): by default
+  GEMMs of at most PACKED_BF16_MAX_ROWS rows take it;
 - emulated bf16: GEMMs of BF16_GEMM_AS_FP32_MIN_ROWS rows or more run in fp32 over a cached
   (packed) fp32 copy, which is several times faster than the emulation;
 - anything else (fp32, training, autograd): plain F.linear;
@@ -178,20 +178,30 @@ def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 _PACKED_MODE = os.environ.get("SHARDSERVE_PACKED_BF16", "auto")
 
-PACKED_BF16_MAX_ROWS = 8
+PACKED_BF16_MAX_ROWS = 256
 """Where bf16 is native, GEMMs of at most this many rows run over the packed bf16 copy by
-default (SHARDSERVE_PACKED_BF16 unset or "auto"): decode steps of few sequences, where the
-GEMMs read each weight for one or a few rows. Set from loadtest/profile_step.py A/B runs (2
-vCPUs with AMX, loadtest/results/engine.md, 2026-12-06): packed forwards were faster at 1 and
-8 rows and not at 32."""
+default (SHARDSERVE_PACKED_BF16 unset or "auto"). Set from `loadtest/bench_cpu_gemm.py
+--threads 2` on a quiet 2-vCPU Xeon with AMX (2026-12-06 09:05, loadtest/results/engine.md
+section 7): SmolLM2's GEMMs per forward, F.linear / packed, were 2.08x at 1 row, 1.73x at 32,
+1.51x at 100, 1.24x at 256, then 0.95x at 384 and 0.91x at 512."""
 
 PACKED_BF16 = _NATIVE_BF16 and _PACKED_GEMM and _PACKED_MODE != "0"
 """Native-bf16 CPUs may run inference GEMMs over a oneDNN-packed copy of each bf16 weight:
 SHARDSERVE_PACKED_BF16=1 for every GEMM, unset/"auto" for GEMMs of at most
-PACKED_BF16_MAX_ROWS rows, 0 never. Costs one more copy of the weight bytes (built on the
-first GEMM that uses it)."""
+PACKED_BF16_MAX_ROWS rows, an integer N > 1 for GEMMs of at most N rows (for A/B runs), 0
+never. Costs one more copy of the weight bytes (built on the first GEMM that uses it)."""
 
-_PACKED_ROWS_LIMIT = None if _PACKED_MODE == "1" else PACKED_BF16_MAX_ROWS
+
+def _rows_limit(mode: str) -> int | None:
+    """The most rows a packed GEMM takes under SHARDSERVE_PACKED_BF16=mode (None: no limit)."""
+    if mode == "1":
+        return None
+    if mode.isdigit() and int(mode) > 1:
+        return int(mode)
+    return PACKED_BF16_MAX_ROWS
+
+
+_PACKED_ROWS_LIMIT = _rows_limit(_PACKED_MODE)
 
 
 def packed_bf16(owner: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:
