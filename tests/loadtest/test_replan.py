@@ -1,5 +1,6 @@
 """loadtest/replan.py: a validate_plan results file re-predicted offline from its stored
-costs (the committed quiet-machine file, and damaged copies of it)."""
+costs (a frozen copy of the quiet-machine file of 2026-12-06 05:55, and damaged copies of it;
+not the live loadtest/results/plan_quiet.md, which every validate_plan run replaces)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ sys.path.insert(0, str(LOADTEST))
 import replan  # noqa: E402
 import server_log  # noqa: E402
 
-QUIET = LOADTEST / "results" / "plan_quiet.md"
+QUIET = Path(__file__).resolve().parent / "data" / "plan_quiet_2026-12-06-0555.md"
 
 
 def test_the_quiet_file_parses_into_its_points_and_costs():
