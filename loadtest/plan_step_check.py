@@ -28,7 +28,6 @@ from results_io import cpu_flags, header, write_results
 from shardserve_server.plan import measure
 from shardserve_server.plan.costs import _interp_log
 from shardserve_sharding.models import LLAMA_CONFIGS
-from shardserve_sharding.models.llama import Transformer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -48,14 +47,7 @@ def main() -> int:
     nongemm = measure.measure_nongemm(cfg, tuple(DTYPES), (1,))
     body = cfg.n_layers * sum(o * i for o, i in measure._layer_shapes(cfg))  # per token
     head = cfg.vocab_size * cfg.dim
-    with torch.device("meta"):
-        base = Transformer(cfg)
-    base = base.to_empty(device="cpu")
-    base.reset_buffers()
-    with torch.no_grad():
-        for p in base.parameters():
-            p.normal_(0, 0.02)
-    base.eval()
+    base = measure.synthetic_llama(cfg, lambda p: p.normal_(0, 0.02))
     rows = []
     for d, dt in DTYPES.items():
         model = copy.deepcopy(base).to(dt)

@@ -115,6 +115,22 @@ NONGEMM_TOKENS = (1, 128)
 """Tokens per forward at which the model's non-GEMM time is timed (linear in between)."""
 
 
+def synthetic_llama(config: Any, init: Any) -> torch.nn.Module:
+    """A Llama-family Transformer of `config` on the CPU in eval mode, built on the meta device
+    (no default init) and each parameter set in place by `init(p)`: timing runs need the shapes,
+    not trained values."""
+    from shardserve_sharding.models.llama import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    model = model.to_empty(device="cpu")
+    model.reset_buffers()
+    with torch.no_grad():
+        for p in model.parameters():
+            init(p)
+    return model.eval()
+
+
 def measure_nongemm(config: Any, dtypes: tuple[str, ...], thread_counts: tuple[int, ...],
                     rounds: int = 3) -> dict[str, dict[int, dict[int, float]]]:
     """dtype -> threads -> tokens -> seconds of the model's own eager forward (TP 1, no
@@ -124,16 +140,9 @@ def measure_nongemm(config: Any, dtypes: tuple[str, ...], thread_counts: tuple[i
     Rounds interleave as in measure_gemm; the median is kept."""
     import copy
 
-    from shardserve_sharding.models.llama import Linear, Transformer
+    from shardserve_sharding.models.llama import Linear
 
-    with torch.device("meta"):
-        base = Transformer(config)
-    base = base.to_empty(device="cpu")
-    base.reset_buffers()
-    with torch.no_grad():
-        for p in base.parameters():
-            p.fill_(0.01)
-    base.eval()
+    base = synthetic_llama(config, lambda p: p.fill_(0.01))
     models = {d: copy.deepcopy(base).to({"fp32": torch.float32, "bf16": torch.bfloat16}[d])
               for d in dtypes}
     del base

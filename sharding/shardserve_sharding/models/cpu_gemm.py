@@ -233,7 +233,8 @@ def cpu_linear(owner: torch.nn.Module | None, x: torch.Tensor, weight: torch.Ten
 
     Called for every GEMM of a forward (121 per SmolLM2 step), so the choice costs little:
     where bf16 is native the fp32 test (never true there) is skipped, and the packed test
-    runs its cheapest checks first (about 2 us less per call on one Zen 4 core)."""
+    runs its cheapest checks first (with the direct parameter reads of the linear layers,
+    ~6 us less per call on the 2-vCPU Xeon: loadtest/bench_linear_call.py, engine.md section 6)."""
     if weight is None:
         y = owner.qweight(x)  # [..., out]
         return y if bias is None else y + bias
