@@ -103,6 +103,27 @@ static void quantize_rows(const T* x, int64_t M, int64_t K, int8_t* a, float* ds
   }
 }
 
+// One call's activations: x [..., K] (M rows) quantized by quantize_rows, and the output
+// [..., N] in x's dtype that the tiles fill.
+struct QuantRows {
+  int64_t K, M;
+  torch::Tensor out;
+  std::vector<int8_t> a;
+  std::vector<float> da, sx;
+  std::vector<int32_t> sa;
+  QuantRows(const torch::Tensor& x, int64_t N)
+      : K(x.size(-1)), M(K ? x.numel() / K : 0), a(2 * M * K), da(M * (K / 32)),
+        sx(M * (K / 32)), sa(M * (K / 32)) {
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = N;
+    out = torch::empty(shape, x.options());
+  }
+  template <typename T>
+  void quantize(const torch::Tensor& x) {
+    quantize_rows(x.data_ptr<T>(), M, K, a.data(), da.data(), sx.data(), sa.data());
+  }
+};
+
 template <typename T>
 static inline void store_tile(const float* acc, T* out, int64_t n0, int64_t N) {
   const int64_t n = N - n0 < 16 ? N - n0 : 16;
@@ -198,7 +219,8 @@ static inline void int8_tile(const uint8_t* w, const float* rs, const int8_t* a,
   }
 }
 
-// Calls f.template operator()<MC>(m0) for each chunk of at most 8 rows.
+// Runs BODY for each chunk of at most 8 rows (from row m0), with MC its row count as a
+// compile-time constant.
 #define QK_CHUNKS(M, BODY)                                     \
   for (int64_t m0 = 0; m0 < (M); m0 += 8) {                     \
     const int64_t mc = (M) - m0 < 8 ? (M) - m0 : 8;            \
@@ -232,25 +254,21 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor sc, in
   TORCH_CHECK(G > 0 && G % 32 == 0 && K > 0 && K % G == 0 && w.scalar_type() == at::kByte &&
               w.numel() == NT * K * 8 && sc.numel() == NT * (K / G) * 32 && NT * 16 >= N &&
               N > NT * 16 - 16, "int4 pack does not match x");
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  auto out = torch::empty(shape, x.options());
-  if (M == 0) return out;
-  std::vector<int8_t> a(2 * M * K);
-  std::vector<float> da(M * (K / 32)), sx(M * (K / 32));
-  std::vector<int32_t> sa(M * (K / 32));
+  QuantRows q(x, N);
+  if (M == 0) return q.out;
 #ifdef QK_AVX512
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "int4_linear", [&] {
     using T = scalar_t;
-    quantize_rows(x.data_ptr<T>(), M, K, a.data(), da.data(), sx.data(), sa.data());
+    q.quantize<T>(x);
     const uint8_t* wp = w.data_ptr<uint8_t>();
-    T* op = out.data_ptr<T>();
+    T* op = q.out.data_ptr<T>();
     const int64_t KB = K / 32, NG = K / G;
     auto run = [&](auto* sp) {
       at::parallel_for(0, NT, grain_tiles(K), [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
-          QK_CHUNKS(M, (int4_tile<MC>(wp + t * KB * 256, sp + t * NG * 32, a.data() + m0 * 2 * K,
-                                      da.data() + m0 * KB, sx.data() + m0 * KB, sa.data() + m0 * KB,
+          QK_CHUNKS(M, (int4_tile<MC>(wp + t * KB * 256, sp + t * NG * 32,
+                                      q.a.data() + m0 * 2 * K, q.da.data() + m0 * KB,
+                                      q.sx.data() + m0 * KB, q.sa.data() + m0 * KB,
                                       op + m0 * N,
                                       K, G, N, t * 16)));
         }
@@ -261,7 +279,7 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor sc, in
     else TORCH_CHECK(false, "int4 scales must be half or float");
   });
 #endif
-  return out;
+  return q.out;
 }
 
 // x [..., K] (M rows); w [NT, K/32, 8, 16, 4] uint8 (q + 128); rs [NT * 16] float -> [..., N]
@@ -274,31 +292,26 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor rs, in
   TORCH_CHECK(K > 0 && K % 32 == 0 && w.scalar_type() == at::kByte && w.numel() == NT * K * 16 &&
               rs.scalar_type() == at::kFloat && rs.numel() == NT * 16 && NT * 16 >= N &&
               N > NT * 16 - 16, "int8 pack does not match x");
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  auto out = torch::empty(shape, x.options());
-  if (M == 0) return out;
-  std::vector<int8_t> a(2 * M * K);
-  std::vector<float> da(M * (K / 32)), sx(M * (K / 32));
-  std::vector<int32_t> sa(M * (K / 32));
+  QuantRows q(x, N);
+  if (M == 0) return q.out;
 #ifdef QK_AVX512
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "int8_linear", [&] {
     using T = scalar_t;
-    quantize_rows(x.data_ptr<T>(), M, K, a.data(), da.data(), sx.data(), sa.data());
+    q.quantize<T>(x);
     const uint8_t* wp = w.data_ptr<uint8_t>();
     const float* rp = rs.data_ptr<float>();
-    T* op = out.data_ptr<T>();
+    T* op = q.out.data_ptr<T>();
     const int64_t KB = K / 32;
     at::parallel_for(0, NT, grain_tiles(K), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        QK_CHUNKS(M, (int8_tile<MC>(wp + t * KB * 512, rp + t * 16, a.data() + m0 * 2 * K,
-                                    da.data() + m0 * KB, sa.data() + m0 * KB, op + m0 * N, K,
+        QK_CHUNKS(M, (int8_tile<MC>(wp + t * KB * 512, rp + t * 16, q.a.data() + m0 * 2 * K,
+                                    q.da.data() + m0 * KB, q.sa.data() + m0 * KB, op + m0 * N, K,
                                     N, t * 16)));
       }
     });
   });
 #endif
-  return out;
+  return q.out;
 }
 """
 

@@ -1,0 +1,47 @@
+"""The C++ kernels build wherever they can: each kernel's own tests skip when it is absent, so a
+source that stops compiling would otherwise pass as "not built here". With a C++ compiler and
+no opt-out variable, the decode attention and fused-op kernels must build, and the quantized
+GEMV kernel too on a CPU with AVX512-F/BW/VNNI and F16C."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from shardserve_server.engine import decode_attention
+from shardserve_sharding.models import fused_ops
+from shardserve_sharding.quant import cpu_kernel
+
+
+def _cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                    reason="no C++ compiler here: the kernels fall back")
+
+
+@needs_compiler
+@pytest.mark.parametrize("env, built", [
+    ("SHARDSERVE_DECODE_KERNEL", decode_attention.kernel),
+    ("SHARDSERVE_FUSED_OPS", fused_ops.kernels),
+])
+def test_portable_kernels_build(env, built):
+    if os.environ.get(env) == "0":
+        pytest.skip(f"{env}=0")
+    assert built() is not None, f"the kernel did not build (see the warning logged by {env})"
+
+
+@needs_compiler
+def test_quant_kernel_builds_where_the_cpu_has_vnni():
+    if os.environ.get("SHARDSERVE_QUANT_KERNEL") == "0":
+        pytest.skip("SHARDSERVE_QUANT_KERNEL=0")
+    if not {"avx512f", "avx512bw", "avx512_vnni", "f16c"} <= _cpu_flags():
+        pytest.skip("no AVX512-VNNI here: torch's int8/int4 ops run")
+    assert cpu_kernel.kernel() is not None
