@@ -140,6 +140,15 @@ class RunningServer:
         return self.proc.returncode
 
 
+def short_deadline(run_once, fraction: float = 0.25, floor: float = 0.02) -> float:
+    """A deadline (seconds) that the request `run_once` makes cannot meet on this machine:
+    `fraction` of the time one full run takes here. A fixed 0.3 s was met by 400 tiny-model
+    tokens on a fast CI machine, so the deadline tests passed nothing and failed."""
+    t0 = time.monotonic()
+    run_once()
+    return max(floor, (time.monotonic() - t0) * fraction)
+
+
 def poll(fn, timeout: float = 15.0) -> bool:
     """Call fn every 0.1 s until it is true or `timeout` seconds pass; its last answer."""
     deadline = time.monotonic() + timeout

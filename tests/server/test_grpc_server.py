@@ -18,7 +18,7 @@ import urllib.request
 
 import grpc
 import pytest
-from grpc_servers import RunningServer, free_port, poll
+from grpc_servers import RunningServer, free_port, poll, short_deadline
 
 from shardserve_client import (
     READINESS,
@@ -113,8 +113,9 @@ def test_prompt_limits_and_truncation(server):
 
 def test_deadline_and_cancel_free_the_cache(server):
     with server.client() as c:
+        deadline = short_deadline(lambda: c.generate("hello", max_new_tokens=400, ignore_eos=True))
         with pytest.raises(DeadlineExceeded):
-            c.generate("hello", max_new_tokens=400, ignore_eos=True, timeout=0.3)
+            c.generate("hello", max_new_tokens=400, ignore_eos=True, timeout=deadline)
         stream = c.generate_stream("hello", max_new_tokens=400, ignore_eos=True)
         next(stream)
         stream.close()  # client cancel mid-stream

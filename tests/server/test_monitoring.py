@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from grpc_servers import RunningServer, poll
+from grpc_servers import RunningServer, poll, short_deadline
 from prometheus_client.parser import text_string_to_metric_families
 
 from shardserve_client import DeadlineExceeded, InvalidArgument
@@ -131,8 +131,9 @@ def _exercise(server) -> None:
         stream.close()
         with pytest.raises(InvalidArgument):
             c.generate("x", temperature=-1.0)
+        deadline = short_deadline(lambda: c.generate("hello", max_new_tokens=400, ignore_eos=True))
         with pytest.raises(DeadlineExceeded):
-            c.generate("hello", max_new_tokens=400, ignore_eos=True, timeout=0.3)
+            c.generate("hello", max_new_tokens=400, ignore_eos=True, timeout=deadline)
 
 
 
