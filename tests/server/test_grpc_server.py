@@ -320,14 +320,15 @@ def test_sigterm_drains_in_flight_work(tiny_llama_dir):
 
     def call():
         with s.client() as c:
-            out["r"] = c.generate("hello", max_new_tokens=150, ignore_eos=True)
+            # long enough that the 0.1 s poll below sees it running on a fast machine
+            out["r"] = c.generate("hello", max_new_tokens=400, ignore_eos=True)
 
     t = threading.Thread(target=call)
     t.start()
     assert poll(lambda: s.metric("shardserve_running_requests") >= 1, 20)
     s.proc.send_signal(signal.SIGTERM)
     t.join(60)
-    assert out["r"].generated_token_count == 150
+    assert out["r"].generated_token_count == 400
     assert s.proc.wait(60) == 0
 
 

@@ -533,7 +533,7 @@ def test_drain_answers_503_and_finishes_in_flight(server, client):
     got: list[str] = []
 
     def read():
-        for c in client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=150,
+        for c in client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=400,
                                            stream=True, extra_body={"ignore_eos": True}):
             got.extend(ch.finish_reason or "" for ch in c.choices)
 
