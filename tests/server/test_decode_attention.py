@@ -14,11 +14,10 @@ pytestmark = pytest.mark.skipif(decode_attention.kernel() is None,
                                 reason="the kernel could not be built here (no C++ toolchain)")
 
 
-def _case(dtype, rows=5, h=6, hkv=2, d=16, bs=4, num_blocks=40, seed=0):
+def _case(dtype, rows=5, h=6, hkv=2, d=16, bs=4, num_blocks=40, seed=0, nb=6):
     g = torch.Generator().manual_seed(seed)
     pool = (torch.randn(num_blocks * bs, 2, hkv, d, generator=g) * 3).to(dtype)  # [slots,2,Hkv,D]
     lens = torch.tensor([1, bs, bs + 1, 3 * bs - 1, 5 * bs][:rows])  # [R] keys per row
-    nb = 6
     perm = torch.randperm(num_blocks, generator=g)[: rows * nb].view(rows, nb)  # distinct blocks
     tables = perm.clone()
     for r in range(rows):  # -1 past the row's blocks, as the scheduler pads
@@ -29,8 +28,15 @@ def _case(dtype, rows=5, h=6, hkv=2, d=16, bs=4, num_blocks=40, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_kernel_equals_reference_and_sdpa(dtype, threads):
-    q, pool, tables, lens, bs = _case(dtype)
+@pytest.mark.parametrize("shape", ["generic", "smollm2", "llama3"])
+def test_kernel_equals_reference_and_sdpa(dtype, threads, shape):
+    """generic: head size and group known only at run time; smollm2 (D 64, G 3) and llama3
+    (D 128, G 4): the compiled-in shapes, which take the AVX512-BF16 path for bf16 where the
+    CPU has it (16 keys a step: the lengths cover a partial last step and several blocks)."""
+    h, hkv, d = {"generic": (6, 2, 16), "smollm2": (9, 3, 64), "llama3": (8, 2, 128)}[shape]
+    q, pool, tables, lens, bs = _case(dtype, h=h, hkv=hkv, d=d, bs=16, num_blocks=64, nb=6)
+    if shape == "generic":
+        q, pool, tables, lens, bs = _case(dtype)
     scale = q.shape[-1] ** -0.5
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -64,3 +70,38 @@ def test_kernel_rejects_bad_shapes():
         decode_attention.kernel()(q, pool, tables, lens + 100, bs, 1.0)
     with pytest.raises(RuntimeError):
         decode_attention.kernel()(q, pool.to(torch.bfloat16), tables, lens, bs, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_kernel_writes_every_token_and_attends_the_decode_rows_in_place(dtype):
+    """paged_attend_step reads q, k, v as views of one QKV buffer, writes all N tokens' K/V into
+    their slots (pool equals index_copy_'s), and attends the last R tokens (decode rows whose
+    newest key is the token just written) into the last R rows of out, leaving the rows before
+    them (prompt chunks, filled by the caller) untouched."""
+    q0, pool, tables, lens, bs = _case(dtype)
+    r, h, d = q0.shape
+    hkv = pool.shape[2]
+    n = r + 3  # 3 prompt-chunk tokens, then the R decode rows
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(n, h + 2 * hkv, d, generator=g).to(dtype)  # [N, H + 2 Hkv, D]
+    q, k, v = qkv[:, :h], qkv[:, h : h + hkv], qkv[:, h + hkv :]  # views, row stride (H+2Hkv)D
+    dec_slots = torch.stack([tables[i, (int(lens[i]) - 1) // bs] * bs + (int(lens[i]) - 1) % bs
+                             for i in range(r)])  # each decode row's newest key
+    used = set((tables[tables >= 0, None] * bs + torch.arange(bs)).flatten().tolist())
+    free = [s for s in range(pool.shape[0]) if s not in used][:3]
+    write = torch.cat([torch.tensor(free), dec_slots])  # [N]
+    want_pool = pool.clone()
+    want_pool.index_copy_(0, write, torch.stack([k, v], dim=1))  # [N, 2, Hkv, D]
+    out = torch.full((n, h, d), 7.0, dtype=dtype)
+    decode_attention.step_kernel()(q, k, v, pool, write, tables, lens, out, bs, d ** -0.5)
+    assert torch.equal(pool, want_pool)
+    ref = decode_attention.reference(q[3:].contiguous(), want_pool, tables, lens, bs, d ** -0.5)
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    assert (out[3:].float() - ref.float()).abs().max() <= tol * ref.float().abs().max()
+    assert bool((out[:3] == 7.0).all())
+    with pytest.raises(RuntimeError, match="write slot"):
+        decode_attention.step_kernel()(q, k, v, pool, write + pool.shape[0], tables, lens, out,
+                                       bs, 1.0)
+    with pytest.raises(RuntimeError, match="block id"):
+        decode_attention.step_kernel()(q, k, v, pool, write, tables.clamp(max=0) - 1, lens, out,
+                                       bs, 1.0)

@@ -30,6 +30,7 @@ needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which
 @needs_compiler
 @pytest.mark.parametrize("env, built", [
     ("SHARDSERVE_DECODE_KERNEL", decode_attention.kernel),
+    ("SHARDSERVE_DECODE_KERNEL", decode_attention.step_kernel),
     ("SHARDSERVE_FUSED_OPS", fused_ops.kernels),
 ])
 def test_portable_kernels_build(env, built):

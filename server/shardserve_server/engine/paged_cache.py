@@ -47,6 +47,10 @@ class PagedKVCache:
         self._decode_kernel = (decode_attention.kernel() if torch.device(device).type == "cpu"
                                else None)
         """The C++ decode attention (decode_attention.py), or None: gather + SDPA."""
+        self._step_kernel = (decode_attention.step_kernel() if self._decode_kernel is not None
+                             else None)
+        """The same extension's whole-step call (K/V writes + decode rows in place), or None."""
+        self._no_rows = (torch.empty(0, 1, dtype=torch.long), torch.empty(0, dtype=torch.long))
 
     def set_step(self, block_tables: torch.Tensor, positions: torch.Tensor,
                  num_new: torch.Tensor) -> None:
@@ -180,6 +184,9 @@ class PagedKVCache:
             return attention(q, k_all, v_all, mask, enable_gqa=gqa)  # [B, H, T, D]
         _, hkv, _, d = k.shape
         pool = self.kv[layer]  # [slots, 2, Hkv, D]
+        if (self._step_kernel is not None and (self._dec_lens is not None or not self._dec_rows)
+                and q.dtype == k.dtype == v.dtype == pool.dtype):
+            return self._attend_step(pool, q, k, v)
         kv = _adjacent_kv(k, v)
         if kv is not None:  # one copy of each token's K and V heads into its slot
             pool.index_copy_(0, self._write, kv)  # [N, 2, Hkv, D] in
@@ -208,6 +215,30 @@ class PagedKVCache:
             od = attention(qd, kk, vv, self._dec_mask, enable_gqa=gqa)  # [Dn, H, 1, D]
             outs.append(od[:, :, 0].transpose(0, 1).unsqueeze(0))  # [1, H, Dn, D]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # [1, H, N, D]
+
+    def _attend_step(self, pool: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor) -> torch.Tensor:
+        """A flat step's attention with one kernel call for the K/V writes and the decode rows
+        (q, k, v read in place from the QKV projection's output, the decode rows written into
+        their rows of one output buffer); prompt chunks through SDPA into theirs. q [1, H, N,
+        D], k, v [1, Hkv, N, D] -> [1, H, N, D] (a view of a contiguous [1, N, H, D], so the
+        model's transpose back and reshape copy nothing)."""
+        from shardserve_sharding.models.llama import attention
+
+        _, h, n, d = q.shape
+        out = torch.empty(n, h, d, dtype=q.dtype, device=q.device)  # [N, H, D]
+        tables, lens = ((self._dec_tables, self._dec_lens) if self._dec_lens is not None
+                        else self._no_rows)
+        self._step_kernel(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+                          pool, self._write, tables, lens, out, self.block_size, d ** -0.5)
+        gqa = h != k.shape[1]
+        for o, m, read, mask in self._chunks:
+            kv = pool.index_select(0, read)  # [S, 2, Hkv, D]
+            kk = kv[:, 0].transpose(0, 1).unsqueeze(0)  # [1, Hkv, S, D]
+            vv = kv[:, 1].transpose(0, 1).unsqueeze(0)
+            out[o : o + m] = attention(q[:, :, o : o + m], kk, vv, mask, is_causal=mask is None,
+                                       enable_gqa=gqa)[0].transpose(0, 1)  # [m, H, D]
+        return out.unsqueeze(0).transpose(1, 2)  # [1, H, N, D]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """k, v [B, Hkv, T, D] -> gathered k, v [B, Hkv, S, D] and mask [B, 1, T, S] or None."""

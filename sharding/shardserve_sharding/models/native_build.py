@@ -2,7 +2,8 @@
 
 The kernels are compiled with `-march=native`, so a build must never be loaded on another CPU
 kind: the extension's name carries a short hash of this CPU's model and flags, and torch's
-cpp_extension caches it under TORCH_EXTENSIONS_DIR in a folder of that name (g++, 20-90 s on
+cpp_extension caches it under TORCH_EXTENSIONS_DIR in a folder of that name (plus a hash of
+the source) (g++, 20-90 s on
 first use, then loaded in well under a second). Where there is no compiler, headers or ninja,
 `build` logs one warning and returns None, and the caller keeps its plain-torch path.
 
@@ -34,14 +35,17 @@ def cpu_tag() -> str:
 
 def build(name: str, source: str, functions: Sequence[str], *, cflags: Sequence[str],
           what: str):
-    """load_inline(source) as `{name}_{cpu_tag()}` with `cflags` (plus OpenMP, which binds to
-    torch's own runtime); returns the module, or None after a warning naming `what` falls
-    back (no compiler, headers or ninja; a compile error)."""
+    """load_inline(source) as `{name}_{cpu_tag()}_{source hash}` with `cflags` (plus OpenMP,
+    which binds to torch's own runtime); returns the module, or None after a warning naming
+    `what` falls back (no compiler, headers or ninja; a compile error)."""
+    # the source's hash too: two checkouts (or branches) with different sources each keep
+    # their own build instead of rebuilding over each other's in the shared cache folder
+    src = hashlib.sha1("\0".join([source, *functions, *cflags]).encode()).hexdigest()[:8]
     try:
         from torch.utils.cpp_extension import load_inline
 
         return load_inline(
-            name=f"{name}_{cpu_tag()}", cpp_sources=source, functions=list(functions),
+            name=f"{name}_{cpu_tag()}_{src}", cpp_sources=source, functions=list(functions),
             extra_cflags=[*cflags, "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, headers or ninja: the caller keeps its torch path
         log.warning("%s not built (%s)", what,
