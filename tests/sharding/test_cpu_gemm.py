@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shardserve_sharding.models import cpu_gemm
+from shardserve_sharding.models import bf16_gemv, cpu_gemm
 from shardserve_sharding.models.llama import Linear
 from shardserve_sharding.tp.comm import ThreadGroup
 from shardserve_sharding.tp.layers import ColumnParallelLinear, RowParallelLinear
@@ -38,15 +38,21 @@ def _layers() -> list[torch.nn.Module]:
 @pytest.mark.parametrize("rows", [1, 3, cpu_gemm.PACKED_BF16_MAX_ROWS,
                                   cpu_gemm.PACKED_BF16_MAX_ROWS + 1, 32])
 def test_packed_kernel_for_few_rows_only(rows: int, monkeypatch) -> None:
-    calls = []
+    calls, gemv = [], []
     real = cpu_gemm._packed_linear
     monkeypatch.setattr(cpu_gemm, "_packed_linear", lambda *a: calls.append(1) or real(*a))
+    real_gemv = bf16_gemv.gemv
+    monkeypatch.setattr(bf16_gemv, "gemv", lambda *a: gemv.append(1) or real_gemv(*a))
     for lin in _layers():
         x = torch.randn(1, rows, 64).bfloat16()
         with torch.inference_mode():
             got = lin(x)
         assert rel_err(got, F.linear(x, lin.weight, lin.bias)) <= 1e-2, type(lin).__name__
-    assert len(calls) == (3 if rows <= cpu_gemm.PACKED_BF16_MAX_ROWS else 0)
+    # bias-free GEMMs of 1-2 rows take the bf16 GEMV where it is built (the row-parallel
+    # layer adds its bias after the reduction), the others of few rows the packed copy
+    assert len(calls) + len(gemv) == (3 if rows <= cpu_gemm.PACKED_BF16_MAX_ROWS else 0)
+    use_gemv = rows <= bf16_gemv.MAX_ROWS and bf16_gemv.kernel() is not None
+    assert len(gemv) == (1 if use_gemv else 0)
     calls.clear()  # grad mode on (training) never takes the packed copy
     lin = _layers()[0]
     lin(torch.randn(1, 64).bfloat16()).sum().backward()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from shardserve_server.engine import decode_attention
-from shardserve_sharding.models import fused_ops
+from shardserve_sharding.models import bf16_gemv, fused_ops
 from shardserve_sharding.quant import cpu_kernel
 
 
@@ -46,3 +46,12 @@ def test_quant_kernel_builds_where_the_cpu_has_vnni():
     if not {"avx512f", "avx512bw", "avx512_vnni", "f16c"} <= _cpu_flags():
         pytest.skip("no AVX512-VNNI here: torch's int8/int4 ops run")
     assert cpu_kernel.kernel() is not None
+
+
+@needs_compiler
+def test_bf16_gemv_builds_where_the_cpu_has_avx512_bf16():
+    if os.environ.get("SHARDSERVE_BF16_GEMV") == "0":
+        pytest.skip("SHARDSERVE_BF16_GEMV=0")
+    if "avx512_bf16" not in _cpu_flags():
+        pytest.skip("no AVX512-BF16 here: oneDNN's GEMM runs")
+    assert bf16_gemv.kernel() is not None

@@ -10,7 +10,9 @@ linear layers call:
   GEMMs per forward, ms, 1 row 34.4 -> 21.0, 32 rows 46.1 -> 27.9, 132 rows 99.1 -> 77.1, 512
   rows 180 -> 152 (loadtest/bench_cpu_gemm.py); with 2 threads on a quiet machine it is
   faster up to 256 rows and slower from 384 (loadtest/results/engine.md section 7): by default
-  GEMMs of at most PACKED_BF16_MAX_ROWS rows take it;
+  GEMMs of at most PACKED_BF16_MAX_ROWS rows take it; of those, GEMMs of at most
+  bf16_gemv.MAX_ROWS rows (decode at batch 1-2) take our AVX512-BF16 GEMV over the plain
+  weight instead, where it is built (models/bf16_gemv.py: no per-call set-up, prefetched rows);
 - emulated bf16: GEMMs of BF16_GEMM_AS_FP32_MIN_ROWS rows or more run in fp32 over a cached
   (packed) fp32 copy, which is several times faster than the emulation;
 - anything else (fp32, training, autograd): plain F.linear;
@@ -28,6 +30,8 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import bf16_gemv
 
 BF16_GEMM_AS_FP32_MIN_ROWS = 5
 """bf16 matmuls with at least this many rows run as fp32 GEMMs where bf16 is emulated. Measured
@@ -240,6 +244,8 @@ def cpu_linear(owner: torch.nn.Module | None, x: torch.Tensor, weight: torch.Ten
         return y if bias is None else y + bias
     if _NATIVE_BF16:
         if owner is not None and use_packed_bf16(x, weight):
+            if bias is None and bf16_gemv.fits(x, weight) and bf16_gemv.kernel() is not None:
+                return bf16_gemv.gemv(x, weight)  # [..., out]
             return _packed_linear(x, packed_bf16(owner, weight), bias, "none", [],
                                   "")  # [..., out]
     elif gemm_as_fp32(x, weight):

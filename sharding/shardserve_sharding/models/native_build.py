@@ -8,8 +8,9 @@ first use, then loaded in well under a second). Where there is no compiler, head
 `build` logs one warning and returns None, and the caller keeps its plain-torch path.
 
 Users: server/.../engine/decode_attention.py (decode attention over the paged KV pool),
-models/fused_ops.py (residual add + RMSNorm, rotary, SiLU x up) and quant/cpu_kernel.py
-(int4 / int8 weight-only GEMV for decode).
+models/fused_ops.py (residual add + RMSNorm, rotary, SiLU x up), models/bf16_gemv.py (bf16
+GEMV for decode steps of few rows) and quant/cpu_kernel.py (int4 / int8 weight-only GEMV for
+decode).
 """
 
 from __future__ import annotations
@@ -31,6 +32,18 @@ def cpu_tag() -> str:
     except OSError:
         lines = [torch.backends.cpu.get_cpu_capability()]
     return hashlib.sha1("".join(lines).encode()).hexdigest()[:10]
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (/proc/cpuinfo's `flags` line; empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def build(name: str, source: str, functions: Sequence[str], *, cflags: Sequence[str],
