@@ -48,7 +48,10 @@ CFG = LlamaConfig(vocab_size=41, dim=192, n_layers=2, n_heads=6, n_kv_heads=3,
 """TP 1, 3 and 6 cut it with whole int4 groups of 32 (wo: 192 / 6 = 32 columns per rank; w2
 likewise), TP 3 with groups of 64; an odd vocabulary (41) pads at TP 3 and 6; TP 6 replicates
 the 3 KV heads."""
-SCHEMES = [QuantConfig("int8"), QuantConfig("int4", 32), QuantConfig("int4", 64)]
+SCHEMES = [QuantConfig("int8"), QuantConfig("int4", 32), QuantConfig("int4", 64),
+           QuantConfig("int8", 32, "int8-g32")]
+"""int8 per row (per channel), int4 g32 / g64, and `reshard --quantize int8`'s default: int8
+g32 with the embedding int8 g32 too."""
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +82,9 @@ def test_quantize_dequantize_bounds_and_packing(rows, groups, seed):
 
 
 @pytest.mark.parametrize(("qcfg", "tp"), [(SCHEMES[0], 3), (SCHEMES[0], 6), (SCHEMES[1], 3),
-                                           (SCHEMES[1], 6), (SCHEMES[2], 3)],
-                         ids=["int8-tp3", "int8-tp6", "int4g32-tp3", "int4g32-tp6", "int4g64-tp3"])
+                                           (SCHEMES[1], 6), (SCHEMES[2], 3), (SCHEMES[3], 6)],
+                         ids=["int8-tp3", "int8-tp6", "int4g32-tp3", "int4g32-tp6", "int4g64-tp3",
+                              "int8g32-tp6"])
 def test_quantize_then_shard_equals_shard_then_quantize(qcfg, tp):
     """Every tensor, every rank: cutting the quantized global tensors by the split table's rules
     for integers and scales gives the same bytes as quantizing each rank's float slice (an
@@ -94,7 +98,8 @@ def test_quantize_then_shard_equals_shard_then_quantize(qcfg, tp):
         kind = split_kind("llama", name)
         slices = [shard_tensor(full, shard_spec(kind, shape, geo, tp, r)) for r in range(tp)]
         scale = None
-        if kind is SplitKind.ROWWISE and qcfg.scheme == "int8":  # all-reduce MAX, then SUM
+        if kind is SplitKind.ROWWISE and qcfg.scheme == "int8" and not qcfg.group_of(name):
+            # per-row int8 scales: all-reduce MAX, then SUM
             amax = torch.stack([s.abs().amax(dim=1) for s in slices]).amax(dim=0)
             errors = sum(int8_clip_errors(s, amax) for s in slices)
             scale = int8_row_scale(amax, errors)
@@ -107,18 +112,23 @@ def test_quantize_then_shard_equals_shard_then_quantize(qcfg, tp):
                 cut = shard_tensor(t, shard_spec(kind, tuple(t.shape), geo, tp, rank))
                 assert cut.dtype == direct[sname].dtype
                 assert torch.equal(cut, direct[sname]), (sname, rank)
-    if qcfg.scheme == "int8":  # rowwise weights' per-row scales are whole on every rank
+    if qcfg.scheme == "int8" and qcfg.group_size:  # groups follow their columns
+        assert ("weight_group_scale", SplitKind.ROWWISE) in kinds
+        assert ("weight_group_scale", SplitKind.VOCAB) in kinds
+    elif qcfg.scheme == "int8":  # rowwise weights' per-row scales are whole on every rank
         assert ("weight_scale", SplitKind.REPLICATED) in kinds
         assert ("weight_scale", SplitKind.FUSED_QKV) in kinds
     else:  # rowwise weights' groups follow their columns
         assert ("weight_qparams", SplitKind.ROWWISE) in kinds
 
 
-@pytest.mark.parametrize("qcfg", SCHEMES[:2], ids=["int8", "int4"])
+@pytest.mark.parametrize("qcfg", [SCHEMES[0], SCHEMES[1], SCHEMES[3]],
+                         ids=["int8-per-row", "int4", "int8-g32"])
 def test_reshard_quantize_at_tp3_then_back_equals_quantize_at_tp1(float_dir, tmp_path, qcfg):
     """float -> quantized TP=3 -> TP=1 equals float -> quantized TP=1, bit for bit; the
     manifest records the scheme and the integer dtypes; the TP=3 files hold the slices."""
-    kw = {"quantize": qcfg.scheme, "group_size": qcfg.group_size or 32}
+    kw = {"quantize": qcfg.scheme, "group_size": qcfg.group_size,
+          "quantize_embedding": qcfg.embedding}
     direct = reshard(float_dir, tmp_path / "q1", tp=1, **kw).dst
     rep = reshard(float_dir, tmp_path / "q3", tp=3, verify=True, **kw)  # TP=3 vs TP=1 logits
     assert rep.verify_error is not None and rep.verify_error <= 1e-5
