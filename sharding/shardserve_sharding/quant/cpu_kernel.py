@@ -571,6 +571,18 @@ def pack_int4(packed: torch.Tensor, qparams: torch.Tensor) -> tuple[torch.Tensor
     return w, sc.half() if half else sc
 
 
+def dequantize_int4_pack(w: torch.Tensor, sc: torch.Tensor, n: int) -> torch.Tensor:
+    """The kernel's int4 (w, sc) -> float32 [n, K], w = q * scale + min as the kernel holds the
+    pairs (within fp16's rounding of the stored ones, exact for GGUF-born blocks)."""
+    nt, kb = w.shape[0], w.shape[1]
+    q = torch.stack([w & 0xF, w >> 4], dim=-1)  # [NT, K/32, 4 t, 16 j, 4 i, 2 h]
+    q = q.permute(0, 3, 1, 2, 5, 4).reshape(nt * TILE, kb * BLOCK)[:n].float()  # [N, K]
+    sm = sc.float().permute(0, 3, 1, 2).reshape(nt * TILE, -1, 2)[:n]  # [N, K/G, 2]
+    g = q.shape[1] // sm.shape[1]
+    q = q.view(n, sm.shape[1], g)  # [N, K/G, G]
+    return (q * sm[..., 0:1] + sm[..., 1:2]).reshape(n, -1)
+
+
 def half_or_float(t: torch.Tensor) -> torch.Tensor:
     """Scales as the kernel holds them: fp16 where every value is an fp16 value (grouped int8
     scales are rounded so at quantization, GGUF's d and m are), else float32."""

@@ -160,8 +160,26 @@ class Int8Weight(nn.Module):
         return dequantize_int8(self.q, self.scale)  # [N, K] float32
 
 
+def torch_int4_args(packed: torch.Tensor, qparams: torch.Tensor, dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored (packed uint8 [N, K/2], qparams [N, K/G, 2]) -> `_weight_int4pack_mm_for_cpu`'s
+    (weight in torch's opaque CPU layout, qparams [K/G, N + pad, 2] in dtype), N padded to a
+    multiple of 16 with zero rows (sliced off the result)."""
+    n = packed.shape[0]
+    pad = -n % 16  # the repacking wants N divisible by 16
+    q = unpack_int4(packed).to(torch.int32) + 8  # [N, K] in [0, 15]
+    q = F.pad(q, (0, 0, 0, pad), value=8).contiguous()  # [N + pad, K]
+    qp = F.pad(qparams.float(), (0, 0, 0, 0, 0, pad))  # [N + pad, K/G, 2]
+    return (torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1),
+            qp.to(dtype).transpose(0, 1).contiguous())
+
+
 class Int4Weight(nn.Module):
-    """Grouped int4 weight; forward(x [..., K]) = x @ w.T with w = v * scale + offset."""
+    """Grouped int4 weight; forward(x [..., K]) = x @ w.T with w = v * scale + offset.
+
+    One copy of the weight is held where the kernel is built: its repacked form (dequantize
+    unpacks it, with the (scale, min) pairs as the kernel holds them); else torch's opaque
+    layout, plus the stored bytes for the dense copy (DENSE_MIN_ROWS > 0)."""
 
     def __init__(self, packed: torch.Tensor, qparams: torch.Tensor, dtype: torch.dtype) -> None:
         super().__init__()
@@ -169,38 +187,19 @@ class Int4Weight(nn.Module):
         k = packed.shape[1] * 2
         self.group_size = k // groups
         self.in_features = k
-        # the stored bytes [N, K/2], kept (not a buffer) for the dense copy
-        self.__dict__["_stored"] = packed if DENSE_MIN_ROWS > 0 else None
-        pad = -n % 16  # the repacking wants N divisible by 16: zero rows, sliced off
+        self._n = n
         mod = cpu_kernel.kernel()
         if mod is not None:
             # the kernel's copy: 16-row tiles of nibbles, (scale, min) per tile and group (not
-            # buffers: never saved, never cast by .to()); torch's packing is then made only if
-            # some call needs it (the `packed` property)
+            # buffers: never saved, never cast by .to())
             self.__dict__["_kw"], self.__dict__["_ks"] = cpu_kernel.pack_int4(packed, qparams)
             self.__dict__["_kfn"] = mod.int4_linear
-            self.__dict__["_stored"] = packed
         else:
-            self.register_buffer("_torch_packed", self._torch_pack(packed, pad))
-        qp = F.pad(qparams.float(), (0, 0, 0, 0, 0, pad))  # [N + pad, K/G, 2]
-        # [K/G, N + pad, 2] (scale, offset): the kernel's layout
-        self.register_buffer("qparams", qp.to(dtype).transpose(0, 1).contiguous())
-        self._n = n
-
-    @staticmethod
-    def _torch_pack(packed: torch.Tensor, pad: int) -> torch.Tensor:
-        """torch's opaque int4 CPU layout of stored bytes [N, K/2], N padded by pad rows."""
-        q = unpack_int4(packed).to(torch.int32) + 8  # [N, K] in [0, 15]
-        q = F.pad(q, (0, 0, 0, pad), value=8).contiguous()  # [N + pad, K]
-        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # opaque
-
-    @property
-    def packed(self) -> torch.Tensor:
-        """The weight in torch's `_weight_int4pack_mm_for_cpu` layout (made on first use where
-        our kernel serves the few-row calls)."""
-        if self.__dict__.get("_buffers", {}).get("_torch_packed") is None:
-            self.register_buffer("_torch_packed", self._torch_pack(self._stored, -self._n % 16))
-        return self._torch_packed
+            tp, qp = torch_int4_args(packed, qparams, dtype)
+            self.register_buffer("_torch_packed", tp)  # opaque
+            self.register_buffer("qparams", qp)  # [K/G, N + pad, 2] (scale, offset)
+            # the stored bytes [N, K/2], kept (not a buffer) for the dense copy
+            self.__dict__["_stored"] = packed if DENSE_MIN_ROWS > 0 else None
 
     @property
     def out_features(self) -> int:
@@ -213,14 +212,18 @@ class Int4Weight(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])  # [M, K]
         if _use_dense(x2):
             return cpu_linear(self, x, _dense(self, x.dtype), None)  # [..., N]
+        if "_kfn" in self.__dict__:  # between KERNEL_MAX_ROWS and DENSE_MIN_ROWS rows
+            return self._kfn(x.contiguous(), self._kw, self._ks, self._n, self.group_size)
         if x2.dtype != self.qparams.dtype:
             x2 = x2.to(self.qparams.dtype)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x2.contiguous(), self.packed, self.group_size, self.qparams)  # [M, N + pad]
+            x2.contiguous(), self._torch_packed, self.group_size, self.qparams)  # [M, N + pad]
         return y[:, : self._n].reshape(*x.shape[:-1], self._n).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
-        """float32 [N, K] (needs the unpacked values kept at load, see DENSE_MIN_ROWS)."""
+        """float32 [N, K] (without the kernel: needs the stored bytes kept, DENSE_MIN_ROWS)."""
+        if "_kw" in self.__dict__:
+            return cpu_kernel.dequantize_int4_pack(self._kw, self._ks, self._n)
         packed = self.__dict__.get("_stored")
         if packed is None:
             raise RuntimeError("the int4 bytes were not kept (SHARDSERVE_QUANT_DENSE_MIN_ROWS=0)")
