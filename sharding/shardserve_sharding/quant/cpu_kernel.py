@@ -132,6 +132,7 @@ struct QuantRows {
   std::vector<int8_t> a;
   std::vector<float> da, sx;
   std::vector<int32_t> sa;
+  std::vector<int16_t> c16;  // 256 a1 + a2 per column (fills_c16: the AVX2 int8 path's input)
   QuantRows(const torch::Tensor& x, int64_t N)
       : K(x.size(-1)), M(K ? x.numel() / K : 0), a(2 * M * K), da(M * (K / 32)),
         sx(M * (K / 32)), sa(M * (K / 32)) {
@@ -142,6 +143,14 @@ struct QuantRows {
   template <typename T>
   void quantize(const torch::Tensor& x) {
     quantize_rows(x.data_ptr<T>(), M, K, a.data(), da.data(), sx.data(), sa.data());
+  }
+  // The two digits as one int16 per column, |256 a1 + a2| <= 32639 (row m, block kb at
+  // c16[m K + 32 kb]).
+  void fill_c16() {
+    c16.resize(M * K);
+    for (int64_t b = 0; b < M * (K / 32); ++b)
+      for (int i = 0; i < 32; ++i)
+        c16[b * 32 + i] = static_cast<int16_t>(256 * a[b * 64 + i] + a[b * 64 + 32 + i]);
   }
 };
 
@@ -215,8 +224,8 @@ static inline void int4_tile(const uint8_t* w, const S* sc, const int8_t* a, con
 // w: the tile's [K/32][8][16][4] bytes; sc: the tile's [K/G][16] group scales.
 template <int MC, typename S, typename T>
 static inline void int8_tile(const uint8_t* w, const S* sc, const int8_t* a, const float* da,
-                             const int32_t* sa, T* out, int64_t K, int64_t G, int64_t N,
-                             int64_t n0) {
+                             const int32_t* sa, const int16_t*, T* out, int64_t K, int64_t G,
+                             int64_t N, int64_t n0) {
   const int64_t KB = K / 32, bpg = G / 32;
   __m512 acc[MC];
   for (int m = 0; m < MC; ++m) acc[m] = _mm512_setzero_ps();
@@ -313,31 +322,40 @@ static inline void int4_half(const uint8_t* w, const S* sc, const int8_t* a, con
 }
 
 // Half h of a 16-row int8 tile (stored q + 128) against MC activation rows. With VNNI as the
-// AVX-512 path; without, q = stored ^ 0x80 and maddubs(|q|, sign(a, q)) (each pair sum at most
-// 2 * 127 * 127: no saturation), widened by madd per column group.
+// AVX-512 path; without, q = stored ^ 0x80 widened to int16 once per block (rows 0-3 and 4-7
+// of each column group, into wq) and `vpmaddwd` against the activation's two digits as one
+// int16 (c16): int32 pair sums per row (|q c| <= 127 * 32639), added across each row's two
+// lanes at the end of the block.
 template <int MC, typename S, typename T>
 static inline void int8_half(const uint8_t* w, const S* sc, const int8_t* a, const float* da,
-                             const int32_t* sa, T* out, int64_t K, int64_t G, int64_t N,
-                             int64_t n0, int h) {
+                             const int32_t* sa, const int16_t* c16, T* out, int64_t K,
+                             int64_t G, int64_t N, int64_t n0, int h) {
   const int64_t KB = K / 32, bpg = G / 32;
   __m256 acc[MC];
   for (int m = 0; m < MC; ++m) acc[m] = _mm256_setzero_ps();
   for (int64_t kb = 0; kb < KB; ++kb) {
     const __m256 s = load8(sc + (kb / bpg) * 16 + 8 * h);
+#ifdef __AVXVNNI__
     __m256i wv[8];
-#ifndef __AVXVNNI__
-    __m256i wa[8];
-    const __m256i ones = _mm256_set1_epi16(1);
-#endif
     for (int c = 0; c < 8; ++c) {
       const uint8_t* p = w + kb * 512 + c * 64 + 32 * h;
       _mm_prefetch(reinterpret_cast<const char*>(p + QK_AHEAD), _MM_HINT_T0);
       wv[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-#ifndef __AVXVNNI__
-      wv[c] = _mm256_xor_si256(wv[c], _mm256_set1_epi8(static_cast<char>(0x80)));  // q
-      wa[c] = _mm256_abs_epi8(wv[c]);
-#endif
     }
+#else
+    alignas(32) int16_t wq[8][2][16];  // [column group][rows 0-3, 4-7][row-major 4 x 4]
+    for (int c = 0; c < 8; ++c) {
+      const uint8_t* p = w + kb * 512 + c * 64 + 32 * h;
+      _mm_prefetch(reinterpret_cast<const char*>(p + QK_AHEAD), _MM_HINT_T0);
+      const __m256i q = _mm256_xor_si256(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
+          _mm256_set1_epi8(static_cast<char>(0x80)));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(wq[c][0]),
+                         _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(wq[c][1]),
+                         _mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1)));
+    }
+#endif
     for (int m = 0; m < MC; ++m) {
       const int32_t* ap = reinterpret_cast<const int32_t*>(a + (m * KB + kb) * 64);
 #ifdef __AVXVNNI__
@@ -347,16 +365,21 @@ static inline void int8_half(const uint8_t* w, const S* sc, const int8_t* a, con
         d1 = _mm256_dpbusd_avx_epi32(d1, wv[c], _mm256_set1_epi32(ap[c]));
         d = _mm256_dpbusd_avx_epi32(d, wv[c], _mm256_set1_epi32(ap[8 + c]));
       }
-#else
-      __m256i d1 = _mm256_setzero_si256(), d = _mm256_setzero_si256();
-      for (int c = 0; c < 8; ++c) {
-        const __m256i a1 = _mm256_sign_epi8(_mm256_set1_epi32(ap[c]), wv[c]);
-        const __m256i a2 = _mm256_sign_epi8(_mm256_set1_epi32(ap[8 + c]), wv[c]);
-        d1 = _mm256_add_epi32(d1, _mm256_madd_epi16(_mm256_maddubs_epi16(wa[c], a1), ones));
-        d = _mm256_add_epi32(d, _mm256_madd_epi16(_mm256_maddubs_epi16(wa[c], a2), ones));
-      }
-#endif
       d = _mm256_add_epi32(d, _mm256_slli_epi32(d1, 8));
+#else
+      (void)ap;
+      const int64_t* cp = reinterpret_cast<const int64_t*>(c16 + m * K + kb * 32);
+      __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+      for (int c = 0; c < 8; ++c) {
+        const __m256i cv = _mm256_set1_epi64x(cp[c]);  // columns 4c..4c+3, int16
+        lo = _mm256_add_epi32(lo, _mm256_madd_epi16(
+            _mm256_load_si256(reinterpret_cast<const __m256i*>(wq[c][0])), cv));
+        hi = _mm256_add_epi32(hi, _mm256_madd_epi16(
+            _mm256_load_si256(reinterpret_cast<const __m256i*>(wq[c][1])), cv));
+      }
+      // lanes (row r's two pair sums) -> one per row: hadd gives rows 0 1 4 5 | 2 3 6 7
+      __m256i d = _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo, hi), 0xD8);
+#endif
       acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d),
                                _mm256_mul_ps(s, _mm256_set1_ps(da[m * KB + kb])), acc[m]);
     }
@@ -378,10 +401,10 @@ static inline void int4_tile(const uint8_t* w, const S* sc, const int8_t* a, con
 }
 template <int MC, typename S, typename T>
 static inline void int8_tile(const uint8_t* w, const S* sc, const int8_t* a, const float* da,
-                             const int32_t* sa, T* out, int64_t K, int64_t G, int64_t N,
-                             int64_t n0) {
+                             const int32_t* sa, const int16_t* c16, T* out, int64_t K,
+                             int64_t G, int64_t N, int64_t n0) {
   for (int h = 0; h < 2 && n0 + 8 * h < N; ++h)
-    int8_half<MC>(w, sc, a, da, sa, out, K, G, N, n0, h);
+    int8_half<MC>(w, sc, a, da, sa, c16, out, K, G, N, n0, h);
 }
 #endif
 
@@ -466,6 +489,9 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor sc, in
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "int8_linear", [&] {
     using T = scalar_t;
     q.quantize<T>(x);
+#if defined(QK_AVX2) && !defined(__AVXVNNI__)
+    q.fill_c16();
+#endif
     const uint8_t* wp = w.data_ptr<uint8_t>();
     T* op = q.out.data_ptr<T>();
     const int64_t KB = K / 32, NG = K / G;
@@ -474,7 +500,8 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor sc, in
         for (int64_t t = t0; t < t1; ++t) {
           QK_CHUNKS(M, (int8_tile<MC>(wp + t * KB * 512, sp + t * NG * 16,
                                       q.a.data() + m0 * 2 * K, q.da.data() + m0 * KB,
-                                      q.sa.data() + m0 * KB, op + m0 * N, K, G, N, t * 16)));
+                                      q.sa.data() + m0 * KB, q.c16.data() + m0 * K,
+                                      op + m0 * N, K, G, N, t * 16)));
         }
       });
     };
