@@ -242,6 +242,14 @@ def test_kernels_equal_their_dequantized_weights(rows, dtype, ours, monkeypatch)
     assert rel_err(odd(x), ref4[:, :37]) <= (2e-2 if in_kernel else tol)
     ids = torch.tensor([[0, 95, 7]])
     assert rel_err(i8.rows(ids), dequantize_int8(i8.q, i8.scale.float())[ids]) <= tol
+    qg, sg = quantize_int8(w, None, 32)  # grouped: our kernel, else the dense copy
+    i8g = Int8Weight(qg, sg, dtype)
+    assert torch.equal(i8g.q, qg) and torch.equal(i8g.scale, sg)  # unpacked where packed
+    refg = x.float() @ dequantize_int8(qg, sg).to(dtype).float().T
+    if in_kernel:
+        assert rel_err(i8g(x), cpu_kernel.reference_int8(x, qg, sg)) <= tol
+    assert rel_err(i8g(x), refg) <= (2e-2 if in_kernel else tol)
+    assert rel_err(i8g.rows(ids), dequantize_int8(qg, sg)[ids]) <= tol
 
 
 def test_manifest_hashes_cover_the_quantized_tensors(float_dir, tmp_path):
