@@ -3,7 +3,8 @@ greedy agreement, in one run; llama.cpp on the Q4_1 GGUF as the batch-1 peer whe
 package is there.
 
     .venv/bin/python loadtest/bench_quant.py [--batches 1,32] [--new-tokens 64] [--repeats 3]
-        [--threads 2] [--llamacpp-python PY] [--wait-quiet S] [--out quant] [--quality-only]
+        [--threads 2] [--llamacpp-python PY] [--wait-quiet S] [--out quant]
+        [--quality-only | --no-quality]
 
 Checkpoints: the bundled model imported once (bench_decode.py's cache), then
 `reshard --quantize int8` (the default: groups of 32, embedding int8 g32 too), `--quantize
@@ -11,11 +12,12 @@ int8 --group-size 0 --quantize-embedding int8` (per row, "int8-row") and `--quan
 --group-size 32|64` beside it (once; again where a stored one's manifest differs).
 
 Speed: bench_decode.py's harness. Each variant (bf16 = the float checkpoint served in bf16;
-int8; int4 g32) runs LocalEngine in a subprocess of its own at bf16 activations; greedy, EOS
-ignored, batches of the first B of bench_decode's 32 prompts; decode tok/s = B (N - 1) /
-(t_N - t_1) (prefill excluded); the variants alternate run by run; medians of --repeats. With
---llamacpp-python (a Python with llama-cpp-python, see llamacpp_peer.py), llama.cpp's batch-1
-decode of the same GGUF runs in the same rotation; without it there is no llama.cpp figure.
+int8: g32, the default; int8-row: per row; int4 g32) runs LocalEngine in a subprocess of its
+own at bf16 activations; greedy, EOS ignored, batches of the first B of bench_decode's 32
+prompts; decode tok/s = B (N - 1) / (t_N - t_1) (prefill excluded); the variants alternate
+run by run; medians of --repeats. With --llamacpp-python (a Python with llama-cpp-python, see
+llamacpp_peer.py), llama.cpp's batch-1 decode of the same GGUF runs in the same rotation;
+without it there is no llama.cpp figure.
 
 Quality, in this process at bf16 (fp32 for the reference row): perplexity of
 loadtest/data/heldout_en.txt (one forward over the whole text); greedy agreement with bf16 on
@@ -46,7 +48,7 @@ import bench_decode as bd  # noqa: E402
 from results_io import cpu_flags, header, write_results  # noqa: E402
 
 TEXT = Path(__file__).resolve().parent / "data" / "heldout_en.txt"
-SPEED_VARIANTS = ("bf16", "int8", "int4-g32")
+SPEED_VARIANTS = ("bf16", "int8", "int8-row", "int4-g32")
 
 NOTES = [
     "- The float checkpoint is the bundled GGUF dequantized: its linear weights are Q4_1 values "
@@ -224,6 +226,8 @@ def main() -> int:
                     "whether the machine was shared)")
     ap.add_argument("--out", default=None, help="results file name (loadtest/results/; "
                     "default quant, with --quality-only quant_quality)")
+    ap.add_argument("--no-quality", action="store_true",
+                    help="only the speed part (the quality section says it was not run)")
     ap.add_argument("--quality-only", action="store_true",
                     help="skip the timing: one greedy batch-32 generation per variant (for the "
                     "agreement columns), then the quality part")
@@ -235,7 +239,8 @@ def main() -> int:
     if args.quality_only:
         return quality_only(args, dirs, gguf, t0)
     rates, tokens, log = speed(args, dirs, gguf)
-    qrows = quality(dirs, tokens, args.threads)
+    qrows = (["Not run (--no-quality)."] if args.no_quality
+             else quality(dirs, tokens, args.threads))
     med = {k: bd._median(v) for k, v in rates.items()}
     lines = header("Weight-only int8 / int4 against bf16 (SmolLM2-135M)",
                    "python loadtest/bench_quant.py " + shlex.join(sys.argv[1:]))
@@ -246,19 +251,20 @@ def main() -> int:
     if args.note:
         lines += [f"**{args.note}**", ""]
     lines += ["## Decode tok/s (median; prefill excluded)", "",
-              "| batch | " + " | ".join(SPEED_VARIANTS) + " | int8/bf16 | int4/bf16 |",
-              "|---|" + "---|" * (len(SPEED_VARIANTS) + 2)]
+              "| batch | " + " | ".join(SPEED_VARIANTS) + " | "
+              + " | ".join(f"{v}/bf16" for v in SPEED_VARIANTS[1:]) + " |",
+              "|---|" + "---|" * (2 * len(SPEED_VARIANTS) - 1)]
     for b in args.batch_list:
         vals = [med.get((v, b), float("nan")) for v in SPEED_VARIANTS]
-        lines.append(f"| {b} | " + " | ".join(f"{x:.1f}" for x in vals)
-                     + f" | {vals[1] / vals[0]:.2f} | {vals[2] / vals[0]:.2f} |")
+        lines.append(f"| {b} | " + " | ".join(f"{x:.1f}" for x in vals) + " | "
+                     + " | ".join(f"{x / vals[0]:.2f}" for x in vals[1:]) + " |")
     lines += ["", "Decode tokens per CPU second of the engine process (with 1 thread: the rate of "
               "an otherwise idle core, robust to other load; with more, spin-waits count too):",
               "", lines[-len(args.batch_list) - 2], lines[-len(args.batch_list) - 1]]
     for b in args.batch_list:
         vals = [med.get((v + " cpu", b), float("nan")) for v in SPEED_VARIANTS]
-        lines.append(f"| {b} | " + " | ".join(f"{x:.1f}" for x in vals)
-                     + f" | {vals[1] / vals[0]:.2f} | {vals[2] / vals[0]:.2f} |")
+        lines.append(f"| {b} | " + " | ".join(f"{x:.1f}" for x in vals) + " | "
+                     + " | ".join(f"{x / vals[0]:.2f}" for x in vals[1:]) + " |")
     lines.append("")
     if ("llama.cpp Q4_1", 1) in med and 1 in args.batch_list:
         peer = med[("llama.cpp Q4_1", 1)]
