@@ -4,21 +4,29 @@ package is there.
 
     .venv/bin/python loadtest/bench_quant.py [--batches 1,32] [--new-tokens 64] [--repeats 3]
         [--threads 2] [--llamacpp-python PY] [--wait-quiet S] [--out quant]
+        [--quality-only | --no-quality]
 
 Checkpoints: the bundled model imported once (bench_decode.py's cache), then
-`reshard --quantize int8` and `--quantize int4 --group-size 32|64` beside it (once).
+`reshard --quantize int8` (the default: groups of 32, embedding int8 g32 too), `--quantize
+int8 --group-size 0 --quantize-embedding int8` (per row, "int8-row") and `--quantize int4
+--group-size 32|64` beside it (once; again where a stored one's manifest differs).
 
 Speed: bench_decode.py's harness. Each variant (bf16 = the float checkpoint served in bf16;
-int8; int4 g32) runs LocalEngine in a subprocess of its own at bf16 activations; greedy, EOS
-ignored, batches of the first B of bench_decode's 32 prompts; decode tok/s = B (N - 1) /
-(t_N - t_1) (prefill excluded); the variants alternate run by run; medians of --repeats. With
---llamacpp-python (a Python with llama-cpp-python, see llamacpp_peer.py), llama.cpp's batch-1
-decode of the same GGUF runs in the same rotation; without it there is no llama.cpp figure.
+int8: g32, the default; int8-row: per row; int4 g32) runs LocalEngine in a subprocess of its
+own at bf16 activations; greedy, EOS ignored, batches of the first B of bench_decode's 32
+prompts; decode tok/s = B (N - 1) / (t_N - t_1) (prefill excluded); the variants alternate
+run by run; medians of --repeats. With --llamacpp-python (a Python with llama-cpp-python, see
+llamacpp_peer.py), llama.cpp's batch-1 decode of the same GGUF runs in the same rotation;
+without it there is no llama.cpp figure.
 
 Quality, in this process at bf16 (fp32 for the reference row): perplexity of
 loadtest/data/heldout_en.txt (one forward over the whole text); greedy agreement with bf16 on
 the batch-32 run's generations: rows identical, mean common prefix, and teacher-forced top-1
 agreement (each variant's argmax on bf16's own continuation). Writes loadtest/results/OUT.md.
+--quality-only: no timing; the weight-grid table (the float model at fp32 with only its linear
+weights, or only its embedding, through an int8 round trip per row / per group), one batch-32
+greedy generation per speed variant for the agreement columns, then the quality part
+(default OUT: quant_quality).
 """
 
 from __future__ import annotations
@@ -40,28 +48,30 @@ import bench_decode as bd  # noqa: E402
 from results_io import cpu_flags, header, write_results  # noqa: E402
 
 TEXT = Path(__file__).resolve().parent / "data" / "heldout_en.txt"
-SPEED_VARIANTS = ("bf16", "int8", "int4-g32")
+SPEED_VARIANTS = ("bf16", "int8", "int8-row", "int4-g32")
 
 NOTES = [
     "- The float checkpoint is the bundled GGUF dequantized: its linear weights are Q4_1 values "
-    "(groups of 32) and its embedding Q8_0 values. int4 g32 reproduces those weights exactly "
-    "(requantizing them finds the same blocks; `reshard --quantize int4` from the GGUF itself "
-    "copies them), so its perplexity moves only by the int8 embedding and bf16 scales; int8 "
-    "per row must approximate 32-wide 4-bit blocks with one step per row, and int4 g64 merges "
-    "two blocks' ranges (about 8-9% weight error here, hence its perplexity).",
-    "- The embedding / lm_head (tied) is int8 per vocabulary row in every quantized variant: "
-    "one copy serves the lookup and the output GEMM.",
-    "- Kernels: where AVX512-VNNI is there, our C++ kernel (quant/cpu_kernel.py) for at most "
-    "8 rows, else torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` for fewer than "
-    "6 rows; a dequantized bf16 copy above that (quant/kernels.py), so batch 32 runs "
-    "the same bf16 GEMMs as the float model; loadtest/results/quant_kernels.md has the "
-    "per-shape timings and torchao's (0.18: int8 only on CPU, slower than the aten op). "
-    "Perplexity and top-1 agreement run whole sequences (the dense copy); the rows 'every "
-    "row in the decode kernel' run them through our kernel instead, as decode steps do "
-    "(its activation is two int8 digits per 32 columns). The fp32 pairs isolate the kernel "
-    "(same weights, dense product vs kernel); at bf16 the rest of the model's rounding moves "
-    "perplexity by a percent or two either way (bf16 int8 rows: dense 17.78-17.81, kernel "
-    "17.96, while at fp32 they agree to 0.01%: 17.842 / 17.841, on 2026-12-06).",
+    "(groups of 32) and its embedding Q8_0 values. int4 g32 reproduces those linear weights "
+    "exactly (requantizing them finds the same blocks; `reshard --quantize int4` from the GGUF "
+    "itself copies them), and int8 g32 on the embedding reproduces its Q8_0 blocks exactly; "
+    "int8 per row ('int8-row') must approximate 32-wide 4-bit blocks with one step per row, "
+    "int8 g32 ('int8', the default) with one step per 32 columns, and int4 g64 merges two "
+    "blocks' ranges (about 8-9% weight error here, hence its perplexity).",
+    "- The embedding / lm_head (tied) is int8 in every quantized variant (one copy serves the "
+    "lookup and the output GEMM): per 32 columns ('int8-g32', the default), except int8-row, "
+    "which keeps the earlier per-row embedding.",
+    "- Kernels: where AVX2 is there, our C++ kernel (quant/cpu_kernel.py; AVX512-VNNI, "
+    "AVX-VNNI or AVX2 code by the CPU) for at most 8 rows, else torch's `_weight_int8pack_mm` "
+    "(per-row int8) / `_weight_int4pack_mm_for_cpu` for fewer than 6 rows; a dequantized bf16 "
+    "copy above that (quant/kernels.py), so batch 32 runs the same bf16 GEMMs as the float "
+    "model; loadtest/results/quant_kernels.md has the per-shape timings. Perplexity and "
+    "top-1 agreement run whole sequences (the dense copy); the rows 'every row in the decode "
+    "kernel' run them through our kernel instead, as decode steps do (its activation is two "
+    "int8 digits per 32 columns). The fp32 pairs isolate the kernel (same weights, dense "
+    "product vs kernel: they agree to 0.01%, so the kernel's activation rounding does not "
+    "move perplexity); at bf16 the rest of the model's rounding moves perplexity by up to a "
+    "percent either way between the dense and the kernel rows of the same weights.",
     "- Which rates to compare: on a quiet machine, the wall rates; where other processes "
     "share the cores, the per-CPU-second rates of 1-thread engines (--threads 1).",
 ]
@@ -69,15 +79,26 @@ NOTES = [
 
 def checkpoints(model: Path) -> dict[str, Path]:
     """variant -> checkpoint directory; quantized ones made from `model` once."""
+    from shardserve_sharding.checkpoint.manifest import read_manifest
+    from shardserve_sharding.quant.scheme import QuantConfig
     from shardserve_sharding.reshard import reshard
 
     out = {"bf16": model}
-    for name, scheme, group in (("int8", "int8", 32), ("int4-g32", "int4", 32),
-                                ("int4-g64", "int4", 64)):
+    for name, qcfg in (("int8", QuantConfig("int8", 32, "int8-g32")),
+                       ("int8-row", QuantConfig("int8", 0, "int8")),
+                       ("int4-g32", QuantConfig("int4", 32, "int8-g32")),
+                       ("int4-g64", QuantConfig("int4", 64, "int8-g32"))):
         dst = model.parent / f"{model.name}-{name}"
-        if not (dst / "manifest.json").is_file():
-            print(f"reshard --quantize {scheme} -> {dst} (once)", file=sys.stderr)
-            reshard(model, dst, tp=1, quantize=scheme, group_size=group, overwrite=True)
+        have = None
+        if (dst / "manifest.json").is_file():
+            try:
+                have = read_manifest(dst).quantization
+            except Exception:  # an older layout: made again
+                have = None
+        if have != qcfg.to_dict():
+            print(f"reshard --quantize {qcfg.to_dict()} -> {dst}", file=sys.stderr)
+            reshard(model, dst, tp=1, quantize=qcfg.scheme, group_size=qcfg.group_size,
+                    quantize_embedding=qcfg.embedding, overwrite=True)
         out[name] = dst
     return out
 
@@ -128,7 +149,8 @@ def speed(args, dirs: dict[str, Path], gguf: Path) -> tuple[dict, dict, list[str
 
 
 @torch.inference_mode()
-def quality(dirs: dict[str, Path], tokens: dict[str, list[list[int]]], threads: int) -> list[str]:
+def quality(dirs: dict[str, Path], tokens: dict[str, list[list[int]]], threads: int,
+            greedy: str = "the batch-32 speed run's") -> list[str]:
     from shardserve_sharding.checkpoint.io import load_model, load_tokenizer
     from shardserve_sharding.checkpoint.manifest import read_manifest
     from shardserve_sharding.quant import cpu_kernel
@@ -152,6 +174,8 @@ def quality(dirs: dict[str, Path], tokens: dict[str, list[list[int]]], threads: 
         quantized = [v for v in dirs if v != "bf16"]
         runs += [(v, torch.bfloat16, True) for v in quantized]
         runs += [(v, torch.float32, f) for v in quantized[:2] for f in (False, True)]
+    else:
+        runs += [(v, torch.float32, False) for v in dirs if v.startswith("int8")]
     for variant, dtype, forced in runs:
         name = ("fp32 (the GGUF's Q4_1/Q8_0 values)" if (variant, dtype) == ("bf16", torch.float32)
                 else variant)
@@ -184,7 +208,7 @@ def quality(dirs: dict[str, Path], tokens: dict[str, list[list[int]]], threads: 
         del model
     qk.KERNEL_MAX_ROWS = kernel_max_rows
     return rows + ["", f"Text: {TEXT.relative_to(TEXT.parents[2])}, {ids.shape[1]} tokens. "
-                   "Greedy: the batch-32 speed run's 32 prompts x the run's new tokens."]
+                   f"Greedy: {greedy} 32 prompts x the run's new tokens."]
 
 
 def main() -> int:
@@ -200,14 +224,23 @@ def main() -> int:
                     help="before each run, wait up to S seconds for idle CPUs")
     ap.add_argument("--note", default="", help="a line put in bold under the header (e.g. "
                     "whether the machine was shared)")
-    ap.add_argument("--out", default="quant", help="results file name (loadtest/results/)")
+    ap.add_argument("--out", default=None, help="results file name (loadtest/results/; "
+                    "default quant, with --quality-only quant_quality)")
+    ap.add_argument("--no-quality", action="store_true",
+                    help="only the speed part (the quality section says it was not run)")
+    ap.add_argument("--quality-only", action="store_true",
+                    help="skip the timing: one greedy batch-32 generation per variant (for the "
+                    "agreement columns), then the quality part")
     args = ap.parse_args()
     args.batch_list = [int(b) for b in args.batches.split(",")]
     model, gguf = bd._ensure_model(args.model)
     dirs = checkpoints(model)
     t0 = time.time()
+    if args.quality_only:
+        return quality_only(args, dirs, gguf, t0)
     rates, tokens, log = speed(args, dirs, gguf)
-    qrows = quality(dirs, tokens, args.threads)
+    qrows = (["Not run (--no-quality)."] if args.no_quality
+             else quality(dirs, tokens, args.threads))
     med = {k: bd._median(v) for k, v in rates.items()}
     lines = header("Weight-only int8 / int4 against bf16 (SmolLM2-135M)",
                    "python loadtest/bench_quant.py " + shlex.join(sys.argv[1:]))
@@ -218,19 +251,20 @@ def main() -> int:
     if args.note:
         lines += [f"**{args.note}**", ""]
     lines += ["## Decode tok/s (median; prefill excluded)", "",
-              "| batch | " + " | ".join(SPEED_VARIANTS) + " | int8/bf16 | int4/bf16 |",
-              "|---|" + "---|" * (len(SPEED_VARIANTS) + 2)]
+              "| batch | " + " | ".join(SPEED_VARIANTS) + " | "
+              + " | ".join(f"{v}/bf16" for v in SPEED_VARIANTS[1:]) + " |",
+              "|---|" + "---|" * (2 * len(SPEED_VARIANTS) - 1)]
     for b in args.batch_list:
         vals = [med.get((v, b), float("nan")) for v in SPEED_VARIANTS]
-        lines.append(f"| {b} | " + " | ".join(f"{x:.1f}" for x in vals)
-                     + f" | {vals[1] / vals[0]:.2f} | {vals[2] / vals[0]:.2f} |")
+        lines.append(f"| {b} | " + " | ".join(f"{x:.1f}" for x in vals) + " | "
+                     + " | ".join(f"{x / vals[0]:.2f}" for x in vals[1:]) + " |")
     lines += ["", "Decode tokens per CPU second of the engine process (with 1 thread: the rate of "
               "an otherwise idle core, robust to other load; with more, spin-waits count too):",
               "", lines[-len(args.batch_list) - 2], lines[-len(args.batch_list) - 1]]
     for b in args.batch_list:
         vals = [med.get((v + " cpu", b), float("nan")) for v in SPEED_VARIANTS]
-        lines.append(f"| {b} | " + " | ".join(f"{x:.1f}" for x in vals)
-                     + f" | {vals[1] / vals[0]:.2f} | {vals[2] / vals[0]:.2f} |")
+        lines.append(f"| {b} | " + " | ".join(f"{x:.1f}" for x in vals) + " | "
+                     + " | ".join(f"{x / vals[0]:.2f}" for x in vals[1:]) + " |")
     lines.append("")
     if ("llama.cpp Q4_1", 1) in med and 1 in args.batch_list:
         peer = med[("llama.cpp Q4_1", 1)]
@@ -240,7 +274,83 @@ def main() -> int:
         lines.append("llama.cpp Q4_1: not run (--llamacpp-python not given): no ratio.")
     lines += ["", "## Quality", "", *qrows, "", "## How to read this", "", *NOTES, "",
               "## Every run", "", *[f"- {x}" for x in log]]
-    print(write_results(args.out, lines))
+    print(write_results(args.out or "quant", lines))
+    return 0
+
+
+@torch.inference_mode()
+def weight_grid(model_dir: Path, threads: int) -> list[str]:
+    """Which weights' grid moves perplexity: the float model at fp32 with only the linear
+    weights, or only the (tied) embedding, replaced by their int8 round trip (per row, per
+    group), everything else float; dense fp32 products, so no kernel is involved."""
+    from shardserve_sharding.checkpoint.io import load_model, load_tokenizer
+    from shardserve_sharding.checkpoint.manifest import read_manifest
+    from shardserve_sharding.quant.scheme import dequantize_int8, quantize_int8
+
+    torch.set_num_threads(threads)
+    tok = load_tokenizer(model_dir, read_manifest(model_dir))
+    ids = torch.tensor([tok.encode(TEXT.read_text())])  # [1, T]
+    pos = torch.arange(ids.shape[1])[None]
+    model = load_model(model_dir, dtype=torch.float32).model
+
+    def ppl() -> float:
+        logits = model(ids, pos)[0, :-1].float()  # [T - 1, V]
+        return math.exp(float(F.cross_entropy(logits, ids[0, 1:])))
+
+    linear = [p for n, p in model.named_parameters()
+              if n.endswith((".wqkv.weight", ".wo.weight", ".w13.weight", ".w2.weight"))]
+    emb = [model.tok_embeddings.weight]  # tied: the lm_head too
+    base = ppl()
+    rows = ["| int8 round trip of | scales | weight error (rms, relative) | perplexity (fp32) "
+            "| vs float |", "|---|---|---|---|---|", f"| nothing | - | 0 | {base:.3f} | - |"]
+    for what, params in (("linear weights", linear), ("embedding / lm_head", emb)):
+        for group in (0, 32, 64):
+            saved = [p.detach().clone() for p in params]
+            err = tot = 0.0
+            for p in params:
+                dq = dequantize_int8(*quantize_int8(p, None, group))  # [N, K]
+                err += float((dq - p).double().pow(2).sum())
+                tot += float(p.double().pow(2).sum())
+                p.copy_(dq)
+            v = ppl()
+            rows.append(f"| {what} | {'per row' if not group else f'per {group} columns'} | "
+                        f"{math.sqrt(err / tot):.4f} | {v:.3f} | {v / base - 1:+.2%} |")
+            print(rows[-1], file=sys.stderr, flush=True)
+            for p, w in zip(params, saved, strict=True):
+                p.copy_(w)
+    return rows
+
+
+def greedy_tokens(args, dirs: dict[str, Path], gguf: Path) -> dict[str, list[list[int]]]:
+    """{variant: tokens} of one batch-32 greedy run of each speed variant (no timing)."""
+    tokens = {}
+    for v in SPEED_VARIANTS:
+        e = bd.Engine("shardserve", "bf16", args, dirs[v], gguf)
+        try:
+            tokens[v] = e.run(32, args.new_tokens, True)["tokens"]
+        finally:
+            e.close()
+    return tokens
+
+
+def quality_only(args, dirs: dict[str, Path], gguf: Path, t0: float) -> int:
+    grid = weight_grid(dirs["bf16"], args.threads)
+    qrows = quality(dirs, greedy_tokens(args, dirs, gguf), args.threads,
+                    "one batch-32 greedy run of each variant (not timed):")
+    from shardserve_sharding.quant import cpu_kernel
+
+    mod = cpu_kernel.kernel()
+    lines = header("Weight-only int8 / int4 against bf16 (SmolLM2-135M): quality only",
+                   "python loadtest/bench_quant.py " + shlex.join(sys.argv[1:]))
+    lines += [f"CPU flags: {cpu_flags()}; torch {torch.__version__}, capability "
+              f"{torch.backends.cpu.get_cpu_capability()}; quantized kernel "
+              f"{mod.isa() if mod else 'not built'}; {args.threads} thread(s); "
+              f"{args.new_tokens} new tokens; {time.time() - t0:.0f} s.", ""]
+    if args.note:
+        lines += [f"**{args.note}**", ""]
+    lines += ["## Quality", "", *qrows, "", "## What moves int8's perplexity: the weight grid",
+              "", *grid, "", "## How to read this", "", *NOTES]
+    print(write_results(args.out or "quant_quality", lines))
     return 0
 
 

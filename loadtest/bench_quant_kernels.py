@@ -1,14 +1,16 @@
-"""torch's CPU weight-only kernels (int8, int4) against bf16 F.linear at SmolLM2's shapes.
+"""torch's CPU weight-only kernels (int8, int4) and ours against bf16 F.linear at SmolLM2's shapes.
 
     .venv/bin/python loadtest/bench_quant_kernels.py [--threads 2] [--rows 1,32] [--repeats 5]
-        [--torchao PATH]   # a folder holding torchao (pip install --target PATH torchao)
+        [--isas native,avx2,avx-vnni] [--torchao PATH]   # PATH: pip install --target PATH torchao
 
 For each weight shape of SmolLM2-135M ((in, out): fused QKV, wo, fused gate/up, down, lm_head)
 and of one TP=3 rank, `--layers` distinct copies of the weight are multiplied in turn (so the
 weights stream from memory as in a real forward, not from cache), for bf16 F.linear,
 `_weight_int8pack_mm` (per-row int8) and `_weight_int4pack_mm_for_cpu` (group 32 and 64;
 128 does not divide SmolLM2's 576), called directly (not through quant/kernels.py's modules,
-which switch to a dense bf16 copy at DENSE_MIN_ROWS rows), and, with --torchao,
+which switch to a dense bf16 copy at DENSE_MIN_ROWS rows); our kernel (quant/cpu_kernel.py)
+in each build of --isas this CPU runs ("qk" the native one, "avx2" / "avx-vnni" the forced
+256-bit ones): int8 per row, int8 g32 (the default scheme) and int4 g32; and, with --torchao,
 torchao's Int8WeightOnlyConfig / Int4WeightOnlyConfig on the same
 weights. Prints a markdown table of microseconds per matmul (best of --repeats) and the
 ratio to bf16; the paths are timed interleaved, shape by shape; with --threads 1 the clock
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,7 +32,7 @@ from results_io import cpu_flags, header, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sharding"))
 from shardserve_sharding.quant import cpu_kernel  # noqa: E402
-from shardserve_sharding.quant.kernels import Int4Weight, Int8Weight  # noqa: E402
+from shardserve_sharding.quant.kernels import torch_int4_args  # noqa: E402
 from shardserve_sharding.quant.scheme import quantize_int4, quantize_int8  # noqa: E402
 
 SHAPES = ((576, 960), (576, 576), (576, 3072), (1536, 576), (576, 49152),
@@ -81,6 +84,8 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=8,
                     help="distinct copies of each weight cycled through (defeats the cache)")
     ap.add_argument("--torchao", default="", help="folder with torchao to compare (optional)")
+    ap.add_argument("--isas", default="native,avx2,avx-vnni",
+                    help="builds of our kernel to time (those this CPU runs; see cpu_kernel.ISAS)")
     ap.add_argument("--out", default="quant_kernels", help="results file name (results/)")
     a = ap.parse_args()
     lines = header("torch CPU weight-only kernels vs bf16 F.linear (SmolLM2 shapes)",
@@ -99,9 +104,12 @@ def main() -> int:
     out(f"cpu: {cpu_flags()}  capability {torch.backends.cpu.get_cpu_capability()}  "
         f"torch {torch.__version__}  threads {a.threads}  layers {a.layers}  clock "
         f"{'thread CPU time' if a.threads == 1 else 'wall'}")
-    qk = cpu_kernel.kernel()
-    cols = ["bf16", "int8", "int4 g32", "int4 g64"] + (
-        ["qk int8", "qk int4 g32"] if qk is not None else []) + (
+    builds = {("qk" if isa == "native" else isa): cpu_kernel.kernel(isa)
+              for isa in a.isas.split(",")}
+    builds = {k: v for k, v in builds.items() if v is not None}
+    out("our kernel builds: " + ", ".join(f"{k} = {v.isa()}" for k, v in builds.items()))
+    ours = [f"{b} {c}" for b in builds for c in ("int8", "int8 g32", "int4 g32")]
+    cols = ["bf16", "int8", "int4 g32", "int4 g64", *ours] + (
         ["ao int8", "ao int4 g32"] if a.torchao else [])
     out("| M | in | out | " + " | ".join(f"{c} us" for c in cols) + " | int8/bf16 | "
         "int4 g32/bf16 |")
@@ -110,25 +118,32 @@ def main() -> int:
     with torch.inference_mode():
         for k, n in SHAPES:
             ws = [torch.randn(n, k).mul_(0.02).bfloat16() for _ in range(a.layers)]  # [N, K]
-            i8 = [Int8Weight(*quantize_int8(w), torch.bfloat16) for w in ws]
-            i4 = [Int4Weight(*quantize_int4(w, 32), torch.bfloat16) for w in ws]
-            i4b = [Int4Weight(*quantize_int4(w, 64), torch.bfloat16) for w in ws]
+            q8 = [quantize_int8(w) for w in ws]  # per row: ([N, K], [N])
+            q8g = [quantize_int8(w, None, 32) for w in ws]  # ([N, K], [N, K/32])
+            q4 = [quantize_int4(w, 32) for w in ws]
+            a8 = [(q, s.bfloat16()) for q, s in q8]  # the aten op's arguments
+            a4 = [torch_int4_args(p, qp, torch.bfloat16) for p, qp in q4]
+            a4b = [torch_int4_args(*quantize_int4(w, 64), torch.bfloat16) for w in ws]
+            k8 = [cpu_kernel.pack_int8(*t) for t in q8]  # our packings (the same for every ISA)
+            k8g = [cpu_kernel.pack_int8(*t) for t in q8g]
+            k4 = [cpu_kernel.pack_int4(*t) for t in q4]
             ao8 = torchao_modules(ws, "int8", 0) if a.torchao else None
             ao4 = torchao_modules(ws, "int4", 32) if a.torchao else None
             for m in (int(r) for r in a.rows.split(",")):
                 x = torch.randn(m, k).bfloat16()  # [M, K]
                 paths = {
                     "bf16": [lambda x=x, w=w: F.linear(x, w) for w in ws],
-                    "int8": [lambda x=x, q=q: I8MM(x, q.q, q.scale) for q in i8],
-                    "int4 g32": [lambda x=x, q=q: I4MM(x, q.packed, 32, q.qparams) for q in i4],
-                    "int4 g64": [lambda x=x, q=q: I4MM(x, q.packed, 64, q.qparams) for q in i4b],
-                    "qk int8": [lambda x=x, q=q: qk.int8_linear(x, q._kw, q._ks, q.out_features)
-                                for q in i8] if qk is not None else None,
-                    "qk int4 g32": [lambda x=x, q=q: qk.int4_linear(x, q._kw, q._ks, q._n, 32)
-                                    for q in i4] if qk is not None else None,
+                    "int8": [lambda x=x, q=q: I8MM(x, *q) for q in a8],
+                    "int4 g32": [lambda x=x, q=q: I4MM(x, q[0], 32, q[1]) for q in a4],
+                    "int4 g64": [lambda x=x, q=q: I4MM(x, q[0], 64, q[1]) for q in a4b],
                     "ao int8": [lambda x=x, q=q: q(x) for q in ao8] if ao8 else None,
                     "ao int4 g32": [lambda x=x, q=q: q(x) for q in ao4] if ao4 else None,
                 }
+                for b, mod in builds.items():
+                    paths[f"{b} int8"] = [partial(mod.int8_linear, x, *t, n, k) for t in k8]
+                    paths[f"{b} int8 g32"] = [partial(mod.int8_linear, x, *t, n, 32)
+                                              for t in k8g]
+                    paths[f"{b} int4 g32"] = [partial(mod.int4_linear, x, *t, n, 32) for t in k4]
                 us = {c: (best_us(paths[c], a.repeats, clock) if paths.get(c) else float("nan"))
                       for c in cols}
                 times = 30 if (k, n) in SHAPES[:4] else 1 if (k, n) == SHAPES[4] else 0

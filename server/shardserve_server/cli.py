@@ -627,14 +627,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="compare logits with the source "
                    "(a quantized result: with itself at TP=1)")
     p.add_argument("--quantize", choices=("int8", "int4"), default=None,
-                   help="store the linear weights weight-only quantized: int8 (one scale per "
-                   "output row) or int4 (grouped scales); recorded in the manifest")
-    p.add_argument("--group-size", type=int, default=32, choices=(32, 64, 128, 256),
-                   help="int4: input columns per scale group (each TP slice must hold whole "
-                   "groups)")
-    p.add_argument("--quantize-embedding", choices=("int8", "none"), default="int8",
-                   help="with --quantize: the (tied) embedding / lm_head as int8 per row, or "
-                   "kept in the float dtype")
+                   help="store the linear weights weight-only quantized: int8 (symmetric "
+                   "scales) or int4 (scales and offsets); recorded in the manifest")
+    p.add_argument("--group-size", type=int, default=32, choices=(0, 32, 64, 128, 256),
+                   help="input columns per scale group (each TP slice must hold whole groups); "
+                   "0: int8 with one scale per output row (per channel)")
+    p.add_argument("--quantize-embedding", choices=("int8-g32", "int8", "none"),
+                   default="int8-g32",
+                   help="with --quantize: the (tied) embedding / lm_head as int8 per 32 columns "
+                   "(the GGUF's Q8_0 blocks exactly), int8 per row, or kept in the float dtype")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--no-verify", action="store_true",

@@ -96,13 +96,14 @@ def reshard(
     verify_hashes: bool = True,
     quantize: str | None = None,
     group_size: int = 32,
-    quantize_embedding: str = "int8",
+    quantize_embedding: str = "int8-g32",
 ) -> ReshardReport:
     """Write src at layout (tp, pp) into dst; see the module docstring.
 
     tokenizer: a path (see load_tokenizer_from); config: DCP's params.json; verify_hashes:
     check a shardserve source's sha256s first (checkpoint/verify.py); quantize: "int8" or
-    "int4" (group_size input columns per int4 group; quantize_embedding "int8" or "none").
+    "int4" (group_size input columns per scale group; int8 also 0: one scale per output row;
+    quantize_embedding "int8-g32", "int8" (per row) or "none").
     """
     t0 = time.perf_counter()
     given_tok = load_tokenizer_from(tokenizer) if tokenizer else None

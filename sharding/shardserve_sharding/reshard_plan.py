@@ -141,7 +141,7 @@ def _quant_plan(source: CheckpointSource, quantize: str | None, group_size: int,
     if not model_spec(source.family).quantizable:
         raise CheckpointError(f"{src}: --quantize supports the Llama family only; this "
                               f"checkpoint is {source.family!r}")
-    want = QuantConfig(quantize, group_size if quantize == "int4" else 0, embedding)
+    want = QuantConfig(quantize, group_size, embedding)
     if have is None:
         return want, True
     if (have.scheme, have.group_size, have.embedding) != (want.scheme, want.group_size,

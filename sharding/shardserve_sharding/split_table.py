@@ -13,8 +13,8 @@ Quantized checkpoints (quant/scheme.py) store a weight's integers under the weig
 (same kind: int4 bytes pack two input columns, so rowwise cuts fall between bytes) and its
 scales beside it, which follow the weight: `NAME_scale` (int8, one per output row) follows the
 rows of colwise kinds and is replicated for rowwise ones (every rank's partial sum needs every
-row's scale); `NAME_qparams` (int4, [rows, groups, 2]) follows the rows of colwise kinds and
-the groups (dim 1) of rowwise ones.
+row's scale); `NAME_qparams` (int4, [rows, groups, 2]) and `NAME_group_scale` (int8,
+[rows, groups]) follow the rows of colwise kinds and the groups (dim 1) of rowwise ones.
 
 The trainer, the resharder and the serving workers all ask this module; nothing else encodes
 a split rule.
@@ -66,6 +66,9 @@ _TABLE: dict[str, list[tuple[str, SplitKind]]] = {
 
 SCALE_SUFFIX = "_scale"
 """int8 per-row scales of weight NAME are stored as NAME_scale."""
+GROUP_SCALE_SUFFIX = "_group_scale"
+"""int8 scales per group of input columns of weight NAME [N, K/G] are stored as
+NAME_group_scale: they split as the weight does (rowwise: whole groups follow their columns)."""
 QPARAMS_SUFFIX = "_qparams"
 """int4 grouped (scale, offset) pairs of weight NAME are stored as NAME_qparams."""
 
@@ -78,6 +81,8 @@ def split_kind(family: str, name: str) -> SplitKind:
         return SplitKind.REPLICATED if kind is SplitKind.ROWWISE else kind
     if name.endswith(".weight" + QPARAMS_SUFFIX):
         return _table_kind(family, name[: -len(QPARAMS_SUFFIX)])
+    if name.endswith(".weight" + GROUP_SCALE_SUFFIX):
+        return _table_kind(family, name[: -len(GROUP_SCALE_SUFFIX)])
     return _table_kind(family, name)
 
 

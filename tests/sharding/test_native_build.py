@@ -1,7 +1,7 @@
 """The C++ kernels build wherever they can: each kernel's own tests skip when it is absent, so a
 source that stops compiling would otherwise pass as "not built here". With a C++ compiler and
 no opt-out variable, the decode attention and fused-op kernels must build, and the quantized
-GEMV kernel too on a CPU with AVX512-F/BW/VNNI and F16C."""
+GEMV kernel too on a CPU with AVX2, FMA and F16C (its widest path there, and the forced builds)."""
 
 from __future__ import annotations
 
@@ -40,12 +40,23 @@ def test_portable_kernels_build(env, built):
 
 
 @needs_compiler
-def test_quant_kernel_builds_where_the_cpu_has_vnni():
+def test_quant_kernel_builds_where_the_cpu_has_avx2():
+    """The native build runs the widest path the CPU has; the forced 256-bit builds build
+    where the CPU has their flags."""
     if os.environ.get("SHARDSERVE_QUANT_KERNEL") == "0":
         pytest.skip("SHARDSERVE_QUANT_KERNEL=0")
-    if not {"avx512f", "avx512bw", "avx512_vnni", "f16c"} <= _cpu_flags():
-        pytest.skip("no AVX512-VNNI here: torch's int8/int4 ops run")
-    assert cpu_kernel.kernel() is not None
+    flags = _cpu_flags()
+    if not {"avx2", "fma", "f16c"} <= flags:
+        pytest.skip("no AVX2 here: torch's int8/int4 ops run")
+    mod = cpu_kernel.kernel("native")
+    assert mod is not None
+    if {"avx512f", "avx512bw", "avx512_vnni"} <= flags:
+        assert mod.isa() == "avx512-vnni"
+    else:
+        assert mod.isa() == ("avx-vnni" if "avx_vnni" in flags else "avx2")
+    assert cpu_kernel.kernel("avx2").isa() == "avx2"
+    if "avx_vnni" in flags:
+        assert cpu_kernel.kernel("avx-vnni").isa() == "avx-vnni"
 
 
 @needs_compiler

@@ -48,7 +48,10 @@ CFG = LlamaConfig(vocab_size=41, dim=192, n_layers=2, n_heads=6, n_kv_heads=3,
 """TP 1, 3 and 6 cut it with whole int4 groups of 32 (wo: 192 / 6 = 32 columns per rank; w2
 likewise), TP 3 with groups of 64; an odd vocabulary (41) pads at TP 3 and 6; TP 6 replicates
 the 3 KV heads."""
-SCHEMES = [QuantConfig("int8"), QuantConfig("int4", 32), QuantConfig("int4", 64)]
+SCHEMES = [QuantConfig("int8"), QuantConfig("int4", 32), QuantConfig("int4", 64),
+           QuantConfig("int8", 32, "int8-g32")]
+"""int8 per row (per channel), int4 g32 / g64, and `reshard --quantize int8`'s default: int8
+g32 with the embedding int8 g32 too."""
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +82,9 @@ def test_quantize_dequantize_bounds_and_packing(rows, groups, seed):
 
 
 @pytest.mark.parametrize(("qcfg", "tp"), [(SCHEMES[0], 3), (SCHEMES[0], 6), (SCHEMES[1], 3),
-                                           (SCHEMES[1], 6), (SCHEMES[2], 3)],
-                         ids=["int8-tp3", "int8-tp6", "int4g32-tp3", "int4g32-tp6", "int4g64-tp3"])
+                                           (SCHEMES[1], 6), (SCHEMES[2], 3), (SCHEMES[3], 6)],
+                         ids=["int8-tp3", "int8-tp6", "int4g32-tp3", "int4g32-tp6", "int4g64-tp3",
+                              "int8g32-tp6"])
 def test_quantize_then_shard_equals_shard_then_quantize(qcfg, tp):
     """Every tensor, every rank: cutting the quantized global tensors by the split table's rules
     for integers and scales gives the same bytes as quantizing each rank's float slice (an
@@ -94,7 +98,8 @@ def test_quantize_then_shard_equals_shard_then_quantize(qcfg, tp):
         kind = split_kind("llama", name)
         slices = [shard_tensor(full, shard_spec(kind, shape, geo, tp, r)) for r in range(tp)]
         scale = None
-        if kind is SplitKind.ROWWISE and qcfg.scheme == "int8":  # all-reduce MAX, then SUM
+        if kind is SplitKind.ROWWISE and qcfg.scheme == "int8" and not qcfg.group_of(name):
+            # per-row int8 scales: all-reduce MAX, then SUM
             amax = torch.stack([s.abs().amax(dim=1) for s in slices]).amax(dim=0)
             errors = sum(int8_clip_errors(s, amax) for s in slices)
             scale = int8_row_scale(amax, errors)
@@ -107,18 +112,23 @@ def test_quantize_then_shard_equals_shard_then_quantize(qcfg, tp):
                 cut = shard_tensor(t, shard_spec(kind, tuple(t.shape), geo, tp, rank))
                 assert cut.dtype == direct[sname].dtype
                 assert torch.equal(cut, direct[sname]), (sname, rank)
-    if qcfg.scheme == "int8":  # rowwise weights' per-row scales are whole on every rank
+    if qcfg.scheme == "int8" and qcfg.group_size:  # groups follow their columns
+        assert ("weight_group_scale", SplitKind.ROWWISE) in kinds
+        assert ("weight_group_scale", SplitKind.VOCAB) in kinds
+    elif qcfg.scheme == "int8":  # rowwise weights' per-row scales are whole on every rank
         assert ("weight_scale", SplitKind.REPLICATED) in kinds
         assert ("weight_scale", SplitKind.FUSED_QKV) in kinds
     else:  # rowwise weights' groups follow their columns
         assert ("weight_qparams", SplitKind.ROWWISE) in kinds
 
 
-@pytest.mark.parametrize("qcfg", SCHEMES[:2], ids=["int8", "int4"])
+@pytest.mark.parametrize("qcfg", [SCHEMES[0], SCHEMES[1], SCHEMES[3]],
+                         ids=["int8-per-row", "int4", "int8-g32"])
 def test_reshard_quantize_at_tp3_then_back_equals_quantize_at_tp1(float_dir, tmp_path, qcfg):
     """float -> quantized TP=3 -> TP=1 equals float -> quantized TP=1, bit for bit; the
     manifest records the scheme and the integer dtypes; the TP=3 files hold the slices."""
-    kw = {"quantize": qcfg.scheme, "group_size": qcfg.group_size or 32}
+    kw = {"quantize": qcfg.scheme, "group_size": qcfg.group_size,
+          "quantize_embedding": qcfg.embedding}
     direct = reshard(float_dir, tmp_path / "q1", tp=1, **kw).dst
     rep = reshard(float_dir, tmp_path / "q3", tp=3, verify=True, **kw)  # TP=3 vs TP=1 logits
     assert rep.verify_error is not None and rep.verify_error <= 1e-5
@@ -199,7 +209,8 @@ def test_quantized_logits_stay_close_to_the_float_model(float_dir, tmp_path):
 @pytest.mark.parametrize("ours", [False, True], ids=["torch", "ours"])
 def test_kernels_equal_their_dequantized_weights(rows, dtype, ours, monkeypatch):
     """Int8Weight / Int4Weight: torch's kernels (few rows) and the dense copy (many rows)
-    compute x @ dequantize(w).T; our kernel (few rows, where built) computes its reference
+    compute x @ dequantize(w).T (int4 with our kernel: its fp16 (scale, min) pairs, the one
+    copy held); our kernel (few rows, where built) computes its reference
     (int8 activations, cpu_kernel.py), within 2% of that; the int8 rows lookup equals the
     dequantized rows."""
     if ours and cpu_kernel.kernel() is None:
@@ -219,6 +230,9 @@ def test_kernels_equal_their_dequantized_weights(rows, dtype, ours, monkeypatch)
     assert rel_err(i8(x), ref8) <= (2e-2 if in_kernel else tol)
     packed, qp = quantize_int4(w, 32)
     i4 = Int4Weight(packed, qp, dtype)
+    if ours:  # the module holds only the kernel's copy: (scale, min) pairs in fp16
+        sm = cpu_kernel.int4_scales(qp)
+        qp = torch.stack([sm[..., 0], sm[..., 1] + 8 * sm[..., 0]], dim=-1)
     ref4 = x.float() @ dequantize_int4(packed, qp.to(dtype)).T
     if in_kernel:
         assert rel_err(i4(x), cpu_kernel.reference_int4(x, packed, qp)) <= tol
@@ -228,6 +242,14 @@ def test_kernels_equal_their_dequantized_weights(rows, dtype, ours, monkeypatch)
     assert rel_err(odd(x), ref4[:, :37]) <= (2e-2 if in_kernel else tol)
     ids = torch.tensor([[0, 95, 7]])
     assert rel_err(i8.rows(ids), dequantize_int8(i8.q, i8.scale.float())[ids]) <= tol
+    qg, sg = quantize_int8(w, None, 32)  # grouped: our kernel, else the dense copy
+    i8g = Int8Weight(qg, sg, dtype)
+    assert torch.equal(i8g.q, qg) and torch.equal(i8g.scale, sg)  # unpacked where packed
+    refg = x.float() @ dequantize_int8(qg, sg).to(dtype).float().T
+    if in_kernel:
+        assert rel_err(i8g(x), cpu_kernel.reference_int8(x, qg, sg)) <= tol
+    assert rel_err(i8g(x), refg) <= (2e-2 if in_kernel else tol)
+    assert rel_err(i8g.rows(ids), dequantize_int8(qg, sg)[ids]) <= tol
 
 
 def test_manifest_hashes_cover_the_quantized_tensors(float_dir, tmp_path):
@@ -327,3 +349,35 @@ def test_gguf_q4_blocks_are_taken_over_without_a_float_round_trip(tmp_path):
         ref = f.tensor(name)
         got = dequantize_int4(s.tensor(name), s.tensor(name + "_qparams"))
         assert rel_err(got, ref) <= 1e-6, name
+
+
+def _held_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the distinct storages a model holds for its weights: parameters and every
+    quantized weight module's tensors (buffers and the kernel copies in its __dict__)."""
+    tensors = list(model.parameters())
+    for m in model.modules():
+        q = getattr(m, "qweight", None)
+        if q is not None:
+            tensors += list(q.buffers())
+            tensors += [t for t in q.__dict__.values() if isinstance(t, torch.Tensor)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("qcfg", [SCHEMES[3], SCHEMES[0], SCHEMES[1]],
+                         ids=["int8-g32", "int8-per-row", "int4-g32"])
+def test_a_loaded_quantized_model_holds_one_copy_of_its_weights(float_dir, tmp_path, qcfg):
+    """The bytes a loaded quantized model holds are its checkpoint's bytes give or take the
+    kernel's tile padding and fp16 scales (was twice the int8 bytes: stored and repacked
+    copies), until a many-row call makes the dense copy."""
+    if cpu_kernel.kernel() is None:
+        pytest.skip("quantized GEMV kernel not built here: torch's layouts are held")
+    from shardserve_sharding.checkpoint.io import load_model
+
+    dst = reshard(float_dir, tmp_path / "q", tp=1, quantize=qcfg.scheme,
+                  group_size=qcfg.group_size, quantize_embedding=qcfg.embedding).dst
+    stored = sum(t.numel() * t.element_size()
+                 for t in load_file(dst / "rank-tp00-pp00.safetensors").values())
+    model = load_model(dst).model
+    held = _held_bytes(model)
+    assert 0.8 * stored <= held <= 1.1 * stored, (held, stored)

@@ -1,8 +1,10 @@
-"""The AVX512-VNNI int4 / int8 GEMV kernel (quant/cpu_kernel.py) against its plain-torch
-reference (the same int8 activation blocks, float64 sums) and the reference against the exact
-product with the kernel's weights (off by at most the activation's rounding, half a block step
-per column): random shapes with odd output counts (padded 16-row tiles), every int4 group size,
-1-8 rows and chunks beyond, fp32 / bf16 activations, fp16 and fp32 scale packs.
+"""The int4 / int8 GEMV kernel (quant/cpu_kernel.py), each code path this CPU can run
+(AVX512-VNNI, and the AVX-VNNI / AVX2 builds forced by SHARDSERVE_QUANT_ISA's values), against
+its plain-torch reference (the same int8 activation blocks, float64 sums) and the reference
+against the exact product with the kernel's weights (off by at most the activation's rounding,
+half a block step per column): random shapes with odd output counts (padded 16-row tiles),
+every int4 group size, 1-8 rows and chunks beyond, fp32 / bf16 activations, fp16 and fp32
+scale packs, int8 per row and per group.
 
 Errors are measured against the size of the products' terms, mag = |x| @ |w|.T (a single
 output of a few columns can cancel to near zero, where max|ref| says nothing)."""
@@ -27,8 +29,10 @@ from shardserve_sharding.quant.scheme import (
 
 pytestmark = pytest.mark.skipif(
     cpu_kernel.kernel() is None,
-    reason="quantized GEMV kernel not built here (no AVX512-VNNI, no compiler, or disabled)")
+    reason="quantized GEMV kernel not built here (no AVX2, no compiler, or disabled)")
 PROPERTY = settings(deadline=None, max_examples=25)
+ISAS = [isa for isa in cpu_kernel.ISAS if cpu_kernel.kernel(isa) is not None]
+"""The builds this CPU runs (.ci/setup builds them all once)."""
 
 
 def _within(y: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
@@ -56,16 +60,16 @@ def _case(seed: int, m: int, n: int, k: int, dtype: torch.dtype):
 
 @given(seed=st.integers(0, 2**16), m=st.integers(1, 8), n=st.integers(1, 70),
        blocks=st.integers(1, 3), group=st.sampled_from(INT4_GROUP_SIZES),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), isa=st.sampled_from(ISAS))
 @PROPERTY
-def test_int4_kernel_equals_its_reference(seed, m, n, blocks, group, dtype):
+def test_int4_kernel_equals_its_reference(seed, m, n, blocks, group, dtype, isa):
     """int4: the kernel within 1e-5 (fp32 out) / 8e-3 (bf16 out) of its reference, the
     reference within the activation's rounding of x @ w.T (w: the kernel's scales), and that
     within 1e-3 of x @ dequantize(stored).T (fp16 scales)."""
     w, x = _case(seed, m, n, blocks * group, dtype)
     packed, qp = quantize_int4(w, group)
     kw, ks = cpu_kernel.pack_int4(packed, qp)
-    y = cpu_kernel.kernel().int4_linear(x, kw, ks, n, group)  # [M, N]
+    y = cpu_kernel.kernel(isa).int4_linear(x, kw, ks, n, group)  # [M, N]
     ref = cpu_kernel.reference_int4(x, packed, qp)
     assert y.shape == (m, n) and y.dtype == dtype
     wq = dequantize_int4(packed, qp)  # [N, K] the stored weights
@@ -79,15 +83,20 @@ def test_int4_kernel_equals_its_reference(seed, m, n, blocks, group, dtype):
 
 
 @given(seed=st.integers(0, 2**16), m=st.integers(1, 8), n=st.integers(1, 70),
-       blocks=st.integers(1, 6), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+       blocks=st.integers(1, 4), group=st.sampled_from([0, 32, 64, 128]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), isa=st.sampled_from(ISAS))
 @PROPERTY
-def test_int8_kernel_equals_its_reference(seed, m, n, blocks, dtype):
-    """int8 per row: the kernel within 1e-5 / 8e-3 of its reference, which is within the
-    activation's rounding of x @ dequantize(w).T."""
-    w, x = _case(seed, m, n, blocks * 32, dtype)
-    q, scale = quantize_int8(w)
+def test_int8_kernel_equals_its_reference(seed, m, n, blocks, group, dtype, isa):
+    """int8 per row (group 0) or per group: the kernel within 1e-5 / 8e-3 of its reference,
+    which is within the activation's rounding of x @ dequantize(w).T; the pack unpacks to the
+    stored tensors (the one copy a module keeps)."""
+    k = blocks * max(group, 32)
+    w, x = _case(seed, m, n, k, dtype)
+    q, scale = quantize_int8(w, None, group)
     kw, ks = cpu_kernel.pack_int8(q, scale)
-    y = cpu_kernel.kernel().int8_linear(x, kw, ks, n)  # [M, N]
+    uq, us = cpu_kernel.unpack_int8(kw, ks, n)
+    assert torch.equal(uq, q) and torch.equal(us.reshape(scale.shape), scale)
+    y = cpu_kernel.kernel(isa).int8_linear(x, kw, ks, n, group or k)  # [M, N]
     ref = cpu_kernel.reference_int8(x, q, scale)
     assert y.shape == (m, n) and y.dtype == dtype
     wq = dequantize_int8(q, scale)  # [N, K]
@@ -108,7 +117,7 @@ def test_rows_beyond_eight_run_in_chunks(m):
     assert rel_err(y[m - 1:], one) <= 1e-6
     q, scale = quantize_int8(w)
     kw8, ks8 = cpu_kernel.pack_int8(q, scale)
-    y8 = cpu_kernel.kernel().int8_linear(x, kw8, ks8, 45)
+    y8 = cpu_kernel.kernel().int8_linear(x, kw8, ks8, 45, 96)
     assert rel_err(y8, cpu_kernel.reference_int8(x, q, scale)) <= 1e-5
 
 
@@ -135,11 +144,13 @@ def test_zero_activation_rows_and_mismatched_packs():
     q, scale = quantize_int8(w)
     kw, ks = cpu_kernel.pack_int8(q, scale)
     x = torch.zeros(2, 64)
-    assert torch.equal(cpu_kernel.kernel().int8_linear(x, kw, ks, 20), torch.zeros(2, 20))
+    assert torch.equal(cpu_kernel.kernel().int8_linear(x, kw, ks, 20, 64), torch.zeros(2, 20))
     with pytest.raises(RuntimeError, match="does not match"):
-        cpu_kernel.kernel().int8_linear(torch.zeros(1, 96), kw, ks, 20)
+        cpu_kernel.kernel().int8_linear(torch.zeros(1, 96), kw, ks, 20, 96)
     with pytest.raises(RuntimeError, match="does not match"):
-        cpu_kernel.kernel().int8_linear(x, kw, ks, 40)
+        cpu_kernel.kernel().int8_linear(x, kw, ks, 40, 64)
+    with pytest.raises(RuntimeError, match="does not match"):
+        cpu_kernel.kernel().int8_linear(x, kw, ks, 20, 32)  # row scales read as groups
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

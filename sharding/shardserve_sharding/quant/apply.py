@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..split_table import QPARAMS_SUFFIX, SCALE_SUFFIX
+from ..split_table import GROUP_SCALE_SUFFIX, QPARAMS_SUFFIX, SCALE_SUFFIX
 from .kernels import Int4Weight, Int8Weight
 from .scheme import QuantConfig, quantize_weight
 
@@ -46,7 +46,8 @@ def install_quantized(model: nn.Module, state: dict[str, torch.Tensor], qcfg: Qu
         q = rest.pop(name)
         if scheme == "int8":
             expect = torch.int8
-            qweight: nn.Module = Int8Weight(q, _pop(rest, name + SCALE_SUFFIX), dtype)
+            suffix = GROUP_SCALE_SUFFIX if qcfg.group_of(name) else SCALE_SUFFIX
+            qweight: nn.Module = Int8Weight(q, _pop(rest, name + suffix), dtype)
         else:
             expect = torch.uint8
             qweight = Int4Weight(q, _pop(rest, name + QPARAMS_SUFFIX), dtype)
@@ -88,6 +89,6 @@ def check_quantized_tp(family: str, config, stored: list[tuple[str, tuple[int, .
         try:
             shard_spec(split_kind(family, name), shape, geo, tp, 0)
         except ValueError as e:
-            what = f"int4 group size {qcfg.group_size}" if qcfg.scheme == "int4" else "int8"
+            what = f"{qcfg.scheme} group size {qcfg.group_size}"
             raise ValueError(f"tp {tp} cannot split {name} {list(shape)} of this {what} "
                              f"checkpoint ({e}): each rank must hold whole groups") from None

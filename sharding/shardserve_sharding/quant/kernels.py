@@ -1,14 +1,16 @@
-"""Quantized linear weights at run time: our AVX512-VNNI kernel for few rows, else torch's own
-CPU weight-only kernels.
+"""Quantized linear weights at run time: our AVX512-VNNI / AVX2 kernel for few rows, else
+torch's own CPU weight-only kernels.
 
-Where quant/cpu_kernel.py is built (a CPU with AVX512-VNNI; SHARDSERVE_QUANT_KERNEL=0 turns it
-off), calls of at most KERNEL_MAX_ROWS rows (decode) run there over a copy of the weight
-repacked once at load (never stored; the checkpoint keeps its bytes), with integer dot
+Where quant/cpu_kernel.py is built (a CPU with AVX2 at least; SHARDSERVE_QUANT_KERNEL=0 turns
+it off), calls of at most KERNEL_MAX_ROWS rows (decode) run there over the weight repacked
+once at load (never stored; the checkpoint keeps its bytes; for int8 the module keeps only
+that copy and unpacks the stored form from it when asked), with integer dot
 products over the activation split per 32 columns into two int8 digits (llama.cpp's Q8_1 idea,
 one digit more: the result is as exact as fp32 math up to the output's rounding). Otherwise
-(AVX2-only CPUs, no compiler), and for few rows where the dense copy is off:
-- int8: `torch.ops.aten._weight_int8pack_mm(x [M, K], q int8 [N, K], scale [N])`, the op
-  gpt-fast's WeightOnlyInt8Linear lowers to on CPU;
+(no AVX2, no compiler), and for few rows where the dense copy is off:
+- int8 per row: `torch.ops.aten._weight_int8pack_mm(x [M, K], q int8 [N, K], scale [N])`, the
+  op gpt-fast's WeightOnlyInt8Linear lowers to on CPU (it has no grouped scales: grouped int8
+  takes the dense copy there);
 - int4: `torch.ops.aten._weight_int4pack_mm_for_cpu(x [M, K], packed, group, qparams
   [K/G, N, 2])` over a weight repacked once at load by `_convert_weight_to_int4pack_for_cpu`
   (an opaque, CPU-specific layout: never stored).
@@ -81,51 +83,103 @@ def _dense(owner: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
 
 class Int8Weight(nn.Module):
-    """Per-row int8 weight; forward(x [..., K]) = x @ (q * scale).T in x's dtype."""
+    """int8 weight with row or group scales; forward(x [..., K]) = x @ (q * scale).T in x's
+    dtype.
+
+    One copy of the weight is held: where the kernel is built, only its repacked form (`q`
+    and `scale` unpack the stored form from it on demand: the dense copy, the embedding
+    lookup); else the stored q [N, K] and scales (torch's `_weight_int8pack_mm` for per-row
+    scales; grouped scales take the dense copy, the aten op has no groups)."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> None:
         super().__init__()
-        self.register_buffer("q", q.contiguous())  # [N, K] int8
-        self.register_buffer("scale", scale.to(dtype).contiguous())  # [N]
-        self._n = q.shape[0]
+        n, k = q.shape
+        sc = scale.float().reshape(n, -1)  # [N, K/G]; G = K for row scales
+        self.group_size = k // sc.shape[1]
+        self.in_features = k
+        self._n = n
+        self._dtype = dtype
         mod = cpu_kernel.kernel()
-        if mod is not None and q.shape[1] % cpu_kernel.BLOCK == 0:
-            # the kernel's copy: q + 128 in 16-row tiles, fp32 row scales (not buffers: never
-            # saved, never cast by .to())
-            self.__dict__["_kw"], self.__dict__["_ks"] = cpu_kernel.pack_int8(q, scale)
+        if mod is not None and self.group_size % cpu_kernel.BLOCK == 0:
+            # the kernel's copy: q + 128 in 16-row tiles, [NT, K/G, 16] scales (not buffers:
+            # never saved, never cast by .to())
+            self.__dict__["_kw"], self.__dict__["_ks"] = cpu_kernel.pack_int8(q, sc)
             self.__dict__["_kfn"] = mod.int8_linear
+        else:
+            self.register_buffer("_q", q.contiguous())  # [N, K] int8
+            # per row: [N] in the run dtype (the aten op's); per group: [N, K/G] float32
+            self.register_buffer("_scale", sc[:, 0].to(dtype).contiguous() if sc.shape[1] == 1
+                                 else sc.contiguous())
 
     @property
     def out_features(self) -> int:
-        return self.q.shape[0]
+        return self._n
+
+    @property
+    def q(self) -> torch.Tensor:
+        """The stored int8 [N, K] (unpacked from the kernel's copy where that is the one)."""
+        if "_kw" in self.__dict__:
+            return cpu_kernel.unpack_int8(self._kw, self._ks, self._n)[0]
+        return self._q
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """The stored scales, float32 [N] (per row) or [N, K/G] (per group)."""
+        if "_kw" not in self.__dict__:
+            return self._scale.float()  # (per row: in the run dtype, as the aten op takes it)
+        ks = self._ks  # [NT, K/G, 16]
+        sc = ks.float().transpose(1, 2).reshape(-1, ks.shape[1])[: self._n]  # [N, K/G]
+        return sc[:, 0] if self.group_size == self.in_features else sc
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _use_kernel(self, x):
             return self._kfn(x if x.is_contiguous() else x.contiguous(), self._kw, self._ks,
-                             self._n)  # [..., N]
+                             self._n, self.group_size)  # [..., N]
         x2 = x.reshape(-1, x.shape[-1])  # [M, K]
         if _use_dense(x2):
             return cpu_linear(self, x, _dense(self, x.dtype), None)  # [..., N]
-        if x2.dtype != self.scale.dtype:
-            x2 = x2.to(self.scale.dtype)
-        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.q, self.scale)  # [M, N]
+        if "_kfn" in self.__dict__:  # between KERNEL_MAX_ROWS and DENSE_MIN_ROWS rows
+            return self._kfn(x.contiguous(), self._kw, self._ks, self._n, self.group_size)
+        if self._scale.dim() == 2:  # grouped scales, no kernel: the dense copy
+            return cpu_linear(self, x, _dense(self, x.dtype), None)  # [..., N]
+        if x2.dtype != self._scale.dtype:
+            x2 = x2.to(self._scale.dtype)
+        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self._q, self._scale)  # [M, N]
         return y.view(*x.shape[:-1], -1).to(x.dtype)
-
-    @property
-    def in_features(self) -> int:
-        return self.q.shape[1]
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized rows ids [...] -> [..., K] in the run dtype (embedding lookup of the
         same matrix)."""
-        return F.embedding(ids, self.q).to(self.scale.dtype) * self.scale[ids].unsqueeze(-1)
+        if "_kw" in self.__dict__:
+            q, sc = cpu_kernel.unpack_int8(self._kw, self._ks, self._n, ids)  # [R, K], [R, K/G]
+        else:
+            q, sc = F.embedding(ids.reshape(-1), self._q), self._scale[ids.reshape(-1)].float()
+        return dequantize_int8(q, sc).to(self._dtype).view(*ids.shape, self.in_features)
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_int8(self.q, self.scale)  # [N, K] float32
 
 
+def torch_int4_args(packed: torch.Tensor, qparams: torch.Tensor, dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored (packed uint8 [N, K/2], qparams [N, K/G, 2]) -> `_weight_int4pack_mm_for_cpu`'s
+    (weight in torch's opaque CPU layout, qparams [K/G, N + pad, 2] in dtype), N padded to a
+    multiple of 16 with zero rows (sliced off the result)."""
+    n = packed.shape[0]
+    pad = -n % 16  # the repacking wants N divisible by 16
+    q = unpack_int4(packed).to(torch.int32) + 8  # [N, K] in [0, 15]
+    q = F.pad(q, (0, 0, 0, pad), value=8).contiguous()  # [N + pad, K]
+    qp = F.pad(qparams.float(), (0, 0, 0, 0, 0, pad))  # [N + pad, K/G, 2]
+    return (torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1),
+            qp.to(dtype).transpose(0, 1).contiguous())
+
+
 class Int4Weight(nn.Module):
-    """Grouped int4 weight; forward(x [..., K]) = x @ w.T with w = v * scale + offset."""
+    """Grouped int4 weight; forward(x [..., K]) = x @ w.T with w = v * scale + offset.
+
+    One copy of the weight is held where the kernel is built: its repacked form (dequantize
+    unpacks it, with the (scale, min) pairs as the kernel holds them); else torch's opaque
+    layout, plus the stored bytes for the dense copy (DENSE_MIN_ROWS > 0)."""
 
     def __init__(self, packed: torch.Tensor, qparams: torch.Tensor, dtype: torch.dtype) -> None:
         super().__init__()
@@ -133,38 +187,19 @@ class Int4Weight(nn.Module):
         k = packed.shape[1] * 2
         self.group_size = k // groups
         self.in_features = k
-        # the stored bytes [N, K/2], kept (not a buffer) for the dense copy
-        self.__dict__["_stored"] = packed if DENSE_MIN_ROWS > 0 else None
-        pad = -n % 16  # the repacking wants N divisible by 16: zero rows, sliced off
+        self._n = n
         mod = cpu_kernel.kernel()
         if mod is not None:
             # the kernel's copy: 16-row tiles of nibbles, (scale, min) per tile and group (not
-            # buffers: never saved, never cast by .to()); torch's packing is then made only if
-            # some call needs it (the `packed` property)
+            # buffers: never saved, never cast by .to())
             self.__dict__["_kw"], self.__dict__["_ks"] = cpu_kernel.pack_int4(packed, qparams)
             self.__dict__["_kfn"] = mod.int4_linear
-            self.__dict__["_stored"] = packed
         else:
-            self.register_buffer("_torch_packed", self._torch_pack(packed, pad))
-        qp = F.pad(qparams.float(), (0, 0, 0, 0, 0, pad))  # [N + pad, K/G, 2]
-        # [K/G, N + pad, 2] (scale, offset): the kernel's layout
-        self.register_buffer("qparams", qp.to(dtype).transpose(0, 1).contiguous())
-        self._n = n
-
-    @staticmethod
-    def _torch_pack(packed: torch.Tensor, pad: int) -> torch.Tensor:
-        """torch's opaque int4 CPU layout of stored bytes [N, K/2], N padded by pad rows."""
-        q = unpack_int4(packed).to(torch.int32) + 8  # [N, K] in [0, 15]
-        q = F.pad(q, (0, 0, 0, pad), value=8).contiguous()  # [N + pad, K]
-        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # opaque
-
-    @property
-    def packed(self) -> torch.Tensor:
-        """The weight in torch's `_weight_int4pack_mm_for_cpu` layout (made on first use where
-        our kernel serves the few-row calls)."""
-        if self.__dict__.get("_buffers", {}).get("_torch_packed") is None:
-            self.register_buffer("_torch_packed", self._torch_pack(self._stored, -self._n % 16))
-        return self._torch_packed
+            tp, qp = torch_int4_args(packed, qparams, dtype)
+            self.register_buffer("_torch_packed", tp)  # opaque
+            self.register_buffer("qparams", qp)  # [K/G, N + pad, 2] (scale, offset)
+            # the stored bytes [N, K/2], kept (not a buffer) for the dense copy
+            self.__dict__["_stored"] = packed if DENSE_MIN_ROWS > 0 else None
 
     @property
     def out_features(self) -> int:
@@ -177,14 +212,18 @@ class Int4Weight(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])  # [M, K]
         if _use_dense(x2):
             return cpu_linear(self, x, _dense(self, x.dtype), None)  # [..., N]
+        if "_kfn" in self.__dict__:  # between KERNEL_MAX_ROWS and DENSE_MIN_ROWS rows
+            return self._kfn(x.contiguous(), self._kw, self._ks, self._n, self.group_size)
         if x2.dtype != self.qparams.dtype:
             x2 = x2.to(self.qparams.dtype)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x2.contiguous(), self.packed, self.group_size, self.qparams)  # [M, N + pad]
+            x2.contiguous(), self._torch_packed, self.group_size, self.qparams)  # [M, N + pad]
         return y[:, : self._n].reshape(*x.shape[:-1], self._n).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
-        """float32 [N, K] (needs the unpacked values kept at load, see DENSE_MIN_ROWS)."""
+        """float32 [N, K] (without the kernel: needs the stored bytes kept, DENSE_MIN_ROWS)."""
+        if "_kw" in self.__dict__:
+            return cpu_kernel.dequantize_int4_pack(self._kw, self._ks, self._n)
         packed = self.__dict__.get("_stored")
         if packed is None:
             raise RuntimeError("the int4 bytes were not kept (SHARDSERVE_QUANT_DENSE_MIN_ROWS=0)")

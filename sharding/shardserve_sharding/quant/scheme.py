@@ -2,8 +2,11 @@
 
 Two schemes, both over [out, in] linear weights (rows are output channels):
 
-- int8: symmetric, one scale per output row. Stored as `NAME` int8 [N, K] (values in
-  [-127, 127]) and `NAME_scale` float32 [N]; w = q * scale.
+- int8: symmetric, one scale per group of `group_size` consecutive input columns (the
+  default, 32: llama.cpp's Q8_0 blocks map onto it exactly) or, with group size 0, per output
+  row. Stored as `NAME` int8 [N, K] (values in [-127, 127]) and `NAME_scale` float32 [N] (per
+  row) or `NAME_group_scale` float32 [N, K/group_size] (per group, each an fp16 value so the
+  kernel holds them in half the bytes); w = q * scale.
 - int4: asymmetric, one (scale, offset) pair per group of `group_size` consecutive input
   columns. Stored as `NAME` uint8 [N, K/2] (two signed 4-bit values per byte, column 2j in the
   low nibble, 2j+1 in the high one, two's complement, v in [-8, 7]) and `NAME_qparams` float32
@@ -12,8 +15,8 @@ Two schemes, both over [out, in] linear weights (rows are output channels):
   gpt-fast's "zeros") and llama.cpp's Q4_0/Q4_1 blocks map onto it exactly (gguf_blocks.py).
 
 Every row, and every group of a row, is quantized on its own, so cutting rows (colwise,
-vocabulary) or whole int4 groups (rowwise) before or after quantizing gives the same bytes.
-The one choice that spans ranks is an int8 row's scale under a rowwise cut (the row's input
+vocabulary) or whole groups (rowwise) before or after quantizing gives the same bytes.
+The one choice that spans ranks is a per-row int8 scale under a rowwise cut (the row's input
 columns are spread over the ranks): shard-then-quantize takes the row maximum as the MAX of
 the ranks' maxima and each candidate scale's error as the SUM of the ranks' errors (two
 all-reduces of a few floats per row in a TP group: int8_clip_errors, int8_row_scale), and then
@@ -29,11 +32,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..split_table import QPARAMS_SUFFIX, SCALE_SUFFIX
+from ..split_table import GROUP_SCALE_SUFFIX, QPARAMS_SUFFIX, SCALE_SUFFIX
 
 SCHEMES = ("int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-"""Group sizes torch's int4 CPU kernel accepts."""
+"""Group sizes torch's int4 CPU kernel accepts (int8 takes these too, or 0: per row)."""
+EMBEDDINGS = ("int8-g32", "int8", "none")
+"""The tied embedding / lm_head: int8 per 32 columns (the GGUF's Q8_0 blocks exactly), int8
+per vocabulary row, or kept float."""
 
 
 @dataclass(frozen=True)
@@ -41,12 +47,12 @@ class QuantConfig:
     """How a checkpoint's linear weights are quantized (recorded in its manifest)."""
 
     scheme: str
-    """"int8" (per-row scales) or "int4" (grouped scales and offsets)."""
+    """"int8" (grouped or per-row scales) or "int4" (grouped scales and offsets)."""
     group_size: int = 0
-    """Input columns per int4 group (0 for int8)."""
+    """Input columns per group (int8: 0 = one scale per output row)."""
     embedding: str = "int8"
-    """The (tied) embedding / lm_head matrix: "int8" per vocabulary row, or "none" (kept in
-    the checkpoint's float dtype)."""
+    """The (tied) embedding / lm_head matrix, one of EMBEDDINGS ("int8": per vocabulary row;
+    "int8-g32": per 32 columns; "none": kept in the checkpoint's float dtype)."""
     origin: str = "float"
     """Where the integers came from: "float" (quantized here) or a GGUF block type
     ("gguf:Q4_1", ...) taken over without a float round trip."""
@@ -57,10 +63,12 @@ class QuantConfig:
         if self.scheme == "int4" and self.group_size not in INT4_GROUP_SIZES:
             raise ValueError(f"int4 group size {self.group_size} is not one of "
                              f"{INT4_GROUP_SIZES}")
-        if self.scheme == "int8" and self.group_size:
-            raise ValueError("int8 has one scale per row: group size must be 0")
-        if self.embedding not in ("int8", "none"):
-            raise ValueError(f"embedding quantization {self.embedding!r} is not int8 or none")
+        if self.scheme == "int8" and self.group_size not in (0, *INT4_GROUP_SIZES):
+            raise ValueError(f"int8 group size {self.group_size} is not 0 (per row) or one of "
+                             f"{INT4_GROUP_SIZES}")
+        if self.embedding not in EMBEDDINGS:
+            raise ValueError(f"embedding quantization {self.embedding!r} is not one of "
+                             f"{EMBEDDINGS}")
 
     def to_dict(self) -> dict[str, object]:
         return {"scheme": self.scheme, "group_size": self.group_size,
@@ -84,6 +92,12 @@ class QuantConfig:
         if name.endswith((".wqkv.weight", ".wo.weight", ".w13.weight", ".w2.weight")):
             return self.scheme
         return None
+
+    def group_of(self, name: str) -> int:
+        """Input columns per scale group of quantized weight `name` (0: one per row)."""
+        if name == "tok_embeddings.weight" or name == "output.weight":
+            return 32 if self.embedding == "int8-g32" else 0
+        return self.group_size
 
 
 INT8_CLIP_RATIOS = tuple(1.0 - 0.02 * i for i in range(21))
@@ -113,11 +127,25 @@ def int8_row_scale(amax: torch.Tensor, errors: torch.Tensor) -> torch.Tensor:
     return torch.where(amax > 0, amax.float() * ratios / 127.0, torch.zeros_like(ratios))
 
 
-def quantize_int8(w: torch.Tensor, scale: torch.Tensor | None = None
+def quantize_int8(w: torch.Tensor, scale: torch.Tensor | None = None, group_size: int = 0
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] -> (q int8 [N, K], scale float32 [N]); w ~= q * scale[:, None]. scale: the
     rows' scales when w holds only some of their columns (a rowwise slice: see the module
-    docstring), else chosen here (INT8_CLIP_RATIOS)."""
+    docstring), else chosen here (INT8_CLIP_RATIOS). group_size > 0: each group of that many
+    columns on its own, scale [N, K/group_size] rounded to fp16 values (where they are
+    normal fp16 numbers; exact for the GGUF's Q8_0 blocks)."""
+    if group_size:
+        n, k = w.shape
+        if k % group_size:
+            raise ValueError(f"{k} input columns are not a multiple of the group size "
+                             f"{group_size}")
+        g = w.float().reshape(n * (k // group_size), group_size)  # [N K/G, G]
+        amax = g.abs().amax(dim=1)  # [N K/G]
+        s = int8_row_scale(amax, int8_clip_errors(g, amax))
+        h = s.half().float()
+        s = torch.where((h >= 2.0 ** -14) & (h <= 65504.0), h, s)
+        q, s = quantize_int8(g, s)
+        return q.reshape(n, k), s.reshape(n, k // group_size)
     w = w.float()
     if scale is None:
         amax = w.abs().amax(dim=1)  # [N]
@@ -129,8 +157,10 @@ def quantize_int8(w: torch.Tensor, scale: torch.Tensor | None = None
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """(q [N, K] int8, scale [N]) -> float32 [N, K]."""
-    return q.float() * scale.float()[:, None]
+    """(q [N, K] int8, scale [N] or [N, K/G]) -> float32 [N, K]."""
+    n, k = q.shape
+    sc = scale.float().reshape(n, -1)  # [N, K/G], G = K for row scales
+    return (q.float().view(n, sc.shape[1], -1) * sc[..., None]).reshape(n, k)
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,8 +213,9 @@ def quantize_weight(name: str, w: torch.Tensor, qcfg: QuantConfig,
     if scheme is None:
         return {name: w}
     if scheme == "int8":
-        q, scale = quantize_int8(w, int8_scale)
-        return {name: q, name + SCALE_SUFFIX: scale}
+        group = qcfg.group_of(name)
+        q, scale = quantize_int8(w, int8_scale, group)
+        return {name: q, name + (GROUP_SCALE_SUFFIX if group else SCALE_SUFFIX): scale}
     packed, qparams = quantize_int4(w, qcfg.group_size)
     return {name: packed, name + QPARAMS_SUFFIX: qparams}
 
@@ -196,6 +227,13 @@ def stored_tensors(name: str, shape: tuple[int, ...], float_dtype: torch.dtype,
     if scheme is None:
         return [(name, shape, float_dtype)]
     n, k = shape
+    group = qcfg.group_of(name)
+    if group and k % group:
+        raise ValueError(f"{name}: {k} input columns are not a multiple of the {scheme} group "
+                         f"size {group}")
+    if scheme == "int8" and group:
+        return [(name, (n, k), torch.int8),
+                (name + GROUP_SCALE_SUFFIX, (n, k // group), torch.float32)]
     if scheme == "int8":
         return [(name, (n, k), torch.int8), (name + SCALE_SUFFIX, (n,), torch.float32)]
     if k % qcfg.group_size:
@@ -208,7 +246,7 @@ def stored_tensors(name: str, shape: tuple[int, ...], float_dtype: torch.dtype,
 def component_of(name: str) -> tuple[str, str]:
     """("X.weight", suffix) for a stored quantization tensor "X.weight<suffix>", suffix "" for
     the weight itself or any other tensor."""
-    for suffix in (SCALE_SUFFIX, QPARAMS_SUFFIX):
+    for suffix in (SCALE_SUFFIX, GROUP_SCALE_SUFFIX, QPARAMS_SUFFIX):
         if name.endswith(".weight" + suffix):
             return name[: -len(suffix)], suffix
     return name, ""
