@@ -2,7 +2,8 @@
 argmax (first index of the max, ties across blocks, short last block, -inf, NaN), the numpy
 sort gives torch's sorted values, and GroupScheduler.process's batched greedy path picks the
 same tokens as the general sampling path and as each row processed alone, in batches that mix
-greedy, seeded top-p, logprob, logit-bias and min_new_tokens rows."""
+greedy, seeded top-p, logprob, logit-bias and min_new_tokens rows, and bf16 logits give what
+their fp32 upcast gives."""
 
 from __future__ import annotations
 
@@ -134,6 +135,19 @@ def test_mixed_batches_give_each_row_its_tokens_alone(small_blocks) -> None:
     for i, name in enumerate(("greedy", "greedy-lp", "greedy-lp0")):
         assert [t for t, _ in together[name]] == [int(s[i].argmax()) for s in steps]
     assert all(lp is not None for _, lp in together["greedy-lp0"])
+
+
+def test_bf16_logits_give_what_their_fp32_upcast_gives(small_blocks) -> None:
+    """A bf16 model's forward hands its logits on in bf16 (ModelRunner.forward): greedy rows
+    take their argmax from them as they are, sampled and logprob rows from the fp32 upcast;
+    every row gets exactly the tokens and logprobs of the fp32 logits it would have had."""
+    vocab = tokenizer().vocab_size
+    names = list(ROWS)
+    steps = [(_tied((len(names), vocab), 60 + k) / 3).to(torch.bfloat16) for k in range(5)]
+    cols = list(range(len(names)))
+    assert _run(names, steps, cols) == _run(names, [s.float() for s in steps], cols)
+    greedy = _run(["greedy"], steps, [0])  # the batched greedy path alone, on bf16
+    assert greedy == _run(["greedy"], [s.float() for s in steps], [0])
 
 
 def test_non_finite_row_in_a_greedy_batch_fails_alone(small_blocks) -> None:

@@ -112,6 +112,10 @@ class CacheGeometry:
         return max(1, self.kv_cache_tokens // self.block_size)
 
 
+_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""Dtypes ModelRunner.forward hands on as they are (others: upcast to float32)."""
+
+
 class ModelRunner:
     """Holds one rank's model and decoding-state pool and runs ForwardPlans."""
 
@@ -139,7 +143,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, plan: ForwardPlan) -> torch.Tensor:
-        """Logits [B, V] (float32) at each row's logits_index."""
+        """Logits [B, V] at each row's logits_index, in float32 or, for a bf16 / fp16 model,
+        its dtype: GroupScheduler.process takes greedy rows' argmax from them as they are (the
+        same ints) and upcasts only what sampling needs (the [32, 49152] upcast of every
+        step was 1.4 ms on one thread)."""
         t0 = time.perf_counter()
         if plan.flat:
             self.cache.set_flat_step(plan.tables, plan.positions[0], plan.num_new)
@@ -149,4 +156,4 @@ class ModelRunner:
             logits = self.model(plan.tokens, plan.positions, cache, plan.logits_index)
             self.cache.end_step()
         self.forward_seconds += time.perf_counter() - t0
-        return logits.float()
+        return logits if logits.dtype in _LOGIT_DTYPES else logits.float()

@@ -436,6 +436,8 @@ class GroupScheduler:
                 return events
         else:
             finite = finite_rows.tolist()  # [B']
+        if lg.dtype != torch.float32:  # a bf16 model's logits: sampling works in fp32
+            lg = lg.float()  # [B', V]
         if not all(finite):
             keep = [j for j, ok in enumerate(finite) if ok]
             for j, ok in enumerate(finite):
