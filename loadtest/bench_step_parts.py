@@ -73,8 +73,13 @@ def instrument(clock) -> Parts:
     if kern is not None:
         timed_kern = parts.timed(kern, "attention kernel")
         decode_attention.step_kernel = lambda: timed_kern
+    qkv_kern = decode_attention.qkv_kernel()
+    if qkv_kern is not None:
+        timed_qkv = parts.timed(qkv_kern, "attention kernel")
+        decode_attention.qkv_kernel = lambda: timed_qkv
     cache_cls = paged_cache.PagedKVCache
     cache_cls.run_attention = parts.timed(cache_cls.run_attention, "attention step")
+    cache_cls.attend_qkv = parts.timed(cache_cls.attend_qkv, "attention step")
     fused = fused_ops.kernels()
     if fused is not None:
         class Timed:

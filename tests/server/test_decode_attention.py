@@ -105,3 +105,30 @@ def test_step_kernel_writes_every_token_and_attends_the_decode_rows_in_place(dty
     with pytest.raises(RuntimeError, match="block id"):
         decode_attention.step_kernel()(q, k, v, pool, write, tables.clamp(max=0) - 1, lens, out,
                                        bs, 1.0)
+
+
+def test_qkv_kernel_equals_step_kernel_on_the_same_buffer():
+    """paged_attend_qkv (the fused QKV output itself, views made in C++) writes the same pool
+    and returns the same rows as paged_attend_step over the Python views of that buffer."""
+    q0, pool, tables, lens, bs = _case(torch.bfloat16, h=9, hkv=3, d=64, bs=16, num_blocks=64)
+    r, h, d = q0.shape
+    hkv = pool.shape[2]
+    n = r + 2
+    g = torch.Generator().manual_seed(2)
+    qkv = torch.randn(n, (h + 2 * hkv) * d, generator=g).to(torch.bfloat16)  # [N, (H+2Hkv)D]
+    used = set((tables[tables >= 0, None] * bs + torch.arange(bs)).flatten().tolist())
+    free = [s for s in range(pool.shape[0]) if s not in used][:2]
+    dec = [int(tables[i, (int(lens[i]) - 1) // bs]) * bs + (int(lens[i]) - 1) % bs
+           for i in range(r)]
+    write = torch.tensor(free + dec)  # [N]
+    heads = qkv.view(n, h + 2 * hkv, d)
+    pool_a, pool_b = pool.clone(), pool.clone()
+    out_a = torch.zeros(n, h, d, dtype=torch.bfloat16)
+    decode_attention.step_kernel()(heads[:, :h], heads[:, h : h + hkv], heads[:, h + hkv :],
+                                   pool_a, write, tables, lens, out_a, bs, d ** -0.5)
+    out_b = decode_attention.qkv_kernel()(qkv, pool_b, write, tables, lens, bs, d ** -0.5)
+    assert out_b.shape == (n, h * d)
+    assert torch.equal(pool_a, pool_b)
+    assert torch.equal(out_a[2:].reshape(r, h * d), out_b[2:])
+    with pytest.raises(RuntimeError, match="width"):
+        decode_attention.qkv_kernel()(qkv[:, :-1], pool_b, write, tables, lens, bs, 1.0)

@@ -217,3 +217,31 @@ def test_packed_bf16_gemm_takes_few_rows_by_default_and_matches_plain():
             want = torch.nn.functional.linear(x, lin.weight)
             assert rel_err(got.float(), want.float()) <= 1e-2  # one bf16 rounding apart at most
     assert "_bf16_packed" in lin.__dict__
+
+
+def test_fused_path_follows_a_swapped_linear_layer():
+    """The fused decode path calls each block's parts through a cached tuple (_FastParts);
+    replacing a part after a forward (as the TP and quantization code do, by setattr) is seen
+    by the next forward: its output equals the plain path's with the new part."""
+    from shardserve_sharding.models import fused_ops
+
+    if fused_ops.kernels() is None:
+        pytest.skip("the fused kernels could not be built here (no C++ toolchain)")
+    cfg = LLAMA_CONFIGS["tiny"]
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(torch.bfloat16)
+    model.reset_buffers()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 7))
+    pos = torch.arange(7).expand(2, 7)
+    with torch.inference_mode():
+        before = model(tokens, pos)
+        new = Linear(cfg.dim, cfg.intermediate_size * 2, bias=False).to(torch.bfloat16)
+        model.layers[1].feed_forward.w13 = new  # after the cache was built
+        fused = model(tokens, pos)
+        fused_ops._STATE["mod"], kernels = None, fused_ops._STATE["mod"]
+        try:
+            plain = model(tokens, pos)  # the torch path reads the modules directly
+        finally:
+            fused_ops._STATE["mod"] = kernels
+    assert not torch.equal(before, fused)
+    assert torch.equal(fused, plain)

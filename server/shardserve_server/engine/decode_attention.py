@@ -350,6 +350,26 @@ void paged_attend_step(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch:
                              block_size, scale);
   });
 }
+
+// paged_attend_step over the fused QKV projection's output itself: qkv [N, (H + 2 Hkv) D]
+// (rows may be strided, columns contiguous: q heads, then k, then v) -> out [N, H D]. The
+// views are made here, not in Python (a decode layer's dozen view ops cost more than this).
+torch::Tensor paged_attend_qkv(torch::Tensor qkv, torch::Tensor pool, torch::Tensor write,
+                               torch::Tensor tables, torch::Tensor lens, int64_t block_size,
+                               double scale) {
+  TORCH_CHECK(qkv.dim() == 2 && pool.dim() == 4 && qkv.stride(1) == 1,
+              "qkv [N, (H + 2 Hkv) D] with contiguous rows, pool [slots, 2, Hkv, D] expected");
+  const int64_t N = qkv.size(0), Hkv = pool.size(2), D = pool.size(3);
+  TORCH_CHECK(D > 0 && qkv.size(1) % D == 0 && qkv.size(1) / D > 2 * Hkv,
+              "qkv's width is not (H + 2 Hkv) x D");
+  const int64_t H = qkv.size(1) / D - 2 * Hkv;
+  auto heads = qkv.view({N, H + 2 * Hkv, D});
+  auto out = torch::empty({N, H, D}, qkv.options());
+  paged_attend_step(heads.narrow(1, 0, H), heads.narrow(1, H, Hkv),
+                    heads.narrow(1, H + Hkv, Hkv), pool, write, tables, lens, out, block_size,
+                    scale);
+  return out.view({N, H * D});
+}
 """
 
 _LOCK = threading.Lock()
@@ -364,7 +384,7 @@ def _module():
             if os.environ.get("SHARDSERVE_DECODE_KERNEL", "1") != "0":
                 mod = native_build.build(
                     "shardserve_decode_attention", _SOURCE,
-                    ["paged_decode_attention", "paged_attend_step"],
+                    ["paged_decode_attention", "paged_attend_step", "paged_attend_qkv"],
                     cflags=["-O3", "-march=native", "-ffast-math"],
                     what="decode attention kernel (using gather + SDPA)")
             _STATE["mod"] = mod
@@ -376,6 +396,13 @@ def kernel():
     or None (disabled, or no compiler)."""
     mod = _module()
     return None if mod is None else mod.paged_decode_attention
+
+
+def qkv_kernel():
+    """`paged_attend_qkv(qkv, pool, write, tables, lens, block_size, scale)`: step_kernel()
+    reading the fused QKV output [N, (H + 2 Hkv) D] itself, returning [N, H D]; or None."""
+    mod = _module()
+    return None if mod is None else mod.paged_attend_qkv
 
 
 def step_kernel():

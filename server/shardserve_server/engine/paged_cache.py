@@ -50,6 +50,8 @@ class PagedKVCache:
         self._step_kernel = (decode_attention.step_kernel() if self._decode_kernel is not None
                              else None)
         """The same extension's whole-step call (K/V writes + decode rows in place), or None."""
+        self._qkv_kernel = (decode_attention.qkv_kernel() if self._step_kernel is not None
+                            else None)
         self._no_rows = (torch.empty(0, 1, dtype=torch.long), torch.empty(0, dtype=torch.long))
 
     def set_step(self, block_tables: torch.Tensor, positions: torch.Tensor,
@@ -215,6 +217,20 @@ class PagedKVCache:
             od = attention(qd, kk, vv, self._dec_mask, enable_gqa=gqa)  # [Dn, H, 1, D]
             outs.append(od[:, :, 0].transpose(0, 1).unsqueeze(0))  # [1, H, Dn, D]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # [1, H, N, D]
+
+    def attend_qkv(self, layer: int, qkv: torch.Tensor) -> torch.Tensor | None:
+        """A flat step without prompt chunks (decode rows only) in one kernel call on the fused
+        QKV projection's output: qkv [N, (H + 2 Hkv) D], rotated -> attention output [N, H D]
+        (K/V written into the pool). None where the step needs the general path (`attend`):
+        prompt chunks, a padded step, no kernel, another dtype than the pool's."""
+        if (not self._flat or self._chunks or self._qkv_kernel is None
+                or (self._dec_rows and self._dec_lens is None) or qkv.dtype != self.kv.dtype):
+            return None
+        tables, lens = ((self._dec_tables, self._dec_lens) if self._dec_lens is not None
+                        else self._no_rows)
+        d = self.kv.shape[-1]
+        return self._qkv_kernel(qkv, self.kv[layer], self._write, tables, lens,
+                                self.block_size, d ** -0.5)  # [N, H D]
 
     def _attend_step(self, pool: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                      v: torch.Tensor) -> torch.Tensor:

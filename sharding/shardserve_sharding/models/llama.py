@@ -182,7 +182,32 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.addcmul(x * cos, rotated, sin)
 
 
-class Attention(nn.Module):
+class _FastParts(nn.Module):
+    """A module whose fused decode path calls its parts through a cached tuple of their bound
+    `forward`s (no nn.Module.__call__ / __getattr__ per call: ~2 us each, ~400 a SmolLM2 step);
+    setting any attribute (swapping a part, e.g. the TP or quantization code replacing a
+    linear layer) drops the tuple, and the next call builds it again from the current parts."""
+
+    _fast_names: tuple[str, ...] = ()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self.__dict__.pop("_fast", None)
+        super().__setattr__(name, value)
+
+    def _fast_parts(self) -> tuple:
+        fast = self.__dict__.get("_fast")
+        if fast is None:
+            fast = self._build_fast()
+            self.__dict__["_fast"] = fast
+        return fast
+
+    def _build_fast(self) -> tuple:
+        return tuple(getattr(self, n).forward for n in self._fast_names)
+
+
+class Attention(_FastParts):
+    _fast_names = ("wqkv", "wo")
+
     def __init__(self, cfg: LlamaConfig, layer_id: int) -> None:
         super().__init__()
         self.layer_id = layer_id
@@ -225,8 +250,14 @@ class Attention(nn.Module):
         token's row of the tables: no gathered cos/sin); same values (fused_ops.py)."""
         bsz, seqlen, _ = x.shape
         h, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = fused_ops.contiguous(self.wqkv(x))  # [B, T, (H + 2 Hkv) D]
+        wqkv, wo = self._fast_parts()
+        qkv = fused_ops.contiguous(wqkv(x))  # [B, T, (H + 2 Hkv) D]
         fused_ops.kernels().rotary_(qkv, positions, rope_cos, rope_sin, h + hkv, d)
+        direct = getattr(cache, "attend_qkv", None)  # a paged cache: decode rows in one call
+        if direct is not None:
+            out = direct(self.layer_id, qkv.view(bsz * seqlen, -1))  # [B T, H D] or None
+            if out is not None:
+                return wo(out.view(bsz, seqlen, h * d))  # [B, T, dim]
         qkv = qkv.view(bsz, seqlen, h + 2 * hkv, d)  # [B, T, H + 2 Hkv, D]
         return self._attend(qkv[:, :, : h + hkv], qkv[:, :, h + hkv :], cache)
 
@@ -252,7 +283,9 @@ class Attention(nn.Module):
         return self.wo(out)
 
 
-class FeedForward(nn.Module):
+class FeedForward(_FastParts):
+    _fast_names = ("w13", "w2")
+
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.w13 = Linear(cfg.dim, 2 * cfg.intermediate_size, bias=False)  # [gate; up]
@@ -264,11 +297,17 @@ class FeedForward(nn.Module):
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         """forward() with silu(gate) * up in one kernel pass (fused_ops.py): same values."""
-        gate_up = fused_ops.contiguous(self.w13(x))  # [B, T, 2I]
-        return self.w2(fused_ops.kernels().silu_mul(gate_up))  # [B, T, dim]
+        w13, w2 = self._fast_parts()
+        gate_up = fused_ops.contiguous(w13(x))  # [B, T, 2I]
+        return w2(fused_ops.kernels().silu_mul(gate_up))  # [B, T, dim]
 
 
-class TransformerBlock(nn.Module):
+class TransformerBlock(_FastParts):
+    _fast_names = ("attention", "attention_norm", "feed_forward", "ffn_norm")
+
+    def _build_fast(self) -> tuple:
+        return tuple(getattr(self, n) for n in self._fast_names)  # the modules themselves
+
     def __init__(self, cfg: LlamaConfig, layer_id: int) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -379,17 +418,19 @@ class Transformer(nn.Module):
         # the residual stream, updated in place: never a view of something else (a weight)
         x = x.clone() if x._is_view() else x.contiguous()
         pos = positions.reshape(-1).to(torch.long).contiguous()  # [B * T] (the kernel's type)
-        layers = list(self.layers)  # (slicing a ModuleList builds a new one: ~40 us)
+        # per block: (attention, attention_norm, feed_forward, ffn_norm), cached (_FastParts)
+        blocks = [layer._fast_parts() for layer in self.layers]
+        blocks.append((None, self.norm, None, None))  # the final norm follows the last block
         cos, sin = self.rope_cos, self.rope_sin
-        norm = layers[0].attention_norm
-        h = k.add_rms_norm_(x, None, norm.weight, norm.eps)  # [B, T, dim]
-        for i, layer in enumerate(layers):
-            a = layer.attention.forward_fused(h, pos, cos, sin, cache)  # [B, T, dim]
-            norm = layer.ffn_norm
-            h = k.add_rms_norm_(x, fused_ops.contiguous(a), norm.weight, norm.eps)
-            m = layer.feed_forward.forward_fused(h)  # [B, T, dim]
-            norm = layers[i + 1].attention_norm if i + 1 < len(layers) else self.norm
-            h = k.add_rms_norm_(x, fused_ops.contiguous(m), norm.weight, norm.eps)
+        norm = blocks[0][1]
+        h = k.add_rms_norm_(x, None, norm._parameters["weight"], norm.eps)  # [B, T, dim]
+        for i in range(len(blocks) - 1):
+            attn, _, ffn, norm = blocks[i]
+            a = attn.forward_fused(h, pos, cos, sin, cache)  # [B, T, dim]
+            h = k.add_rms_norm_(x, fused_ops.contiguous(a), norm._parameters["weight"], norm.eps)
+            m = ffn.forward_fused(h)  # [B, T, dim]
+            norm = blocks[i + 1][1]  # the next block's attention_norm, or the final norm
+            h = k.add_rms_norm_(x, fused_ops.contiguous(m), norm._parameters["weight"], norm.eps)
         if logits_index is None:
             return h  # [B, T, dim]
         if h.shape[1] == 1:
