@@ -393,3 +393,51 @@ def test_nongemm_measurement_restores_the_gemms():
     assert Linear.forward is forward
     assert set(got["fp32"][1]) == set(NONGEMM_TOKENS) and all(
         v > 0 for v in got["fp32"][1].values())
+
+
+def test_gemm_timing_reads_a_whole_steps_weights(monkeypatch):
+    """measure_gemm cycles through as many weight bytes per pass as a real decode step reads
+    (every layer's GEMMs and the output projection: the footprint's GEMM elements), so the
+    caches keep no more than in a real step; the 96 MiB set used before stayed in a 300 MiB
+    L3 and gave 2-thread rates ~2x a real step's. Small decode batches (2, 4 rows) are timed,
+    not interpolated between 1 and 8 rows."""
+    from shardserve_server.plan import measure
+    from shardserve_sharding.models.llama import Linear
+
+    cfg = LLAMA_CONFIGS["tiny"]
+    step_elems = footprint("llama", cfg, 1, 1).stages[0].matmul_elems
+    assert measure.model_weight_elems(cfg) == step_elems
+    monkeypatch.setattr(measure, "WEIGHT_BYTES_COLD", 0)  # the model's own bytes decide
+    seen: list[int] = []
+    forward = Linear.forward
+
+    def counting(self, x):
+        seen.append(self.weight.numel())
+        return forward(self, x)
+
+    monkeypatch.setattr(Linear, "forward", counting)
+    got = measure.measure_gemm(cfg, ("fp32",), (1,), rounds=1)
+    passes = 2 * len(measure.ROWS)  # the warm-up round and one timed round, each row count
+    assert sum(seen) / passes >= step_elems
+    assert {1, 2, 4, 8} <= set(got["fp32"][1]) == set(measure.ROWS)
+    # SmolLM2: the whole model per pass in either dtype (was 113 MB of its 538 MB in fp32)
+    smol = LLAMA_CONFIGS["smollm2-135m"]
+    layer = sum(o * i for o, i in measure._layer_shapes(smol))
+    for elem_bytes in (4, 2):
+        assert measure.cold_copies(smol, elem_bytes) * layer >= measure.model_weight_elems(smol)
+
+
+def test_bandwidth_buffer_is_past_the_last_level_cache(tmp_path, monkeypatch):
+    """The bandwidth buffer is twice the largest cache sysfs reports (at least 512 MiB): the
+    256 MiB buffer used before fit this machine's 300 MiB L3 (60 GB/s: a cache rate)."""
+    from shardserve_server.plan import measure
+
+    for i, size in enumerate(("48K", "2048K", "300M", "junk")):
+        (tmp_path / f"index{i}").mkdir()
+        (tmp_path / f"index{i}" / "size").write_text(size + "\n")
+    assert measure.llc_bytes(tmp_path) == 300 * 2**20
+    assert measure.llc_bytes(tmp_path / "absent") == 0
+    monkeypatch.setattr(measure, "llc_bytes", lambda: 300 * 2**20)
+    assert measure.bandwidth_bytes() == 600 * 2**20
+    monkeypatch.setattr(measure, "llc_bytes", lambda: 0)
+    assert measure.bandwidth_bytes() == measure.BANDWIDTH_MIN_BYTES == 512 * 2**20

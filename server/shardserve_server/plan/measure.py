@@ -2,10 +2,12 @@
 
 Five measurements, each short (the whole run aims at about 90 s on 2 cores):
 1. GEMMs at the model's layer shapes (fused QKV, output, gate/up, down of one layer, TP 1)
-   through the model's own Linear (cpu_gemm's bf16 path), in each dtype, at 1..host threads
-   and several row counts, cycling through enough copies of the layer that the weights come
-   from memory, not cache (as in a real step over all layers).
-2. Weight-streaming read bandwidth: sums over a buffer larger than the caches, per thread count.
+   through the model's own Linear (cpu_gemm's path: packed bf16 or the bf16 GEMV, as the
+   server runs them), in each dtype, at 1..host threads and several row counts, cycling
+   through as many weight bytes as one real step reads (the whole model in that dtype,
+   cold_copies), so the caches keep what they keep in a real step: no more, no less.
+2. Weight-streaming read bandwidth: sums over a buffer of twice the last-level cache (at
+   least 512 MiB), per thread count.
 3. All-reduce between 2 ranks of a real gloo group (the TP transport of our workers): the
    median time of a 4-byte all-reduce (latency) and of a 4 MiB one (bandwidth).
 4. Our engine's per-step overhead: a real `shardserve serve` of a tiny random Llama (its
@@ -35,13 +37,54 @@ import torch
 
 from .costs import MachineCosts, StepOverhead
 
-ROWS = (1, 8, 32, 128, 512)
+ROWS = (1, 2, 4, 8, 32, 128, 512)
 """GEMM row counts timed: decode batches up to prefill chunks (serve's --max-prefill-tokens
-defaults to 512; in-phase streams prefill several prompts in one step)."""
+defaults to 512; in-phase streams prefill several prompts in one step). 2 and 4: small decode
+batches, where the rate is not log-linear between 1 and 8 rows (fp32 at 2 rows: 14.9 GFLOP/s
+measured, 11.4 interpolated; results/plan_misses.md, 11:00 section)."""
 OVERHEAD_DTYPES = {"torch": ("fp32", "bf16"), "onnx": ("fp32",)}
 """The dtypes whose engine overhead is measured per backend (the first is the default)."""
 WEIGHT_BYTES_COLD = 96 * 2**20
-"""Cycle over at least this many bytes of weights per GEMM pass (past the caches)."""
+"""Cycle over at least this many bytes of weights per GEMM pass (small models: past L2)."""
+BANDWIDTH_MIN_BYTES = 512 * 2**20
+"""The smallest buffer measure_bandwidth sums (and at least twice the last-level cache)."""
+
+
+def llc_bytes(root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+    """The largest CPU cache's size in bytes (sysfs `root`/index*/size; 0 where not
+    readable). The 2-core machines of this project report a 300 MiB L3."""
+    best = 0
+    for f in root.glob("index*/size"):
+        try:
+            text = f.read_text().strip().upper()
+        except OSError:
+            continue
+        mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        try:
+            best = max(best, int(text.rstrip("KMG")) * mult)
+        except ValueError:
+            continue
+    return best
+
+
+def model_weight_elems(config: Any) -> int:
+    """Weight elements one decode step reads at TP 1: every layer's GEMMs plus the output
+    projection (vocab x dim; tied or not, the step reads it)."""
+    per_layer = sum(o * i for o, i in _layer_shapes(config))
+    return int(config.n_layers) * per_layer + int(config.vocab_size) * int(config.dim)
+
+
+def cold_copies(config: Any, elem_bytes: int) -> int:
+    """Copies of one layer's GEMMs a timing pass cycles through: as many weight bytes as a
+    real step reads (model_weight_elems; at least WEIGHT_BYTES_COLD). Fewer, and on a host
+    whose last-level cache holds them the rates are cache rates: the 96 MiB set used before
+    (2026-12-06) stayed in this machine's 300 MiB L3, and at 2 threads one pass of 30 SmolLM2
+    layers at 1 row took 14 ms (fp32) / 8 ms (bf16) against 27 / 16 ms over the model's own
+    425 / 212 MB (results/plan_misses.md, 11:00 section): the fp32 decode steps that stream
+    540 MB from memory were predicted at ~0.7 of their time."""
+    layer_bytes = sum(o * i for o, i in _layer_shapes(config)) * elem_bytes
+    want = max(WEIGHT_BYTES_COLD, model_weight_elems(config) * elem_bytes)
+    return max(2, -(-want // layer_bytes))
 
 
 def cpu_description() -> str:
@@ -67,7 +110,8 @@ def _layer_shapes(config: Any) -> list[tuple[int, int]]:
 
 def measure_gemm(config: Any, dtypes: tuple[str, ...], thread_counts: tuple[int, ...],
                  rounds: int = 2) -> dict[str, dict[int, dict[int, float]]]:
-    """dtype -> threads -> rows -> FLOP/s of one layer's GEMMs, weights cold.
+    """dtype -> threads -> rows -> FLOP/s of one layer's GEMMs over a real step's weight
+    bytes (cold_copies).
 
     Every (dtype, threads, rows) point is timed once per round and the rounds interleave, so
     a burst of load from other processes on a shared machine lands on one sample of many
@@ -79,8 +123,7 @@ def measure_gemm(config: Any, dtypes: tuple[str, ...], thread_counts: tuple[int,
     with torch.no_grad():
         for dname in dtypes:
             dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dname]
-            layer_bytes = sum(o * i for o, i in shapes) * (4 if dt == torch.float32 else 2)
-            copies = max(2, -(-WEIGHT_BYTES_COLD // layer_bytes))
+            copies = cold_copies(config, 4 if dt == torch.float32 else 2)
             stack = []
             for _ in range(copies):
                 for o, i in shapes:
@@ -179,7 +222,7 @@ def measure_gemm_onnx(config: Any, thread_counts: tuple[int, ...], work: Path,
                       rounds: int = 2) -> dict[int, dict[int, float]]:
     """threads -> rows -> FLOP/s of one layer's fp32 GEMMs in ONNX Runtime (the ONNX
     backend's own MLAS kernels and thread pool, made by runtime.make_session as the backend
-    makes its sessions), weights cold: MatMuls over enough copies of the layer's weights."""
+    makes its sessions): MatMuls over a real step's weight bytes (cold_copies)."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -187,7 +230,7 @@ def measure_gemm_onnx(config: Any, thread_counts: tuple[int, ...], work: Path,
     from shardserve_sharding.onnx_export.runtime import make_session
 
     shapes = _layer_shapes(config)
-    copies = max(2, -(-WEIGHT_BYTES_COLD // (sum(o * i for o, i in shapes) * 4)))
+    copies = cold_copies(config, 4)
     ins = sorted({i for _, i in shapes})
     rng = np.random.default_rng(0)
     inits, nodes, outputs = [], [], []
@@ -223,9 +266,17 @@ def measure_gemm_onnx(config: Any, thread_counts: tuple[int, ...], work: Path,
     return out
 
 
-def measure_bandwidth(thread_counts: tuple[int, ...], nbytes: int = 256 * 2**20
+def bandwidth_bytes() -> int:
+    """The buffer measure_bandwidth sums: twice the last-level cache, at least 512 MiB (the
+    256 MiB used before fit this machine's 300 MiB L3: 60 GB/s at 2 threads, a cache rate)."""
+    return max(BANDWIDTH_MIN_BYTES, 2 * llc_bytes())
+
+
+def measure_bandwidth(thread_counts: tuple[int, ...], nbytes: int | None = None
                       ) -> dict[int, float]:
-    """threads -> read bandwidth (bytes/s) of summing a buffer past the caches."""
+    """threads -> read bandwidth (bytes/s) of summing a buffer past the caches
+    (bandwidth_bytes() unless given)."""
+    nbytes = nbytes or bandwidth_bytes()
     buf = torch.ones(nbytes // 4, dtype=torch.float32)
     out = {}
     for th in thread_counts:
