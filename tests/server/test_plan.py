@@ -303,6 +303,9 @@ def test_cli_table(costs_file, capsys):
     (json.dumps({**COSTS, "dtype_overhead": {"torch": 1}}), "dtype_overhead must be a table"),
     (json.dumps({**COSTS, "nongemm_s": {"bf16": {"1": {"1": -1}}}}),
      "nongemm_s[bf16][1][1] must be a positive number"),
+    (json.dumps({**COSTS, "attn_token_s": {"onnx": {"fp32": {"1": 0}}}}),
+     "attn_token_s[onnx][fp32][1] must be a positive number"),
+    (json.dumps({**COSTS, "attn_token_s": {"onnx": 3}}), "attn_token_s must be a table"),
 ])
 def test_damaged_costs_file_is_one_line_exit_2(tmp_path, capsys, content, message):
     p = tmp_path / "costs.json"
@@ -441,3 +444,42 @@ def test_bandwidth_buffer_is_past_the_last_level_cache(tmp_path, monkeypatch):
     assert measure.bandwidth_bytes() == 600 * 2**20
     monkeypatch.setattr(measure, "llc_bytes", lambda: 0)
     assert measure.bandwidth_bytes() == measure.BANDWIDTH_MIN_BYTES == 512 * 2**20
+
+
+def test_measured_attention_per_row_and_cached_token_replaces_the_bytes(tmp_path):
+    """attn_token_s (ONNX: its graph gathers each row's keys and values out of the pool, then
+    attends; ~4x what their bytes over the bandwidth say): a decode step's attention is
+    rows x context x layers x that, instead of the bytes term; other backends keep theirs;
+    threads: the largest measured count not above the rank's, a time share below."""
+    slow_bw = {**COSTS, "mem_bw": {"1": 1e9}}
+    d = {**slow_bw, "attn_token_s": {"onnx": {"fp32": {"1": 1e-6, "2": 5e-7}}}}
+    paths = []
+    for i, costs in enumerate((slow_bw, d)):
+        paths.append(tmp_path / f"costs{i}.json")
+        paths[-1].write_text(json.dumps(costs))
+    old, new = (plan_costs.load(p) for p in paths)
+    assert new.attention_token_s("onnx", "fp32", 1) == pytest.approx(1e-6)
+    assert new.attention_token_s("onnx", "fp32", 3) == pytest.approx(5e-7)
+    assert new.attention_token_s("onnx", "fp32", 0.5) == pytest.approx(2e-6)  # half a core
+    assert new.attention_token_s("torch", "fp32", 1) is None
+    assert new == plan_costs.from_dict(new.to_dict())  # stored and read back
+    cfg = LLAMA_CONFIGS["tiny"]
+    fp = footprint("llama", cfg, 1, 1)
+    work = Workload(streams=3, prompt_tokens=100, new_tokens=64)
+    lays = [LayoutChoice("onnx", "fp32", 1, 1, 1), LayoutChoice("torch", "fp32", 1, 1, 1)]
+    (o_old, t_old), (o_new, t_new) = (predict(resolve_model("tiny"), c, 1, work, lays)
+                                      for c in (old, new))
+    rows, ctx = 3, 100 + 64 / 2
+    kv_bytes = rows * ctx * fp.kv_elems_per_token * 4 / 1e9
+    measured = rows * ctx * cfg.n_layers * 1e-6
+    assert o_new.itl_ms - o_old.itl_ms == pytest.approx((measured - kv_bytes) * 1e3, rel=1e-6)
+    assert t_new.itl_ms == pytest.approx(t_old.itl_ms, rel=1e-9)
+
+
+def test_onnx_attention_is_measured_on_the_exported_step_graph(tmp_path):
+    """measure_onnx_attention runs the real export through OnnxStepRuntime (the server's ONNX
+    path) at two contexts: a positive cost per row, cached token and layer per thread count."""
+    from shardserve_server.plan.measure import measure_onnx_attention
+
+    got = measure_onnx_attention(LLAMA_CONFIGS["tiny"], (1,), tmp_path, rounds=1)
+    assert set(got) == {1} and 0 < got[1] < 1e-3

@@ -73,6 +73,11 @@ class MachineCosts:
     """dtype -> threads -> tokens -> seconds of the whole model's eager torch forward outside
     its GEMMs (norms, rotary, attention, activations, launches; measure.measure_nongemm);
     absent: none counted. ONNX Runtime fuses these into its graph: torch layouts only."""
+    attn_token_s: dict[str, dict[str, dict[int, float]]] = field(default_factory=dict)
+    """backend -> dtype -> threads -> seconds a decode row's step costs per cached token and
+    layer as that backend runs its attention (measure.measure_onnx_attention: the ONNX graph
+    gathers the keys and values out of the pool, then attends); absent: the keys' and
+    values' bytes over the bandwidth."""
     source: str = ""
     """How the figures were obtained (the command, or the published sources)."""
     measured_at: str = ""
@@ -131,6 +136,19 @@ class MachineCosts:
         i = next((i for i, (t, _) in enumerate(pts) if tokens <= t), len(pts) - 1)
         (a, ya), (b, yb) = pts[max(0, i - 1)], pts[max(1, i)]
         return max(0.0, ya + (yb - ya) * (tokens - a) / (b - a)) * share
+
+    def attention_token_s(self, backend: str, dtype: str, threads: float) -> float | None:
+        """Seconds per decode row, cached token and layer for `backend` at `dtype` with
+        `threads` threads (the largest measured thread count not above, a time share below
+        the smallest); None where not measured."""
+        by_threads = self.attn_token_s.get(backend, {}).get(dtype)
+        if not by_threads:
+            return None
+        below = [t for t in by_threads if t <= threads]
+        if below:
+            return by_threads[max(below)]
+        th = min(by_threads)
+        return by_threads[th] * th / threads
 
     def step_overhead(self, backend: str, dtype: str) -> StepOverhead:
         """The engine's overhead for `backend` at `dtype` (its default where not measured)."""
@@ -253,6 +271,10 @@ def from_dict(d: Any, where: str = "costs") -> MachineCosts:
         tp_collective_s=_tp_collectives(d.get("tp_collective_s"), where),
         nongemm_s={str(k): _table(v, f"{where}: nongemm_s[{k}]", 2)
                    for k, v in _tables(d.get("nongemm_s", {}), f"{where}: nongemm_s").items()},
+        attn_token_s={str(b): {str(k): _table(v, f"{where}: attn_token_s[{b}][{k}]", 1)
+                               for k, v in _tables(t, f"{where}: attn_token_s[{b}]").items()}
+                      for b, t in _tables(d.get("attn_token_s", {}),
+                                          f"{where}: attn_token_s").items()},
         backend_gemm_flops={str(b): {str(k): _table(v, f"{where}: backend_gemm_flops[{b}][{k}]",
                                                     2) for k, v in t.items()}
                             for b, t in per_backend.items()},

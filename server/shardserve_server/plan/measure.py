@@ -20,6 +20,9 @@ Five measurements, each short (the whole run aims at about 90 s on 2 cores):
    threads, niceness and gloo group) run the model's per-rank GEMMs with and without the
    collectives a TP step meets; the difference per collective is what a collective costs when
    ranks share the cores (measure_tp_collectives).
+6. ONNX decode attention: the exported step graph's cost per decode row, cached token and
+   layer (measure_onnx_attention), which the bytes of the keys and values over the bandwidth
+   undercount (the graph gathers them out of the pool first).
 """
 
 from __future__ import annotations
@@ -264,6 +267,54 @@ def measure_gemm_onnx(config: Any, thread_counts: tuple[int, ...], work: Path,
     for (th, rows), times in samples.items():
         out.setdefault(th, {})[rows] = flops_per_row * rows / statistics.median(times)
     return out
+
+
+ONNX_ATTN_ROWS = 4
+ONNX_ATTN_CTX = (16, 272)
+"""Decode rows and the two cached contexts at which measure_onnx_attention times a step."""
+
+
+def measure_onnx_attention(config: Any, thread_counts: tuple[int, ...], work: Path,
+                           rounds: int = 3, n_layers: int = 2) -> dict[int, float]:
+    """threads -> seconds a decode row's step costs per cached token and layer in the ONNX
+    backend: the exported step graph (llama_graph.py: it gathers each row's keys and values
+    out of the pool into [B, S] tensors, then attends) run by OnnxStepRuntime as the server
+    runs it, on a random `n_layers`-layer model of `config`'s width and heads, with
+    ONNX_ATTN_ROWS decode rows at the two ONNX_ATTN_CTX contexts: the time's growth over the
+    added row-tokens and layers. The GEMMs do not change with the context, so they cancel.
+    A bytes-over-bandwidth term undercounts this ~4x (results/plan_misses.md, 11:00 section:
+    1 thread, ~12 us a row-token over 30 layers against 46 KB / 16 GB/s = 2.9 us)."""
+    import numpy as np
+
+    from shardserve_sharding.onnx_export.export import export_onnx
+    from shardserve_sharding.onnx_export.runtime import OnnxStepRuntime
+
+    model, onnx_dir = work / "attn-model", work / "attn-onnx"
+    if not onnx_dir.exists():
+        _write_tiny(model, n_layers, like=config)
+        export_onnx(model, onnx_dir, dtype="fp32", verify_hashes=False)
+    bs = 16
+    lo, hi = ONNX_ATTN_CTX
+    rows = ONNX_ATTN_ROWS
+    nblocks = -(-(hi + 1) // bs)
+    tables = np.arange(rows * nblocks, dtype=np.int32).reshape(rows, nblocks)  # [B, blocks]
+    runtimes = {th: OnnxStepRuntime(onnx_dir, kv_cache_tokens=rows * nblocks * bs,
+                                    block_size=bs, max_slots=rows, threads=th)
+                for th in thread_counts}
+    samples: dict[tuple[int, int], list[float]] = {}
+    for r in range(rounds + 1):  # interleaved as in measure_gemm; round 0 warms
+        for th, rt in runtimes.items():
+            for ctx in (lo, hi):
+                args = (np.full((rows, 1), 5, np.int64),  # tokens [B, 1]
+                        np.full((rows, 1), ctx, np.int64),  # positions [B, 1]
+                        np.ones(rows, np.int64), np.zeros(rows, np.int64), tables)
+                t0 = time.perf_counter()
+                rt.forward(*args)  # [B, V]
+                if r:
+                    samples.setdefault((th, ctx), []).append(time.perf_counter() - t0)
+    # a positive floor: a costs table holds positive numbers (noise can make the growth 0)
+    return {th: max(1e-12, (statistics.median(samples[th, hi]) - statistics.median(
+        samples[th, lo])) / (rows * (hi - lo) * n_layers)) for th in thread_counts}
 
 
 def bandwidth_bytes() -> int:
@@ -546,7 +597,10 @@ async def _itl(target: str, seconds: float) -> tuple[float, float, float]:
         return out[0], out[1], statistics.median(ttfts)
 
 
-def _write_tiny(dst: Path, n_layers: int = 2) -> None:
+def _write_tiny(dst: Path, n_layers: int = 2, like: Any = None) -> None:
+    """A random Llama checkpoint of `n_layers` layers with a 300-token BPE tokenizer: tiny
+    shapes, or `like`'s (a Llama config: its width, heads and MLP; the vocabulary stays the
+    tokenizer's)."""
     from shardserve_sharding.checkpoint.io import write_checkpoint
     from shardserve_sharding.checkpoint.safetensors_stream import TensorSpec
     from shardserve_sharding.models import build_model, checkpoint_names
@@ -555,8 +609,14 @@ def _write_tiny(dst: Path, n_layers: int = 2) -> None:
 
     tok = train_bpe(["hello world, the quick brown fox jumps over the lazy dog. " * 4],
                     vocab_size=300)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, dim=64, n_layers=n_layers, n_heads=4,
-                      n_kv_heads=2, intermediate_size=96, max_seq_len=512)
+    if like is None:
+        cfg = LlamaConfig(vocab_size=tok.vocab_size, dim=64, n_layers=n_layers, n_heads=4,
+                          n_kv_heads=2, intermediate_size=96, max_seq_len=512)
+    else:
+        cfg = LlamaConfig(vocab_size=tok.vocab_size, dim=int(like.dim), n_layers=n_layers,
+                          n_heads=int(like.n_heads), n_kv_heads=int(like.n_kv_heads),
+                          intermediate_size=int(like.intermediate_size),
+                          rope_theta=float(like.rope_theta), max_seq_len=1024)
     torch.manual_seed(0)
     model = build_model("llama", cfg)
     params = dict(model.named_parameters())
@@ -598,11 +658,17 @@ def measure(config: Any, *, backends: tuple[str, ...] = ("torch", "onnx"),
     overhead = {}
     by_dtype: dict[str, dict[str, StepOverhead]] = {}
     backend_gemm = {}
+    attn_token: dict[str, dict[str, dict[int, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="shardserve-plan-") as d:
         if "onnx" in backends:
             t1 = time.perf_counter()
             backend_gemm["onnx"] = {"fp32": measure_gemm_onnx(config, counts, Path(d))}
             log(f"  ONNX Runtime GEMMs: {time.perf_counter() - t1:.1f} s")
+            t1 = time.perf_counter()
+            attn_token["onnx"] = {"fp32": measure_onnx_attention(config, counts, Path(d))}
+            log(f"  ONNX attention ({time.perf_counter() - t1:.0f} s): " + ", ".join(
+                f"{th} threads {v * 1e9:.0f} ns" for th, v in attn_token["onnx"]["fp32"].items())
+                + " a row, cached token and layer")
         for b in backends:
             for dt in OVERHEAD_DTYPES[b]:
                 ov = measure_overhead(b, Path(d), dtype=dt)
@@ -617,7 +683,7 @@ def measure(config: Any, *, backends: tuple[str, ...] = ("torch", "onnx"),
         memory_per_device_gib=round(mem / cores, 2), gemm_flops=gemm, mem_bw=bw,
         allreduce_latency_s=lat, allreduce_bw=arbw, overhead=overhead,
         backend_gemm_flops=backend_gemm, dtype_overhead=by_dtype, tp_collective_s=tp_coll,
-        nongemm_s=nongemm,
+        nongemm_s=nongemm, attn_token_s=attn_token,
         source=f"shardserve plan --measure ({time.perf_counter() - t0:.0f} s)",
         measured_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
