@@ -306,6 +306,8 @@ def test_cli_table(costs_file, capsys):
     (json.dumps({**COSTS, "attn_token_s": {"onnx": {"fp32": {"1": 0}}}}),
      "attn_token_s[onnx][fp32][1] must be a positive number"),
     (json.dumps({**COSTS, "attn_token_s": {"onnx": 3}}), "attn_token_s must be a table"),
+    (json.dumps({**COSTS, "gemm_includes_memory": 1}),
+     "gemm_includes_memory must be true or false"),
 ])
 def test_damaged_costs_file_is_one_line_exit_2(tmp_path, capsys, content, message):
     p = tmp_path / "costs.json"
@@ -483,3 +485,29 @@ def test_onnx_attention_is_measured_on_the_exported_step_graph(tmp_path):
 
     got = measure_onnx_attention(LLAMA_CONFIGS["tiny"], (1,), tmp_path, rounds=1)
     assert set(got) == {1} and 0 < got[1] < 1e-3
+
+
+def test_gemm_rates_timed_over_a_steps_bytes_get_no_bandwidth_floor(tmp_path):
+    """Rates measured over a real step's weight bytes (gemm_includes_memory: what `plan
+    --measure` writes now) already hold the weights' streaming: the step is FLOPs / rate even
+    where bytes / bandwidth is larger (a one-thread buffer sum streams slower than a GEMV).
+    Without the flag (older files, published figures) the bandwidth floor stays."""
+    slow = {**COSTS, "mem_bw": {"1": 1e6}}  # bytes / bandwidth dominates everything
+    paths = []
+    for i, flag in enumerate((False, True)):
+        paths.append(tmp_path / f"costs{i}.json")
+        paths[-1].write_text(json.dumps({**slow, "gemm_includes_memory": flag}))
+    floored, measured = (plan_costs.load(p) for p in paths)
+    assert measured.gemm_includes_memory and not floored.gemm_includes_memory
+    assert measured == plan_costs.from_dict(measured.to_dict())
+    cfg = LLAMA_CONFIGS["tiny"]
+    fp = footprint("llama", cfg, 1, 1)
+    work = Workload(streams=1, prompt_tokens=10, new_tokens=4)
+    lay = [LayoutChoice("torch", "fp32", 1, 1, 1)]
+    (old,), (new,) = (predict(resolve_model("tiny"), c, 1, work, lay) for c in (floored, measured))
+    st = fp.stages[0]
+    ctx = 10 + 4 / 2
+    kv = ctx * fp.kv_elems_per_token * 4 / 1e6
+    flops = (2 * st.matmul_elems + 4 * cfg.n_heads * cfg.head_dim * ctx * cfg.n_layers) / RATE
+    assert new.itl_ms == pytest.approx((flops + kv + 1e-3) * 1e3, rel=1e-6)
+    assert old.itl_ms >= st.matmul_elems * 4 / 1e6 * 1e3  # the weights' bytes at 1 MB/s

@@ -73,6 +73,11 @@ class MachineCosts:
     """dtype -> threads -> tokens -> seconds of the whole model's eager torch forward outside
     its GEMMs (norms, rotary, attention, activations, launches; measure.measure_nongemm);
     absent: none counted. ONNX Runtime fuses these into its graph: torch layouts only."""
+    gemm_includes_memory: bool = False
+    """The GEMM rates were timed over as many weight bytes as a real step reads (measure.py's
+    cold_copies), so they hold the weights' streaming: the planner puts no bandwidth floor
+    under them (one thread's buffer sum streams slower than its GEMV: 15 GB/s against 18).
+    False (older files, published per-device figures): max(FLOPs / rate, bytes / bandwidth)."""
     attn_token_s: dict[str, dict[str, dict[int, float]]] = field(default_factory=dict)
     """backend -> dtype -> threads -> seconds a decode row's step costs per cached token and
     layer as that backend runs its attention (measure.measure_onnx_attention: the ONNX graph
@@ -278,9 +283,17 @@ def from_dict(d: Any, where: str = "costs") -> MachineCosts:
         backend_gemm_flops={str(b): {str(k): _table(v, f"{where}: backend_gemm_flops[{b}][{k}]",
                                                     2) for k, v in t.items()}
                             for b, t in per_backend.items()},
+        gemm_includes_memory=_flag(d, "gemm_includes_memory", where),
         source=str(d.get("source", "")),
         measured_at=str(d.get("measured_at", "")),
     )
+
+
+def _flag(d: dict[str, Any], key: str, where: str) -> bool:
+    v = d.get(key, False)
+    if not isinstance(v, bool):
+        raise CostsError(f"{where}: {key} must be true or false, got {v!r}")
+    return v
 
 
 def _overhead(v: Any, where: str) -> StepOverhead:

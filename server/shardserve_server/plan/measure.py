@@ -683,7 +683,7 @@ def measure(config: Any, *, backends: tuple[str, ...] = ("torch", "onnx"),
         memory_per_device_gib=round(mem / cores, 2), gemm_flops=gemm, mem_bw=bw,
         allreduce_latency_s=lat, allreduce_bw=arbw, overhead=overhead,
         backend_gemm_flops=backend_gemm, dtype_overhead=by_dtype, tp_collective_s=tp_coll,
-        nongemm_s=nongemm, attn_token_s=attn_token,
+        nongemm_s=nongemm, attn_token_s=attn_token, gemm_includes_memory=True,
         source=f"shardserve plan --measure ({time.perf_counter() - t0:.0f} s)",
         measured_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )

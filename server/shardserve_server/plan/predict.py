@@ -7,7 +7,9 @@ per step, in the same (flat) step as the other rows' decodes. For one rank of a 
 step of T tokens over B rows at context C:
 
     gemm   = max(2 * matmul_elems * T / rate(dtype, T, threads), matmul_bytes / bandwidth)
-             (the output projection's elements over the R sampled rows instead of T)
+             (the output projection's elements over the R sampled rows instead of T; no
+             bandwidth term where the rates were timed over a real step's weight bytes:
+             costs.gemm_includes_memory)
     attn   = B * C * kv_bytes_per_token / bandwidth + 4 * heads * head_dim * T * C / rate
              (where the costs measured the backend's attention per row, cached token and
              layer (ONNX: attn_token_s), that * B * C * layers replaces the bytes term)
@@ -181,9 +183,11 @@ def _step_s(fp: Footprint, costs: MachineCosts, lay: LayoutChoice, threads: floa
     total = comm = 0.0
     for st in fp.stages:
         body = st.matmul_elems - st.head_elems
-        gemm = max(2 * body * tokens / rate, body * wbytes / bw)
+        floor = 0.0 if costs.gemm_includes_memory else 1.0  # rates timed over a step's bytes
+        gemm = max(2 * body * tokens / rate, floor * body * wbytes / bw)
         if st.head_elems:  # the output projection runs on the sampled rows only
-            gemm += max(2 * st.head_elems * vocab_rows / head_rate, st.head_elems * wbytes / bw)
+            gemm += max(2 * st.head_elems * vocab_rows / head_rate,
+                        floor * st.head_elems * wbytes / bw)
         layers_share = st.n_layers / max(1, max(s.n_layers for s in fp.stages))
         attn = layers_share * 4 * fp.attn_heads * fp.head_dim * tokens * ctx * st.n_layers \
             / rate
