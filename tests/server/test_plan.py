@@ -9,6 +9,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from shardserve_server.cli import main
 from shardserve_server.plan import closed_loop
@@ -511,3 +512,31 @@ def test_gemm_rates_timed_over_a_steps_bytes_get_no_bandwidth_floor(tmp_path):
     flops = (2 * st.matmul_elems + 4 * cfg.n_heads * cfg.head_dim * ctx * cfg.n_layers) / RATE
     assert new.itl_ms == pytest.approx((flops + kv + 1e-3) * 1e3, rel=1e-6)
     assert old.itl_ms >= st.matmul_elems * 4 / 1e6 * 1e3  # the weights' bytes at 1 MB/s
+
+
+def test_gemm_passes_are_timed_in_the_steady_state(monkeypatch):
+    """measure_gemm times the last of consecutive passes of one shape (a server's run of
+    decode steps: a model that fits the last-level cache keeps more of it there pass after
+    pass): at least 2 passes, at most STEADY_PASSES, none started after STEADY_SECONDS."""
+    from shardserve_server.plan import measure
+
+    calls: list[int] = []
+
+    class Lin:
+        in_features = 3
+
+        def __call__(self, x):
+            calls.append(x.shape[0])
+            return x
+
+    x = {3: torch.zeros(2, 3)}
+    monkeypatch.setattr(measure, "STEADY_SECONDS", 0.0)
+    assert measure._steady_pass([Lin(), Lin()], x, measure.STEADY_PASSES) >= 0
+    assert len(calls) == 2 * 2  # two passes of two layers: the budget was spent
+    calls.clear()
+    monkeypatch.setattr(measure, "STEADY_SECONDS", 60.0)
+    measure._steady_pass([Lin(), Lin()], x, measure.STEADY_PASSES)
+    assert len(calls) == 2 * measure.STEADY_PASSES
+    calls.clear()
+    measure._steady_pass([Lin()], x, 1)  # steady_state=False and the warm-up round
+    assert len(calls) == 1
