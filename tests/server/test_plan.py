@@ -5,6 +5,7 @@ here is one short run of the TP layer loop on the tiny config (2 ranks); the res
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -431,6 +432,12 @@ def test_gemm_timing_reads_a_whole_steps_weights(monkeypatch):
     layer = sum(o * i for o, i in measure._layer_shapes(smol))
     for elem_bytes in (4, 2):
         assert measure.cold_copies(smol, elem_bytes) * layer >= measure.model_weight_elems(smol)
+    # a model far past the caches: twice the last-level cache of it, not all of it
+    big = dataclasses.replace(smol, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                              intermediate_size=14336, vocab_size=128256)  # Llama-3-8B
+    monkeypatch.setattr(measure, "llc_bytes", lambda: 300 * 2**20)
+    big_layer = sum(o * i for o, i in measure._layer_shapes(big)) * 4
+    assert measure.cold_copies(big, 4) == max(2, -(-600 * 2**20 // big_layer))
 
 
 def test_bandwidth_buffer_is_past_the_last_level_cache(tmp_path, monkeypatch):

@@ -79,14 +79,18 @@ def model_weight_elems(config: Any) -> int:
 
 def cold_copies(config: Any, elem_bytes: int) -> int:
     """Copies of one layer's GEMMs a timing pass cycles through: as many weight bytes as a
-    real step reads (model_weight_elems; at least WEIGHT_BYTES_COLD). Fewer, and on a host
+    real step reads (model_weight_elems; at least WEIGHT_BYTES_COLD, at most twice the
+    last-level cache or BANDWIDTH_MIN_BYTES, whichever is larger). Fewer, and on a host
     whose last-level cache holds them the rates are cache rates: the 96 MiB set used before
     (2026-12-06) stayed in this machine's 300 MiB L3, and at 2 threads one pass of 30 SmolLM2
     layers at 1 row took 14 ms (fp32) / 8 ms (bf16) against 27 / 16 ms over the model's own
     425 / 212 MB (results/plan_misses.md, 11:00 section): the fp32 decode steps that stream
     540 MB from memory were predicted at ~0.7 of their time."""
     layer_bytes = sum(o * i for o, i in _layer_shapes(config)) * elem_bytes
-    want = max(WEIGHT_BYTES_COLD, model_weight_elems(config) * elem_bytes)
+    # past twice the last-level cache nothing stays between passes: more bytes time the same
+    # (and a large model's whole weights need not fit this machine's memory)
+    cap = max(2 * llc_bytes(), BANDWIDTH_MIN_BYTES)
+    want = max(WEIGHT_BYTES_COLD, min(model_weight_elems(config) * elem_bytes, cap))
     return max(2, -(-want // layer_bytes))
 
 
