@@ -5,10 +5,12 @@ here is one short run of the TP layer loop on the tiny config (2 ranks); the res
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import pytest
+import torch
 
 from shardserve_server.cli import main
 from shardserve_server.plan import closed_loop
@@ -303,6 +305,11 @@ def test_cli_table(costs_file, capsys):
     (json.dumps({**COSTS, "dtype_overhead": {"torch": 1}}), "dtype_overhead must be a table"),
     (json.dumps({**COSTS, "nongemm_s": {"bf16": {"1": {"1": -1}}}}),
      "nongemm_s[bf16][1][1] must be a positive number"),
+    (json.dumps({**COSTS, "attn_token_s": {"onnx": {"fp32": {"1": 0}}}}),
+     "attn_token_s[onnx][fp32][1] must be a positive number"),
+    (json.dumps({**COSTS, "attn_token_s": {"onnx": 3}}), "attn_token_s must be a table"),
+    (json.dumps({**COSTS, "gemm_includes_memory": 1}),
+     "gemm_includes_memory must be true or false"),
 ])
 def test_damaged_costs_file_is_one_line_exit_2(tmp_path, capsys, content, message):
     p = tmp_path / "costs.json"
@@ -393,3 +400,150 @@ def test_nongemm_measurement_restores_the_gemms():
     assert Linear.forward is forward
     assert set(got["fp32"][1]) == set(NONGEMM_TOKENS) and all(
         v > 0 for v in got["fp32"][1].values())
+
+
+def test_gemm_timing_reads_a_whole_steps_weights(monkeypatch):
+    """measure_gemm cycles through as many weight bytes per pass as a real decode step reads
+    (every layer's GEMMs and the output projection: the footprint's GEMM elements), so the
+    caches keep no more than in a real step; the 96 MiB set used before stayed in a 300 MiB
+    L3 and gave 2-thread rates ~2x a real step's. Small decode batches (2, 4 rows) are timed,
+    not interpolated between 1 and 8 rows."""
+    from shardserve_server.plan import measure
+    from shardserve_sharding.models.llama import Linear
+
+    cfg = LLAMA_CONFIGS["tiny"]
+    step_elems = footprint("llama", cfg, 1, 1).stages[0].matmul_elems
+    assert measure.model_weight_elems(cfg) == step_elems
+    monkeypatch.setattr(measure, "WEIGHT_BYTES_COLD", 0)  # the model's own bytes decide
+    seen: list[int] = []
+    forward = Linear.forward
+
+    def counting(self, x):
+        seen.append(self.weight.numel())
+        return forward(self, x)
+
+    monkeypatch.setattr(Linear, "forward", counting)
+    got = measure.measure_gemm(cfg, ("fp32",), (1,), rounds=1)
+    passes = 2 * len(measure.ROWS)  # the warm-up round and one timed round, each row count
+    assert sum(seen) / passes >= step_elems
+    assert {1, 2, 4, 8} <= set(got["fp32"][1]) == set(measure.ROWS)
+    # SmolLM2: the whole model per pass in either dtype (was 113 MB of its 538 MB in fp32)
+    smol = LLAMA_CONFIGS["smollm2-135m"]
+    layer = sum(o * i for o, i in measure._layer_shapes(smol))
+    for elem_bytes in (4, 2):
+        assert measure.cold_copies(smol, elem_bytes) * layer >= measure.model_weight_elems(smol)
+    # a model far past the caches: twice the last-level cache of it, not all of it
+    big = dataclasses.replace(smol, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                              intermediate_size=14336, vocab_size=128256)  # Llama-3-8B
+    monkeypatch.setattr(measure, "llc_bytes", lambda: 300 * 2**20)
+    big_layer = sum(o * i for o, i in measure._layer_shapes(big)) * 4
+    assert measure.cold_copies(big, 4) == max(2, -(-600 * 2**20 // big_layer))
+
+
+def test_bandwidth_buffer_is_past_the_last_level_cache(tmp_path, monkeypatch):
+    """The bandwidth buffer is twice the largest cache sysfs reports (at least 512 MiB): the
+    256 MiB buffer used before fit this machine's 300 MiB L3 (60 GB/s: a cache rate)."""
+    from shardserve_server.plan import measure
+
+    for i, size in enumerate(("48K", "2048K", "300M", "junk")):
+        (tmp_path / f"index{i}").mkdir()
+        (tmp_path / f"index{i}" / "size").write_text(size + "\n")
+    assert measure.llc_bytes(tmp_path) == 300 * 2**20
+    assert measure.llc_bytes(tmp_path / "absent") == 0
+    monkeypatch.setattr(measure, "llc_bytes", lambda: 300 * 2**20)
+    assert measure.bandwidth_bytes() == 600 * 2**20
+    monkeypatch.setattr(measure, "llc_bytes", lambda: 0)
+    assert measure.bandwidth_bytes() == measure.BANDWIDTH_MIN_BYTES == 512 * 2**20
+
+
+def test_measured_attention_per_row_and_cached_token_replaces_the_bytes(tmp_path):
+    """attn_token_s (ONNX: its graph gathers each row's keys and values out of the pool, then
+    attends; ~4x what their bytes over the bandwidth say): a decode step's attention is
+    rows x context x layers x that, instead of the bytes term; other backends keep theirs;
+    threads: the largest measured count not above the rank's, a time share below."""
+    slow_bw = {**COSTS, "mem_bw": {"1": 1e9}}
+    d = {**slow_bw, "attn_token_s": {"onnx": {"fp32": {"1": 1e-6, "2": 5e-7}}}}
+    paths = []
+    for i, costs in enumerate((slow_bw, d)):
+        paths.append(tmp_path / f"costs{i}.json")
+        paths[-1].write_text(json.dumps(costs))
+    old, new = (plan_costs.load(p) for p in paths)
+    assert new.attention_token_s("onnx", "fp32", 1) == pytest.approx(1e-6)
+    assert new.attention_token_s("onnx", "fp32", 3) == pytest.approx(5e-7)
+    assert new.attention_token_s("onnx", "fp32", 0.5) == pytest.approx(2e-6)  # half a core
+    assert new.attention_token_s("torch", "fp32", 1) is None
+    assert new == plan_costs.from_dict(new.to_dict())  # stored and read back
+    cfg = LLAMA_CONFIGS["tiny"]
+    fp = footprint("llama", cfg, 1, 1)
+    work = Workload(streams=3, prompt_tokens=100, new_tokens=64)
+    lays = [LayoutChoice("onnx", "fp32", 1, 1, 1), LayoutChoice("torch", "fp32", 1, 1, 1)]
+    (o_old, t_old), (o_new, t_new) = (predict(resolve_model("tiny"), c, 1, work, lays)
+                                      for c in (old, new))
+    rows, ctx = 3, 100 + 64 / 2
+    kv_bytes = rows * ctx * fp.kv_elems_per_token * 4 / 1e9
+    measured = rows * ctx * cfg.n_layers * 1e-6
+    assert o_new.itl_ms - o_old.itl_ms == pytest.approx((measured - kv_bytes) * 1e3, rel=1e-6)
+    assert t_new.itl_ms == pytest.approx(t_old.itl_ms, rel=1e-9)
+
+
+def test_onnx_attention_is_measured_on_the_exported_step_graph(tmp_path):
+    """measure_onnx_attention runs the real export through OnnxStepRuntime (the server's ONNX
+    path) at two contexts: a positive cost per row, cached token and layer per thread count."""
+    from shardserve_server.plan.measure import measure_onnx_attention
+
+    got = measure_onnx_attention(LLAMA_CONFIGS["tiny"], (1,), tmp_path, rounds=1)
+    assert set(got) == {1} and 0 < got[1] < 1e-3
+
+
+def test_gemm_rates_timed_over_a_steps_bytes_get_no_bandwidth_floor(tmp_path):
+    """Rates measured over a real step's weight bytes (gemm_includes_memory: what `plan
+    --measure` writes now) already hold the weights' streaming: the step is FLOPs / rate even
+    where bytes / bandwidth is larger (a one-thread buffer sum streams slower than a GEMV).
+    Without the flag (older files, published figures) the bandwidth floor stays."""
+    slow = {**COSTS, "mem_bw": {"1": 1e6}}  # bytes / bandwidth dominates everything
+    paths = []
+    for i, flag in enumerate((False, True)):
+        paths.append(tmp_path / f"costs{i}.json")
+        paths[-1].write_text(json.dumps({**slow, "gemm_includes_memory": flag}))
+    floored, measured = (plan_costs.load(p) for p in paths)
+    assert measured.gemm_includes_memory and not floored.gemm_includes_memory
+    assert measured == plan_costs.from_dict(measured.to_dict())
+    cfg = LLAMA_CONFIGS["tiny"]
+    fp = footprint("llama", cfg, 1, 1)
+    work = Workload(streams=1, prompt_tokens=10, new_tokens=4)
+    lay = [LayoutChoice("torch", "fp32", 1, 1, 1)]
+    (old,), (new,) = (predict(resolve_model("tiny"), c, 1, work, lay) for c in (floored, measured))
+    st = fp.stages[0]
+    ctx = 10 + 4 / 2
+    kv = ctx * fp.kv_elems_per_token * 4 / 1e6
+    flops = (2 * st.matmul_elems + 4 * cfg.n_heads * cfg.head_dim * ctx * cfg.n_layers) / RATE
+    assert new.itl_ms == pytest.approx((flops + kv + 1e-3) * 1e3, rel=1e-6)
+    assert old.itl_ms >= st.matmul_elems * 4 / 1e6 * 1e3  # the weights' bytes at 1 MB/s
+
+
+def test_gemm_passes_are_timed_in_the_steady_state(monkeypatch):
+    """measure_gemm times the last of consecutive passes of one shape (a server's run of
+    decode steps: a model that fits the last-level cache keeps more of it there pass after
+    pass): at least 2 passes, at most STEADY_PASSES, none started after STEADY_SECONDS."""
+    from shardserve_server.plan import measure
+
+    calls: list[int] = []
+
+    class Lin:
+        in_features = 3
+
+        def __call__(self, x):
+            calls.append(x.shape[0])
+            return x
+
+    x = {3: torch.zeros(2, 3)}
+    monkeypatch.setattr(measure, "STEADY_SECONDS", 0.0)
+    assert measure._steady_pass([Lin(), Lin()], x, measure.STEADY_PASSES) >= 0
+    assert len(calls) == 2 * 2  # two passes of two layers: the budget was spent
+    calls.clear()
+    monkeypatch.setattr(measure, "STEADY_SECONDS", 60.0)
+    measure._steady_pass([Lin(), Lin()], x, measure.STEADY_PASSES)
+    assert len(calls) == 2 * measure.STEADY_PASSES
+    calls.clear()
+    measure._steady_pass([Lin()], x, 1)  # steady_state=False and the warm-up round
+    assert len(calls) == 1

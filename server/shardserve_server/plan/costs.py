@@ -73,6 +73,16 @@ class MachineCosts:
     """dtype -> threads -> tokens -> seconds of the whole model's eager torch forward outside
     its GEMMs (norms, rotary, attention, activations, launches; measure.measure_nongemm);
     absent: none counted. ONNX Runtime fuses these into its graph: torch layouts only."""
+    gemm_includes_memory: bool = False
+    """The GEMM rates were timed over as many weight bytes as a real step reads (measure.py's
+    cold_copies), so they hold the weights' streaming: the planner puts no bandwidth floor
+    under them (one thread's buffer sum streams slower than its GEMV: 15 GB/s against 18).
+    False (older files, published per-device figures): max(FLOPs / rate, bytes / bandwidth)."""
+    attn_token_s: dict[str, dict[str, dict[int, float]]] = field(default_factory=dict)
+    """backend -> dtype -> threads -> seconds a decode row's step costs per cached token and
+    layer as that backend runs its attention (measure.measure_onnx_attention: the ONNX graph
+    gathers the keys and values out of the pool, then attends); absent: the keys' and
+    values' bytes over the bandwidth."""
     source: str = ""
     """How the figures were obtained (the command, or the published sources)."""
     measured_at: str = ""
@@ -131,6 +141,19 @@ class MachineCosts:
         i = next((i for i, (t, _) in enumerate(pts) if tokens <= t), len(pts) - 1)
         (a, ya), (b, yb) = pts[max(0, i - 1)], pts[max(1, i)]
         return max(0.0, ya + (yb - ya) * (tokens - a) / (b - a)) * share
+
+    def attention_token_s(self, backend: str, dtype: str, threads: float) -> float | None:
+        """Seconds per decode row, cached token and layer for `backend` at `dtype` with
+        `threads` threads (the largest measured thread count not above, a time share below
+        the smallest); None where not measured."""
+        by_threads = self.attn_token_s.get(backend, {}).get(dtype)
+        if not by_threads:
+            return None
+        below = [t for t in by_threads if t <= threads]
+        if below:
+            return by_threads[max(below)]
+        th = min(by_threads)
+        return by_threads[th] * th / threads
 
     def step_overhead(self, backend: str, dtype: str) -> StepOverhead:
         """The engine's overhead for `backend` at `dtype` (its default where not measured)."""
@@ -253,12 +276,24 @@ def from_dict(d: Any, where: str = "costs") -> MachineCosts:
         tp_collective_s=_tp_collectives(d.get("tp_collective_s"), where),
         nongemm_s={str(k): _table(v, f"{where}: nongemm_s[{k}]", 2)
                    for k, v in _tables(d.get("nongemm_s", {}), f"{where}: nongemm_s").items()},
+        attn_token_s={str(b): {str(k): _table(v, f"{where}: attn_token_s[{b}][{k}]", 1)
+                               for k, v in _tables(t, f"{where}: attn_token_s[{b}]").items()}
+                      for b, t in _tables(d.get("attn_token_s", {}),
+                                          f"{where}: attn_token_s").items()},
         backend_gemm_flops={str(b): {str(k): _table(v, f"{where}: backend_gemm_flops[{b}][{k}]",
                                                     2) for k, v in t.items()}
                             for b, t in per_backend.items()},
+        gemm_includes_memory=_flag(d, "gemm_includes_memory", where),
         source=str(d.get("source", "")),
         measured_at=str(d.get("measured_at", "")),
     )
+
+
+def _flag(d: dict[str, Any], key: str, where: str) -> bool:
+    v = d.get(key, False)
+    if not isinstance(v, bool):
+        raise CostsError(f"{where}: {key} must be true or false, got {v!r}")
+    return v
 
 
 def _overhead(v: Any, where: str) -> StepOverhead:

@@ -2,10 +2,12 @@
 
 Five measurements, each short (the whole run aims at about 90 s on 2 cores):
 1. GEMMs at the model's layer shapes (fused QKV, output, gate/up, down of one layer, TP 1)
-   through the model's own Linear (cpu_gemm's bf16 path), in each dtype, at 1..host threads
-   and several row counts, cycling through enough copies of the layer that the weights come
-   from memory, not cache (as in a real step over all layers).
-2. Weight-streaming read bandwidth: sums over a buffer larger than the caches, per thread count.
+   through the model's own Linear (cpu_gemm's path: packed bf16 or the bf16 GEMV, as the
+   server runs them), in each dtype, at 1..host threads and several row counts, cycling
+   through as many weight bytes as one real step reads (the whole model in that dtype,
+   cold_copies), so the caches keep what they keep in a real step: no more, no less.
+2. Weight-streaming read bandwidth: sums over a buffer of twice the last-level cache (at
+   least 512 MiB), per thread count.
 3. All-reduce between 2 ranks of a real gloo group (the TP transport of our workers): the
    median time of a 4-byte all-reduce (latency) and of a 4 MiB one (bandwidth).
 4. Our engine's per-step overhead: a real `shardserve serve` of a tiny random Llama (its
@@ -18,6 +20,9 @@ Five measurements, each short (the whole run aims at about 90 s on 2 cores):
    threads, niceness and gloo group) run the model's per-rank GEMMs with and without the
    collectives a TP step meets; the difference per collective is what a collective costs when
    ranks share the cores (measure_tp_collectives).
+6. ONNX decode attention: the exported step graph's cost per decode row, cached token and
+   layer (measure_onnx_attention), which the bytes of the keys and values over the bandwidth
+   undercount (the graph gathers them out of the pool first).
 """
 
 from __future__ import annotations
@@ -35,13 +40,58 @@ import torch
 
 from .costs import MachineCosts, StepOverhead
 
-ROWS = (1, 8, 32, 128, 512)
+ROWS = (1, 2, 4, 8, 32, 128, 512)
 """GEMM row counts timed: decode batches up to prefill chunks (serve's --max-prefill-tokens
-defaults to 512; in-phase streams prefill several prompts in one step)."""
+defaults to 512; in-phase streams prefill several prompts in one step). 2 and 4: small decode
+batches, where the rate is not log-linear between 1 and 8 rows (fp32 at 2 rows: 14.9 GFLOP/s
+measured, 11.4 interpolated; results/plan_misses.md, 11:00 section)."""
 OVERHEAD_DTYPES = {"torch": ("fp32", "bf16"), "onnx": ("fp32",)}
 """The dtypes whose engine overhead is measured per backend (the first is the default)."""
 WEIGHT_BYTES_COLD = 96 * 2**20
-"""Cycle over at least this many bytes of weights per GEMM pass (past the caches)."""
+"""Cycle over at least this many bytes of weights per GEMM pass (small models: past L2)."""
+BANDWIDTH_MIN_BYTES = 512 * 2**20
+"""The smallest buffer measure_bandwidth sums (and at least twice the last-level cache)."""
+
+
+def llc_bytes(root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+    """The largest CPU cache's size in bytes (sysfs `root`/index*/size; 0 where not
+    readable). The 2-core machines of this project report a 300 MiB L3."""
+    best = 0
+    for f in root.glob("index*/size"):
+        try:
+            text = f.read_text().strip().upper()
+        except OSError:
+            continue
+        mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        try:
+            best = max(best, int(text.rstrip("KMG")) * mult)
+        except ValueError:
+            continue
+    return best
+
+
+def model_weight_elems(config: Any) -> int:
+    """Weight elements one decode step reads at TP 1: every layer's GEMMs plus the output
+    projection (vocab x dim; tied or not, the step reads it)."""
+    per_layer = sum(o * i for o, i in _layer_shapes(config))
+    return int(config.n_layers) * per_layer + int(config.vocab_size) * int(config.dim)
+
+
+def cold_copies(config: Any, elem_bytes: int) -> int:
+    """Copies of one layer's GEMMs a timing pass cycles through: as many weight bytes as a
+    real step reads (model_weight_elems; at least WEIGHT_BYTES_COLD, at most twice the
+    last-level cache or BANDWIDTH_MIN_BYTES, whichever is larger). Fewer, and on a host
+    whose last-level cache holds them the rates are cache rates: the 96 MiB set used before
+    (2026-12-06) stayed in this machine's 300 MiB L3, and at 2 threads one pass of 30 SmolLM2
+    layers at 1 row took 14 ms (fp32) / 8 ms (bf16) against 27 / 16 ms over the model's own
+    425 / 212 MB (results/plan_misses.md, 11:00 section): the fp32 decode steps that stream
+    540 MB from memory were predicted at ~0.7 of their time."""
+    layer_bytes = sum(o * i for o, i in _layer_shapes(config)) * elem_bytes
+    # past twice the last-level cache nothing stays between passes: more bytes time the same
+    # (and a large model's whole weights need not fit this machine's memory)
+    cap = max(2 * llc_bytes(), BANDWIDTH_MIN_BYTES)
+    want = max(WEIGHT_BYTES_COLD, min(model_weight_elems(config) * elem_bytes, cap))
+    return max(2, -(-want // layer_bytes))
 
 
 def cpu_description() -> str:
@@ -66,8 +116,15 @@ def _layer_shapes(config: Any) -> list[tuple[int, int]]:
 
 
 def measure_gemm(config: Any, dtypes: tuple[str, ...], thread_counts: tuple[int, ...],
-                 rounds: int = 2) -> dict[str, dict[int, dict[int, float]]]:
-    """dtype -> threads -> rows -> FLOP/s of one layer's GEMMs, weights cold.
+                 rounds: int = 2, steady_state: bool = True
+                 ) -> dict[str, dict[int, dict[int, float]]]:
+    """dtype -> threads -> rows -> FLOP/s of one layer's GEMMs over a real step's weight
+    bytes (cold_copies), timed in the steady state of consecutive passes of one shape
+    (_steady_pass), as a server runs decode step after decode step: the caches then hold what
+    they hold in such a run. A model that fits the last-level cache (SmolLM2 bf16: 269 MB in
+    a 300 MiB L3) keeps more of it there pass after pass: 1-thread 1-row passes went 20 ->
+    13 ms over 8 passes here, while fp32 (538 MB) stayed at ~36; a single pass after another
+    row count's (whose bf16 path may read a packed copy of the weights) timed the first.
 
     Every (dtype, threads, rows) point is timed once per round and the rounds interleave, so
     a burst of load from other processes on a shared machine lands on one sample of many
@@ -79,8 +136,7 @@ def measure_gemm(config: Any, dtypes: tuple[str, ...], thread_counts: tuple[int,
     with torch.no_grad():
         for dname in dtypes:
             dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dname]
-            layer_bytes = sum(o * i for o, i in shapes) * (4 if dt == torch.float32 else 2)
-            copies = max(2, -(-WEIGHT_BYTES_COLD // layer_bytes))
+            copies = cold_copies(config, 4 if dt == torch.float32 else 2)
             stack = []
             for _ in range(copies):
                 for o, i in shapes:
@@ -91,6 +147,7 @@ def measure_gemm(config: Any, dtypes: tuple[str, ...], thread_counts: tuple[int,
             for rows in ROWS:
                 xs[dname, rows] = {i: torch.randn(rows, i, dtype=dt) for _, i in shapes}
     samples: dict[tuple[str, int, int], list[float]] = {}
+    steady_passes = STEADY_PASSES if steady_state else 1
     with torch.no_grad():
         for r in range(rounds + 1):  # round 0 warms every path (packing, thread pools)
             for dname in dtypes:
@@ -98,17 +155,38 @@ def measure_gemm(config: Any, dtypes: tuple[str, ...], thread_counts: tuple[int,
                     torch.set_num_threads(th)
                     for rows in ROWS:
                         x = xs[dname, rows]
-                        t0 = time.perf_counter()
-                        for lin in stacks[dname]:
-                            lin(x[lin.in_features])  # [rows, out]
+                        took = _steady_pass(stacks[dname], x, steady_passes if r else 1)
                         if r:
-                            samples.setdefault((dname, th, rows), []).append(
-                                time.perf_counter() - t0)
+                            samples.setdefault((dname, th, rows), []).append(took)
     out: dict[str, dict[int, dict[int, float]]] = {}
     for (dname, th, rows), times in samples.items():
         flops = 2 * sum(lin.in_features * lin.out_features for lin in stacks[dname]) * rows
         out.setdefault(dname, {}).setdefault(th, {})[rows] = flops / statistics.median(times)
     return out
+
+
+STEADY_PASSES = 8
+STEADY_SECONDS = 0.25
+"""measure_gemm's steady state: consecutive passes of one shape, at least 2, at most
+STEADY_PASSES, and no new pass once STEADY_SECONDS have gone (large row counts are
+compute-bound: their caches matter little)."""
+
+
+def _steady_pass(stack: list[Any], x: dict[int, torch.Tensor], passes: int) -> float:
+    """Seconds of the last of up to `passes` consecutive passes over `stack` (x: rows by
+    in-features; at least 2 when passes > 1, none started after STEADY_SECONDS): the steady
+    state of a run of steps of this shape. The cache fills over several passes, not one
+    (bf16 SmolLM2, 1 thread, 1 row: 19.9 19.9 18.5 14.8 14.2 13.6 13.4 12.9 ms)."""
+    begin = time.perf_counter()
+    took = 0.0
+    for n in range(passes):
+        if n >= 2 and time.perf_counter() - begin >= STEADY_SECONDS:
+            break
+        t0 = time.perf_counter()
+        for lin in stack:
+            lin(x[lin.in_features])  # [rows, out]
+        took = time.perf_counter() - t0
+    return took
 
 
 NONGEMM_TOKENS = (1, 128)
@@ -179,7 +257,7 @@ def measure_gemm_onnx(config: Any, thread_counts: tuple[int, ...], work: Path,
                       rounds: int = 2) -> dict[int, dict[int, float]]:
     """threads -> rows -> FLOP/s of one layer's fp32 GEMMs in ONNX Runtime (the ONNX
     backend's own MLAS kernels and thread pool, made by runtime.make_session as the backend
-    makes its sessions), weights cold: MatMuls over enough copies of the layer's weights."""
+    makes its sessions): MatMuls over a real step's weight bytes (cold_copies)."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -187,7 +265,7 @@ def measure_gemm_onnx(config: Any, thread_counts: tuple[int, ...], work: Path,
     from shardserve_sharding.onnx_export.runtime import make_session
 
     shapes = _layer_shapes(config)
-    copies = max(2, -(-WEIGHT_BYTES_COLD // (sum(o * i for o, i in shapes) * 4)))
+    copies = cold_copies(config, 4)
     ins = sorted({i for _, i in shapes})
     rng = np.random.default_rng(0)
     inits, nodes, outputs = [], [], []
@@ -223,9 +301,65 @@ def measure_gemm_onnx(config: Any, thread_counts: tuple[int, ...], work: Path,
     return out
 
 
-def measure_bandwidth(thread_counts: tuple[int, ...], nbytes: int = 256 * 2**20
+ONNX_ATTN_ROWS = 4
+ONNX_ATTN_CTX = (16, 272)
+"""Decode rows and the two cached contexts at which measure_onnx_attention times a step."""
+
+
+def measure_onnx_attention(config: Any, thread_counts: tuple[int, ...], work: Path,
+                           rounds: int = 3, n_layers: int = 2) -> dict[int, float]:
+    """threads -> seconds a decode row's step costs per cached token and layer in the ONNX
+    backend: the exported step graph (llama_graph.py: it gathers each row's keys and values
+    out of the pool into [B, S] tensors, then attends) run by OnnxStepRuntime as the server
+    runs it, on a random `n_layers`-layer model of `config`'s width and heads, with
+    ONNX_ATTN_ROWS decode rows at the two ONNX_ATTN_CTX contexts: the time's growth over the
+    added row-tokens and layers. The GEMMs do not change with the context, so they cancel.
+    A bytes-over-bandwidth term undercounts this ~4x (results/plan_misses.md, 11:00 section:
+    1 thread, ~12 us a row-token over 30 layers against 46 KB / 16 GB/s = 2.9 us)."""
+    import numpy as np
+
+    from shardserve_sharding.onnx_export.export import export_onnx
+    from shardserve_sharding.onnx_export.runtime import OnnxStepRuntime
+
+    model, onnx_dir = work / "attn-model", work / "attn-onnx"
+    if not onnx_dir.exists():
+        _write_tiny(model, n_layers, like=config)
+        export_onnx(model, onnx_dir, dtype="fp32", verify_hashes=False)
+    bs = 16
+    lo, hi = ONNX_ATTN_CTX
+    rows = ONNX_ATTN_ROWS
+    nblocks = -(-(hi + 1) // bs)
+    tables = np.arange(rows * nblocks, dtype=np.int32).reshape(rows, nblocks)  # [B, blocks]
+    runtimes = {th: OnnxStepRuntime(onnx_dir, kv_cache_tokens=rows * nblocks * bs,
+                                    block_size=bs, max_slots=rows, threads=th)
+                for th in thread_counts}
+    samples: dict[tuple[int, int], list[float]] = {}
+    for r in range(rounds + 1):  # interleaved as in measure_gemm; round 0 warms
+        for th, rt in runtimes.items():
+            for ctx in (lo, hi):
+                args = (np.full((rows, 1), 5, np.int64),  # tokens [B, 1]
+                        np.full((rows, 1), ctx, np.int64),  # positions [B, 1]
+                        np.ones(rows, np.int64), np.zeros(rows, np.int64), tables)
+                t0 = time.perf_counter()
+                rt.forward(*args)  # [B, V]
+                if r:
+                    samples.setdefault((th, ctx), []).append(time.perf_counter() - t0)
+    # a positive floor: a costs table holds positive numbers (noise can make the growth 0)
+    return {th: max(1e-12, (statistics.median(samples[th, hi]) - statistics.median(
+        samples[th, lo])) / (rows * (hi - lo) * n_layers)) for th in thread_counts}
+
+
+def bandwidth_bytes() -> int:
+    """The buffer measure_bandwidth sums: twice the last-level cache, at least 512 MiB (the
+    256 MiB used before fit this machine's 300 MiB L3: 60 GB/s at 2 threads, a cache rate)."""
+    return max(BANDWIDTH_MIN_BYTES, 2 * llc_bytes())
+
+
+def measure_bandwidth(thread_counts: tuple[int, ...], nbytes: int | None = None
                       ) -> dict[int, float]:
-    """threads -> read bandwidth (bytes/s) of summing a buffer past the caches."""
+    """threads -> read bandwidth (bytes/s) of summing a buffer past the caches
+    (bandwidth_bytes() unless given)."""
+    nbytes = nbytes or bandwidth_bytes()
     buf = torch.ones(nbytes // 4, dtype=torch.float32)
     out = {}
     for th in thread_counts:
@@ -495,7 +629,10 @@ async def _itl(target: str, seconds: float) -> tuple[float, float, float]:
         return out[0], out[1], statistics.median(ttfts)
 
 
-def _write_tiny(dst: Path, n_layers: int = 2) -> None:
+def _write_tiny(dst: Path, n_layers: int = 2, like: Any = None) -> None:
+    """A random Llama checkpoint of `n_layers` layers with a 300-token BPE tokenizer: tiny
+    shapes, or `like`'s (a Llama config: its width, heads and MLP; the vocabulary stays the
+    tokenizer's)."""
     from shardserve_sharding.checkpoint.io import write_checkpoint
     from shardserve_sharding.checkpoint.safetensors_stream import TensorSpec
     from shardserve_sharding.models import build_model, checkpoint_names
@@ -504,8 +641,14 @@ def _write_tiny(dst: Path, n_layers: int = 2) -> None:
 
     tok = train_bpe(["hello world, the quick brown fox jumps over the lazy dog. " * 4],
                     vocab_size=300)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, dim=64, n_layers=n_layers, n_heads=4,
-                      n_kv_heads=2, intermediate_size=96, max_seq_len=512)
+    if like is None:
+        cfg = LlamaConfig(vocab_size=tok.vocab_size, dim=64, n_layers=n_layers, n_heads=4,
+                          n_kv_heads=2, intermediate_size=96, max_seq_len=512)
+    else:
+        cfg = LlamaConfig(vocab_size=tok.vocab_size, dim=int(like.dim), n_layers=n_layers,
+                          n_heads=int(like.n_heads), n_kv_heads=int(like.n_kv_heads),
+                          intermediate_size=int(like.intermediate_size),
+                          rope_theta=float(like.rope_theta), max_seq_len=1024)
     torch.manual_seed(0)
     model = build_model("llama", cfg)
     params = dict(model.named_parameters())
@@ -547,11 +690,17 @@ def measure(config: Any, *, backends: tuple[str, ...] = ("torch", "onnx"),
     overhead = {}
     by_dtype: dict[str, dict[str, StepOverhead]] = {}
     backend_gemm = {}
+    attn_token: dict[str, dict[str, dict[int, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="shardserve-plan-") as d:
         if "onnx" in backends:
             t1 = time.perf_counter()
             backend_gemm["onnx"] = {"fp32": measure_gemm_onnx(config, counts, Path(d))}
             log(f"  ONNX Runtime GEMMs: {time.perf_counter() - t1:.1f} s")
+            t1 = time.perf_counter()
+            attn_token["onnx"] = {"fp32": measure_onnx_attention(config, counts, Path(d))}
+            log(f"  ONNX attention ({time.perf_counter() - t1:.0f} s): " + ", ".join(
+                f"{th} threads {v * 1e9:.0f} ns" for th, v in attn_token["onnx"]["fp32"].items())
+                + " a row, cached token and layer")
         for b in backends:
             for dt in OVERHEAD_DTYPES[b]:
                 ov = measure_overhead(b, Path(d), dtype=dt)
@@ -566,7 +715,7 @@ def measure(config: Any, *, backends: tuple[str, ...] = ("torch", "onnx"),
         memory_per_device_gib=round(mem / cores, 2), gemm_flops=gemm, mem_bw=bw,
         allreduce_latency_s=lat, allreduce_bw=arbw, overhead=overhead,
         backend_gemm_flops=backend_gemm, dtype_overhead=by_dtype, tp_collective_s=tp_coll,
-        nongemm_s=nongemm,
+        nongemm_s=nongemm, attn_token_s=attn_token, gemm_includes_memory=True,
         source=f"shardserve plan --measure ({time.perf_counter() - t0:.0f} s)",
         measured_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )

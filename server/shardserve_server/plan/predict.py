@@ -7,8 +7,12 @@ per step, in the same (flat) step as the other rows' decodes. For one rank of a 
 step of T tokens over B rows at context C:
 
     gemm   = max(2 * matmul_elems * T / rate(dtype, T, threads), matmul_bytes / bandwidth)
-             (the output projection's elements over the R sampled rows instead of T)
+             (the output projection's elements over the R sampled rows instead of T; no
+             bandwidth term where the rates were timed over a real step's weight bytes:
+             costs.gemm_includes_memory)
     attn   = B * C * kv_bytes_per_token / bandwidth + 4 * heads * head_dim * T * C / rate
+             (where the costs measured the backend's attention per row, cached token and
+             layer (ONNX: attn_token_s), that * B * C * layers replaces the bytes term)
     comm   = allreduces * allreduce(T * dim * act_bytes) + gather(B * vocab * 4)
              + 2 plan broadcasts                                               (TP > 1)
     other  = the model's measured forward outside its GEMMs at T tokens x the stage's share
@@ -179,13 +183,19 @@ def _step_s(fp: Footprint, costs: MachineCosts, lay: LayoutChoice, threads: floa
     total = comm = 0.0
     for st in fp.stages:
         body = st.matmul_elems - st.head_elems
-        gemm = max(2 * body * tokens / rate, body * wbytes / bw)
+        floor = 0.0 if costs.gemm_includes_memory else 1.0  # rates timed over a step's bytes
+        gemm = max(2 * body * tokens / rate, floor * body * wbytes / bw)
         if st.head_elems:  # the output projection runs on the sampled rows only
-            gemm += max(2 * st.head_elems * vocab_rows / head_rate, st.head_elems * wbytes / bw)
+            gemm += max(2 * st.head_elems * vocab_rows / head_rate,
+                        floor * st.head_elems * wbytes / bw)
         layers_share = st.n_layers / max(1, max(s.n_layers for s in fp.stages))
-        attn = layers_share * (rows * ctx * fp.kv_elems_per_token * act / bw
-                               + 4 * fp.attn_heads * fp.head_dim * tokens * ctx
-                               * st.n_layers / rate)
+        attn = layers_share * 4 * fp.attn_heads * fp.head_dim * tokens * ctx * st.n_layers \
+            / rate
+        per_token = costs.attention_token_s(lay.backend, lay.dtype, threads)
+        if per_token is None:  # reading the rows' keys and values
+            attn += layers_share * rows * ctx * fp.kv_elems_per_token * act / bw
+        else:  # measured as the backend runs it (ONNX: gather out of the pool, attend)
+            attn += rows * ctx * st.n_layers * per_token
         if lay.backend == "torch":  # norms, rotary, attention, activations (per rank)
             attn += costs.nongemm(lay.dtype, tokens, threads) * st.n_layers / sum(
                 x.n_layers for x in fp.stages)
