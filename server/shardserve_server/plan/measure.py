@@ -211,8 +211,9 @@ def synthetic_llama(config: Any, init: Any) -> torch.nn.Module:
 
 def measure_nongemm(config: Any, dtypes: tuple[str, ...], thread_counts: tuple[int, ...],
                     rounds: int = 3) -> dict[str, dict[int, dict[int, float]]]:
-    """dtype -> threads -> tokens -> seconds of the model's own eager forward (TP 1, no
-    cache, logits of the last token) with every Linear's GEMM replaced by an empty result:
+    """dtype -> threads -> tokens -> seconds of the model's own eager forward (TP 1; 1 token:
+    a decode row over a paged cache, 128: a prompt chunk from position 0, no cache; logits of
+    the last token) with every Linear's GEMM replaced by an empty result:
     what the norms, rotary, attention, activations and kernel launches of all layers cost,
     which no GEMM table holds (in bf16 several of them run slower than in fp32 on a CPU).
     Rounds interleave as in measure_gemm; the median is kept."""
@@ -224,11 +225,18 @@ def measure_nongemm(config: Any, dtypes: tuple[str, ...], thread_counts: tuple[i
     models = {d: copy.deepcopy(base).to({"fp32": torch.float32, "bf16": torch.bfloat16}[d])
               for d in dtypes}
     del base
+    for m in models.values():  # fp32 rotary tables, as the loader leaves them (the fused
+        m.reset_buffers()  # bf16 path needs them: with bf16 tables it fell back to torch ops)
     gemm = Linear.forward
 
     def no_gemm(self: Any, x: torch.Tensor) -> torch.Tensor:
         return x.new_zeros(*x.shape[:-1], self.out_features)  # [..., out]
 
+    # the 1-token point is a decode row of a flat step over the paged cache (its attention
+    # kernel, K/V write and step set-up), as the server runs it; without a cache it timed
+    # SDPA's set-up per layer instead (~3 ms of SmolLM2 at 1 row, 2026-12-06, bf16 1-stream
+    # ITL predicted at 10.9 ms against 7.6 served). The keys a row reads are the predictor's.
+    caches = {d: _decode_cache(m) for d, m in models.items()}
     samples: dict[tuple[str, int, int], list[float]] = {}
     Linear.forward = no_gemm  # type: ignore[method-assign]
     try:
@@ -240,8 +248,11 @@ def measure_nongemm(config: Any, dtypes: tuple[str, ...], thread_counts: tuple[i
                         for t in NONGEMM_TOKENS:
                             tokens = torch.zeros(1, t, dtype=torch.long)  # [1, T]
                             pos = torch.arange(t).unsqueeze(0)  # [1, T]
+                            cache = caches[d] if t == 1 else None
                             t0 = time.perf_counter()
-                            model(tokens, pos, None, torch.tensor([t - 1]))  # [1, V]
+                            if cache is not None:  # a decode row, as the runner steps it
+                                cache.set_flat_step(*_DECODE_STEP)
+                            model(tokens, pos, cache, torch.tensor([t - 1]))  # [1, V]
                             if r:
                                 samples.setdefault((d, th, t), []).append(
                                     time.perf_counter() - t0)
@@ -251,6 +262,22 @@ def measure_nongemm(config: Any, dtypes: tuple[str, ...], thread_counts: tuple[i
     for (d, th, t), times in samples.items():
         out.setdefault(d, {}).setdefault(th, {})[t] = statistics.median(times)
     return out
+
+
+_DECODE_STEP = (torch.tensor([[0]]), torch.tensor([0]), torch.tensor([1]))
+"""PagedKVCache.set_flat_step's arguments for one decode row at position 0: block table
+[[0]], positions [0], segment lengths [1]."""
+
+
+def _decode_cache(model: torch.nn.Module) -> Any:
+    """A one-block paged KV cache of `model`'s geometry and dtype (measure_nongemm's decode
+    point)."""
+    from ..engine.paged_cache import PagedKVCache
+
+    attn = model.layers[0].attention
+    return PagedKVCache(n_layers=len(model.layers), num_blocks=1, block_size=16,
+                        n_kv_heads=attn.n_kv_heads, head_dim=attn.head_dim,
+                        dtype=model.norm.weight.dtype)
 
 
 def measure_gemm_onnx(config: Any, thread_counts: tuple[int, ...], work: Path,
