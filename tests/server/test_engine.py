@@ -245,6 +245,14 @@ def test_bf16_runs_and_agrees_with_fp32(case):
     engine = LocalEngine(m.model, m.tokenizer, EngineConfig(dtype=torch.bfloat16))
     (r,), streamed = run(engine, [req(ids, REF_LEN, ignore_eos=True)])
     assert next(engine.model.parameters()).dtype == torch.bfloat16
+    if hasattr(engine.model, "rope_cos"):  # fp32 rotary tables kept: the fused bf16 path runs
+        assert engine.model.rope_cos.dtype == torch.float32
+        from shardserve_sharding.models import fused_ops
+
+        if fused_ops.kernels() is not None:
+            x = torch.zeros(1, 1, engine.model.config.dim, dtype=torch.bfloat16)
+            with torch.inference_mode():
+                assert engine.model._can_fuse(x)
     assert r.finish_reason is FinishReason.MAX_TOKENS and len(r.token_ids) == REF_LEN
     assert r.text == m.tokenizer.decode(r.token_ids) == streamed[0]
     if case.name == "smollm2":  # a random tiny model's logits are too flat to compare

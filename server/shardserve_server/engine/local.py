@@ -51,6 +51,8 @@ class LocalEngine:
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
         self.model = model.to(self.config.dtype).eval()
+        if hasattr(self.model, "reset_buffers"):  # fp32 rotary tables again, as the loaders
+            self.model.reset_buffers()  # leave them: with bf16 ones no fused bf16 path runs
         self.tokenizer = tokenizer
         self.eos_token_ids: tuple[int, ...] = tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.max_seq_len = int(getattr(model.config, "max_seq_len", 1 << 30))
