@@ -143,10 +143,10 @@ def test_flat_steps_equal_full_forward(llama, block_size, seed, decode_kernel):
     cache = PagedKVCache(n_layers=len(llama.layers), num_blocks=num_blocks,
                          block_size=block_size, n_kv_heads=attn.n_kv_heads,
                          head_dim=attn.head_dim, dtype=torch.float32)
-    if decode_kernel and cache._decode_kernel is None:
+    if decode_kernel and cache._step_kernel is None:
         pytest.skip("the decode attention kernel could not be built here (no C++ toolchain)")
     if not decode_kernel:
-        cache._decode_kernel = None  # the torch path
+        cache._step_kernel = cache._qkv_kernel = None  # the torch path
     cache.k.normal_(0, 100.0)
     cache.v.normal_(0, 100.0)
     alloc = BlockAllocator(num_blocks, block_size)

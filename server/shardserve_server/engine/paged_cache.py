@@ -44,14 +44,12 @@ class PagedKVCache:
         # elsewhere the mask is cast once per layer, a [B, 1, T, S] tensor)
         self._mask_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
         self._flat = False
-        self._decode_kernel = (decode_attention.kernel() if torch.device(device).type == "cpu"
-                               else None)
-        """The C++ decode attention (decode_attention.py), or None: gather + SDPA."""
-        self._step_kernel = (decode_attention.step_kernel() if self._decode_kernel is not None
-                             else None)
-        """The same extension's whole-step call (K/V writes + decode rows in place), or None."""
-        self._qkv_kernel = (decode_attention.qkv_kernel() if self._step_kernel is not None
-                            else None)
+        cpu = torch.device(device).type == "cpu"
+        self._step_kernel = decode_attention.step_kernel() if cpu else None
+        """The C++ decode attention's whole-step call (K/V writes + decode rows read in place
+        from the pool: decode_attention.py), or None: index_copy_, gathers + SDPA."""
+        self._qkv_kernel = decode_attention.qkv_kernel() if cpu else None
+        """The same on the fused QKV output itself (attend_qkv), or None."""
         self._no_rows = (torch.empty(0, 1, dtype=torch.long), torch.empty(0, dtype=torch.long))
 
     def set_step(self, block_tables: torch.Tensor, positions: torch.Tensor,
@@ -141,7 +139,7 @@ class PagedKVCache:
             o += n
         self._dec_from, self._dec_rows = o, n_dec
         self._dec_lens = None
-        if n_dec and self._decode_kernel is not None:
+        if n_dec and self._step_kernel is not None:
             # the kernel reads the rows' blocks in place: tables and key counts are all it needs
             self._dec_tables = block_tables[n_chunks:].contiguous()  # [Dn, nb]
             self._dec_lens = torch.tensor(starts[n_chunks:], device=dev) + 1  # [Dn]
@@ -186,9 +184,11 @@ class PagedKVCache:
             return attention(q, k_all, v_all, mask, enable_gqa=gqa)  # [B, H, T, D]
         _, hkv, _, d = k.shape
         pool = self.kv[layer]  # [slots, 2, Hkv, D]
-        if (self._step_kernel is not None and (self._dec_lens is not None or not self._dec_rows)
-                and q.dtype == k.dtype == v.dtype == pool.dtype):
-            return self._attend_step(pool, q, k, v)
+        if self._step_kernel is not None:
+            dtype = q.dtype
+            if dtype != pool.dtype or k.dtype != pool.dtype or v.dtype != pool.dtype:
+                q, k, v = (t.to(pool.dtype) for t in (q, k, v))  # the kernel's one dtype
+            return self._attend_step(pool, q, k, v).to(dtype)
         kv = _adjacent_kv(k, v)
         if kv is not None:  # one copy of each token's K and V heads into its slot
             pool.index_copy_(0, self._write, kv)  # [N, 2, Hkv, D] in
@@ -202,12 +202,7 @@ class PagedKVCache:
             vv = kv[:, 1].transpose(0, 1).unsqueeze(0)
             outs.append(attention(q[:, :, o : o + n], kk, vv, mask, is_causal=mask is None,
                                   enable_gqa=gqa))  # [1, H, n, D]
-        if self._dec_lens is not None:  # one query per row, read in place from the pool
-            qd = q[0, :, self._dec_from :].transpose(0, 1).contiguous()  # [Dn, H, D]
-            od = self._decode_kernel(qd, pool, self._dec_tables, self._dec_lens,
-                                     self.block_size, d ** -0.5)  # [Dn, H, D]
-            outs.append(od.transpose(0, 1).unsqueeze(0))  # [1, H, Dn, D]
-        elif self._dec_rows:
+        if self._dec_rows:
             rows = self._dec_rows
             qd = q[0, :, self._dec_from :].transpose(0, 1).unsqueeze(2)  # [Dn, H, 1, D]
             blocks = pool.view(-1, self.block_size * 2 * hkv * d)  # [num_blocks, bs*2*Hkv*D]
@@ -224,7 +219,7 @@ class PagedKVCache:
         (K/V written into the pool). None where the step needs the general path (`attend`):
         prompt chunks, a padded step, no kernel, another dtype than the pool's."""
         if (not self._flat or self._chunks or self._qkv_kernel is None
-                or (self._dec_rows and self._dec_lens is None) or qkv.dtype != self.kv.dtype):
+                or qkv.dtype != self.kv.dtype):
             return None
         tables, lens = ((self._dec_tables, self._dec_lens) if self._dec_lens is not None
                         else self._no_rows)

@@ -39,27 +39,7 @@ _SOURCE = r"""
 #error "bf16 GEMV needs AVX512-BF16"
 #endif
 
-// 128-bit lane L of the result: [sum of a's lane L, b's, c's, d's].
-static inline __m512 hsum4x(__m512 a, __m512 b, __m512 c, __m512 d) {
-  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-  const __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
-  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)),
-                       _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));
-}
-
-// Lane i of the result: the sum of v[i]'s 16 lanes.
-static inline __m512 hsum16(const __m512* v) {
-  const __m512 w0 = hsum4x(v[0], v[1], v[2], v[3]), w1 = hsum4x(v[4], v[5], v[6], v[7]);
-  const __m512 w2 = hsum4x(v[8], v[9], v[10], v[11]), w3 = hsum4x(v[12], v[13], v[14], v[15]);
-  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x44),
-                                   _mm512_shuffle_f32x4(w0, w1, 0xEE));
-  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(w2, w3, 0x44),
-                                   _mm512_shuffle_f32x4(w2, w3, 0xEE));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88),
-                       _mm512_shuffle_f32x4(s01, s23, 0xDD));
-}
-
+""" + native_build.AVX512_HSUM16 + r"""
 constexpr int64_t PF_ROWS = 8;  // weight rows ahead that each row's loop prefetches
 
 // Output tiles t0..t1 (16 rows of w each): y[m, 16t + i] = x[m] . w[16t + i], M input rows.
