@@ -10,6 +10,9 @@ the paged cache (of which the C++ kernel call), in the fused RMSNorm / rotary / 
 and the rest (Python, views, embedding). Each part is timed around its call with the chosen
 clock (`cpu`: this process's CPU time, steadier on a shared machine with one thread).
 
+`--prefill` times the forwards that carry prompt chunks instead (the first steps: --rows
+~100-token prompts read in 512-token steps), as a loaded server runs them when requests arrive.
+
 `--attention-only` instead times the decode attention kernel alone on SmolLM2's shapes (32
 rows x 150 keys, 16-slot blocks at random places), over one pool (hot) and over 30 pools of
 a layer's size each (cold, as a forward's 30 layers read them).
@@ -90,7 +93,8 @@ def instrument(clock) -> Parts:
     return parts
 
 
-def forward_parts(model_dir: str, rows: int, new_tokens: int, parts: Parts) -> str:
+def forward_parts(model_dir: str, rows: int, new_tokens: int, parts: Parts,
+                  prefill: bool = False) -> str:
     clock = parts.clock
     parts.s.clear()
     tok = TokenizerBundle.load(Path(model_dir) / "tokenizer")
@@ -110,8 +114,11 @@ def forward_parts(model_dir: str, rows: int, new_tokens: int, parts: Parts) -> s
     while sched.has_work():
         sched.reap()
         for plan, prow, samples in sched.schedule():
-            parts.on = (int(plan.num_new.max()) == 1 and len(prow) == rows
-                        and sched.step_count > 5)
+            if prefill:  # every step with prompt tokens (the first is a warm-up)
+                parts.on = int(plan.num_new.max()) > 1 and sched.step_count > 1
+            else:
+                parts.on = (int(plan.num_new.max()) == 1 and len(prow) == rows
+                            and sched.step_count > 5)
             t = clock()
             logits = runner.forward(plan)
             if parts.on:
@@ -126,7 +133,8 @@ def forward_parts(model_dir: str, rows: int, new_tokens: int, parts: Parts) -> s
                 ("attention step", s["attention step"]),
                 ("  of which the kernel", s["attention kernel"]),
                 ("fused ops", s["fused ops"]), ("other (Python, views, embedding)", other)]
-    out = [f"rows {rows}: {n} full-batch decode forwards, median "
+    kind = "prompt-chunk" if prefill else "full-batch decode"
+    out = [f"rows {rows}: {n} {kind} forwards, median "
            f"{1e3 * statistics.median(forwards):.2f} ms", "", "| part | ms per forward | share |",
            "|---|---|---|"]
     out += [f"| {k} | {1e3 * v / n:.2f} | {v / total:.0%} |" for k, v in rows_out]
@@ -168,6 +176,8 @@ def main() -> int:
     ap.add_argument("--clock", choices=("wall", "cpu"), default="cpu",
                     help="wall clock, or this process's CPU time (counts every thread)")
     ap.add_argument("--new-tokens", type=int, default=48, help="tokens generated per row")
+    ap.add_argument("--prefill", action="store_true",
+                    help="time the forwards with prompt chunks, not the decode forwards")
     ap.add_argument("--attention-only", action="store_true",
                     help="time the decode attention kernel alone, hot and cold")
     a = ap.parse_args()
@@ -180,7 +190,7 @@ def main() -> int:
             return 0
         parts = instrument(clock)
         for rows in (int(x) for x in a.rows.split(",")):
-            print(forward_parts(a.model, rows, a.new_tokens, parts))
+            print(forward_parts(a.model, rows, a.new_tokens, parts, a.prefill))
             print()
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import resource
 import time
 from typing import Any
@@ -30,7 +31,16 @@ from .protocol import (
 )
 
 HEARTBEAT_S = 1.0
+STEP_TRACE_ENV = "SHARDSERVE_STEP_TRACE"
+"""Profiling aid: a file path; the leader appends one line per step to it (monotonic time,
+step, prefill and decode seconds, prompt tokens, decode rows), for loadtest/step_trace.py."""
 log = logging.getLogger("shardserve.leader")
+
+
+def trace_line(now: float, st: StepTiming) -> str:
+    """One step of the STEP_TRACE_ENV file (loadtest/step_trace.py reads it)."""
+    return (f"{now:.6f} {st.step_s:.6f} {st.prefill_s or 0:.6f} {st.decode_s or 0:.6f} "
+            f"{st.prefill_tokens} {st.decode_rows} {st.prefill_rows}\n")
 
 
 def log_internal(where: str, e: BaseException) -> None:
@@ -63,6 +73,8 @@ class Leader:
         # followers block in a broadcast between steps; keep it shorter than pg_timeout_s
         self.keepalive_s = min(HEARTBEAT_S, float(getattr(cfg, "pg_timeout_s", 10.0)) / 4)
         self.last_bcast = time.monotonic()
+        trace = os.environ.get(STEP_TRACE_ENV)
+        self.trace = open(trace, "a", buffering=1) if trace else None  # noqa: SIM115
 
     def _forward(self, plan: ForwardPlan) -> torch.Tensor:
         if self.tp > 1:
@@ -159,4 +171,6 @@ class Leader:
         outputs = self.scheduler.step(self._forward, flush=self._send, on_forward=on_forward)
         self.last_step = StepTiming(step_s=time.perf_counter() - t_step,
                                     comm_s=self.runner.comm_seconds - comm0, **timing)
+        if self.trace is not None:
+            self.trace.write(trace_line(time.monotonic(), self.last_step))
         return outputs
