@@ -541,7 +541,8 @@ HELP = {
     "max_queued_tokens": "prompt tokens waiting before RESOURCE_EXHAUSTED",
     "kv_cache_tokens": "KV-cache budget per worker group, in tokens",
     "block_size": "tokens per paged KV-cache block",
-    "max_prefill_tokens": "prompt tokens computed per step (chunked prefill)",
+    "max_prefill_tokens": ("prompt tokens computed per step (chunked prefill; a torch step's "
+                           "decode rows count against it, prompts keep at least half)"),
     "no_prefix_caching": "do not share the KV blocks of equal prompt prefixes between requests",
     "max_new_tokens_limit": "upper bound on a request's max_new_tokens",
     "drain_timeout": "on SIGTERM, seconds to let in-flight requests finish",

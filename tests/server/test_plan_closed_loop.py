@@ -21,16 +21,17 @@ class Steps:
 
 def test_an_idle_leader_starts_with_the_first_request_alone():
     """4 requests sent together reach the leader one after another: the first is prefilled
-    alone, the other three in the next step beside its decode, chunked to the budget (15):
-    10 + 5 prompt tokens, then 5 + 10 with the decodes. (The old model prefilled all four
-    prompts in one step.)"""
+    alone, the other three in the next step beside its decode, chunked to the budget (15)
+    less the step's decode rows, as the scheduler does in a flat step: 10 + 4 prompt tokens
+    beside one decode, then 6 + 7 beside two. (The old model prefilled all four prompts in
+    one step.)"""
     cost = Steps()
     closed_loop.run(cost, streams=4, prompt=10, new=3, budget=15, front_s=0.002, flat=True,
                     rounds=1, skip_rounds=0)
     assert cost.calls[:3] == [
         (10, 1, 1),  # request 0's prompt, alone
-        (1 + 15, 3, 2),  # request 0 decodes; request 1 whole (first token), 5 of request 2
-        (2 + 15, 4, 4),  # 0 and 1 decode; the rest of 2 and all of 3 (first tokens)
+        (1 + 14, 3, 2),  # request 0 decodes; request 1 whole (first token), 4 of request 2
+        (2 + 13, 4, 3),  # 0 and 1 decode; the rest of 2 (first token), 7 of 3
     ]
 
 

@@ -7,7 +7,8 @@ as it has work, with what is already in its pipe. The front end hands requests o
 another, so:
 
 - An idle leader starts a step with the FIRST request alone; the others arrive during that
-  step and are prefilled together in the next (chunked to max_prefill_tokens), beside the
+  step and are prefilled together in the next (chunked to max_prefill_tokens, less the
+  step's decode rows in a flat step, as the scheduler does), beside the
   first one's decode. That one is then a step ahead of the rest: it finishes a step earlier,
   its next request waits for the others' last decode step and is prefilled alone in the step
   after (the others' requests, sent when that step starts, wait for it), and so on: phase 1,
@@ -115,6 +116,8 @@ def _step(running: list[_Req], now: float, cost: StepCost, budget: int, flat: bo
           ) -> tuple[float, list[_Req]]:
     """One step from `now` over the admitted requests: (its end, the requests it finished)."""
     decode = [r for r in running if r.prefilled == r.prompt]
+    if flat:  # as the scheduler: a flat step's decode rows count against its tokens
+        budget = max(budget - len(decode), (budget + 1) // 2)
     chunks = []  # (request, prompt tokens this step)
     for r in running:
         if budget <= 0:
