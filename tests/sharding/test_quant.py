@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from tp_cases import random_model, rel_err, write_model
 
 from shardserve_sharding.checkpoint.manifest import CheckpointError, read_manifest
-from shardserve_sharding.models import LlamaConfig, expected_tensors
+from shardserve_sharding.models import LlamaConfig, cpu_gemm, expected_tensors
 from shardserve_sharding.partition import TPGeometry, shard_spec, shard_tensor
-from shardserve_sharding.quant import cpu_kernel
+from shardserve_sharding.quant import cpu_kernel, kernels
 from shardserve_sharding.quant.apply import quantize_state
 from shardserve_sharding.quant.kernels import (
     DENSE_MIN_ROWS,
@@ -228,6 +228,19 @@ def test_kernels_equal_their_dequantized_weights(rows, dtype, ours, monkeypatch)
     if in_kernel:
         assert rel_err(i8(x), cpu_kernel.reference_int8(x, *quantize_int8(w))) <= tol
     assert rel_err(i8(x), ref8) <= (2e-2 if in_kernel else tol)
+    if not in_kernel and rows >= DENSE_MIN_ROWS:
+        # the dense path keeps its packed copy where it takes one; later calls go straight
+        # to it (_dense_fast), and the copy is the one cpu_linear cached (no second copy)
+        with torch.inference_mode():  # (the packed GEMM is for inference only)
+            y = i8(x)
+            packed_copy = i8.__dict__.get("_dense_packed")
+            dense = i8.__dict__["_dense"]
+            assert (packed_copy is not None) == cpu_gemm.use_packed_bf16(x, dense)
+            if packed_copy is not None:
+                assert packed_copy is i8.__dict__["_bf16_packed"][1]
+                fast = kernels._dense_fast(i8, x)
+                assert fast is not None and torch.equal(fast, y)
+            assert rel_err(y, ref8) <= tol
     packed, qp = quantize_int4(w, 32)
     i4 = Int4Weight(packed, qp, dtype)
     if ours:  # the module holds only the kernel's copy: (scale, min) pairs in fp16

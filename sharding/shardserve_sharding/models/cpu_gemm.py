@@ -229,6 +229,13 @@ _BF16 = torch.bfloat16
 _packed_linear = torch.ops.mkldnn._linear_pointwise if _PACKED_GEMM else None
 
 
+def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ W.T -> [..., out] over W's packed bf16 copy (`packed_bf16`), no bias; for
+    callers that keep the packed copy themselves (quant/kernels.py: a quantized weight's
+    dequantized copy never changes, so it skips the cache-key checks of cpu_linear)."""
+    return _packed_linear(x, packed, None, "none", [], "")
+
+
 def cpu_linear(owner: torch.nn.Module | None, x: torch.Tensor, weight: torch.Tensor | None,
                bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, weight, bias) [..., in] -> [..., out] by the fastest path this CPU has
@@ -240,7 +247,7 @@ def cpu_linear(owner: torch.nn.Module | None, x: torch.Tensor, weight: torch.Ten
     runs its cheapest checks first (with the direct parameter reads of the linear layers,
     ~6 us less per call on the 2-vCPU Xeon: loadtest/bench_linear_call.py, engine.md section 6)."""
     if weight is None:
-        y = owner.qweight(x)  # [..., out]
+        y = owner.qweight.forward(x)  # [..., out] (no module hooks: skip __call__)
         return y if bias is None else y + bias
     if _NATIVE_BF16:
         if owner is not None and use_packed_bf16(x, weight):
