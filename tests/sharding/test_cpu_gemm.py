@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shardserve_sharding.models import bf16_gemv, cpu_gemm
+from shardserve_sharding.models import amx_gemm, bf16_gemv, cpu_gemm
 from shardserve_sharding.models.llama import Linear
 from shardserve_sharding.tp.comm import ThreadGroup
 from shardserve_sharding.tp.layers import ColumnParallelLinear, RowParallelLinear
@@ -43,16 +43,23 @@ def test_packed_kernel_for_few_rows_only(rows: int, monkeypatch) -> None:
     monkeypatch.setattr(cpu_gemm, "_packed_linear", lambda *a: calls.append(1) or real(*a))
     real_gemv = bf16_gemv.gemv
     monkeypatch.setattr(bf16_gemv, "gemv", lambda *a: gemv.append(1) or real_gemv(*a))
+    amx = []
+    real_amx = amx_gemm.linear
+    monkeypatch.setattr(amx_gemm, "linear", lambda *a: amx.append(1) or real_amx(*a))
     for lin in _layers():
         x = torch.randn(1, rows, 64).bfloat16()
         with torch.inference_mode():
             got = lin(x)
         assert rel_err(got, F.linear(x, lin.weight, lin.bias)) <= 1e-2, type(lin).__name__
-    # bias-free GEMMs of 1-2 rows take the bf16 GEMV where it is built (the row-parallel
-    # layer adds its bias after the reduction), the others of few rows the packed copy
-    assert len(calls) + len(gemv) == (3 if rows <= cpu_gemm.PACKED_BF16_MAX_ROWS else 0)
+    # the bias-free GEMM (the row-parallel layer adds its bias after the reduction) takes the
+    # bf16 GEMV at 1-2 rows and the AMX GEMM from 3 rows where they are built; the others
+    # of few rows the packed copy
+    few = rows <= cpu_gemm.PACKED_BF16_MAX_ROWS
     use_gemv = rows <= bf16_gemv.MAX_ROWS and bf16_gemv.kernel() is not None
+    use_amx = rows >= amx_gemm.MIN_ROWS and amx_gemm.kernel() is not None
     assert len(gemv) == (1 if use_gemv else 0)
+    assert len(amx) == (1 if use_amx else 0)
+    assert len(calls) == (2 if few else 0) + (1 if few and not use_gemv and not use_amx else 0)
     calls.clear()  # grad mode on (training) never takes the packed copy
     lin = _layers()[0]
     lin(torch.randn(1, 64).bfloat16()).sum().backward()
@@ -60,9 +67,12 @@ def test_packed_kernel_for_few_rows_only(rows: int, monkeypatch) -> None:
 
 
 @needs_packed
-def test_packed_copy_follows_weight_changes() -> None:
+@pytest.mark.parametrize("rows, bias", [(2, True), (8, False)])  # oneDNN's copy, AMX's
+def test_packed_copy_follows_weight_changes(rows: int, bias: bool) -> None:
     lin = _layers()[0]
-    x = torch.randn(2, 64).bfloat16()
+    if not bias:
+        lin.bias = None
+    x = torch.randn(rows, 64).bfloat16()
     with torch.inference_mode():
         lin(x)
     with torch.no_grad():

@@ -231,13 +231,16 @@ def test_kernels_equal_their_dequantized_weights(rows, dtype, ours, monkeypatch)
     if not in_kernel and rows >= DENSE_MIN_ROWS:
         # the dense path keeps its packed copy where it takes one; later calls go straight
         # to it (_dense_fast), and the copy is the one cpu_linear cached (no second copy)
-        with torch.inference_mode():  # (the packed GEMM is for inference only)
+        with torch.inference_mode():  # (the packed GEMMs are for inference only)
             y = i8(x)
-            packed_copy = i8.__dict__.get("_dense_packed")
             dense = i8.__dict__["_dense"]
-            assert (packed_copy is not None) == cpu_gemm.use_packed_bf16(x, dense)
+            amx = cpu_gemm.use_amx(x)
+            packed_copy = i8.__dict__.get("_dense_packed")
+            assert (packed_copy is not None) == (not amx and cpu_gemm.use_packed_bf16(x, dense))
+            assert ("_amx_packed" in i8.__dict__) == amx  # the AMX GEMM's copy, no other
             if packed_copy is not None:
                 assert packed_copy is i8.__dict__["_bf16_packed"][1]
+            if amx or packed_copy is not None:
                 fast = kernels._dense_fast(i8, x)
                 assert fast is not None and torch.equal(fast, y)
             assert rel_err(y, ref8) <= tol

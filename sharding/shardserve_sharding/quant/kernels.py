@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.cpu_gemm import cpu_linear, packed_bf16, packed_linear, use_packed_bf16
+from ..models import amx_gemm
+from ..models.cpu_gemm import cpu_linear, packed_bf16, packed_linear, use_amx, use_packed_bf16
 from . import cpu_kernel
 from .scheme import dequantize_int4, dequantize_int8, unpack_int4
 
@@ -75,22 +76,29 @@ def _use_kernel(owner: nn.Module, x: torch.Tensor) -> bool:
 
 def _dense_linear(owner: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ owner's dense copy.T -> [..., N] through cpu_linear; where that GEMM takes
-    the packed bf16 copy, the copy is also kept as owner._dense_packed for `_dense_fast`."""
+    oneDNN's packed bf16 copy, the copy is also kept as owner._dense_packed for `_dense_fast`
+    (the AMX GEMM's copy it finds under cpu_linear's own name)."""
     dense = _dense(owner, x.dtype)
-    if "_dense_packed" not in owner.__dict__ and use_packed_bf16(x, dense):
+    if ("_dense_packed" not in owner.__dict__ and not use_amx(x)
+            and use_packed_bf16(x, dense)):
         owner.__dict__["_dense_packed"] = packed_bf16(owner, dense)
     return cpu_linear(owner, x, dense, None)
 
 
 def _dense_fast(owner: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """x [..., K] @ owner's packed dense copy -> [..., N] where the dense path would take it
-    (enough rows for the dense copy, few enough for the packed GEMM), else None. A decode step
+    """x [..., K] @ owner's dense copy in the form cpu_linear keeps for it (the AMX GEMM's
+    tiles, or oneDNN's packed copy) -> [..., N] where the dense path would take it (enough
+    rows for the dense copy, and that form for these rows), else None. A decode step
     of 32 rows makes 121 of these calls; this path skips the cache-key checks and the second
     cpu_linear dispatch of `_dense_linear` (SmolLM2 int8, 32 rows, 2 threads: GEMMs 15.7 ms
     a forward against bf16's 15.0 before)."""
+    if x.numel() < DENSE_MIN_ROWS * x.shape[-1] or DENSE_MIN_ROWS <= 0:
+        return None
+    amx = owner.__dict__.get("_amx_packed")  # cpu_linear's AMX copy: (cache key, tiles)
+    if amx is not None and use_amx(x):
+        return amx_gemm.linear(x, amx[1])  # [..., N]
     packed = owner.__dict__.get("_dense_packed")
-    if (packed is None or x.numel() < DENSE_MIN_ROWS * x.shape[-1] or DENSE_MIN_ROWS <= 0
-            or not use_packed_bf16(x, packed)):
+    if packed is None or not use_packed_bf16(x, packed):
         return None
     return packed_linear(x, packed)  # [..., N]
 

@@ -1,0 +1,56 @@
+"""The AMX bf16 GEMM (models/amx_gemm.py) equals its fp32-sum reference to an ulp at every row
+count (tails of 16-row tiles, several 32-row blocks), odd output tiles, 1 and 2 threads; its
+weight copy is AMX's B-tile layout; it refuses what it cannot take."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shardserve_sharding.models import amx_gemm
+
+pytestmark = pytest.mark.skipif(amx_gemm.kernel() is None,
+                                reason="no AMX-BF16 here (or no compiler): oneDNN's GEMM runs")
+
+
+@pytest.mark.parametrize("rows", [3, 16, 17, 32, 45, 100])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n, k", [(16, 32), (48, 64), (960, 576), (576, 1536)])
+def test_amx_gemm_equals_reference(rows, threads, n, k):
+    g = torch.Generator().manual_seed(rows * 7 + n)
+    x = torch.randn(rows, k, generator=g).to(torch.bfloat16)  # [M, K]
+    w = (torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16)  # [N, K]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = amx_gemm.kernel()(x, amx_gemm.pack(w))  # [M, N]
+    finally:
+        torch.set_num_threads(before)
+    ref = amx_gemm.reference(x, w)
+    # both round an fp32 sum once; the sums' order differs: an ulp of the largest output
+    assert (got.float() - ref.float()).abs().max() <= 2 ** -7 * ref.float().abs().max()
+    assert got.shape == (rows, n) and got.dtype == torch.bfloat16
+
+
+def test_pack_is_the_b_tile_layout():
+    w = torch.arange(32 * 64, dtype=torch.float32).view(32, 64).to(torch.bfloat16)  # [N, K]
+    p = amx_gemm.pack(w)  # [N/16, K/32, 16 pairs, 16 n, 2]
+    assert p.shape == (2, 2, 16, 16, 2)
+    for nb, kb, pair, n, j in [(0, 0, 0, 0, 0), (1, 0, 3, 5, 1), (1, 1, 15, 15, 1)]:
+        assert p[nb, kb, pair, n, j] == w[16 * nb + n, 32 * kb + 2 * pair + j]
+
+
+def test_amx_gemm_rejects_what_it_cannot_take():
+    fn = amx_gemm.kernel()
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    w = amx_gemm.pack(torch.randn(16, 64, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="expected"):
+        fn(torch.randn(4, 32, dtype=torch.bfloat16), w)  # K does not match the tiles
+    with pytest.raises(RuntimeError, match="bf16"):
+        fn(x.float(), w)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        fn(torch.randn(64, 4, dtype=torch.bfloat16).T, w)
+    assert not amx_gemm.fits(torch.randn(2, 64), torch.randn(16, 64))  # 1-2 rows: the GEMV
+    assert not amx_gemm.fits(torch.randn(4, 40), torch.randn(16, 40))  # K % 32
+    assert not amx_gemm.fits(torch.randn(4, 64), torch.randn(20, 64))  # N % 16
+    assert amx_gemm.fits(torch.randn(1, 5, 64), torch.randn(32, 64))
