@@ -325,10 +325,11 @@ class GroupScheduler:
         budget = self.cfg.max_prefill_tokens
         if self.cfg.flat_batches and self.paged:
             # one forward: its decode rows count against the step's tokens, prompts keep at
-            # least half. oneDNN's AMX GEMMs are fastest at 512 rows (SmolLM2's down
-            # projection: 0.32 ms at 512 rows, 0.73 at 527, 2 threads), and the 32-stream
-            # benchmark's prompt steps then carry ~440 prompt tokens, not ~480, at 100 instead
-            # of 118 ms: 883 / 911 tok/s against 839 / 848 (loadtest/results/engine.md 9)
+            # least half (as vLLM's max_num_batched_tokens). The 32-stream benchmark's prompt
+            # steps then carry ~430 prompt tokens, not ~480: with oneDNN's GEMMs (fastest at
+            # 512 rows: SmolLM2's down projection 0.32 ms at 512 rows, 0.73 at 527) 883 / 911
+            # tok/s against 839 / 848; with the AMX GEMM 1148 / 1146 against 1126 / 1128, TTFT
+            # p50 177 ms against 205, p99 290 against 227 (loadtest/results/engine.md 9)
             budget = max(budget - len(decode), (budget + 1) // 2)
         chunk_rows, chunk_seqs, samples = [], [], []
         for s in sorted((s for s in self.running if s.in_prefill),
