@@ -1,13 +1,17 @@
 """The AMX bf16 GEMM (models/amx_gemm.py) equals its fp32-sum reference to an ulp at every row
 count (tails of 16-row tiles, several 32-row blocks), odd output tiles, 1 and 2 threads; its
-weight copy is AMX's B-tile layout; it refuses what it cannot take."""
+weight copy is AMX's B-tile layout; over the quantized kernel's int8 / int4 packs it equals
+itself over their dense bf16 copies bit for bit; it refuses what it cannot take."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from shardserve_sharding.models import amx_gemm
+from shardserve_sharding.quant import cpu_kernel
+from shardserve_sharding.quant.scheme import dequantize_int8, quantize_int4, quantize_int8
 
 pytestmark = pytest.mark.skipif(amx_gemm.kernel() is None,
                                 reason="no AMX-BF16 here (or no compiler): oneDNN's GEMM runs")
@@ -54,3 +58,48 @@ def test_amx_gemm_rejects_what_it_cannot_take():
     assert not amx_gemm.fits(torch.randn(4, 40), torch.randn(16, 40))  # K % 32
     assert not amx_gemm.fits(torch.randn(4, 64), torch.randn(20, 64))  # N % 16
     assert amx_gemm.fits(torch.randn(1, 5, 64), torch.randn(32, 64))
+
+
+def _dense_amx(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """The AMX GEMM over a dense bf16 weight [n, K] (padded to whole 16-output tiles)."""
+    n = dense.shape[0]
+    return amx_gemm.kernel()(x, amx_gemm.pack(F.pad(dense, (0, 0, 0, -n % 16))))[:, :n]
+
+
+@pytest.mark.parametrize("rows", [3, 17, 40])
+@pytest.mark.parametrize("group", [32, 64, 0], ids=["g32", "g64", "row"])
+@pytest.mark.parametrize("n", [48, 37])
+def test_amx_over_int8_pack_equals_its_dense_copy(rows, group, n):
+    g = torch.Generator().manual_seed(rows * 3 + n + group)
+    w = torch.randn(n, 128, generator=g)
+    q, sc = quantize_int8(w, None, group) if group else quantize_int8(w)
+    kw, ks = cpu_kernel.pack_int8(q, sc.float().reshape(n, -1))
+    x = torch.randn(rows, 128, generator=g).to(torch.bfloat16)
+    got = amx_gemm.int8_kernel()(x, kw, ks, n)  # [rows, n]
+    dense = dequantize_int8(*cpu_kernel.unpack_int8(kw, ks, n)).to(torch.bfloat16)
+    assert got.shape == (rows, n) and torch.equal(got, _dense_amx(x, dense))
+
+
+@pytest.mark.parametrize("rows", [3, 17, 40])
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("n", [48, 37])
+def test_amx_over_int4_pack_equals_its_dense_copy(rows, group, n):
+    g = torch.Generator().manual_seed(rows * 5 + n + group)
+    w = torch.randn(n, 128, generator=g)
+    kw, ks = cpu_kernel.pack_int4(*quantize_int4(w, group))
+    x = torch.randn(rows, 128, generator=g).to(torch.bfloat16)
+    got = amx_gemm.int4_kernel()(x, kw, ks, n)  # [rows, n]
+    dense = cpu_kernel.dequantize_int4_pack(kw, ks, n).to(torch.bfloat16)
+    assert got.shape == (rows, n) and torch.equal(got, _dense_amx(x, dense))
+
+
+def test_amx_over_packs_rejects_what_it_cannot_take():
+    q, sc = quantize_int8(torch.randn(32, 64))
+    kw, ks = cpu_kernel.pack_int8(q, sc.float().reshape(32, -1))
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="matching"):
+        amx_gemm.int8_kernel()(torch.randn(4, 32, dtype=torch.bfloat16), kw, ks, 32)
+    with pytest.raises(RuntimeError, match="n does not match"):
+        amx_gemm.int8_kernel()(x, kw, ks, 12)
+    with pytest.raises(RuntimeError, match="int4 pack"):
+        amx_gemm.int4_kernel()(x, kw, ks, 32)  # an int8 pack is not an int4 one

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from tp_cases import random_model, rel_err, write_model
 
 from shardserve_sharding.checkpoint.manifest import CheckpointError, read_manifest
-from shardserve_sharding.models import LlamaConfig, cpu_gemm, expected_tensors
+from shardserve_sharding.models import LlamaConfig, amx_gemm, cpu_gemm, expected_tensors
 from shardserve_sharding.partition import TPGeometry, shard_spec, shard_tensor
 from shardserve_sharding.quant import cpu_kernel, kernels
 from shardserve_sharding.quant.apply import quantize_state
@@ -266,6 +266,36 @@ def test_kernels_equal_their_dequantized_weights(rows, dtype, ours, monkeypatch)
         assert rel_err(i8g(x), cpu_kernel.reference_int8(x, qg, sg)) <= tol
     assert rel_err(i8g(x), refg) <= (2e-2 if in_kernel else tol)
     assert rel_err(i8g.rows(ids), dequantize_int8(qg, sg)[ids]) <= tol
+
+
+@pytest.mark.skipif(amx_gemm.kernel() is None or cpu_kernel.kernel() is None,
+                    reason="no AMX-BF16 or no quantized kernel here")
+def test_lean_mode_runs_the_amx_gemm_over_the_kernel_copy(monkeypatch):
+    """SHARDSERVE_QUANT_DENSE_MIN_ROWS=0 (no dense copy): more rows than the kernel's run the
+    AMX GEMM over the kernel's own int8 / int4 copy, dequantized tile by tile; no other copy is
+    made and the result equals the AMX GEMM over the dense copy bit for bit. Few rows stay in
+    the kernel."""
+    monkeypatch.setattr(kernels, "DENSE_MIN_ROWS", 0)
+    calls = []
+    for name in ("int8_kernel", "int4_kernel"):
+        real = getattr(amx_gemm, name)()
+        monkeypatch.setattr(amx_gemm, name,
+                            lambda r=real: (lambda *a: calls.append(1) or r(*a)))
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(96, 128, generator=g)
+    x = torch.randn(40, 128, generator=g).to(torch.bfloat16)
+    i8 = Int8Weight(*quantize_int8(w, None, 32), torch.bfloat16)
+    i4 = Int4Weight(*quantize_int4(w, 32), torch.bfloat16)
+    with torch.inference_mode():
+        for mod in (i8, i4):
+            y = mod(x)  # [40, 96]
+            assert not {"_dense", "_amx_packed", "_dense_packed"} & set(mod.__dict__)
+            dense = mod.dequantize().to(torch.bfloat16)  # [96, 128]
+            assert torch.equal(y, amx_gemm.linear(x, amx_gemm.pack(dense)))
+        assert len(calls) == 2
+        i8(x[:KERNEL_MAX_ROWS])
+        i4(x[:KERNEL_MAX_ROWS])
+    assert len(calls) == 2
 
 
 def test_manifest_hashes_cover_the_quantized_tensors(float_dir, tmp_path):

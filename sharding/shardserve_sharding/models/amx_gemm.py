@@ -18,6 +18,14 @@ layers' weights streamed from memory): 32 rows 9.5 ms against oneDNN packed 14.4
 / 11.7; 8 rows 8.7 / 11.0; 4 rows 8.5 / 10.7 (loadtest/results/engine.md section 9). At 1-2 rows
 the bf16 GEMV (models/bf16_gemv.py) reads the plain weight and stays in front.
 
+The same loop runs over the quantized kernel's int8 and int4 copies (quant/cpu_kernel.py
+pack_int8 / pack_int4; `int8_kernel`, `int4_kernel`), each weight tile dequantized into the
+B-tile layout as it streams (bf16(q * scale), bf16(q * scale + min): the dense copy's values,
+so the results equal the GEMM over the dense copy bit for bit). Quantized weights take it
+where they keep no dense copy (SHARDSERVE_QUANT_DENSE_MIN_ROWS=0: quant/kernels.py
+`_lean_amx`): the conversion costs more than the halved bytes save (SmolLM2 32-row decode
+forward, 2 threads: int8-g32 17.5 ms, int4-g32 16.6, over the dense copy 16.0-16.2).
+
 Only where the CPU has AMX-BF16 (`kernel()` is None otherwise, or where the kernel cannot be
 built, or Linux refuses the tile state: arch_prctl(ARCH_REQ_XCOMP_PERM)), K a multiple of 32
 and N of 16 (`fits`). SHARDSERVE_AMX_GEMM=0 turns it off. `reference` is the plain-torch
@@ -45,6 +53,7 @@ _SOURCE = r"""
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#include <vector>
 
 #if !defined(__AMX_TILE__) || !defined(__AMX_BF16__) || !defined(__AVX512BF16__)
 #error "the AMX GEMM needs AMX-TILE, AMX-BF16 and AVX512-BF16"
@@ -67,9 +76,120 @@ struct TileConfig {  // palette 1: tiles 0-3 accumulators, 4-5 x, 6-7 weights; 1
 
 constexpr int64_t PF = 4;  // weight tiles ahead that the loop prefetches
 
+static inline void prefetch(const void* p, int bytes) {
+  for (int c = 0; c < bytes; c += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(p) + c, _MM_HINT_T0);
+}
+
+// Weight tiles in the bf16 B-tile layout, read in place: tile (nb, kb) of [N/16, K/32, 16
+// pairs, 16 outputs, 2].
+struct Bf16Tiles {
+  static constexpr bool kDequant = false;
+  const at::BFloat16* w;
+  int64_t KB;
+  const at::BFloat16* tile(int64_t nb, int64_t kb) const { return w + (nb * KB + kb) * 512; }
+  void prefetch_tile(int64_t nb, int64_t kb) const { prefetch(tile(nb, kb), 1024); }
+  void fill(int64_t, int64_t, at::BFloat16*) const {}
+};
+
+// The quantized kernel's int8 copy (quant/cpu_kernel.py pack_int8: w [N/16, K/32, 8, 16, 4]
+// uint8 holding q + 128, scales [N/16, K/G, 16]), dequantized tile by tile into the bf16
+// B-tile layout: w = bf16(float(q) * scale), one fp32 product rounded once, as the dense copy
+// (quant/scheme.py dequantize_int8, then .to(bf16)) holds it.
+template <typename S>
+struct Int8Tiles {
+  static constexpr bool kDequant = true;
+  const uint8_t* w;
+  const S* sc;
+  int64_t KB, NG, G;
+  void prefetch_tile(int64_t nb, int64_t kb) const { prefetch(w + (nb * KB + kb) * 512, 512); }
+  static __m512 scales16(const float* s) { return _mm512_loadu_ps(s); }
+  static __m512 scales16(const at::Half* s) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
+  }
+  // out [16 pairs][16 n][2] bf16 of tile (nb, kb): pair p holds columns 2p, 2p + 1 of the
+  // block, which sit in the int8 layout at [c = p / 2][n][i = 2 (p % 2) + j].
+  void fill(int64_t nb, int64_t kb, at::BFloat16* out) const {
+    const uint8_t* src = w + (nb * KB + kb) * 512;
+    const __m512 s = scales16(sc + (nb * NG + kb * 32 / G) * 16);  // [16 n]
+    const __m512 slo = _mm512_permutexvar_ps(
+        _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7), s);
+    const __m512 shi = _mm512_permutexvar_ps(
+        _mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15), s);
+    // per 128-bit lane (outputs n = 4L .. 4L + 3, 4 bytes each): columns i = 0, 1 of the 4
+    // outputs into the low 8 bytes, i = 2, 3 into the high 8
+    const __m512i shuf = _mm512_broadcast_i32x4(
+        _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15));
+    const __m512i evens_first = _mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0);
+    const __m512i bias = _mm512_set1_epi32(128);
+    for (int c = 0; c < 8; ++c) {
+      __m512i v = _mm512_shuffle_epi8(_mm512_loadu_si512(src + 64 * c), shuf);
+      v = _mm512_permutexvar_epi64(evens_first, v);  // low 256: pair 2c, high: pair 2c + 1
+      for (int h = 0; h < 2; ++h) {
+        const __m256i b = h ? _mm512_extracti64x4_epi64(v, 1) : _mm512_castsi512_si256(v);
+        const __m512i lo = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(b)),
+                                            bias);  // n 0..7, 2 columns each
+        const __m512i hi = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(b, 1)),
+                                            bias);  // n 8..15
+        const __m512bh row = _mm512_cvtne2ps_pbh(_mm512_mul_ps(_mm512_cvtepi32_ps(hi), shi),
+                                                 _mm512_mul_ps(_mm512_cvtepi32_ps(lo), slo));
+        _mm512_storeu_si512(out + (2 * c + h) * 32, (__m512i)row);
+      }
+    }
+  }
+  const at::BFloat16* tile(int64_t, int64_t) const { return nullptr; }
+};
+
+// The quantized kernel's int4 copy (quant/cpu_kernel.py pack_int4: w [N/16, K/32, 4, 16, 4]
+// uint8, byte (t, n, i) holding columns 8t + i (low nibble) and 8t + 4 + i (high) as q in
+// 0..15, (scale, min) [N/16, K/G, 2, 16]), dequantized tile by tile: w = bf16(q * scale +
+// min), product and sum each rounded to fp32, as dequantize_int4_pack then .to(bf16).
+template <typename S>
+struct Int4Tiles {
+  static constexpr bool kDequant = true;
+  const uint8_t* w;
+  const S* sc;
+  int64_t KB, NG, G;
+  void prefetch_tile(int64_t nb, int64_t kb) const { prefetch(w + (nb * KB + kb) * 256, 256); }
+  // pair p (columns 2p, 2p + 1) sits at t = p / 4, nibble h = (p % 4) / 2, bytes
+  // i = 2 (p % 2) + j
+  void fill(int64_t nb, int64_t kb, at::BFloat16* out) const {
+    const uint8_t* src = w + (nb * KB + kb) * 256;
+    const S* g = sc + (nb * NG + kb * 32 / G) * 32;  // [2, 16]: scales, mins
+    const __m512 s = Int8Tiles<S>::scales16(g), m = Int8Tiles<S>::scales16(g + 16);
+    const __m512i lo_n = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    const __m512i hi_n = _mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14,
+                                           15, 15);
+    const __m512 slo = _mm512_permutexvar_ps(lo_n, s), shi = _mm512_permutexvar_ps(hi_n, s);
+    const __m512 mlo = _mm512_permutexvar_ps(lo_n, m), mhi = _mm512_permutexvar_ps(hi_n, m);
+    const __m512i shuf = _mm512_broadcast_i32x4(
+        _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15));
+    const __m512i evens_first = _mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0);
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    for (int t = 0; t < 4; ++t) {
+      __m512i v = _mm512_shuffle_epi8(_mm512_loadu_si512(src + 64 * t), shuf);
+      v = _mm512_permutexvar_epi64(evens_first, v);  // low 256: bytes i = 0, 1; high: 2, 3
+      for (int q = 0; q < 4; ++q) {  // pair 4t + q: half q % 2, nibble q / 2
+        __m256i b = q % 2 ? _mm512_extracti64x4_epi64(v, 1) : _mm512_castsi512_si256(v);
+        b = _mm256_and_si256(q / 2 ? _mm256_srli_epi16(b, 4) : b, low4);
+        const __m512 flo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(b)));
+        const __m512 fhi = _mm512_cvtepi32_ps(
+            _mm512_cvtepu8_epi32(_mm256_extracti128_si256(b, 1)));
+        const __m512bh row = _mm512_cvtne2ps_pbh(_mm512_add_ps(_mm512_mul_ps(fhi, shi), mhi),
+                                                 _mm512_add_ps(_mm512_mul_ps(flo, slo), mlo));
+        _mm512_storeu_si512(out + (4 * t + q) * 32, (__m512i)row);
+      }
+    }
+  }
+  const at::BFloat16* tile(int64_t, int64_t) const { return nullptr; }
+};
+
 // Tasks i0..i1: outputs 32i .. 32i+31 (tiles n0 = 2i and n0 + 1, if N has it) for all Mp rows
-// of xp ([Mp, K], Mp a multiple of 16, rows past M zero), written to y [M, N].
-static void tasks(const at::BFloat16* xp, const at::BFloat16* wp, at::BFloat16* y, int64_t M,
+// of xp ([Mp, K], Mp a multiple of 16, rows past M zero), written to y [M, N]. A dequantizing
+// source fills the task's tiles on its first 32-row pass into `buf` [2, KB, 512] and later
+// passes read them there.
+template <typename Src>
+static void tasks(const Src& src, const at::BFloat16* xp, at::BFloat16* y, int64_t M,
                   int64_t Mp, int64_t K, int64_t N, int64_t i0, int64_t i1) {
   const int64_t NB = N / 16, KB = K / 32;
   TileConfig cfg;
@@ -79,11 +199,10 @@ static void tasks(const at::BFloat16* xp, const at::BFloat16* wp, at::BFloat16* 
   }
   _tile_loadconfig(&cfg);
   alignas(64) float buf[16 * 16];
+  std::vector<at::BFloat16> deq(Src::kDequant ? 2 * KB * 512 : 0);
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t n0 = 2 * i;
     const bool two = n0 + 1 < NB;
-    const at::BFloat16* w0 = wp + n0 * KB * 512;  // [KB, 16, 16, 2]: tile kb at 512 kb
-    const at::BFloat16* w1 = w0 + KB * 512;
     for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
       const bool m2 = m0 + 16 < Mp;
       const at::BFloat16* x0 = xp + m0 * K;
@@ -93,23 +212,31 @@ static void tasks(const at::BFloat16* xp, const at::BFloat16* wp, at::BFloat16* 
       _tile_zero(2);
       _tile_zero(3);
       for (int64_t kb = 0; kb < KB; ++kb) {
+        const at::BFloat16 *b0, *b1 = nullptr;
         if (m0 == 0 && kb + PF < KB) {  // first pass: the weights come from memory
-          const char* a = reinterpret_cast<const char*>(w0 + (kb + PF) * 512);
-          const char* b = reinterpret_cast<const char*>(w1 + (kb + PF) * 512);
-          for (int c = 0; c < 1024; c += 64) {
-            _mm_prefetch(a + c, _MM_HINT_T0);
-            if (two) _mm_prefetch(b + c, _MM_HINT_T0);
+          src.prefetch_tile(n0, kb + PF);
+          if (two) src.prefetch_tile(n0 + 1, kb + PF);
+        }
+        if constexpr (Src::kDequant) {
+          b0 = deq.data() + kb * 512;
+          b1 = deq.data() + (KB + kb) * 512;
+          if (m0 == 0) {
+            src.fill(n0, kb, const_cast<at::BFloat16*>(b0));
+            if (two) src.fill(n0 + 1, kb, const_cast<at::BFloat16*>(b1));
           }
+        } else {
+          b0 = src.tile(n0, kb);
+          if (two) b1 = src.tile(n0 + 1, kb);
         }
         _tile_loadd(4, x0 + kb * 32, K * 2);
-        _tile_loadd(6, w0 + kb * 512, 64);
+        _tile_loadd(6, b0, 64);
         _tile_dpbf16ps(0, 4, 6);
         if (m2) {
           _tile_loadd(5, x1 + kb * 32, K * 2);
           _tile_dpbf16ps(2, 5, 6);
         }
         if (two) {
-          _tile_loadd(7, w1 + kb * 512, 64);
+          _tile_loadd(7, b1, 64);
           _tile_dpbf16ps(1, 4, 7);
           if (m2) _tile_dpbf16ps(3, 5, 7);
         }
@@ -133,31 +260,110 @@ static void tasks(const at::BFloat16* xp, const at::BFloat16* wp, at::BFloat16* 
   _tile_release();
 }
 
+// x [M, K] -> (x padded to whole 16-row tiles, Mp)
+static torch::Tensor padded(const torch::Tensor& x, int64_t& Mp) {
+  const int64_t M = x.size(0), K = x.size(1);
+  Mp = (M + 15) / 16 * 16;
+  if (Mp == M) return x;
+  auto xp = torch::zeros({Mp, K}, x.options());  // tiles read 16 rows: pad with zero rows
+  xp.narrow(0, 0, M).copy_(x);
+  return xp;
+}
+
+static void check_x(const torch::Tensor& x) {
+  TORCH_CHECK(tiles_allowed(), "the kernel may not use AMX tiles here");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(1) > 0 && x.size(1) % 32 == 0,
+              "x [M, K] with K a multiple of 32 expected");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
+              "contiguous bf16 x expected");
+}
+
 // x [M, K] bf16 contiguous, wp [N/16, K/32, 16, 16, 2] bf16 (`pack`) -> y [M, N] bf16.
 torch::Tensor amx_linear(torch::Tensor x, torch::Tensor wp) {
-  TORCH_CHECK(tiles_allowed(), "the kernel may not use AMX tiles here");
-  TORCH_CHECK(x.dim() == 2 && wp.dim() == 5 && wp.size(2) == 16 && wp.size(3) == 16 &&
-              wp.size(4) == 2 && x.size(1) == wp.size(1) * 32,
-              "x [M, K], packed weight [N/16, K/32, 16, 16, 2] expected");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && wp.scalar_type() == at::kBFloat16,
-              "bf16 x and weight expected");
-  TORCH_CHECK(x.is_contiguous() && wp.is_contiguous(), "contiguous x and weight expected");
+  check_x(x);
+  TORCH_CHECK(wp.dim() == 5 && wp.size(2) == 16 && wp.size(3) == 16 && wp.size(4) == 2 &&
+              x.size(1) == wp.size(1) * 32,
+              "packed weight [N/16, K/32, 16, 16, 2] matching x [M, K] expected");
+  TORCH_CHECK(wp.scalar_type() == at::kBFloat16 && wp.is_contiguous(),
+              "contiguous bf16 weight expected");
   const int64_t M = x.size(0), K = x.size(1), N = wp.size(0) * 16;
-  TORCH_CHECK(M >= 1 && K > 0, "at least one row expected");
+  int64_t Mp;
+  auto xp = padded(x, Mp);
   auto y = torch::empty({M, N}, x.options());
-  const int64_t Mp = (M + 15) / 16 * 16;
-  auto xp = x;
-  if (Mp != M) {  // tiles read 16 rows: pad with zero rows
-    xp = torch::zeros({Mp, K}, x.options());
-    xp.narrow(0, 0, M).copy_(x);
-  }
+  const Bf16Tiles src{wp.data_ptr<at::BFloat16>(), K / 32};
   const auto* xd = xp.data_ptr<at::BFloat16>();
-  const auto* wd = wp.data_ptr<at::BFloat16>();
   auto* yd = y.data_ptr<at::BFloat16>();
   at::parallel_for(0, (N / 16 + 1) / 2, 1, [&](int64_t b, int64_t e) {
-    tasks(xd, wd, yd, M, Mp, K, N, b, e);
+    tasks(src, xd, yd, M, Mp, K, N, b, e);
   });
   return y;
+}
+
+// x [M, K] bf16 contiguous, w [NT, K/32, 8, 16, 4] uint8 (q + 128), sc [NT, K/G, 16] fp16 or
+// fp32 (quant/cpu_kernel.py pack_int8) -> y [M, N] bf16 for the first n <= 16 NT outputs
+// (rows past n are the pack's padding).
+torch::Tensor amx_int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor sc, int64_t n) {
+  check_x(x);
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(w.dim() == 5 && w.size(1) * 32 == K && w.size(2) == 8 && w.size(3) == 16 &&
+              w.size(4) == 4 && w.scalar_type() == at::kByte && w.is_contiguous(),
+              "int8 pack [NT, K/32, 8, 16, 4] uint8 matching x [M, K] expected");
+  const int64_t NT = w.size(0);
+  TORCH_CHECK(sc.dim() == 3 && sc.size(0) == NT && sc.size(2) == 16 && sc.size(1) > 0 &&
+              K % sc.size(1) == 0 && (K / sc.size(1)) % 32 == 0 && sc.is_contiguous(),
+              "scales [NT, K/G, 16] with G a multiple of 32 expected");
+  TORCH_CHECK(n > 16 * NT - 16 && n <= 16 * NT, "n does not match the pack");
+  const int64_t N = 16 * NT, NG = sc.size(1), G = K / NG;
+  int64_t Mp;
+  auto xp = padded(x, Mp);
+  auto y = torch::empty({M, N}, x.options());
+  const auto* xd = xp.data_ptr<at::BFloat16>();
+  auto* yd = y.data_ptr<at::BFloat16>();
+  auto run = [&](auto src) {
+    at::parallel_for(0, (NT + 1) / 2, 1, [&](int64_t b, int64_t e) {
+      tasks(src, xd, yd, M, Mp, K, N, b, e);
+    });
+  };
+  if (sc.scalar_type() == at::kHalf)
+    run(Int8Tiles<at::Half>{w.data_ptr<uint8_t>(), sc.data_ptr<at::Half>(), K / 32, NG, G});
+  else if (sc.scalar_type() == at::kFloat)
+    run(Int8Tiles<float>{w.data_ptr<uint8_t>(), sc.data_ptr<float>(), K / 32, NG, G});
+  else
+    TORCH_CHECK(false, "int8 scales must be half or float");
+  return n == N ? y : y.narrow(1, 0, n).contiguous();
+}
+
+// x [M, K] bf16 contiguous, w [NT, K/32, 4, 16, 4] uint8, sc [NT, K/G, 2, 16] fp16 or fp32
+// (quant/cpu_kernel.py pack_int4) -> y [M, n] bf16 (outputs past n are the pack's padding).
+torch::Tensor amx_int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor sc, int64_t n) {
+  check_x(x);
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(w.dim() == 5 && w.size(1) * 32 == K && w.size(2) == 4 && w.size(3) == 16 &&
+              w.size(4) == 4 && w.scalar_type() == at::kByte && w.is_contiguous(),
+              "int4 pack [NT, K/32, 4, 16, 4] uint8 matching x [M, K] expected");
+  const int64_t NT = w.size(0);
+  TORCH_CHECK(sc.dim() == 4 && sc.size(0) == NT && sc.size(2) == 2 && sc.size(3) == 16 &&
+              sc.size(1) > 0 && K % sc.size(1) == 0 && (K / sc.size(1)) % 32 == 0 &&
+              sc.is_contiguous(), "scales [NT, K/G, 2, 16] with G a multiple of 32 expected");
+  TORCH_CHECK(n > 16 * NT - 16 && n <= 16 * NT, "n does not match the pack");
+  const int64_t N = 16 * NT, NG = sc.size(1), G = K / NG;
+  int64_t Mp;
+  auto xp = padded(x, Mp);
+  auto y = torch::empty({M, N}, x.options());
+  const auto* xd = xp.data_ptr<at::BFloat16>();
+  auto* yd = y.data_ptr<at::BFloat16>();
+  auto run = [&](auto src) {
+    at::parallel_for(0, (NT + 1) / 2, 1, [&](int64_t b, int64_t e) {
+      tasks(src, xd, yd, M, Mp, K, N, b, e);
+    });
+  };
+  if (sc.scalar_type() == at::kHalf)
+    run(Int4Tiles<at::Half>{w.data_ptr<uint8_t>(), sc.data_ptr<at::Half>(), K / 32, NG, G});
+  else if (sc.scalar_type() == at::kFloat)
+    run(Int4Tiles<float>{w.data_ptr<uint8_t>(), sc.data_ptr<float>(), K / 32, NG, G});
+  else
+    TORCH_CHECK(false, "int4 scales must be half or float");
+  return n == N ? y : y.narrow(1, 0, n).contiguous();
 }
 """
 
@@ -165,24 +371,48 @@ _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 
 
-def kernel():
-    """`amx_linear(x [M, K], packed [N/16, K/32, 16, 16, 2]) -> [M, N]`, or None
-    (SHARDSERVE_AMX_GEMM=0, no AMX-BF16, no compiler, or no tile state from the OS)."""
-    if "fn" in _STATE:  # built (or refused) already: no lock on the per-GEMM path
-        return _STATE["fn"]
+def _module():
+    """The built extension, or None (SHARDSERVE_AMX_GEMM=0, no AMX-BF16, no compiler, or no
+    tile state from the OS)."""
+    if "mod" in _STATE:  # built (or refused) already: no lock on the per-GEMM path
+        return _STATE["mod"]
     with _LOCK:
-        if "fn" not in _STATE:
-            fn = None
+        if "mod" not in _STATE:
+            mod = None
             flags = native_build.cpu_flags()
             if (os.environ.get("SHARDSERVE_AMX_GEMM", "1") != "0"
                     and {"amx_bf16", "amx_tile", "avx512_bf16"} <= flags):
                 mod = native_build.build("shardserve_amx_gemm", _SOURCE,
-                                         ["amx_linear", "available"],
-                                         cflags=["-O3", "-march=native"],
+                                         ["amx_linear", "amx_int8_linear", "amx_int4_linear",
+                                          "available"],
+                                         cflags=["-O3", "-march=native", "-ffp-contract=off"],
                                          what="AMX bf16 GEMM (oneDNN's packed GEMM)")
-                fn = mod.amx_linear if mod is not None and mod.available() else None
-            _STATE["fn"] = fn
-        return _STATE["fn"]
+                if mod is not None and not mod.available():
+                    mod = None
+            _STATE["mod"] = mod
+            _STATE["fn"] = None if mod is None else mod.amx_linear
+        return _STATE["mod"]
+
+
+def kernel():
+    """`amx_linear(x [M, K], packed [N/16, K/32, 16, 16, 2]) -> [M, N]`, or None (see
+    `_module`)."""
+    mod = _module()
+    return None if mod is None else mod.amx_linear
+
+
+def int8_kernel():
+    """`amx_int8_linear(x [M, K], w, sc, n) -> [M, n]` over the quantized kernel's int8 pack
+    (quant/cpu_kernel.py pack_int8), dequantizing each weight tile as it streams, or None."""
+    mod = _module()
+    return None if mod is None else mod.amx_int8_linear
+
+
+def int4_kernel():
+    """`amx_int4_linear(x [M, K], w, sc, n) -> [M, n]` over the quantized kernel's int4 pack
+    (quant/cpu_kernel.py pack_int4), dequantizing each weight tile as it streams, or None."""
+    mod = _module()
+    return None if mod is None else mod.amx_int4_linear
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
