@@ -211,11 +211,12 @@ def synthetic_llama(config: Any, init: Any) -> torch.nn.Module:
 
 def measure_nongemm(config: Any, dtypes: tuple[str, ...], thread_counts: tuple[int, ...],
                     rounds: int = 3) -> dict[str, dict[int, dict[int, float]]]:
-    """dtype -> threads -> tokens -> seconds of the model's own eager forward (TP 1; 1 token:
-    a decode row over a paged cache, 128: a prompt chunk from position 0, no cache; logits of
-    the last token) with every Linear's GEMM replaced by an empty result:
-    what the norms, rotary, attention, activations and kernel launches of all layers cost,
-    which no GEMM table holds (in bf16 several of them run slower than in fp32 on a CPU).
+    """dtype -> threads -> tokens -> seconds of the model's own eager forward (TP 1; one row
+    of a flat step over a paged cache, as the runner steps it: 1 token, a decode row; 128, a
+    prompt chunk from position 0; logits of the last token) with every Linear's GEMM
+    replaced by an empty result: what the norms, rotary, attention, activations and kernel
+    launches of all layers cost, which no GEMM table holds (in bf16 several of them run
+    slower than in fp32 on a CPU).
     Rounds interleave as in measure_gemm; the median is kept."""
     import copy
 
@@ -236,7 +237,12 @@ def measure_nongemm(config: Any, dtypes: tuple[str, ...], thread_counts: tuple[i
     # kernel, K/V write and step set-up), as the server runs it; without a cache it timed
     # SDPA's set-up per layer instead (~3 ms of SmolLM2 at 1 row, 2026-12-06, bf16 1-stream
     # ITL predicted at 10.9 ms against 7.6 served). The keys a row reads are the predictor's.
-    caches = {d: _decode_cache(m) for d, m in models.items()}
+    # the prompt point likewise: one chunk from position 0 in a flat step over the paged
+    # cache (K/V writes, the chunk's gather and SDPA, the step's set-up). On a cacheless
+    # forward the bf16 128-token point was 8.4 ms (2 threads), now 10.4-12.6, against ~11
+    # outside the GEMMs of the server's 100-token prompt step (2026-12-06 13:50: bf16
+    # 1-stream TTFT predicted at 22 ms against 36 served; replan: 23 -> 25 of 28 in 25%)
+    caches = {(d, t): _step_cache(m, t) for d, m in models.items() for t in NONGEMM_TOKENS}
     samples: dict[tuple[str, int, int], list[float]] = {}
     Linear.forward = no_gemm  # type: ignore[method-assign]
     try:
@@ -248,10 +254,11 @@ def measure_nongemm(config: Any, dtypes: tuple[str, ...], thread_counts: tuple[i
                         for t in NONGEMM_TOKENS:
                             tokens = torch.zeros(1, t, dtype=torch.long)  # [1, T]
                             pos = torch.arange(t).unsqueeze(0)  # [1, T]
-                            cache = caches[d] if t == 1 else None
+                            cache = caches[d, t]
                             t0 = time.perf_counter()
-                            if cache is not None:  # a decode row, as the runner steps it
-                                cache.set_flat_step(*_DECODE_STEP)
+                            # one row of t tokens from position 0, as the runner steps it
+                            cache.set_flat_step(torch.arange(_blocks(t)).unsqueeze(0),
+                                                torch.arange(t), torch.tensor([t]))
                             model(tokens, pos, cache, torch.tensor([t - 1]))  # [1, V]
                             if r:
                                 samples.setdefault((d, th, t), []).append(
@@ -264,20 +271,23 @@ def measure_nongemm(config: Any, dtypes: tuple[str, ...], thread_counts: tuple[i
     return out
 
 
-_DECODE_STEP = (torch.tensor([[0]]), torch.tensor([0]), torch.tensor([1]))
-"""PagedKVCache.set_flat_step's arguments for one decode row at position 0: block table
-[[0]], positions [0], segment lengths [1]."""
+_BLOCK = 16
+"""Block size of measure_nongemm's paged caches (the server's default)."""
 
 
-def _decode_cache(model: torch.nn.Module) -> Any:
-    """A one-block paged KV cache of `model`'s geometry and dtype (measure_nongemm's decode
-    point)."""
+def _blocks(tokens: int) -> int:
+    return (tokens + _BLOCK - 1) // _BLOCK
+
+
+def _step_cache(model: torch.nn.Module, tokens: int) -> Any:
+    """A paged KV cache of `model`'s geometry and dtype holding one row of `tokens` tokens
+    (measure_nongemm's points)."""
     from ..engine.paged_cache import PagedKVCache
 
     attn = model.layers[0].attention
-    return PagedKVCache(n_layers=len(model.layers), num_blocks=1, block_size=16,
-                        n_kv_heads=attn.n_kv_heads, head_dim=attn.head_dim,
-                        dtype=model.norm.weight.dtype)
+    return PagedKVCache(n_layers=len(model.layers), num_blocks=_blocks(tokens),
+                        block_size=_BLOCK, n_kv_heads=attn.n_kv_heads,
+                        head_dim=attn.head_dim, dtype=model.norm.weight.dtype)
 
 
 def measure_gemm_onnx(config: Any, thread_counts: tuple[int, ...], work: Path,
