@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(amx_gemm.kernel() is None,
                                 reason="no AMX-BF16 here (or no compiler): oneDNN's GEMM runs")
 
 
-@pytest.mark.parametrize("rows", [3, 16, 17, 32, 45, 100])
+@pytest.mark.parametrize("rows", [3, 15, 16, 17, 31, 32, 45, 100])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("n, k", [(16, 32), (48, 64), (960, 576), (576, 1536)])
 def test_amx_gemm_equals_reference(rows, threads, n, k):

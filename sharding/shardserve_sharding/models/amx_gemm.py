@@ -53,6 +53,7 @@ _SOURCE = r"""
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#include <algorithm>
 #include <vector>
 
 #if !defined(__AMX_TILE__) || !defined(__AMX_BF16__) || !defined(__AVX512BF16__)
@@ -185,13 +186,14 @@ struct Int4Tiles {
 };
 
 // Tasks i0..i1: outputs 32i .. 32i+31 (tiles n0 = 2i and n0 + 1, if N has it) for all Mp rows
-// of xp ([Mp, K], Mp a multiple of 16, rows past M zero), written to y [M, N]. A dequantizing
-// source fills the task's tiles on its first 32-row pass into `buf` [2, KB, 512] and later
-// passes read them there.
+// of xp ([Mp, K], Mp >= 16; rows past M zero), written to y [M, N], in 16-row blocks starting
+// at 16j, the last moved back to Mp - 16 (overlapping its neighbour: no copy of x to pad
+// it), two blocks a pass. A dequantizing source fills the task's tiles on its first pass
+// into `deq` [2, KB, 512] and later passes read them there.
 template <typename Src>
 static void tasks(const Src& src, const at::BFloat16* xp, at::BFloat16* y, int64_t M,
                   int64_t Mp, int64_t K, int64_t N, int64_t i0, int64_t i1) {
-  const int64_t NB = N / 16, KB = K / 32;
+  const int64_t NB = N / 16, KB = K / 32, nblk = (Mp + 15) / 16;
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) {
     cfg.rows[t] = 16;
@@ -203,24 +205,25 @@ static void tasks(const Src& src, const at::BFloat16* xp, at::BFloat16* y, int64
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t n0 = 2 * i;
     const bool two = n0 + 1 < NB;
-    for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
-      const bool m2 = m0 + 16 < Mp;
-      const at::BFloat16* x0 = xp + m0 * K;
-      const at::BFloat16* x1 = x0 + 16 * K;
+    for (int64_t j = 0; j < nblk; j += 2) {  // 16-row blocks j, j + 1
+      const bool m2 = j + 1 < nblk;
+      const int64_t s0 = std::min(16 * j, Mp - 16), s1 = std::min(16 * (j + 1), Mp - 16);
+      const at::BFloat16* x0 = xp + s0 * K;
+      const at::BFloat16* x1 = xp + s1 * K;
       _tile_zero(0);
       _tile_zero(1);
       _tile_zero(2);
       _tile_zero(3);
       for (int64_t kb = 0; kb < KB; ++kb) {
         const at::BFloat16 *b0, *b1 = nullptr;
-        if (m0 == 0 && kb + PF < KB) {  // first pass: the weights come from memory
+        if (j == 0 && kb + PF < KB) {  // first pass: the weights come from memory
           src.prefetch_tile(n0, kb + PF);
           if (two) src.prefetch_tile(n0 + 1, kb + PF);
         }
         if constexpr (Src::kDequant) {
           b0 = deq.data() + kb * 512;
           b1 = deq.data() + (KB + kb) * 512;
-          if (m0 == 0) {
+          if (j == 0) {
             src.fill(n0, kb, const_cast<at::BFloat16*>(b0));
             if (two) src.fill(n0 + 1, kb, const_cast<at::BFloat16*>(b1));
           }
@@ -241,9 +244,10 @@ static void tasks(const Src& src, const at::BFloat16* xp, at::BFloat16* y, int64
           if (m2) _tile_dpbf16ps(3, 5, 7);
         }
       }
-      // accumulators -> bf16 rows of y (rows past M are padding: not written)
+      // accumulators -> bf16 rows of y (rows past M are padding: not written; a last block
+      // moved back over its neighbour's rows writes them again, with the same values)
       for (int q = 0; q < 4; ++q) {
-        const int64_t mb = m0 + 16 * (q / 2), nb = n0 + q % 2;
+        const int64_t mb = q / 2 ? s1 : s0, nb = n0 + q % 2;
         if ((q % 2 && !two) || (q / 2 && !m2)) continue;
         switch (q) {
           case 0: _tile_stored(0, buf, 64); break;
@@ -260,12 +264,13 @@ static void tasks(const Src& src, const at::BFloat16* xp, at::BFloat16* y, int64
   _tile_release();
 }
 
-// x [M, K] -> (x padded to whole 16-row tiles, Mp)
+// x [M, K] -> (x, Mp = M) for 16 rows or more (the last block overlaps); fewer: x padded
+// with zero rows to the 16 a tile reads (Mp = 16)
 static torch::Tensor padded(const torch::Tensor& x, int64_t& Mp) {
   const int64_t M = x.size(0), K = x.size(1);
-  Mp = (M + 15) / 16 * 16;
+  Mp = std::max<int64_t>(M, 16);
   if (Mp == M) return x;
-  auto xp = torch::zeros({Mp, K}, x.options());  // tiles read 16 rows: pad with zero rows
+  auto xp = torch::zeros({Mp, K}, x.options());
   xp.narrow(0, 0, M).copy_(x);
   return xp;
 }
