@@ -547,3 +547,26 @@ def test_gemm_passes_are_timed_in_the_steady_state(monkeypatch):
     calls.clear()
     measure._steady_pass([Lin()], x, 1)  # steady_state=False and the warm-up round
     assert len(calls) == 1
+
+
+def test_replicas_stepping_at_once_share_the_hosts_memory(tmp_path):
+    """Replicas on one host (host_threads > 0) that step at once each stream their own weights
+    through one memory system: each one's decode step takes at least all their weight bytes
+    over the host's bandwidth. One stream keeps one replica busy: no floor."""
+    bw = 1e6  # bytes / s: the floor dominates FLOPs / rate
+    d = {**COSTS, "host_threads": 2, "mem_bw": {"1": bw, "2": bw},
+         "gemm_includes_memory": True,
+         "gemm_flops": {"fp32": {"1": {"1": RATE, "128": RATE}, "2": {"1": RATE, "128": RATE}}}}
+    p = tmp_path / "costs.json"
+    p.write_text(json.dumps(d))
+    c = plan_costs.load(p)
+    cfg = LLAMA_CONFIGS["tiny"]
+    st = footprint("llama", cfg, 1, 1).stages[0]
+    lay = [LayoutChoice("torch", "fp32", 1, 1, 2)]
+    (two,) = predict(resolve_model("tiny"), c, 2, Workload(streams=4, prompt_tokens=10,
+                                                            new_tokens=4), lay)
+    (one,) = predict(resolve_model("tiny"), c, 2, Workload(streams=1, prompt_tokens=10,
+                                                            new_tokens=4), lay)
+    floor_ms = 2 * st.matmul_elems * 4 / bw * 1e3
+    assert two.itl_ms >= floor_ms
+    assert one.itl_ms < floor_ms / 2

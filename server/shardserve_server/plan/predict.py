@@ -173,8 +173,10 @@ def candidates(costs: MachineCosts, devices: int) -> list[LayoutChoice]:
 
 
 def _step_s(fp: Footprint, costs: MachineCosts, lay: LayoutChoice, threads: float,
-            tokens: int, rows: int, ctx: float, vocab_rows: int) -> tuple[float, float]:
-    """(step seconds, of which collectives) for one replica."""
+            tokens: int, rows: int, ctx: float, vocab_rows: int, sharing: int = 1
+            ) -> tuple[float, float]:
+    """(step seconds, of which collectives) for one replica; `sharing` replicas on this
+    host step at once (module-level note at _replica)."""
     wbytes = DTYPE_BYTES[lay.dtype]
     act = ACT_BYTES[lay.dtype]
     rate = costs.gemm_rate(lay.dtype, tokens, threads, lay.backend)
@@ -188,6 +190,13 @@ def _step_s(fp: Footprint, costs: MachineCosts, lay: LayoutChoice, threads: floa
         if st.head_elems:  # the output projection runs on the sampled rows only
             gemm += max(2 * st.head_elems * vocab_rows / head_rate,
                         floor * st.head_elems * wbytes / bw)
+        if sharing > 1 and costs.host_threads:
+            # replicas stepping at once on one host stream their own weights each, through
+            # one memory system: each step's weights take at least all of them over the
+            # host's bandwidth (the GEMM tables were timed by one process, whose weights the
+            # last-level cache could partly hold)
+            host_bw = costs.bandwidth(costs.host_threads)
+            gemm = max(gemm, sharing * st.matmul_elems * wbytes / host_bw)
         layers_share = st.n_layers / max(1, max(s.n_layers for s in fp.stages))
         attn = layers_share * 4 * fp.attn_heads * fp.head_dim * tokens * ctx * st.n_layers \
             / rate
@@ -269,7 +278,8 @@ def _one(fp: Footprint, model: ModelRef, costs: MachineCosts, lay: LayoutChoice,
                           kv_capacity_tokens=kv_tokens)
     threads = (costs.host_threads / lay.devices) if costs.host_threads else \
         float(max(costs.gemm_flops[lay.dtype]))  # a device's own compute
-    dec, dec_comm, ttft, _ = _replica(fp, costs, lay, threads, s, work)
+    busy = min(lay.replicas, work.streams)  # replicas stepping at once
+    dec, dec_comm, ttft, _ = _replica(fp, costs, lay, threads, s, work, busy)
     if work.in_phase and lay.replicas == 1:  # equal-length streams: replayed step by step
         loop = _closed_loop(fp, costs, lay, threads, work)
         ttft, tok_s = loop.ttft_p50_s, loop.tok_s  # the ITL stays the s-row decode step
@@ -280,7 +290,7 @@ def _one(fp: Footprint, model: ModelRef, costs: MachineCosts, lay: LayoutChoice,
             n = -(-left // (lay.replicas - r))
             left -= n
             if n:
-                tok_s += _replica(fp, costs, lay, threads, n, work)[3]
+                tok_s += _replica(fp, costs, lay, threads, n, work, busy)[3]
     notes = []
     if lay.pp > 1:
         notes.append("shardserve serve runs pp=1: planned for reference")
@@ -298,19 +308,20 @@ def _one(fp: Footprint, model: ModelRef, costs: MachineCosts, lay: LayoutChoice,
 
 
 def _replica(fp: Footprint, costs: MachineCosts, lay: LayoutChoice, threads: float, n: int,
-             work: Workload) -> tuple[float, float, float, float]:
+             work: Workload, sharing: int = 1) -> tuple[float, float, float, float]:
     """(decode step s, of which collectives, TTFT p50 s, tok/s) of a replica serving `n`
     closed-loop streams whose requests arrive one at a time: a request arrives alone, waits
     for the step in flight (half of it on average; with Workload.in_phase, all of it less the
     front end's share: it was sent at a step boundary, see the module docstring), and is
     prefilled in one flat step with the other n - 1 rows' decodes; a stream's period holds n
-    such steps and new_tokens - n decode steps."""
+    such steps and new_tokens - n decode steps. `sharing`: replicas busy at once on this host
+    (_step_s)."""
     p, g = work.prompt_tokens, work.new_tokens
-    dec, dec_comm = _step_s(fp, costs, lay, threads, n, n, p + g / 2, n)
+    dec, dec_comm = _step_s(fp, costs, lay, threads, n, n, p + g / 2, n, sharing)
     front = costs.step_overhead(lay.backend, lay.dtype).first_token_s
     tokens = p + n - 1
     ctx = (p * p / 2 + (n - 1) * (p + g / 2)) / tokens
-    pre, _ = _step_s(fp, costs, lay, threads, tokens, n, ctx, n)
+    pre, _ = _step_s(fp, costs, lay, threads, tokens, n, ctx, n, sharing)
     wait = max(0.0, dec - front) if work.in_phase else dec / 2
     ttft = front + pre + (wait if n > 1 else 0.0)
     period = min(n, g) * pre + max(g - n, 0) * dec + (front if n == 1 else 0.0)
