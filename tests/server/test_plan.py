@@ -390,8 +390,9 @@ def test_the_forward_outside_the_gemms_counts_for_torch_layouts(tmp_path):
 
 
 def test_nongemm_measurement_restores_the_gemms():
-    """measure_nongemm times the model's real forward with its GEMMs emptied, then puts
-    Linear.forward back (a costs file would otherwise be made with a broken model)."""
+    """measure_nongemm times the model's real forward less the time inside its GEMMs (timed
+    in place), then puts Linear.forward back (a costs file would otherwise be made with a
+    model that keeps timing itself)."""
     from shardserve_server.plan.measure import NONGEMM_TOKENS, measure_nongemm
     from shardserve_sharding.models.llama import Linear
 

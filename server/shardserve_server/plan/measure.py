@@ -213,10 +213,10 @@ def measure_nongemm(config: Any, dtypes: tuple[str, ...], thread_counts: tuple[i
                     rounds: int = 3) -> dict[str, dict[int, dict[int, float]]]:
     """dtype -> threads -> tokens -> seconds of the model's own eager forward (TP 1; one row
     of a flat step over a paged cache, as the runner steps it: 1 token, a decode row; 128, a
-    prompt chunk from position 0; logits of the last token) with every Linear's GEMM
-    replaced by an empty result: what the norms, rotary, attention, activations and kernel
-    launches of all layers cost, which no GEMM table holds (in bf16 several of them run
-    slower than in fp32 on a CPU).
+    prompt chunk from position 0; logits of the last token) less the time spent inside its
+    Linear layers' GEMMs, timed in place: what the norms, rotary, attention, activations and
+    kernel launches of all layers cost beside real GEMMs (which evict what those read), and
+    no GEMM table holds (in bf16 several of them run slower than in fp32 on a CPU).
     Rounds interleave as in measure_gemm; the median is kept."""
     import copy
 
@@ -229,9 +229,13 @@ def measure_nongemm(config: Any, dtypes: tuple[str, ...], thread_counts: tuple[i
     for m in models.values():  # fp32 rotary tables, as the loader leaves them (the fused
         m.reset_buffers()  # bf16 path needs them: with bf16 tables it fell back to torch ops)
     gemm = Linear.forward
+    in_gemms = [0.0]
 
-    def no_gemm(self: Any, x: torch.Tensor) -> torch.Tensor:
-        return x.new_zeros(*x.shape[:-1], self.out_features)  # [..., out]
+    def timed_gemm(self: Any, x: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        y = gemm(self, x)  # [..., out]
+        in_gemms[0] += time.perf_counter() - t0
+        return y
 
     # the 1-token point is a decode row of a flat step over the paged cache (its attention
     # kernel, K/V write and step set-up), as the server runs it; without a cache it timed
@@ -239,12 +243,12 @@ def measure_nongemm(config: Any, dtypes: tuple[str, ...], thread_counts: tuple[i
     # ITL predicted at 10.9 ms against 7.6 served). The keys a row reads are the predictor's.
     # the prompt point likewise: one chunk from position 0 in a flat step over the paged
     # cache (K/V writes, the chunk's gather and SDPA, the step's set-up). On a cacheless
-    # forward the bf16 128-token point was 8.4 ms (2 threads), now 10.4-12.6, against ~11
-    # outside the GEMMs of the server's 100-token prompt step (2026-12-06 13:50: bf16
-    # 1-stream TTFT predicted at 22 ms against 36 served; replan: 23 -> 25 of 28 in 25%)
+    # forward the bf16 128-token point was 8.4 ms (2 threads), over the paged cache with
+    # empty GEMMs 10.4-12.6, against ~11.4 outside the GEMMs of the server's 100-token
+    # prompt step (2026-12-06 13:50: bf16 1-stream TTFT predicted at 22 ms against 36 served)
     caches = {(d, t): _step_cache(m, t) for d, m in models.items() for t in NONGEMM_TOKENS}
     samples: dict[tuple[str, int, int], list[float]] = {}
-    Linear.forward = no_gemm  # type: ignore[method-assign]
+    Linear.forward = timed_gemm  # type: ignore[method-assign]
     try:
         with torch.no_grad():
             for r in range(rounds + 1):  # round 0 warms
@@ -255,6 +259,7 @@ def measure_nongemm(config: Any, dtypes: tuple[str, ...], thread_counts: tuple[i
                             tokens = torch.zeros(1, t, dtype=torch.long)  # [1, T]
                             pos = torch.arange(t).unsqueeze(0)  # [1, T]
                             cache = caches[d, t]
+                            in_gemms[0] = 0.0
                             t0 = time.perf_counter()
                             # one row of t tokens from position 0, as the runner steps it
                             cache.set_flat_step(torch.arange(_blocks(t)).unsqueeze(0),
@@ -262,7 +267,7 @@ def measure_nongemm(config: Any, dtypes: tuple[str, ...], thread_counts: tuple[i
                             model(tokens, pos, cache, torch.tensor([t - 1]))  # [1, V]
                             if r:
                                 samples.setdefault((d, th, t), []).append(
-                                    time.perf_counter() - t0)
+                                    time.perf_counter() - t0 - in_gemms[0])
     finally:
         Linear.forward = gemm  # type: ignore[method-assign]
     out: dict[str, dict[int, dict[int, float]]] = {}
