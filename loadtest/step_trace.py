@@ -1,10 +1,11 @@
 """Summarise a group leader's step trace: where a loaded server's time went, step by step.
 
-    SHARDSERVE_STEP_TRACE=/tmp/trace.txt shardserve serve ...   (or any benchmark that starts
+    SHARDSERVE_STEP_TRACE=/tmp/trace shardserve serve ...   (or any benchmark that starts
         one: the variable reaches the workers)
-    .venv/bin/python loadtest/step_trace.py /tmp/trace.txt [--skip 0.4]
+    .venv/bin/python loadtest/step_trace.py /tmp/trace.* [--skip 0.4]
 
-The leader appends one line per step (workers/leader.py, STEP_TRACE_ENV): monotonic end time,
+Each group leader appends one line per step to /tmp/trace.<its pid> (workers/leader.py,
+STEP_TRACE_ENV; each file is summarised on its own): monotonic end time,
 step seconds, prompt-step and decode-step forward seconds, tokens of the step's prompt forward
 (prompt chunks and, in a flat step, its decode rows), rows of a decode-only forward, rows of
 the prompt forward. Prints, over the steps after the first --skip of the span: the span,
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +57,9 @@ def summarize(steps: list[Step], skip: float = 0.4) -> str:
     busy = sum(s.step_s for s in kept)
     dec = [s for s in kept if s.prompt_tokens == 0]
     mix = [s for s in kept if s.prompt_tokens > 0]
-    tokens = sum(s.decode_rows for s in dec) + sum(s.prefill_rows for s in mix)
+    # a flat step's rows are all in its prompt forward; an engine without flat steps runs a
+    # prompt forward and a decode forward in one step: both count
+    tokens = sum(s.decode_rows + s.prefill_rows for s in kept)
     out = [f"span {span:.2f} s, {len(kept)} steps, between steps {span - busy:.2f} s "
            f"({(span - busy) / span:.0%})"]
     for name, group in (("decode-only", dec), ("with prompt tokens", mix)):
@@ -66,17 +70,24 @@ def summarize(steps: list[Step], skip: float = 0.4) -> str:
                      f", {statistics.fmean(s.decode_rows for s in group):.1f} rows")
             out.append(f"{name}: {len(group)} steps, mean {1e3 * total / len(group):.1f} ms"
                        f"{extra}, {total / span:.0%} of the span")
-    out.append(f"~{tokens / span:.1f} tokens/s (sampled rows; prompt steps count every row)")
+    out.append(f"~{tokens / span:.1f} tokens/s (rows of every forward: a prompt chunk counts "
+               "one)")
     return "\n".join(out)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("trace", help="file written under SHARDSERVE_STEP_TRACE")
+    ap.add_argument("trace", nargs="+", help="files written under SHARDSERVE_STEP_TRACE")
     ap.add_argument("--skip", type=float, default=0.4,
                     help="fraction of the span at its start not counted (warm-up, ramp)")
     a = ap.parse_args()
-    print(summarize(parse(Path(a.trace).read_text()), a.skip))
+    for name in a.trace:
+        try:
+            text = Path(name).read_text()
+        except OSError as e:
+            print(f"error: cannot read {name}: {e.strerror or e}", file=sys.stderr)
+            return 2
+        print(f"{name}:\n{summarize(parse(text), a.skip)}")
     return 0
 
 

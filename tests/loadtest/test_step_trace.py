@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "loadtest"))
 
 import step_trace  # noqa: E402
 
-from shardserve_server.workers.leader import trace_line  # noqa: E402
+from shardserve_server.workers.leader import _open_trace, trace_line  # noqa: E402
 from shardserve_server.workers.protocol import StepTiming  # noqa: E402
 
 
@@ -31,3 +31,24 @@ def test_leader_trace_lines_parse_and_summarize():
     assert "with prompt tokens: 1 steps, mean 100.0 ms, 512 tokens" in out
     # 30 + 9 * 32 tokens over 0.28 s of steps and 9 ms between them
     assert "between steps 0.01 s" in out and "~1100.3 tokens/s" in out
+
+
+def test_steps_of_two_forwards_count_both():
+    """An engine without flat steps runs a prompt forward and a decode forward in one step:
+    both forwards' rows count (30 prompt rows + 2 decode rows over 0.1 s)."""
+    st = StepTiming(step_s=0.1, prefill_s=0.06, prefill_rows=30, prefill_tokens=300,
+                    decode_s=0.04, decode_rows=2, decode_tokens=2, batch=32)
+    steps = step_trace.parse(trace_line(10.1, st))
+    assert "~320.0 tokens/s" in step_trace.summarize(steps, skip=0.0)
+
+
+def test_the_trace_file_is_per_leader_and_optional(tmp_path):
+    f = _open_trace(str(tmp_path / "t"))
+    try:
+        f.write("x\n")
+    finally:
+        f.close()
+    (written,) = tmp_path.iterdir()
+    assert written.name.startswith("t.") and written.name[2:].isdigit()  # t.<pid>
+    assert _open_trace(str(tmp_path / "missing-dir" / "t")) is None  # one warning, no trace
+    assert _open_trace(None) is None and _open_trace("") is None

@@ -69,12 +69,17 @@ def test_packed_kernel_for_few_rows_only(rows: int, monkeypatch) -> None:
 @needs_packed
 @pytest.mark.parametrize("rows, bias", [(2, True), (8, False)])  # oneDNN's copy, AMX's
 def test_packed_copy_follows_weight_changes(rows: int, bias: bool) -> None:
+    """The cached copy (oneDNN's packed one for a biased 2-row GEMM; the AMX GEMM's for a
+    bias-free 8-row one where it is built) is rebuilt when the weight changes in place or is
+    swapped."""
     lin = _layers()[0]
     if not bias:
         lin.bias = None
     x = torch.randn(rows, 64).bfloat16()
     with torch.inference_mode():
         lin(x)
+    slot = "_bf16_packed" if bias or amx_gemm.kernel() is None else "_amx_packed"
+    assert slot in lin.__dict__  # the path under test took its copy
     with torch.no_grad():
         lin.weight.mul_(2)  # in place: the version counter moves
     with torch.inference_mode():

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
@@ -270,7 +271,8 @@ def test_kernels_equal_their_dequantized_weights(rows, dtype, ours, monkeypatch)
 
 @pytest.mark.skipif(amx_gemm.kernel() is None or cpu_kernel.kernel() is None,
                     reason="no AMX-BF16 or no quantized kernel here")
-def test_lean_mode_runs_the_amx_gemm_over_the_kernel_copy(monkeypatch):
+@pytest.mark.parametrize("n", [96, 37])  # 37: the pack pads to 48 outputs
+def test_lean_mode_runs_the_amx_gemm_over_the_kernel_copy(monkeypatch, n):
     """SHARDSERVE_QUANT_DENSE_MIN_ROWS=0 (no dense copy): more rows than the kernel's run the
     AMX GEMM over the kernel's own int8 / int4 copy, dequantized tile by tile; no other copy is
     made and the result equals the AMX GEMM over the dense copy bit for bit. Few rows stay in
@@ -282,16 +284,17 @@ def test_lean_mode_runs_the_amx_gemm_over_the_kernel_copy(monkeypatch):
         monkeypatch.setattr(amx_gemm, name,
                             lambda r=real: (lambda *a: calls.append(1) or r(*a)))
     g = torch.Generator().manual_seed(5)
-    w = torch.randn(96, 128, generator=g)
+    w = torch.randn(n, 128, generator=g)
     x = torch.randn(40, 128, generator=g).to(torch.bfloat16)
     i8 = Int8Weight(*quantize_int8(w, None, 32), torch.bfloat16)
     i4 = Int4Weight(*quantize_int4(w, 32), torch.bfloat16)
     with torch.inference_mode():
         for mod in (i8, i4):
-            y = mod(x)  # [40, 96]
+            y = mod(x)  # [40, n]
+            assert y.shape == (40, n)
             assert not {"_dense", "_amx_packed", "_dense_packed"} & set(mod.__dict__)
-            dense = mod.dequantize().to(torch.bfloat16)  # [96, 128]
-            assert torch.equal(y, amx_gemm.linear(x, amx_gemm.pack(dense)))
+            dense = F.pad(mod.dequantize().to(torch.bfloat16), (0, 0, 0, -n % 16))  # [48, 128]
+            assert torch.equal(y, amx_gemm.linear(x, amx_gemm.pack(dense))[:, :n])
         assert len(calls) == 2
         i8(x[:KERNEL_MAX_ROWS])
         i4(x[:KERNEL_MAX_ROWS])

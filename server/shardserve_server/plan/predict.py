@@ -190,13 +190,13 @@ def _step_s(fp: Footprint, costs: MachineCosts, lay: LayoutChoice, threads: floa
         if st.head_elems:  # the output projection runs on the sampled rows only
             gemm += max(2 * st.head_elems * vocab_rows / head_rate,
                         floor * st.head_elems * wbytes / bw)
-        if sharing > 1 and costs.host_threads:
-            # replicas stepping at once on one host stream their own weights each, through
-            # one memory system: each step's weights take at least all of them over the
-            # host's bandwidth (the GEMM tables were timed by one process, whose weights the
-            # last-level cache could partly hold)
+        if sharing * lay.tp > 1 and costs.host_threads:
+            # replicas stepping at once on one host stream their own weights each (every
+            # rank its shard), through one memory system: each step's weights take at least
+            # all of them over the host's bandwidth (the GEMM tables were timed by one
+            # process, whose weights the last-level cache could partly hold)
             host_bw = costs.bandwidth(costs.host_threads)
-            gemm = max(gemm, sharing * st.matmul_elems * wbytes / host_bw)
+            gemm = max(gemm, sharing * lay.tp * st.matmul_elems * wbytes / host_bw)
         layers_share = st.n_layers / max(1, max(s.n_layers for s in fp.stages))
         attn = layers_share * 4 * fp.attn_heads * fp.head_dim * tokens * ctx * st.n_layers \
             / rate

@@ -32,9 +32,22 @@ from .protocol import (
 
 HEARTBEAT_S = 1.0
 STEP_TRACE_ENV = "SHARDSERVE_STEP_TRACE"
-"""Profiling aid: a file path; the leader appends one line per step to it (monotonic time,
-step, prefill and decode seconds, prompt tokens, decode rows), for loadtest/step_trace.py."""
+"""Profiling aid: a path PATH; each group leader appends one line per step (monotonic time,
+step, prefill and decode seconds, prompt tokens, decode rows) to PATH.<its pid>, for
+loadtest/step_trace.py. A file that cannot be opened or written ends the trace with one
+warning, never the group."""
 log = logging.getLogger("shardserve.leader")
+
+
+def _open_trace(path: str | None) -> Any:
+    """The STEP_TRACE_ENV file of this leader (PATH.<pid>, line-buffered), or None."""
+    if not path:
+        return None
+    try:
+        return open(f"{path}.{os.getpid()}", "a", buffering=1)  # noqa: SIM115
+    except OSError as e:
+        log.warning("no step trace: %s", e)
+        return None
 
 
 def trace_line(now: float, st: StepTiming) -> str:
@@ -73,8 +86,7 @@ class Leader:
         # followers block in a broadcast between steps; keep it shorter than pg_timeout_s
         self.keepalive_s = min(HEARTBEAT_S, float(getattr(cfg, "pg_timeout_s", 10.0)) / 4)
         self.last_bcast = time.monotonic()
-        trace = os.environ.get(STEP_TRACE_ENV)
-        self.trace = open(trace, "a", buffering=1) if trace else None  # noqa: SIM115
+        self.trace = _open_trace(os.environ.get(STEP_TRACE_ENV))
 
     def _forward(self, plan: ForwardPlan) -> torch.Tensor:
         if self.tp > 1:
@@ -172,5 +184,9 @@ class Leader:
         self.last_step = StepTiming(step_s=time.perf_counter() - t_step,
                                     comm_s=self.runner.comm_seconds - comm0, **timing)
         if self.trace is not None:
-            self.trace.write(trace_line(time.monotonic(), self.last_step))
+            try:
+                self.trace.write(trace_line(time.monotonic(), self.last_step))
+            except (OSError, ValueError) as e:
+                log.warning("step trace stopped: %s", e)
+                self.trace = None
         return outputs

@@ -277,6 +277,7 @@ static torch::Tensor padded(const torch::Tensor& x, int64_t& Mp) {
 
 static void check_x(const torch::Tensor& x) {
   TORCH_CHECK(tiles_allowed(), "the kernel may not use AMX tiles here");
+  TORCH_CHECK(x.device().is_cpu(), "CPU tensors expected");
   TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(1) > 0 && x.size(1) % 32 == 0,
               "x [M, K] with K a multiple of 32 expected");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
@@ -289,8 +290,8 @@ torch::Tensor amx_linear(torch::Tensor x, torch::Tensor wp) {
   TORCH_CHECK(wp.dim() == 5 && wp.size(2) == 16 && wp.size(3) == 16 && wp.size(4) == 2 &&
               x.size(1) == wp.size(1) * 32,
               "packed weight [N/16, K/32, 16, 16, 2] matching x [M, K] expected");
-  TORCH_CHECK(wp.scalar_type() == at::kBFloat16 && wp.is_contiguous(),
-              "contiguous bf16 weight expected");
+  TORCH_CHECK(wp.scalar_type() == at::kBFloat16 && wp.is_contiguous() && wp.device().is_cpu(),
+              "contiguous bf16 CPU weight expected");
   const int64_t M = x.size(0), K = x.size(1), N = wp.size(0) * 16;
   int64_t Mp;
   auto xp = padded(x, Mp);
@@ -318,6 +319,7 @@ torch::Tensor amx_int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor sc
               K % sc.size(1) == 0 && (K / sc.size(1)) % 32 == 0 && sc.is_contiguous(),
               "scales [NT, K/G, 16] with G a multiple of 32 expected");
   TORCH_CHECK(n > 16 * NT - 16 && n <= 16 * NT, "n does not match the pack");
+  TORCH_CHECK(w.device().is_cpu() && sc.device().is_cpu(), "CPU tensors expected");
   const int64_t N = 16 * NT, NG = sc.size(1), G = K / NG;
   int64_t Mp;
   auto xp = padded(x, Mp);
@@ -351,6 +353,7 @@ torch::Tensor amx_int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor sc
               sc.size(1) > 0 && K % sc.size(1) == 0 && (K / sc.size(1)) % 32 == 0 &&
               sc.is_contiguous(), "scales [NT, K/G, 2, 16] with G a multiple of 32 expected");
   TORCH_CHECK(n > 16 * NT - 16 && n <= 16 * NT, "n does not match the pack");
+  TORCH_CHECK(w.device().is_cpu() && sc.device().is_cpu(), "CPU tensors expected");
   const int64_t N = 16 * NT, NG = sc.size(1), G = K / NG;
   int64_t Mp;
   auto xp = padded(x, Mp);
@@ -394,8 +397,9 @@ def _module():
                                          what="AMX bf16 GEMM (oneDNN's packed GEMM)")
                 if mod is not None and not mod.available():
                     mod = None
-            _STATE["mod"] = mod
+            # "fn" first: the lock-free path reads "mod", and linear() then "fn"
             _STATE["fn"] = None if mod is None else mod.amx_linear
+            _STATE["mod"] = mod
         return _STATE["mod"]
 
 

@@ -216,9 +216,8 @@ def use_amx(x: torch.Tensor) -> bool:
     """Whether x [..., K] (its side; the weight must be bf16 with N a multiple of 16) takes the
     AMX GEMM: bf16 inference of amx_gemm.MIN_ROWS rows or more, outside torch.compile, with
     the kernel built. Cheapest tests first: cpu_linear asks it for every GEMM."""
-    return (x.dtype is _BF16 and amx_gemm.fits_rows(x) and not torch.is_grad_enabled()
-            and x.is_cpu and not torch.compiler.is_compiling()
-            and amx_gemm.kernel() is not None)
+    return (x.dtype is _BF16 and not torch.compiler.is_compiling() and amx_gemm.fits_rows(x)
+            and not torch.is_grad_enabled() and x.is_cpu and amx_gemm.kernel() is not None)
 
 
 def amx_packed(owner: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:

@@ -92,8 +92,8 @@ def _dense_linear(owner: nn.Module, x: torch.Tensor) -> torch.Tensor:
     oneDNN's packed bf16 copy, the copy is also kept as owner._dense_packed for `_dense_fast`
     (the AMX GEMM's copy it finds under cpu_linear's own name)."""
     dense = _dense(owner, x.dtype)
-    if ("_dense_packed" not in owner.__dict__ and not use_amx(x)
-            and use_packed_bf16(x, dense)):
+    amx = use_amx(x) and dense.shape[0] % 16 == 0  # cpu_linear's AMX branch takes it
+    if "_dense_packed" not in owner.__dict__ and not amx and use_packed_bf16(x, dense):
         owner.__dict__["_dense_packed"] = packed_bf16(owner, dense)
     return cpu_linear(owner, x, dense, None)
 
