@@ -239,6 +239,10 @@ def test_kernels_equal_their_dequantized_weights(rows, dtype, ours, monkeypatch)
             packed_copy = i8.__dict__.get("_dense_packed")
             assert (packed_copy is not None) == (not amx and cpu_gemm.use_packed_bf16(x, dense))
             assert ("_amx_packed" in i8.__dict__) == amx  # the AMX GEMM's copy, no other
+            if amx:  # cpu_linear's shortcut to it, from more rows than the kernel takes
+                fewest, tiles = i8.__dict__["_fast"]
+                assert tiles is i8.__dict__["_amx_packed"][1]
+                assert fewest == max(DENSE_MIN_ROWS, KERNEL_MAX_ROWS + 1 if ours else 0) * 128
             if packed_copy is not None:
                 assert packed_copy is i8.__dict__["_bf16_packed"][1]
             if amx or packed_copy is not None:

@@ -264,7 +264,12 @@ def cpu_linear(owner: torch.nn.Module | None, x: torch.Tensor, weight: torch.Ten
     runs its cheapest checks first (with the direct parameter reads of the linear layers,
     ~6 us less per call on the 2-vCPU Xeon: loadtest/bench_linear_call.py, engine.md section 6)."""
     if weight is None:
-        y = owner.qweight.forward(x)  # [..., out] (no module hooks: skip __call__)
+        q = owner._modules["qweight"]
+        fast = q.__dict__.get("_fast")  # (fewest elements, AMX tiles of the dense copy)
+        if fast is not None and x.numel() >= fast[0] and use_amx(x):
+            y = amx_gemm.linear(x, fast[1])  # [..., out]: what q.forward would run
+        else:
+            y = q.forward(x)  # [..., out] (no module hooks: skip __call__)
         return y if bias is None else y + bias
     if _NATIVE_BF16:
         if (owner is not None and bias is None and weight.dtype is _BF16 and use_amx(x)

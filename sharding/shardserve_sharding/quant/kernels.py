@@ -95,7 +95,14 @@ def _dense_linear(owner: nn.Module, x: torch.Tensor) -> torch.Tensor:
     amx = use_amx(x) and dense.shape[0] % 16 == 0  # cpu_linear's AMX branch takes it
     if "_dense_packed" not in owner.__dict__ and not amx and use_packed_bf16(x, dense):
         owner.__dict__["_dense_packed"] = packed_bf16(owner, dense)
-    return cpu_linear(owner, x, dense, None)
+    y = cpu_linear(owner, x, dense, None)  # [..., N]
+    if amx and "_fast" not in owner.__dict__:
+        # the rows that take this path from now on go straight to those tiles from
+        # cpu_linear (models/cpu_gemm.py): no module or kernel-choice calls per GEMM
+        fewest = DENSE_MIN_ROWS if "_kfn" not in owner.__dict__ else max(
+            DENSE_MIN_ROWS, KERNEL_MAX_ROWS + 1)
+        owner.__dict__["_fast"] = (fewest * x.shape[-1], owner.__dict__["_amx_packed"][1])
+    return y
 
 
 def _dense_fast(owner: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
