@@ -271,6 +271,11 @@ def test_kernels_equal_their_dequantized_weights(rows, dtype, ours, monkeypatch)
         assert rel_err(i8g(x), cpu_kernel.reference_int8(x, qg, sg)) <= tol
     assert rel_err(i8g(x), refg) <= (2e-2 if in_kernel else tol)
     assert rel_err(i8g.rows(ids), dequantize_int8(qg, sg)[ids]) <= tol
+    i8g.__dict__.pop("_dense", None)
+    stored = i8g.rows(ids)  # unpacked from the stored form
+    i8g(x.reshape(-1, 128)[:1].expand(DENSE_MIN_ROWS + KERNEL_MAX_ROWS, 128).contiguous())
+    assert i8g.__dict__["_dense"].dtype == dtype  # the dense path made its copy
+    assert torch.equal(i8g.rows(ids), stored)  # now looked up there: the same values
 
 
 @pytest.mark.skipif(amx_gemm.kernel() is None or cpu_kernel.kernel() is None,

@@ -205,7 +205,11 @@ class Int8Weight(nn.Module):
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized rows ids [...] -> [..., K] in the run dtype (embedding lookup of the
-        same matrix)."""
+        same matrix): from the dense copy where the output projection made one (the same
+        values, one lookup), else unpacked from the stored form."""
+        dense = self.__dict__.get("_dense")
+        if dense is not None and dense.dtype == self._dtype:
+            return F.embedding(ids, dense)  # [..., K]
         if "_kw" in self.__dict__:
             q, sc = cpu_kernel.unpack_int8(self._kw, self._ks, self._n, ids)  # [R, K], [R, K/G]
         else:
