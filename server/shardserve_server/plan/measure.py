@@ -115,8 +115,15 @@ def _layer_shapes(config: Any) -> list[tuple[int, int]]:
     return shapes  # type: ignore[return-value]
 
 
+GEMM_ROUNDS = 4
+"""Timed rounds of every GEMM point (the median is kept). With 2, single points moved by a
+quarter or more between two quiet runs an hour apart (2026-12-06: bf16 1 thread 1 row 20.4 ->
+15.9 GFLOP/s; ONNX 2 threads 4 rows 31 -> 48), and the predictions built on them by as much
+(bf16 x2 at 1 stream: ITL predicted at 20.7 ms against 13.2 served)."""
+
+
 def measure_gemm(config: Any, dtypes: tuple[str, ...], thread_counts: tuple[int, ...],
-                 rounds: int = 2, steady_state: bool = True
+                 rounds: int = GEMM_ROUNDS, steady_state: bool = True
                  ) -> dict[str, dict[int, dict[int, float]]]:
     """dtype -> threads -> rows -> FLOP/s of one layer's GEMMs over a real step's weight
     bytes (cold_copies), timed in the steady state of consecutive passes of one shape
@@ -296,7 +303,7 @@ def _step_cache(model: torch.nn.Module, tokens: int) -> Any:
 
 
 def measure_gemm_onnx(config: Any, thread_counts: tuple[int, ...], work: Path,
-                      rounds: int = 2) -> dict[int, dict[int, float]]:
+                      rounds: int = GEMM_ROUNDS) -> dict[int, dict[int, float]]:
     """threads -> rows -> FLOP/s of one layer's fp32 GEMMs in ONNX Runtime (the ONNX
     backend's own MLAS kernels and thread pool, made by runtime.make_session as the backend
     makes its sessions): MatMuls over a real step's weight bytes (cold_copies)."""
