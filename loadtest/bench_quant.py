@@ -211,6 +211,16 @@ def quality(dirs: dict[str, Path], tokens: dict[str, list[list[int]]], threads: 
                    f"Greedy: {greedy} 32 prompts x the run's new tokens."]
 
 
+
+def _preamble(args: argparse.Namespace, title_tail: str, run: str) -> list[str]:
+    """The results file's title, command, CPU line (with `run`: this run's settings) and
+    --note."""
+    lines = header("Weight-only int8 / int4 against bf16 (SmolLM2-135M)" + title_tail,
+                   "python loadtest/bench_quant.py " + shlex.join(sys.argv[1:]))
+    lines += [f"CPU flags: {cpu_flags()}; torch {torch.__version__}, capability "
+              f"{torch.backends.cpu.get_cpu_capability()}; {run}", ""]
+    return lines + ([f"**{args.note}**", ""] if args.note else [])
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="float shardserve checkpoint (default: the bundled model)")
@@ -242,14 +252,8 @@ def main() -> int:
     qrows = (["Not run (--no-quality)."] if args.no_quality
              else quality(dirs, tokens, args.threads))
     med = {k: bd._median(v) for k, v in rates.items()}
-    lines = header("Weight-only int8 / int4 against bf16 (SmolLM2-135M)",
-                   "python loadtest/bench_quant.py " + shlex.join(sys.argv[1:]))
-    lines += [f"CPU flags: {cpu_flags()}; torch {torch.__version__}, capability "
-              f"{torch.backends.cpu.get_cpu_capability()}; {args.threads} thread(s) per engine; "
-              f"{args.new_tokens} new tokens; {args.repeats} repeats; "
-              f"{time.time() - t0:.0f} s.", ""]
-    if args.note:
-        lines += [f"**{args.note}**", ""]
+    lines = _preamble(args, "", f"{args.threads} thread(s) per engine; {args.new_tokens} new "
+                      f"tokens; {args.repeats} repeats; {time.time() - t0:.0f} s.")
     lines += ["## Decode tok/s (median; prefill excluded)", "",
               "| batch | " + " | ".join(SPEED_VARIANTS) + " | "
               + " | ".join(f"{v}/bf16" for v in SPEED_VARIANTS[1:]) + " |",
@@ -340,14 +344,9 @@ def quality_only(args, dirs: dict[str, Path], gguf: Path, t0: float) -> int:
     from shardserve_sharding.quant import cpu_kernel
 
     mod = cpu_kernel.kernel()
-    lines = header("Weight-only int8 / int4 against bf16 (SmolLM2-135M): quality only",
-                   "python loadtest/bench_quant.py " + shlex.join(sys.argv[1:]))
-    lines += [f"CPU flags: {cpu_flags()}; torch {torch.__version__}, capability "
-              f"{torch.backends.cpu.get_cpu_capability()}; quantized kernel "
-              f"{mod.isa() if mod else 'not built'}; {args.threads} thread(s); "
-              f"{args.new_tokens} new tokens; {time.time() - t0:.0f} s.", ""]
-    if args.note:
-        lines += [f"**{args.note}**", ""]
+    lines = _preamble(args, ": quality only", f"quantized kernel "
+                      f"{mod.isa() if mod else 'not built'}; {args.threads} thread(s); "
+                      f"{args.new_tokens} new tokens; {time.time() - t0:.0f} s.")
     lines += ["## Quality", "", *qrows, "", "## What moves int8's perplexity: the weight grid",
               "", *grid, "", "## How to read this", "", *NOTES]
     print(write_results(args.out or "quant_quality", lines))

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from shardserve_sharding.models import amx_gemm
+from shardserve_sharding.models.cpu_gemm import use_amx
 from shardserve_sharding.quant import cpu_kernel
 from shardserve_sharding.quant.scheme import dequantize_int8, quantize_int4, quantize_int8
 
@@ -54,10 +55,15 @@ def test_amx_gemm_rejects_what_it_cannot_take():
         fn(x.float(), w)
     with pytest.raises(RuntimeError, match="contiguous"):
         fn(torch.randn(64, 4, dtype=torch.bfloat16).T, w)
-    assert not amx_gemm.fits(torch.randn(2, 64), torch.randn(16, 64))  # 1-2 rows: the GEMV
-    assert not amx_gemm.fits(torch.randn(4, 40), torch.randn(16, 40))  # K % 32
-    assert not amx_gemm.fits(torch.randn(4, 64), torch.randn(20, 64))  # N % 16
-    assert amx_gemm.fits(torch.randn(1, 5, 64), torch.randn(32, 64))
+    bf = torch.bfloat16
+    with torch.inference_mode():  # cpu_linear's choice: what the kernel can take
+        assert not use_amx(torch.randn(2, 64, dtype=bf))  # 1-2 rows: the GEMV
+        assert not use_amx(torch.randn(4, 40, dtype=bf))  # K % 32
+        assert not use_amx(torch.randn(4, 64, dtype=bf), torch.randn(20, 64, dtype=bf))  # N % 16
+        assert not use_amx(torch.randn(4, 64))  # fp32
+        assert not use_amx(torch.randn(64, 4, dtype=bf).T)  # not contiguous
+        assert use_amx(torch.randn(1, 5, 64, dtype=bf), torch.randn(32, 64, dtype=bf))
+    assert not use_amx(torch.randn(4, 64, dtype=bf))  # grad mode: training keeps F.linear
 
 
 def _dense_amx(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from tp_cases import random_model, rel_err, write_model
 
 from shardserve_sharding.checkpoint.manifest import CheckpointError, read_manifest
 from shardserve_sharding.models import LlamaConfig, amx_gemm, cpu_gemm, expected_tensors
+from shardserve_sharding.models.llama import Linear
 from shardserve_sharding.partition import TPGeometry, shard_spec, shard_tensor
 from shardserve_sharding.quant import cpu_kernel, kernels
 from shardserve_sharding.quant.apply import quantize_state
@@ -230,24 +231,24 @@ def test_kernels_equal_their_dequantized_weights(rows, dtype, ours, monkeypatch)
         assert rel_err(i8(x), cpu_kernel.reference_int8(x, *quantize_int8(w))) <= tol
     assert rel_err(i8(x), ref8) <= (2e-2 if in_kernel else tol)
     if not in_kernel and rows >= DENSE_MIN_ROWS:
-        # the dense path keeps its packed copy where it takes one; later calls go straight
-        # to it (_dense_fast), and the copy is the one cpu_linear cached (no second copy)
+        # the dense path keeps the copy cpu_linear takes for it (the AMX GEMM's tiles, or
+        # oneDNN's packed copy; no second one) as _fast, and cpu_linear then goes straight
+        # there from the rows the dense path serves: same result as through the module
+        owner = Linear(128, 96, bias=False)
+        owner.weight = None
+        owner.qweight = i8
         with torch.inference_mode():  # (the packed GEMMs are for inference only)
             y = i8(x)
             dense = i8.__dict__["_dense"]
             amx = cpu_gemm.use_amx(x)
-            packed_copy = i8.__dict__.get("_dense_packed")
-            assert (packed_copy is not None) == (not amx and cpu_gemm.use_packed_bf16(x, dense))
-            assert ("_amx_packed" in i8.__dict__) == amx  # the AMX GEMM's copy, no other
-            if amx:  # cpu_linear's shortcut to it, from more rows than the kernel takes
-                fewest, tiles = i8.__dict__["_fast"]
-                assert tiles is i8.__dict__["_amx_packed"][1]
+            packed = cpu_gemm.use_packed_bf16(x, dense)
+            assert ("_fast" in i8.__dict__) == (amx or packed)
+            if amx or packed:
+                fewest, copy, is_amx = i8.__dict__["_fast"]
+                assert is_amx == amx
+                assert copy is i8.__dict__["_amx_packed" if amx else "_bf16_packed"][1]
                 assert fewest == max(DENSE_MIN_ROWS, KERNEL_MAX_ROWS + 1 if ours else 0) * 128
-            if packed_copy is not None:
-                assert packed_copy is i8.__dict__["_bf16_packed"][1]
-            if amx or packed_copy is not None:
-                fast = kernels._dense_fast(i8, x)
-                assert fast is not None and torch.equal(fast, y)
+                assert torch.equal(cpu_gemm.cpu_linear(owner, x, None, None), y)
             assert rel_err(y, ref8) <= tol
     packed, qp = quantize_int4(w, 32)
     i4 = Int4Weight(packed, qp, dtype)
@@ -301,7 +302,7 @@ def test_lean_mode_runs_the_amx_gemm_over_the_kernel_copy(monkeypatch, n):
         for mod in (i8, i4):
             y = mod(x)  # [40, n]
             assert y.shape == (40, n)
-            assert not {"_dense", "_amx_packed", "_dense_packed"} & set(mod.__dict__)
+            assert not {"_dense", "_amx_packed", "_fast"} & set(mod.__dict__)
             dense = F.pad(mod.dequantize().to(torch.bfloat16), (0, 0, 0, -n % 16))  # [48, 128]
             assert torch.equal(y, amx_gemm.linear(x, amx_gemm.pack(dense))[:, :n])
         assert len(calls) == 2

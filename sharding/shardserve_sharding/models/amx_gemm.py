@@ -284,19 +284,13 @@ static void check_x(const torch::Tensor& x) {
               "contiguous bf16 x expected");
 }
 
-// x [M, K] bf16 contiguous, wp [N/16, K/32, 16, 16, 2] bf16 (`pack`) -> y [M, N] bf16.
-torch::Tensor amx_linear(torch::Tensor x, torch::Tensor wp) {
-  check_x(x);
-  TORCH_CHECK(wp.dim() == 5 && wp.size(2) == 16 && wp.size(3) == 16 && wp.size(4) == 2 &&
-              x.size(1) == wp.size(1) * 32,
-              "packed weight [N/16, K/32, 16, 16, 2] matching x [M, K] expected");
-  TORCH_CHECK(wp.scalar_type() == at::kBFloat16 && wp.is_contiguous() && wp.device().is_cpu(),
-              "contiguous bf16 CPU weight expected");
-  const int64_t M = x.size(0), K = x.size(1), N = wp.size(0) * 16;
+// y [M, N] = x [M, K] @ W.T over the weight tiles of `src` (N / 16 tiles of 16 outputs).
+template <typename Src>
+static torch::Tensor run_tasks(const Src& src, const torch::Tensor& x, int64_t N) {
+  const int64_t M = x.size(0), K = x.size(1);
   int64_t Mp;
   auto xp = padded(x, Mp);
   auto y = torch::empty({M, N}, x.options());
-  const Bf16Tiles src{wp.data_ptr<at::BFloat16>(), K / 32};
   const auto* xd = xp.data_ptr<at::BFloat16>();
   auto* yd = y.data_ptr<at::BFloat16>();
   at::parallel_for(0, (N / 16 + 1) / 2, 1, [&](int64_t b, int64_t e) {
@@ -305,73 +299,60 @@ torch::Tensor amx_linear(torch::Tensor x, torch::Tensor wp) {
   return y;
 }
 
-// x [M, K] bf16 contiguous, w [NT, K/32, 8, 16, 4] uint8 (q + 128), sc [NT, K/G, 16] fp16 or
-// fp32 (quant/cpu_kernel.py pack_int8) -> y [M, N] bf16 for the first n <= 16 NT outputs
-// (rows past n are the pack's padding).
-torch::Tensor amx_int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor sc, int64_t n) {
+// x [M, K] bf16 contiguous, wp [N/16, K/32, 16, 16, 2] bf16 (`pack`) -> y [M, N] bf16.
+torch::Tensor amx_linear(torch::Tensor x, torch::Tensor wp) {
   check_x(x);
-  const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(w.dim() == 5 && w.size(1) * 32 == K && w.size(2) == 8 && w.size(3) == 16 &&
-              w.size(4) == 4 && w.scalar_type() == at::kByte && w.is_contiguous(),
-              "int8 pack [NT, K/32, 8, 16, 4] uint8 matching x [M, K] expected");
-  const int64_t NT = w.size(0);
-  TORCH_CHECK(sc.dim() == 3 && sc.size(0) == NT && sc.size(2) == 16 && sc.size(1) > 0 &&
-              K % sc.size(1) == 0 && (K / sc.size(1)) % 32 == 0 && sc.is_contiguous(),
-              "scales [NT, K/G, 16] with G a multiple of 32 expected");
+  TORCH_CHECK(wp.dim() == 5 && wp.size(2) == 16 && wp.size(3) == 16 && wp.size(4) == 2 &&
+              x.size(1) == wp.size(1) * 32,
+              "packed weight [N/16, K/32, 16, 16, 2] matching x [M, K] expected");
+  TORCH_CHECK(wp.scalar_type() == at::kBFloat16 && wp.is_contiguous() && wp.device().is_cpu(),
+              "contiguous bf16 CPU weight expected");
+  return run_tasks(Bf16Tiles{wp.data_ptr<at::BFloat16>(), x.size(1) / 32}, x, wp.size(0) * 16);
+}
+
+// The int8 / int4 packs' shared part (their shapes checked by the caller): w [NT, ...] uint8,
+// sc [NT, K/G, ...] fp16 or fp32 -> y [M, n] (outputs past n are the pack's padding).
+template <template <typename> class Tiles>
+static torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& w,
+                                  const torch::Tensor& sc, int64_t n) {
+  const int64_t K = x.size(1), NT = w.size(0), NG = sc.size(1);
+  TORCH_CHECK(sc.size(0) == NT && NG > 0 && K % NG == 0 && (K / NG) % 32 == 0 &&
+              sc.is_contiguous(), "scales [NT, K/G, ...] with G a multiple of 32 expected");
   TORCH_CHECK(n > 16 * NT - 16 && n <= 16 * NT, "n does not match the pack");
   TORCH_CHECK(w.device().is_cpu() && sc.device().is_cpu(), "CPU tensors expected");
-  const int64_t N = 16 * NT, NG = sc.size(1), G = K / NG;
-  int64_t Mp;
-  auto xp = padded(x, Mp);
-  auto y = torch::empty({M, N}, x.options());
-  const auto* xd = xp.data_ptr<at::BFloat16>();
-  auto* yd = y.data_ptr<at::BFloat16>();
-  auto run = [&](auto src) {
-    at::parallel_for(0, (NT + 1) / 2, 1, [&](int64_t b, int64_t e) {
-      tasks(src, xd, yd, M, Mp, K, N, b, e);
-    });
-  };
+  const int64_t N = 16 * NT, G = K / NG;
+  torch::Tensor y;
   if (sc.scalar_type() == at::kHalf)
-    run(Int8Tiles<at::Half>{w.data_ptr<uint8_t>(), sc.data_ptr<at::Half>(), K / 32, NG, G});
+    y = run_tasks(Tiles<at::Half>{w.data_ptr<uint8_t>(), sc.data_ptr<at::Half>(), K / 32, NG, G},
+                  x, N);
   else if (sc.scalar_type() == at::kFloat)
-    run(Int8Tiles<float>{w.data_ptr<uint8_t>(), sc.data_ptr<float>(), K / 32, NG, G});
+    y = run_tasks(Tiles<float>{w.data_ptr<uint8_t>(), sc.data_ptr<float>(), K / 32, NG, G}, x, N);
   else
-    TORCH_CHECK(false, "int8 scales must be half or float");
+    TORCH_CHECK(false, "scales must be half or float");
   return n == N ? y : y.narrow(1, 0, n).contiguous();
 }
 
+// x [M, K] bf16 contiguous, w [NT, K/32, 8, 16, 4] uint8 (q + 128), sc [NT, K/G, 16] fp16 or
+// fp32 (quant/cpu_kernel.py pack_int8) -> y [M, n] bf16.
+torch::Tensor amx_int8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor sc, int64_t n) {
+  check_x(x);
+  TORCH_CHECK(w.dim() == 5 && w.size(1) * 32 == x.size(1) && w.size(2) == 8 &&
+              w.size(3) == 16 && w.size(4) == 4 && w.scalar_type() == at::kByte &&
+              w.is_contiguous(), "int8 pack [NT, K/32, 8, 16, 4] uint8 matching x [M, K] expected");
+  TORCH_CHECK(sc.dim() == 3 && sc.size(2) == 16, "int8 scales [NT, K/G, 16] expected");
+  return quant_linear<Int8Tiles>(x, w, sc, n);
+}
+
 // x [M, K] bf16 contiguous, w [NT, K/32, 4, 16, 4] uint8, sc [NT, K/G, 2, 16] fp16 or fp32
-// (quant/cpu_kernel.py pack_int4) -> y [M, n] bf16 (outputs past n are the pack's padding).
+// (quant/cpu_kernel.py pack_int4) -> y [M, n] bf16.
 torch::Tensor amx_int4_linear(torch::Tensor x, torch::Tensor w, torch::Tensor sc, int64_t n) {
   check_x(x);
-  const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(w.dim() == 5 && w.size(1) * 32 == K && w.size(2) == 4 && w.size(3) == 16 &&
-              w.size(4) == 4 && w.scalar_type() == at::kByte && w.is_contiguous(),
-              "int4 pack [NT, K/32, 4, 16, 4] uint8 matching x [M, K] expected");
-  const int64_t NT = w.size(0);
-  TORCH_CHECK(sc.dim() == 4 && sc.size(0) == NT && sc.size(2) == 2 && sc.size(3) == 16 &&
-              sc.size(1) > 0 && K % sc.size(1) == 0 && (K / sc.size(1)) % 32 == 0 &&
-              sc.is_contiguous(), "scales [NT, K/G, 2, 16] with G a multiple of 32 expected");
-  TORCH_CHECK(n > 16 * NT - 16 && n <= 16 * NT, "n does not match the pack");
-  TORCH_CHECK(w.device().is_cpu() && sc.device().is_cpu(), "CPU tensors expected");
-  const int64_t N = 16 * NT, NG = sc.size(1), G = K / NG;
-  int64_t Mp;
-  auto xp = padded(x, Mp);
-  auto y = torch::empty({M, N}, x.options());
-  const auto* xd = xp.data_ptr<at::BFloat16>();
-  auto* yd = y.data_ptr<at::BFloat16>();
-  auto run = [&](auto src) {
-    at::parallel_for(0, (NT + 1) / 2, 1, [&](int64_t b, int64_t e) {
-      tasks(src, xd, yd, M, Mp, K, N, b, e);
-    });
-  };
-  if (sc.scalar_type() == at::kHalf)
-    run(Int4Tiles<at::Half>{w.data_ptr<uint8_t>(), sc.data_ptr<at::Half>(), K / 32, NG, G});
-  else if (sc.scalar_type() == at::kFloat)
-    run(Int4Tiles<float>{w.data_ptr<uint8_t>(), sc.data_ptr<float>(), K / 32, NG, G});
-  else
-    TORCH_CHECK(false, "int4 scales must be half or float");
-  return n == N ? y : y.narrow(1, 0, n).contiguous();
+  TORCH_CHECK(w.dim() == 5 && w.size(1) * 32 == x.size(1) && w.size(2) == 4 &&
+              w.size(3) == 16 && w.size(4) == 4 && w.scalar_type() == at::kByte &&
+              w.is_contiguous(), "int4 pack [NT, K/32, 4, 16, 4] uint8 matching x [M, K] expected");
+  TORCH_CHECK(sc.dim() == 4 && sc.size(2) == 2 && sc.size(3) == 16,
+              "int4 scales [NT, K/G, 2, 16] expected");
+  return quant_linear<Int4Tiles>(x, w, sc, n);
 }
 """
 
@@ -433,15 +414,11 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 
 
 def fits_rows(x: torch.Tensor) -> bool:
-    """x [..., K]'s side of `fits`: MIN_ROWS rows or more, K a multiple of 32, contiguous."""
+    """Whether x [..., K] can take the kernel: MIN_ROWS rows or more, K a multiple of 32,
+    contiguous (the weight's side: N a multiple of 16; dtype and device are the caller's
+    test, cpu_gemm.use_amx)."""
     k = x.shape[-1]
     return x.numel() >= MIN_ROWS * k and k % 32 == 0 and x.is_contiguous()
-
-
-def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether x [..., K] @ weight.T can take the kernel: `fits_rows`, and N a multiple of 16
-    (dtype and device are the caller's test)."""
-    return fits_rows(x) and weight.shape[0] % 16 == 0
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:

@@ -212,11 +212,13 @@ def _rows_limit(mode: str) -> int | None:
 _PACKED_ROWS_LIMIT = _rows_limit(_PACKED_MODE)
 
 
-def use_amx(x: torch.Tensor) -> bool:
-    """Whether x [..., K] (its side; the weight must be bf16 with N a multiple of 16) takes the
-    AMX GEMM: bf16 inference of amx_gemm.MIN_ROWS rows or more, outside torch.compile, with
-    the kernel built. Cheapest tests first: cpu_linear asks it for every GEMM."""
+def use_amx(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
+    """Whether x [..., K] @ weight.T takes the AMX GEMM: bf16 inference of amx_gemm.MIN_ROWS
+    rows or more, outside torch.compile, with the kernel built, and a bf16 weight of N a
+    multiple of 16 (None: x's side only, for a copy already made). Cheapest tests first:
+    cpu_linear asks it for every GEMM."""
     return (x.dtype is _BF16 and not torch.compiler.is_compiling() and amx_gemm.fits_rows(x)
+            and (weight is None or (weight.dtype is _BF16 and weight.shape[0] % 16 == 0))
             and not torch.is_grad_enabled() and x.is_cpu and amx_gemm.kernel() is not None)
 
 
@@ -248,8 +250,8 @@ _packed_linear = torch.ops.mkldnn._linear_pointwise if _PACKED_GEMM else None
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """x [..., in] @ W.T -> [..., out] over W's packed bf16 copy (`packed_bf16`), no bias; for
-    callers that keep the packed copy themselves (quant/kernels.py: a quantized weight's
-    dequantized copy never changes, so it skips the cache-key checks of cpu_linear)."""
+    a quantized weight's dense copy, which never changes (cpu_linear's shortcut for it skips
+    the cache-key checks)."""
     return _packed_linear(x, packed, None, "none", [], "")
 
 
@@ -265,15 +267,17 @@ def cpu_linear(owner: torch.nn.Module | None, x: torch.Tensor, weight: torch.Ten
     ~6 us less per call on the 2-vCPU Xeon: loadtest/bench_linear_call.py, engine.md section 6)."""
     if weight is None:
         q = owner._modules["qweight"]
-        fast = q.__dict__.get("_fast")  # (fewest elements, AMX tiles of the dense copy)
-        if fast is not None and x.numel() >= fast[0] and use_amx(x):
-            y = amx_gemm.linear(x, fast[1])  # [..., out]: what q.forward would run
+        # (fewest elements, the dense copy's AMX tiles or packed copy, whether AMX):
+        # quant/kernels.py _dense_linear; what q.forward would run for these rows
+        fast = q.__dict__.get("_fast")
+        if fast is not None and x.numel() >= fast[0] and (
+                use_amx(x) if fast[2] else use_packed_bf16(x, fast[1])):
+            y = amx_gemm.linear(x, fast[1]) if fast[2] else packed_linear(x, fast[1])
         else:
             y = q.forward(x)  # [..., out] (no module hooks: skip __call__)
         return y if bias is None else y + bias
     if _NATIVE_BF16:
-        if (owner is not None and bias is None and weight.dtype is _BF16 and use_amx(x)
-                and weight.shape[0] % 16 == 0):
+        if owner is not None and bias is None and use_amx(x, weight):
             return amx_gemm.linear(x, amx_packed(owner, weight))  # [..., out]
         if owner is not None and use_packed_bf16(x, weight):
             if bias is None and bf16_gemv.fits(x, weight) and bf16_gemv.kernel() is not None:

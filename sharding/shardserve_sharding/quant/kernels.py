@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import amx_gemm
-from ..models.cpu_gemm import cpu_linear, packed_bf16, packed_linear, use_amx, use_packed_bf16
+from ..models.cpu_gemm import amx_packed, cpu_linear, packed_bf16, use_amx, use_packed_bf16
 from . import cpu_kernel
 from .scheme import dequantize_int4, dequantize_int8, unpack_int4
 
@@ -83,44 +83,28 @@ def _lean_amx(owner: nn.Module, x: torch.Tensor) -> bool:
     is kept (DENSE_MIN_ROWS=0, the lean mode: one weight copy at every row count). Measured
     (SmolLM2, 2 threads, 32-row decode forward): int8-g32 17.5 ms, int4-g32 16.6, against
     16.0-16.2 over the dense copy (which streams twice int8's bytes but converts nothing) and
-    ~3.6-4.2x bf16's GEMM time for the int8 kernel in chunks of 8 rows."""
+    ~3.6-4.2x bf16's GEMM time for the int8 kernel in chunks of 8 rows (results/
+    quant_kernels.md, an earlier session)."""
     return DENSE_MIN_ROWS <= 0 and "_kw" in owner.__dict__ and use_amx(x)
 
 
 def _dense_linear(owner: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """x [..., K] @ owner's dense copy.T -> [..., N] through cpu_linear; where that GEMM takes
-    oneDNN's packed bf16 copy, the copy is also kept as owner._dense_packed for `_dense_fast`
-    (the AMX GEMM's copy it finds under cpu_linear's own name)."""
+    """x [..., K] @ owner's dense copy.T -> [..., N] through cpu_linear. Where that GEMM takes
+    a copy of its own (the AMX GEMM's tiles, or oneDNN's packed copy), owner._fast = (fewest
+    elements, that copy, whether AMX) lets cpu_linear send the rows that take the dense copy
+    straight to it (models/cpu_gemm.py): no module or kernel-choice calls per GEMM (120
+    SmolLM2 layer GEMMs at 32 rows, 2 threads: int8 6.24 -> 5.75 ms, bf16 5.80). The dense
+    copy never changes, so neither does that copy."""
     dense = _dense(owner, x.dtype)
-    amx = use_amx(x) and dense.shape[0] % 16 == 0  # cpu_linear's AMX branch takes it
-    if "_dense_packed" not in owner.__dict__ and not amx and use_packed_bf16(x, dense):
-        owner.__dict__["_dense_packed"] = packed_bf16(owner, dense)
     y = cpu_linear(owner, x, dense, None)  # [..., N]
-    if amx and "_fast" not in owner.__dict__:
-        # the rows that take this path from now on go straight to those tiles from
-        # cpu_linear (models/cpu_gemm.py): no module or kernel-choice calls per GEMM
+    if "_fast" not in owner.__dict__:
         fewest = DENSE_MIN_ROWS if "_kfn" not in owner.__dict__ else max(
             DENSE_MIN_ROWS, KERNEL_MAX_ROWS + 1)
-        owner.__dict__["_fast"] = (fewest * x.shape[-1], owner.__dict__["_amx_packed"][1])
+        if use_amx(x, dense):  # cpu_linear's AMX branch took it
+            owner.__dict__["_fast"] = (fewest * x.shape[-1], amx_packed(owner, dense), True)
+        elif use_packed_bf16(x, dense):
+            owner.__dict__["_fast"] = (fewest * x.shape[-1], packed_bf16(owner, dense), False)
     return y
-
-
-def _dense_fast(owner: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """x [..., K] @ owner's dense copy in the form cpu_linear keeps for it (the AMX GEMM's
-    tiles, or oneDNN's packed copy) -> [..., N] where the dense path would take it (enough
-    rows for the dense copy, and that form for these rows), else None. A decode step
-    of 32 rows makes 121 of these calls; this path skips the cache-key checks and the second
-    cpu_linear dispatch of `_dense_linear` (SmolLM2 int8, 32 rows, 2 threads: GEMMs 15.7 ms
-    a forward against bf16's 15.0 before)."""
-    if x.numel() < DENSE_MIN_ROWS * x.shape[-1] or DENSE_MIN_ROWS <= 0:
-        return None
-    amx = owner.__dict__.get("_amx_packed")  # cpu_linear's AMX copy: (cache key, tiles)
-    if amx is not None and use_amx(x):
-        return amx_gemm.linear(x, amx[1])  # [..., N]
-    packed = owner.__dict__.get("_dense_packed")
-    if packed is None or not use_packed_bf16(x, packed):
-        return None
-    return packed_linear(x, packed)  # [..., N]
 
 
 def _dense(owner: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -188,9 +172,6 @@ class Int8Weight(nn.Module):
         if _lean_amx(self, x):  # no dense copy: the AMX GEMM dequantizes the kernel's copy
             y = amx_gemm.int8_kernel()(x.view(-1, x.shape[-1]), self._kw, self._ks, self._n)
             return y.view(*x.shape[:-1], self._n)  # [..., N]
-        y = _dense_fast(self, x)
-        if y is not None:
-            return y  # [..., N]
         x2 = x.reshape(-1, x.shape[-1])  # [M, K]
         if _use_dense(x2):
             return _dense_linear(self, x)  # [..., N]
@@ -272,9 +253,6 @@ class Int4Weight(nn.Module):
         if _lean_amx(self, x):  # no dense copy: the AMX GEMM dequantizes the kernel's copy
             y = amx_gemm.int4_kernel()(x.view(-1, x.shape[-1]), self._kw, self._ks, self._n)
             return y.view(*x.shape[:-1], self._n)  # [..., N]
-        y = _dense_fast(self, x)
-        if y is not None:
-            return y  # [..., N]
         x2 = x.reshape(-1, x.shape[-1])  # [M, K]
         if _use_dense(x2):
             return _dense_linear(self, x)  # [..., N]
