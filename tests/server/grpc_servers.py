@@ -46,6 +46,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SLOW_STEPS = ("env", "SHARDSERVE_FAULT_STEP_DELAY_S=0.01")
+"""RunningServer prefix: every engine step sleeps 10 ms more (the leader's fault-injection
+hook), so a 400-token request stays in flight for 4 s or more however fast the machine; the
+tests that need a request still running when they look use it instead of a longer request."""
+
+
 class RunningServer:
     def __init__(self, model_dir: Path, *args: str, token: str | None = None,
                  tls_ca: Path | None = None, timeout: float = 240.0,

@@ -10,7 +10,7 @@ import signal
 import threading
 
 import pytest
-from grpc_servers import RunningServer, poll
+from grpc_servers import SLOW_STEPS, RunningServer, poll
 
 from shardserve_client import READINESS, Client, Unavailable
 
@@ -28,7 +28,7 @@ def test_round_robin_skips_a_server_that_is_not_ready(tiny_llama_dir):
     args = ("--dtype", "fp32", "--max-batch-size", "4", "--kv-cache-tokens", "2048",
             "--threads", "1")
     a = RunningServer(tiny_llama_dir, *args)
-    b = RunningServer(tiny_llama_dir, *args, "--drain-timeout", "60")
+    b = RunningServer(tiny_llama_dir, *args, "--drain-timeout", "60", prefix=SLOW_STEPS)
     stopped: list[int] = []
     try:
         with Client([a.target, b.target], timeout=30) as c:

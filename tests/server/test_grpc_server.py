@@ -18,7 +18,7 @@ import urllib.request
 
 import grpc
 import pytest
-from grpc_servers import RunningServer, free_port, poll, short_deadline
+from grpc_servers import SLOW_STEPS, RunningServer, free_port, poll, short_deadline
 
 from shardserve_client import (
     READINESS,
@@ -203,7 +203,7 @@ def test_reflection_lists_the_service(server):
 def test_queue_full_is_resource_exhausted(tiny_llama_dir):
     s = RunningServer(tiny_llama_dir, "--dtype", "fp32", "--max-batch-size", "1",
                       "--max-queued-requests", "1", "--drain-timeout", "1",
-                      "--kv-cache-tokens", "448")
+                      "--kv-cache-tokens", "448", prefix=SLOW_STEPS)
     try:
         # a request longer than the KV budget (448 < the model's 512) could never run: it is
         # refused at the edge, not accepted and then lost in the worker group
@@ -315,12 +315,13 @@ def test_readiness_tracks_a_hung_and_a_killed_group(tiny_llama_dir):
 
 
 def test_sigterm_drains_in_flight_work(tiny_llama_dir):
-    s = RunningServer(tiny_llama_dir, "--dtype", "fp32", "--drain-timeout", "30")
+    s = RunningServer(tiny_llama_dir, "--dtype", "fp32", "--drain-timeout", "30",
+                      prefix=SLOW_STEPS)
     out: dict = {}
 
     def call():
         with s.client() as c:
-            # long enough that the 0.1 s poll below sees it running on a fast machine
+            # slow steps: the 0.1 s poll below sees it running however fast the machine
             out["r"] = c.generate("hello", max_new_tokens=400, ignore_eos=True)
 
     t = threading.Thread(target=call)

@@ -25,7 +25,7 @@ from pathlib import Path
 import jsonschema
 import openai
 import pytest
-from grpc_servers import RunningServer, poll, short_deadline
+from grpc_servers import SLOW_STEPS, RunningServer, poll, short_deadline
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -41,7 +41,8 @@ def server(tiny_llama_untied_dir, tmp_path_factory):
     s = RunningServer(tiny_llama_untied_dir, "--dtype", "fp32", "--http-port", "0",
                       "--served-model-name", MODEL, "--auth-token-file", str(token_file),
                       "--max-batch-size", "2", "--max-queued-requests", "2",
-                      "--kv-cache-tokens", "2048", "--block-size", "8", token=TOKEN)
+                      "--kv-cache-tokens", "2048", "--block-size", "8", token=TOKEN,
+                      prefix=SLOW_STEPS)  # the drain test's stream still runs when it looks
     assert s.http_url and s.http_url.startswith("http://127.0.0.1:")
     yield s
     assert s.stop() == 0

@@ -392,3 +392,16 @@ def test_prefill_first_tokens_go_out_before_the_decode_forward(tiny_llama_dir, f
     assert [o.request_id for o in outputs] == ["a"]
     step = last.last_step
     assert step.prefill_s is not None and step.decode_s is not None and step.batch == 2, step
+
+
+def test_step_delay_hook_reads_seconds_and_refuses_the_rest(caplog):
+    """SHARDSERVE_FAULT_STEP_DELAY_S (the tests' slow engine): seconds >= 0, anything else
+    ignored with one warning, never an error that would stop the group."""
+    from shardserve_server.workers.leader import _step_delay
+
+    assert _step_delay(None) == 0.0 and _step_delay("") == 0.0
+    assert _step_delay("0.01") == 0.01 and _step_delay("0") == 0.0
+    for bad in ("x", "-1", "nan", "inf"):
+        caplog.clear()
+        assert _step_delay(bad) == 0.0
+        assert "FAULT_STEP_DELAY" in caplog.text

@@ -36,7 +36,26 @@ STEP_TRACE_ENV = "SHARDSERVE_STEP_TRACE"
 step, prefill and decode seconds, prompt tokens, decode rows) to PATH.<its pid>, for
 loadtest/step_trace.py. A file that cannot be opened or written ends the trace with one
 warning, never the group."""
+STEP_DELAY_ENV = "SHARDSERVE_FAULT_STEP_DELAY_S"
+"""Fault injection for tests: seconds each step sleeps after its forward, a slow engine made
+on purpose (the tests of a full queue, a drain and a frozen worker need requests that stay in
+flight for seconds however fast the machine is). Unset or 0 in service."""
 log = logging.getLogger("shardserve.leader")
+
+
+def _step_delay(text: str | None) -> float:
+    """STEP_DELAY_ENV's value in seconds: 0 when unset; a value that is not a finite number
+    >= 0 is refused with one warning and ignored."""
+    if not text:
+        return 0.0
+    try:
+        delay = float(text)
+    except ValueError:
+        delay = -1.0
+    if not 0.0 <= delay < float("inf"):
+        log.warning("%s=%r is not a number of seconds >= 0: ignored", STEP_DELAY_ENV, text)
+        return 0.0
+    return delay
 
 
 def _open_trace(path: str | None) -> Any:
@@ -87,6 +106,7 @@ class Leader:
         self.keepalive_s = min(HEARTBEAT_S, float(getattr(cfg, "pg_timeout_s", 10.0)) / 4)
         self.last_bcast = time.monotonic()
         self.trace = _open_trace(os.environ.get(STEP_TRACE_ENV))
+        self.step_delay_s = _step_delay(os.environ.get(STEP_DELAY_ENV))
 
     def _forward(self, plan: ForwardPlan) -> torch.Tensor:
         if self.tp > 1:
@@ -181,6 +201,8 @@ class Leader:
             timing["batch"] += len(samples)
 
         outputs = self.scheduler.step(self._forward, flush=self._send, on_forward=on_forward)
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
         self.last_step = StepTiming(step_s=time.perf_counter() - t_step,
                                     comm_s=self.runner.comm_seconds - comm0, **timing)
         if self.trace is not None:
