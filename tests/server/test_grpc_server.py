@@ -227,6 +227,8 @@ def test_queue_full_is_resource_exhausted(tiny_llama_dir):
         for t in threads:
             t.start()
             time.sleep(0.05)
+        # all six in: a queue of one (the gauge moves every 0.25 s; slow steps hold it >= 4 s)
+        assert poll(lambda: s.metric("shardserve_queue_depth") >= 1, 20)
         with s.client() as c:
             t0 = time.monotonic()
             with pytest.raises(Overloaded, match="queue full"):

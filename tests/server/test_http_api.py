@@ -310,7 +310,8 @@ def test_429_when_the_queue_is_full(server):
                                       max_retries=0, timeout=60) as ac:
             async def one():
                 try:
-                    await ac.completions.create(model=MODEL, prompt=PROMPT, max_tokens=40,
+                    # 100 slow steps (>= 1 s): the first two still run when the last arrive
+                    await ac.completions.create(model=MODEL, prompt=PROMPT, max_tokens=100,
                                                 extra_body={"ignore_eos": True})
                     return 200
                 except openai.RateLimitError as e:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from grpc_servers import RunningServer, poll, short_deadline
+from grpc_servers import SLOW_STEPS, RunningServer, poll, short_deadline
 from prometheus_client.parser import text_string_to_metric_families
 
 from shardserve_client import DeadlineExceeded, InvalidArgument
@@ -221,7 +221,7 @@ def test_comm_share_and_imbalance_from_a_tp2_x2_server(tiny_llama_dir):
     import threading
 
     s = RunningServer(tiny_llama_dir, "--tp", "2", "--replicas", "2", "--threads", "1",
-                      "--kv-cache-tokens", "2048")
+                      "--kv-cache-tokens", "2048", prefix=SLOW_STEPS)  # in flight >= 3 s
     try:
         def stream() -> None:
             with s.client() as c:

@@ -174,7 +174,8 @@ def netns_group(tmp_path_factory, tp_models):
             tp3, "--host", f"unix:{root / 'grpc.sock'}", "--tp", "3", "--local-ranks", "1",
             "--rendezvous", join, "--pg-timeout", str(PG_TIMEOUT_S), "--dtype", "fp32",
             "--threads", "1", "--kv-cache-tokens", "2048", "--max-batch-size", "4",
-            prefix=hosts.prefix("A"), timeout=180)
+            # slow steps: the 476 tokens left when the link goes down cannot finish first
+            prefix=(*hosts.prefix("A"), "SHARDSERVE_FAULT_STEP_DELAY_S=0.01"), timeout=180)
         yield hosts, server, tp1, root
     finally:
         if server is not None:
