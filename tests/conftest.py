@@ -12,6 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests draw the same examples on every run (a CI failure is one a developer can
+# replay, never a new draw's tolerance miss); SHARDSERVE_HYPOTHESIS=explore draws fresh ones.
+# Loaded before the test modules build their settings objects, which inherit it.
+settings.register_profile("repeatable", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("SHARDSERVE_HYPOTHESIS", "repeatable"))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
