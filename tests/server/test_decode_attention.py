@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch_threads import torch_threads
 
 from shardserve_server.engine import decode_attention
 
@@ -38,12 +39,8 @@ def test_kernel_equals_reference_and_sdpa(dtype, threads, shape):
     if shape == "generic":
         q, pool, tables, lens, bs = _case(dtype)
     scale = q.shape[-1] ** -0.5
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         got = decode_attention.kernel()(q, pool, tables, lens, bs, scale)  # [R, H, D]
-    finally:
-        torch.set_num_threads(before)
     ref = decode_attention.reference(q, pool, tables, lens, bs, scale)
     # fp32: summation order only; bf16: both round an fp32 result once (one ulp)
     tol = 1e-5 if dtype == torch.float32 else 2 ** -7

@@ -14,6 +14,7 @@ import jsonschema
 import pytest
 import torch
 from serving_models import random_model, tiny_config, tokenizer, write_model
+from torch_threads import torch_threads
 
 from shardserve_server.engine.grammar import Constraint, GrammarBackend
 from shardserve_server.engine.runner import CacheGeometry, ModelRunner
@@ -48,14 +49,12 @@ MAX_NEW = 120
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    tok = tokenizer()
-    model = random_model("llama", tiny_config("llama", tok.vocab_size, max_seq_len=192), 3)
-    path = write_model(tmp_path_factory.mktemp("grammar") / "llama", model, tok)
-    shard = load_sharded_model(path, ThreadGroup(1).comm(0))
-    yield tok, shard
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        tok = tokenizer()
+        model = random_model("llama", tiny_config("llama", tok.vocab_size, max_seq_len=192), 3)
+        path = write_model(tmp_path_factory.mktemp("grammar") / "llama", model, tok)
+        shard = load_sharded_model(path, ThreadGroup(1).comm(0))
+        yield tok, shard
 
 
 def run(env, reqs: list[GenerationRequest], **cfg) -> dict:

@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 from serving_models import random_model, rel_err, tiny_config
+from torch_threads import torch_threads
 
 from shardserve_server.engine.block_pool import BlockAllocator
 from shardserve_server.engine.paged_cache import PagedKVCache, StateSlotPool, _adjacent_kv
@@ -21,10 +22,8 @@ TOL = 1e-5
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny matmuls: one intra-op thread is faster and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from collections import defaultdict
 import pytest
 import torch
 from serving_models import greedy_no_cache, random_model, tiny_config, tokenizer, write_model
+from torch_threads import torch_threads
 
 from shardserve_server.engine.runner import CacheGeometry, ModelRunner
 from shardserve_server.engine.sampling import SamplingParams
@@ -49,10 +50,8 @@ class Setup:
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny matmuls: one intra-op thread is faster and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 _SETUPS: dict[str, Setup] = {}

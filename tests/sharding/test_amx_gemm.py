@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch_threads import torch_threads
 
 from shardserve_sharding.models import amx_gemm
 from shardserve_sharding.models.cpu_gemm import use_amx
@@ -25,12 +26,8 @@ def test_amx_gemm_equals_reference(rows, threads, n, k):
     g = torch.Generator().manual_seed(rows * 7 + n)
     x = torch.randn(rows, k, generator=g).to(torch.bfloat16)  # [M, K]
     w = (torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16)  # [N, K]
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         got = amx_gemm.kernel()(x, amx_gemm.pack(w))  # [M, N]
-    finally:
-        torch.set_num_threads(before)
     ref = amx_gemm.reference(x, w)
     # both round an fp32 sum once; the sums' order differs: an ulp of the largest output
     assert (got.float() - ref.float()).abs().max() <= 2 ** -7 * ref.float().abs().max()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch_threads import torch_threads
 
 from shardserve_sharding.models import bf16_gemv, cpu_gemm
 from shardserve_sharding.models.llama import Linear
@@ -20,12 +21,8 @@ def test_gemv_equals_reference(rows, threads, n, k):
     g = torch.Generator().manual_seed(rows * 7 + n)
     x = torch.randn(rows, k, generator=g).to(torch.bfloat16)  # [M, K]
     w = (torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16)  # [N, K]
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         got = bf16_gemv.kernel()(x, w)  # [M, N]
-    finally:
-        torch.set_num_threads(before)
     ref = bf16_gemv.reference(x, w)
     # both round an fp32 sum once; the sums' order differs: an ulp of the largest output
     assert (got.float() - ref.float()).abs().max() <= 2 ** -7 * ref.float().abs().max()

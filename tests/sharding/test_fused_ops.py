@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch_threads import torch_threads
 
 from shardserve_sharding.models import fused_ops
 from shardserve_sharding.models.llama import LLAMA_CONFIGS, Transformer, rope_tables
@@ -30,19 +31,14 @@ def _rows(n: int, c: int, seed: int) -> torch.Tensor:
 def test_add_rms_norm_equals_add_then_rms_norm(width, threads):
     x, delta = _rows(37, width, 0), _rows(37, width, 1)
     w = (torch.randn(width, generator=torch.Generator().manual_seed(2)) + 1).bfloat16()
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.inference_mode():
-            x1, x2 = x.clone(), x.clone()
-            y1 = fused_ops.kernels().add_rms_norm_(x1, delta, w, 1e-5)  # [37, width]
-            y2 = fused_ops.reference_add_rms_norm_(x2, delta, w, 1e-5)
-            assert _bits_equal(x1, x2) and _bits_equal(y1, y2)
-            assert not _bits_equal(x1, x)  # the residual was updated in place
-            n1 = fused_ops.kernels().add_rms_norm_(x1, None, w, 1e-6)  # the norm alone
-            assert _bits_equal(n1, fused_ops.reference_add_rms_norm_(x2, None, w, 1e-6))
-    finally:
-        torch.set_num_threads(before)
+    with torch_threads(threads), torch.inference_mode():
+        x1, x2 = x.clone(), x.clone()
+        y1 = fused_ops.kernels().add_rms_norm_(x1, delta, w, 1e-5)  # [37, width]
+        y2 = fused_ops.reference_add_rms_norm_(x2, delta, w, 1e-5)
+        assert _bits_equal(x1, x2) and _bits_equal(y1, y2)
+        assert not _bits_equal(x1, x)  # the residual was updated in place
+        n1 = fused_ops.kernels().add_rms_norm_(x1, None, w, 1e-6)  # the norm alone
+        assert _bits_equal(n1, fused_ops.reference_add_rms_norm_(x2, None, w, 1e-6))
 
 
 def test_rms_norm_adds_in_torchs_order():

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch_threads import torch_threads
 from tp_cases import (
     layouts,
     models,
@@ -156,15 +157,11 @@ def test_smollm2_round_trip_generates_the_same_greedy_tokens(smol_tp3, smollm2):
         )
         for p in prompts
     ]
-    threads = torch.get_num_threads()
     # one thread: decode steps are many small parallel regions, and spinning OpenMP workers
     # slow them down tenfold whenever the cores are shared with other processes
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         ours = [r.token_ids for r in LocalEngine(loaded.model, loaded.tokenizer).generate(reqs)]
         ref = [r.token_ids for r in LocalEngine(smollm2.model, smollm2.tokenizer).generate(reqs)]
-    finally:
-        torch.set_num_threads(threads)
     assert ours == ref and all(len(t) == 20 for t in ours)
 
 
