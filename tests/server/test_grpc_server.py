@@ -18,7 +18,7 @@ import urllib.request
 
 import grpc
 import pytest
-from grpc_servers import SLOW_STEPS, RunningServer, free_port, poll, short_deadline
+from grpc_servers import SLOW_DEADLINE_S, SLOW_STEPS, RunningServer, free_port, poll
 
 from shardserve_client import (
     READINESS,
@@ -46,7 +46,8 @@ def local_greedy(model_dir, prompt, n):
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir):
     s = RunningServer(tiny_llama_dir, "--dtype", "fp32", "--max-batch-size", "4",
-                      "--kv-cache-tokens", "2048", "--block-size", "8")
+                      "--kv-cache-tokens", "2048", "--block-size", "8",
+                      prefix=SLOW_STEPS)  # deadlines and cancels land mid-request
     yield s
     assert s.stop() == 0
 
@@ -113,9 +114,8 @@ def test_prompt_limits_and_truncation(server):
 
 def test_deadline_and_cancel_free_the_cache(server):
     with server.client() as c:
-        deadline = short_deadline(lambda: c.generate("hello", max_new_tokens=400, ignore_eos=True))
         with pytest.raises(DeadlineExceeded):
-            c.generate("hello", max_new_tokens=400, ignore_eos=True, timeout=deadline)
+            c.generate("hello", max_new_tokens=400, ignore_eos=True, timeout=SLOW_DEADLINE_S)
         stream = c.generate_stream("hello", max_new_tokens=400, ignore_eos=True)
         next(stream)
         stream.close()  # client cancel mid-stream

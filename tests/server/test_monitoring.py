@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from grpc_servers import SLOW_STEPS, RunningServer, poll, short_deadline
+from grpc_servers import SLOW_DEADLINE_S, SLOW_STEPS, RunningServer, poll
 from prometheus_client.parser import text_string_to_metric_families
 
 from shardserve_client import DeadlineExceeded, InvalidArgument
@@ -115,7 +115,7 @@ def test_dashboard_is_import_ready_with_a_datasource_variable():
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir):
     s = RunningServer(tiny_llama_dir, "--dtype", "fp32", "--max-batch-size", "4",
-                      "--kv-cache-tokens", "2048")
+                      "--kv-cache-tokens", "2048", prefix=SLOW_STEPS)  # deadlines land mid-request
     yield s
     assert s.stop() == 0
 
@@ -131,9 +131,8 @@ def _exercise(server) -> None:
         stream.close()
         with pytest.raises(InvalidArgument):
             c.generate("x", temperature=-1.0)
-        deadline = short_deadline(lambda: c.generate("hello", max_new_tokens=400, ignore_eos=True))
         with pytest.raises(DeadlineExceeded):
-            c.generate("hello", max_new_tokens=400, ignore_eos=True, timeout=deadline)
+            c.generate("hello", max_new_tokens=400, ignore_eos=True, timeout=SLOW_DEADLINE_S)
 
 
 

@@ -105,3 +105,13 @@ def test_engine_failure_after_admission_is_accounted_once(tiny_llama_dir, error,
         "shardserve_requests_total",
         {"method": "Generate", "outcome": outcome, "finish_reason": "error"})
     assert counted == 1
+
+
+def test_a_call_ended_at_its_deadline_counts_as_deadline():
+    """The client's deadline fires first and cancels: the server's copy still has its
+    transit time left, which must not turn a missed deadline into a cancel."""
+    from shardserve_server.api.servicer import DEADLINE_SLACK_S, past_deadline
+
+    assert past_deadline(-0.5) and past_deadline(0.0) and past_deadline(DEADLINE_SLACK_S / 2)
+    assert not past_deadline(None)  # no deadline: a cancel
+    assert not past_deadline(DEADLINE_SLACK_S + 1.0)  # hung up well before it: a cancel

@@ -50,6 +50,18 @@ from .metrics import Metrics
 
 log = logging.getLogger("shardserve.requests")
 
+DEADLINE_SLACK_S = 0.2
+"""A call the client ends this close to its deadline (or after) counts as outcome "deadline",
+not "cancelled". The client's deadline fires first and cancels the call: the server's copy
+(arrival + the grpc-timeout header) runs later by the call's transit time, so at the
+cancellation it still has a little time left (seen: a 1.5 s deadline counted as cancelled)."""
+
+
+def past_deadline(remaining: float | None) -> bool:
+    """Whether a call ended with `remaining` seconds (context.time_remaining(); None: no
+    deadline) ended at its deadline, within DEADLINE_SLACK_S."""
+    return remaining is not None and remaining <= DEADLINE_SLACK_S
+
 
 class Draining(RuntimeError):
     pass
@@ -216,8 +228,7 @@ class TextGenerationServicer(pb_grpc.TextGenerationServicer):
             # Otherwise the client went away or its deadline passed, while we awaited the next
             # event (CancelledError) or sat at a yield (the stream was closed: GeneratorExit)
             if end.result is None:
-                remaining = context.time_remaining()
-                end.outcome = "deadline" if remaining is not None and remaining <= 0 \
+                end.outcome = "deadline" if past_deadline(context.time_remaining()) \
                     else "cancelled"
                 self.engine.cancel(p.request.request_id)
             raise
