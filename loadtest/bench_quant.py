@@ -211,7 +211,6 @@ def quality(dirs: dict[str, Path], tokens: dict[str, list[list[int]]], threads: 
                    f"Greedy: {greedy} 32 prompts x the run's new tokens."]
 
 
-
 def _preamble(args: argparse.Namespace, title_tail: str, run: str) -> list[str]:
     """The results file's title, command, CPU line (with `run`: this run's settings) and
     --note."""
@@ -220,6 +219,7 @@ def _preamble(args: argparse.Namespace, title_tail: str, run: str) -> list[str]:
     lines += [f"CPU flags: {cpu_flags()}; torch {torch.__version__}, capability "
               f"{torch.backends.cpu.get_cpu_capability()}; {run}", ""]
     return lines + ([f"**{args.note}**", ""] if args.note else [])
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

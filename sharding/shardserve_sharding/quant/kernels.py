@@ -88,6 +88,13 @@ def _lean_amx(owner: nn.Module, x: torch.Tensor) -> bool:
     return DENSE_MIN_ROWS <= 0 and "_kw" in owner.__dict__ and use_amx(x)
 
 
+def _lean_amx_linear(owner: nn.Module, x: torch.Tensor, fn) -> torch.Tensor:
+    """x [..., K] @ owner's kernel copy.T -> [..., N] through the AMX GEMM `fn` that
+    dequantizes that copy's tiles as they stream (amx_gemm.int8_kernel / int4_kernel)."""
+    y = fn(x.view(-1, x.shape[-1]), owner._kw, owner._ks, owner._n)  # [M, N]
+    return y.view(*x.shape[:-1], owner._n)
+
+
 def _dense_linear(owner: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ owner's dense copy.T -> [..., N] through cpu_linear. Where that GEMM takes
     a copy of its own (the AMX GEMM's tiles, or oneDNN's packed copy), owner._fast = (fewest
@@ -170,8 +177,7 @@ class Int8Weight(nn.Module):
             return self._kfn(x if x.is_contiguous() else x.contiguous(), self._kw, self._ks,
                              self._n, self.group_size)  # [..., N]
         if _lean_amx(self, x):  # no dense copy: the AMX GEMM dequantizes the kernel's copy
-            y = amx_gemm.int8_kernel()(x.view(-1, x.shape[-1]), self._kw, self._ks, self._n)
-            return y.view(*x.shape[:-1], self._n)  # [..., N]
+            return _lean_amx_linear(self, x, amx_gemm.int8_kernel())  # [..., N]
         x2 = x.reshape(-1, x.shape[-1])  # [M, K]
         if _use_dense(x2):
             return _dense_linear(self, x)  # [..., N]
@@ -251,8 +257,7 @@ class Int4Weight(nn.Module):
             return self._kfn(x if x.is_contiguous() else x.contiguous(), self._kw, self._ks,
                              self._n, self.group_size)  # [..., N]
         if _lean_amx(self, x):  # no dense copy: the AMX GEMM dequantizes the kernel's copy
-            y = amx_gemm.int4_kernel()(x.view(-1, x.shape[-1]), self._kw, self._ks, self._n)
-            return y.view(*x.shape[:-1], self._n)  # [..., N]
+            return _lean_amx_linear(self, x, amx_gemm.int4_kernel())  # [..., N]
         x2 = x.reshape(-1, x.shape[-1])  # [M, K]
         if _use_dense(x2):
             return _dense_linear(self, x)  # [..., N]
