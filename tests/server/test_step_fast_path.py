@@ -12,7 +12,7 @@ import torch
 from serving_models import tokenizer
 
 from shardserve_server.engine import sampling
-from shardserve_server.engine.sampling import SamplingParams, argmax_rows
+from shardserve_server.engine.sampling import SamplingParams, argmax_rows, finite_rows
 from shardserve_server.engine.scheduler import GroupScheduler, SchedulerConfig
 from shardserve_server.engine.sequence import GenerationRequest
 from shardserve_server.engine.stopping import StoppingParams
@@ -150,10 +150,30 @@ def test_bf16_logits_give_what_their_fp32_upcast_gives(small_blocks) -> None:
     assert greedy == _run(["greedy"], [s.float() for s in steps], [0])
 
 
-def test_non_finite_row_in_a_greedy_batch_fails_alone(small_blocks) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_finite_rows_flags_nan_and_inf_in_every_dtype(dtype) -> None:
+    """finite_rows is isfinite(x).all(dim=-1) for logits of a model's size, in each dtype it
+    sums in (bf16 in its own, fp16 in fp32), and a row of large finite fp16 logits, whose
+    fp16 sum would overflow, stays finite."""
+    x = torch.randn(7, 49152, generator=torch.Generator().manual_seed(5)) * 8  # [B, V]
+    x[1, 100] = float("nan")
+    x[2, 7] = float("inf")
+    x[3, -1] = float("-inf")
+    x[4, :2] = torch.tensor([float("inf"), float("-inf")])
+    x[5] = 30.0  # fp16: sums to 1.47e6, past fp16's 65504
+    x = x.to(dtype)
+    want = torch.isfinite(x).all(dim=-1)
+    assert finite_rows(x).tolist() == want.tolist() == [True, False, False, False, False,
+                                                        True, True]
+    assert finite_rows(x[:0]).tolist() == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_non_finite_row_in_a_greedy_batch_fails_alone(small_blocks, dtype, bad) -> None:
     vocab = tokenizer().vocab_size
-    step = _tied((2, vocab), 60)
-    step[1, 3] = float("nan")
+    step = _tied((2, vocab), 60).to(dtype)  # [B, V]
+    step[1, 3] = bad
     tok = tokenizer()
     sched = GroupScheduler(SchedulerConfig(block_size=4, kv_cache_tokens=4096,
                                            prefix_caching=False),

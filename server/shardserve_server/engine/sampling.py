@@ -331,6 +331,17 @@ loadtest/profile_step.py, SmolLM2, one Zen 4 core), though alone it is faster at
 (1 row 36 vs 67 us, 2 rows 42 vs 127 us, 4 rows 56 vs 253 us)."""
 
 
+def finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """[B] bool: which rows of a [B, V] float tensor hold only finite values (no NaN, no
+    +-inf), and whose sum does not overflow, found from one sum per row: NaN and inf carry
+    through it. bf16 and fp32 rows sum in their own dtype (torch accumulates bf16 in fp32,
+    and bf16 has fp32's range): 0.12 ms for [32, 49152] bf16 on one core against 0.71 with
+    dtype=float32, which converts first. fp16 and other narrow dtypes sum in fp32: a row of
+    finite fp16 logits can sum past fp16's 65504."""
+    own = x.dtype in (torch.bfloat16, torch.float32, torch.float64)
+    return torch.isfinite(x.sum(dim=-1, dtype=None if own else torch.float32))  # [B]
+
+
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """x.argmax(dim=-1) of a [B, V] float tensor: the first index of each row's largest value,
     the same ints, found in two passes: the vectorised max of each block of _ARGMAX_CHUNK

@@ -37,7 +37,7 @@ from . import defaults
 from .block_pool import ROOT_KEY, BlockAllocator, block_key, prefix_keys
 from .grammar import GrammarBackend
 from .runner import FLAT, ForwardPlan
-from .sampling import Sampler, argmax_rows
+from .sampling import Sampler, argmax_rows, finite_rows
 from .sequence import GenerationRequest, Sequence
 from .stopping import FinishReason
 
@@ -435,16 +435,16 @@ class GroupScheduler:
         seqs = [rows[i] for i in idx]
         events: list[TokenOutput] = []
         self._partial = events  # what process_safely salvages if sampling raises midway
-        finite_rows = torch.isfinite(lg.sum(dim=-1, dtype=torch.float32))  # [B']
+        ok_rows = finite_rows(lg)  # [B'] bool
         if all(map(_plain_greedy, seqs)):
             # the common case in one batched pass and one .tolist(): the argmax is the whole
             # answer (what Sampler.sample returns for such rows), no [B', V] copies
-            finite, tok_list = torch.stack((finite_rows.long(), argmax_rows(lg))).tolist()
+            finite, tok_list = torch.stack((ok_rows.long(), argmax_rows(lg))).tolist()
             if all(finite):
                 self._emit(seqs, tok_list, None, None, events)
                 return events
         else:
-            finite = finite_rows.tolist()  # [B']
+            finite = ok_rows.tolist()  # [B']
         if lg.dtype != torch.float32:  # a bf16 model's logits: sampling works in fp32
             lg = lg.float()  # [B', V]
         if not all(finite):
